@@ -1,0 +1,115 @@
+"""SubscriptionStore on a real LevelDB in a temporary directory."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cometd.ids import InvalidId
+from cometd.store import StoreLockedError, SubscriptionStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SubscriptionStore(tmp_path / "db")
+    yield s
+    s.close()
+
+
+def test_both_keyspaces_change_together(store):
+    assert store.add_subscriptions([("alice", "rj"), ("bob", "rj"), ("alice", "bob")]) == 3
+    assert store.get_subscribers("rj") == ["alice", "bob"]
+    assert store.get_subscriptions("alice") == ["bob", "rj"]
+    assert store.get_subscriptions("bob") == ["rj"]
+    assert store.remove_subscriptions([("bob", "rj")]) == 1
+    assert store.get_subscribers("rj") == ["alice"]
+    assert store.get_subscriptions("bob") == []
+
+
+def test_set_semantics(store):
+    assert store.add_subscriptions([("a", "b"), ("a", "b")]) == 1
+    assert store.add_subscriptions([("a", "b")]) == 0
+    assert store.remove_subscriptions([("x", "y")]) == 0
+    assert store.remove_subscriptions([("a", "b")]) == 1
+    assert store.remove_subscriptions([("a", "b")]) == 0
+    assert store.get_subscribers("b") == []
+    assert store.count() == (0, 0)
+
+
+def test_id_kinds_round_trip_as_strings(store):
+    pairs = [(123, "user:1"), ("007", "user:1"), ("photo:789", "user:1"), ("7", "user:1"),
+             (2**32 - 1, "user:1"), (str(2**32), "user:1"), ("0", "user:1")]
+    store.add_subscriptions(pairs)
+    # integers numerically first, then names in byte order; "007" stays a name
+    assert store.get_subscribers("user:1") == [
+        "0", "7", "123", str(2**32 - 1), "007", str(2**32), "photo:789"]
+    assert store.get_subscriptions(123) == ["user:1"]
+    assert store.get_subscriptions("123") == ["user:1"]
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 65, "é", "a/b", -1, None, True, 1.5])
+def test_bad_id_raises_and_changes_nothing(store, bad):
+    store.add_subscriptions([("a", "b")])
+    with pytest.raises(InvalidId):
+        store.add_subscriptions([("c", "d"), ("e", bad)])
+    with pytest.raises(InvalidId):
+        store.remove_subscriptions([("a", "b"), (bad, "b")])
+    assert store.get_subscriptions("c") == []
+    assert store.get_subscribers("b") == ["a"]
+    if isinstance(bad, str):
+        with pytest.raises(InvalidId):
+            store.get_subscribers(bad)
+
+
+def test_second_opener_gets_clear_error(tmp_path, store):
+    with pytest.raises(StoreLockedError, match="already open in this process"):
+        SubscriptionStore(tmp_path / "db")
+    db = str(tmp_path / "db")
+    code = f"from cometd.store import SubscriptionStore; SubscriptionStore({db!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "already open" in proc.stderr
+
+
+def test_persists_across_reopen(tmp_path):
+    with SubscriptionStore(tmp_path / "db") as s:
+        s.add_subscriptions([("1", "2"), ("3", "2")])
+    with SubscriptionStore(tmp_path / "db") as s:
+        assert s.get_subscribers("2") == ["1", "3"]
+
+
+def test_acknowledged_write_survives_sigkill(tmp_path):
+    """A child acknowledges each write on stdout; we SIGKILL it right after."""
+    db = tmp_path / "db"
+    child = textwrap.dedent(f"""
+        import sys, time
+        from cometd.store import SubscriptionStore
+        s = SubscriptionStore({str(db)!r})
+        for i in range(1, 1_000_000):
+            s.add_subscriptions([(i, "star")])
+            print(i, flush=True)
+            if i == 50:
+                s.remove_subscriptions([(7, "star")])
+                print("removed", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    acked = 0
+    for line in proc.stdout:
+        if line.strip() == "removed":
+            continue
+        acked = int(line)
+        if acked >= 80:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with SubscriptionStore(db) as s:
+        subscribers = [int(x) for x in s.get_subscribers("star")]
+    assert set(range(1, acked + 1)) - {7} <= set(subscribers)
+    assert 7 not in subscribers
+    for i in subscribers:
+        assert i not in (7,)
