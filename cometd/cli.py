@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 import click
 
+from cometd.connections import MODES
 from cometd.loader import LoadError, load_friends
 from cometd.store import StoreError, SubscriptionStore
 
@@ -53,14 +55,55 @@ def open_store(db: str) -> SubscriptionStore:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address to listen on")
+@click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port)")
+@click.option("--admin-host", default="127.0.0.1", show_default=True,
+              help="admin console address; a non-loopback one requires --admin-password")
+@click.option("--admin-port", default=8001, show_default=True,
+              help="admin console port (0: any free port, -1: no console)")
+@click.option("--admin-password", envvar="COMETD_ADMIN_PASSWORD",
+              help="password the admin console asks for first (env COMETD_ADMIN_PASSWORD)")
+@click.option("--db", default=DEFAULT_DB, show_default=True,
+              help="subscription database directory (created if missing)")
+@click.option("--mode", type=click.Choice(MODES), default="greenlet", show_default=True,
+              help="greenlet: one parked greenlet per connection; "
+                   "pool: no greenlet per connection, writes straight from the router")
+@click.option("--keepalive", default=25.0, show_default=True,
+              help="seconds between SSE keep-alive comments")
+@click.option("--max-pending", default=256 * 1024, show_default=True,
+              help="bytes of unsent output a connection may hold before it is dropped")
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, host: str, port: int, admin_host: str, admin_port: int,
+        admin_password: str | None, db: str, mode: str, keepalive: float,
+        max_pending: int) -> None:
     """cometd: a comet (HTTP push) server.
 
+    With no subcommand, runs the whole server in one process: HTTP streams,
+    the router, the subscription store and the admin console.
+
     Clients hold GET /test/<id> (chunked) or GET /events/<id> (Server-Sent
-    Events) open; POST /send/<subject> pushes a message to the subject's own
-    connections and to everyone subscribed to the subject.
+    Events) open; POST /send/<subject> pushes the request body to the
+    subject's own connections and to everyone subscribed to the subject.
+    SIGINT or SIGTERM stops the server cleanly.
     """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not _is_loopback(admin_host) and not admin_password and admin_port >= 0:
+        raise click.UsageError(
+            f"the admin console on non-loopback address {admin_host} needs --admin-password")
+    from cometd.server import serve
+
+    open_store(db).close()  # fail early, with a one-line error, if the db is unusable
+    serve(db, host=host, port=port, admin_host=admin_host,
+          admin_port=None if admin_port < 0 else admin_port, admin_password=admin_password,
+          mode=mode, keepalive=keepalive, max_pending=max_pending)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @cli.command("load")

@@ -1,0 +1,348 @@
+"""Live streams: the table of connections and how message bytes reach a socket.
+
+Once the web app has answered ``GET /test/<id>`` or ``GET /events/<id>`` with
+headers and a welcome chunk, the socket leaves pywsgi and becomes a
+:class:`Connection` in the process's :class:`ConnectionTable`. The router hands
+the table a :class:`Message` and a list of user ids; the table writes the
+message to every connection of those users.
+
+Theory of operation
+-------------------
+A message is framed once per stream kind (chunked or not, plain or SSE) and
+the same bytes object goes to every recipient of that kind.
+
+Two connection modes share everything but the writer:
+
+- ``greenlet`` (default): each connection has one greenlet, parked with a bare
+  ``hub.switch()`` (lighter than a queue) while it has nothing to write.
+  ``deliver`` appends to the connection's outbox and schedules the greenlet,
+  which writes the outbox with non-blocking sends and waits for writability
+  when the kernel buffer is full.
+- ``pool`` (the seed's libevent "dumb connection pool"): no greenlet at all.
+  ``deliver`` sends straight from the router's greenlet; only a connection
+  whose kernel buffer is full gets a write watcher until it drains.
+
+Either way, output not yet accepted by the kernel is bounded by
+``max_pending``: past it the connection is closed and counted as a slow
+consumer, so one stalled reader cannot grow the server's memory.
+
+Disconnects are noticed without any per-connection watcher: every stream's
+descriptor is registered (EPOLLIN | EPOLLRDHUP) in one epoll set, and a single
+gevent watcher on that epoll descriptor wakes when any client hangs up or
+sends something, typically within milliseconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import select
+import socket
+from collections.abc import Iterable
+from itertools import count
+
+import gevent
+from gevent.hub import get_hub
+from greenlet import getcurrent
+
+__all__ = [
+    "Message",
+    "Connection",
+    "ConnectionTable",
+    "CHUNKED",
+    "RAW",
+    "SSE_CHUNKED",
+    "SSE_RAW",
+    "MODES",
+]
+
+#: stream kinds: plain message bodies or SSE events, with or without chunk framing
+CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
+MODES = ("greenlet", "pool")
+KEEPALIVE = b": keepalive\n\n"
+
+_EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
+_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+_YIELD_EVERY = 1000  # deliveries between yields, so a huge fan-out does not stall the hub
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def sse_event(seq: int, subject: str, body: bytes) -> bytes:
+    data = json.dumps({"from": subject, "body": body.decode("utf-8", "replace")})
+    return b"id: %d\ndata: %s\n\n" % (seq, data.encode())
+
+
+class Message:
+    """One published message; its wire bytes are built once per stream kind."""
+
+    __slots__ = ("seq", "subject", "body", "_frames")
+
+    _seqs = count(1)
+
+    def __init__(self, subject: str, body: bytes) -> None:
+        #: process-wide sequence number, the SSE ``id:``
+        self.seq = next(Message._seqs)
+        self.subject = subject
+        self.body = body
+        self._frames: list[bytes | None] = [None, None, None, None]
+
+    def frame(self, kind: int) -> bytes:
+        frame = self._frames[kind]
+        if frame is None:
+            if kind == RAW:
+                frame = self.body
+            elif kind == CHUNKED:
+                frame = _chunk(self.body)
+            else:
+                event = sse_event(self.seq, self.subject, self.body)
+                frame = event if kind == SSE_RAW else _chunk(event)
+            self._frames[kind] = frame
+        return frame
+
+
+class Connection:
+    """One client stream, owned by a :class:`ConnectionTable`."""
+
+    __slots__ = (
+        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed"
+    )
+
+    def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
+        self.table = table
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.user = user
+        self.kind = kind
+        #: bytes accepted from the router but not yet by the kernel
+        self._out: list[bytes] = []
+        self._pending = 0
+        #: greenlet mode: the connection's greenlet; pool mode: the write watcher, if any
+        self._waiter = None
+        #: greenlet mode: the greenlet waits for output (not for writability)
+        self._parked = False
+        self.closed = False
+
+    # -- both modes ------------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.table.mode == "pool" and not self._out:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._queue(data)
+            if not self.closed:
+                self._waiter = self.table.loop.io(self.fd, 2)
+                self._waiter.start(self._on_writable)
+            return
+        self._queue(data)
+        if self._parked and not self.closed:
+            self._parked = False
+            self.table.loop.run_callback(self._waiter.switch)
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._pending += len(data)
+        if self._pending > self.table.max_pending:
+            self.table.slow_consumers_dropped += 1
+            self.close()
+
+    def _flush(self) -> bool:
+        """Send what the kernel takes; True when the outbox is empty."""
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close()
+            return True
+        self._pending -= sent
+        if sent < len(data):
+            out.append(data[sent:])
+            return False
+        return True
+
+    def close(self) -> None:
+        """Forget the connection and close its socket (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._out.clear()
+        self._pending = 0
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            if self.table.mode == "pool":
+                waiter.stop()
+                waiter.close()
+            elif waiter is not getcurrent():
+                self.table.loop.run_callback(waiter.switch)
+        self.table._forget(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # -- pool mode -----------------------------------------------------------
+
+    def _on_writable(self) -> None:
+        if self.closed or self._flush():
+            watcher, self._waiter = self._waiter, None
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+
+    # -- greenlet mode -------------------------------------------------------
+
+    def run(self) -> None:
+        """Greenlet mode: write this connection's output until it closes."""
+        hub = get_hub()
+        self._waiter = getcurrent()
+        writable = None
+        try:
+            while not self.closed:
+                if not self._out:
+                    self._parked = True
+                    hub.switch()
+                    continue
+                if self._flush() or self.closed:
+                    continue
+                if writable is None:
+                    writable = hub.loop.io(self.fd, 2)
+                hub.wait(writable)
+        finally:
+            if writable is not None:
+                writable.close()
+            self.close()
+
+
+class ConnectionTable:
+    """Every live stream of this process, by user id.
+
+    Attributes are the counters ``/stats`` reports.
+    """
+
+    def __init__(self, mode: str = "greenlet", max_pending: int = 256 * 1024) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown connection mode {mode!r}; choose from {MODES}")
+        #: ``"greenlet"`` or ``"pool"``
+        self.mode = mode
+        #: bytes of unsent output a connection may hold before it is dropped
+        self.max_pending = max_pending
+        #: user id -> that user's connections
+        self.users: dict[str, list[Connection]] = {}
+        self._by_fd: dict[int, Connection] = {}
+        #: messages written to connections
+        self.deliveries = 0
+        #: connections closed because they did not read fast enough
+        self.slow_consumers_dropped = 0
+        #: callbacks for a user's first login / last logout (the backplane's presence)
+        self.on_first_login = None
+        self.on_last_logout = None
+        self.loop = get_hub().loop
+        self._epoll = select.epoll()
+        self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
+        self._epoll_watcher.start(self._on_epoll)
+
+    @property
+    def connections(self) -> int:
+        return len(self._by_fd)
+
+    @property
+    def users_online(self) -> int:
+        return len(self.users)
+
+    def online(self, user: str) -> int:
+        return len(self.users.get(user, ()))
+
+    def adopt(self, sock: socket.socket, user: str, kind: int) -> Connection:
+        """Take over a stream whose headers have been sent; the user logs in."""
+        sock.setblocking(False)
+        conn = Connection(self, sock, user, kind)
+        self._by_fd[conn.fd] = conn
+        self._epoll.register(conn.fd, _EPOLL_FLAGS)
+        conns = self.users.get(user)
+        if conns is None:
+            self.users[user] = [conn]
+            if self.on_first_login is not None:
+                self.on_first_login(user)
+        else:
+            conns.append(conn)
+        return conn
+
+    def _forget(self, conn: Connection) -> None:
+        if self._by_fd.get(conn.fd) is conn:
+            del self._by_fd[conn.fd]
+            try:
+                self._epoll.unregister(conn.fd)
+            except (OSError, ValueError):
+                pass
+        conns = self.users.get(conn.user)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+            if not conns:
+                del self.users[conn.user]
+                if self.on_last_logout is not None:
+                    self.on_last_logout(conn.user)
+
+    def deliver(self, users: Iterable[str], message: Message) -> int:
+        """Write *message* to every connection of *users*; return how many."""
+        delivered = 0
+        get = self.users.get
+        for user in users:
+            conns = get(user)
+            if conns is None:
+                continue
+            for conn in tuple(conns) if len(conns) > 1 else conns:
+                conn.deliver(message.frame(conn.kind))
+                delivered += 1
+                if delivered % _YIELD_EVERY == 0:
+                    gevent.sleep(0)
+        self.deliveries += delivered
+        return delivered
+
+    def keepalive(self) -> int:
+        """Write an SSE comment to every SSE stream; return how many."""
+        sse = [c for c in self._by_fd.values() if c.kind in (SSE_CHUNKED, SSE_RAW)]
+        for conn in sse:
+            conn.deliver(_chunk(KEEPALIVE) if conn.kind == SSE_CHUNKED else KEEPALIVE)
+        return len(sse)
+
+    def _on_epoll(self) -> None:
+        for fd, events in self._epoll.poll(0, 1024):
+            conn = self._by_fd.get(fd)
+            if conn is None:
+                continue
+            try:
+                data = conn.sock.recv(4096)
+            except BlockingIOError:
+                data = b"?"
+            except OSError:
+                data = b""
+            # A stream client has nothing to say; whatever it sends is dropped.
+            if not data or events & _GONE:
+                conn.close()
+
+    def close_all(self) -> None:
+        for conn in list(self._by_fd.values()):
+            conn.close()
+
+    def close(self) -> None:
+        self.close_all()
+        self._epoll_watcher.stop()
+        self._epoll_watcher.close()
+        self._epoll.close()

@@ -1,0 +1,232 @@
+"""Server assembly: pywsgi serving the web app, handing streams to the table.
+
+:class:`CometServer` is gevent's ``WSGIServer`` with one change: when the app
+marks a request as a stream, the handler sends the headers and the welcome
+chunk, and the socket then leaves pywsgi for the
+:class:`~cometd.connections.ConnectionTable`. The handler, its WSGI environ
+and its read buffer are freed; only the connection (and, in greenlet mode, a
+parked greenlet with a shallow stack) stays.
+
+The handler also bounds what a client can make the server hold while reading
+a request: headers over 64 KiB get 431, and a request that has not arrived
+within ``request_timeout`` seconds (slowloris) is closed.
+
+:class:`LocalBackend` is what the web app and the admin console call in a
+single-process server: the router for sends, the store for subscriptions.
+"""
+
+from __future__ import annotations
+
+import _socket
+import io
+import json
+import signal
+import sys
+from typing import Any
+
+import gevent
+import psutil
+from gevent.event import Event
+from gevent.pywsgi import WSGIHandler, WSGIServer, headers_factory
+
+from cometd.connections import ConnectionTable
+from cometd.loader import load_friends
+from cometd.router import Router
+from cometd.store import SubscriptionStore
+from cometd.webapp import STREAM_KEY, make_app
+
+__all__ = ["CometServer", "CometHandler", "LocalBackend", "serve"]
+
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def _response(status: str, payload: dict[str, str]) -> bytes:
+    body = json.dumps(payload).encode()
+    return (
+        f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+_431 = _response("431 Request Header Fields Too Large", {"error": "request headers over 64 KiB"})
+_400 = _response("400 Bad Request", {"error": "malformed HTTP request"})
+
+
+class HeadersTooLarge(ValueError):
+    """The request's header block is over :data:`MAX_HEADER_BYTES`."""
+
+
+class CometHandler(WSGIHandler):
+    """pywsgi's handler, with bounded headers and stream hand-off."""
+
+    #: (socket, user, kind) once the request turned into a stream
+    stream: tuple[Any, str, int] | None = None
+
+    def __init__(self, sock, address, server) -> None:
+        sock.settimeout(server.request_timeout)
+        super().__init__(sock, address, server)
+
+    def MessageClass(self, fp, *args):  # noqa: N802 - pywsgi's hook name
+        lines, total = [], 0
+        while True:
+            line = fp.readline(MAX_HEADER_BYTES + 1)
+            total += len(line)
+            if total > MAX_HEADER_BYTES:
+                raise HeadersTooLarge("request headers over 64 KiB")
+            lines.append(line)
+            if line in (b"\r\n", b"\n", b""):
+                break
+        return headers_factory(io.BytesIO(b"".join(lines)))
+
+    def _handle_client_error(self, ex: Exception):
+        # A client's mistake: answer briefly, log nothing, never a traceback.
+        self.close_connection = True
+        if isinstance(ex, HeadersTooLarge):
+            return ("431", _431)
+        return ("400", _400)
+
+    def log_error(self, msg, *args) -> None:
+        pass  # client errors are the client's business; server faults go to the hub
+
+    def run_application(self) -> None:
+        result = self.application(self.environ, self.start_response)
+        target = self.environ.get(STREAM_KEY)
+        if target is None:
+            self.result = result
+            try:
+                self.process_result()
+            finally:
+                self.result = None
+            return
+        self.write(b"".join(s.encode() if isinstance(s, str) else s for s in result))
+        self.stream = (self.socket, *target)
+        self.socket = None  # pywsgi must not close it: the table owns it now
+        self.close_connection = True
+
+
+class CometServer(WSGIServer):
+    """``WSGIServer`` whose stream requests end up in a connection table."""
+
+    handler_class = CometHandler
+
+    def __init__(self, listener, application, table: ConnectionTable,
+                 request_timeout: float = 10.0, **kwargs: Any) -> None:
+        kwargs.setdefault("log", None)
+        super().__init__(listener, application, **kwargs)
+        self.table = table
+        self.request_timeout = request_timeout
+
+    def handle(self, sock, address) -> None:
+        handler = self.handler_class(sock, address, self)
+        handler.handle()
+        stream = handler.stream
+        del handler
+        if stream is None:
+            return
+        gsock, user, kind = stream
+        try:
+            raw = _socket.socket(fileno=gsock.detach())
+        except OSError:
+            return
+        conn = self.table.adopt(raw, user, kind)
+        del gsock, stream, raw
+        if self.table.mode == "greenlet":
+            conn.run()
+
+
+class LocalBackend:
+    """The single-process backend: router, store and table in this process."""
+
+    def __init__(self, store: SubscriptionStore, router: Router, table: ConnectionTable) -> None:
+        self.store = store
+        self.router = router
+        self.table = table
+        self._process = psutil.Process()
+
+    def _blocking(self, fn, *args):
+        # Synced LevelDB writes wait for the disk; let the hub run meanwhile.
+        return gevent.get_hub().threadpool.apply(fn, args)
+
+    def send(self, subject: str, body: bytes) -> int:
+        return self.router.send(subject, body)
+
+    def subscribers(self, user: str) -> list[str]:
+        return self.store.get_subscribers(user)
+
+    def subscriptions(self, user: str) -> list[str]:
+        return self.store.get_subscriptions(user)
+
+    def add(self, pairs: list[tuple[str, str]]) -> int:
+        return self._blocking(self.store.add_subscriptions, pairs)
+
+    def remove(self, pairs: list[tuple[str, str]]) -> int:
+        return self._blocking(self.store.remove_subscriptions, pairs)
+
+    def online(self, user: str) -> int:
+        return self.table.online(user)
+
+    def load(self, path: str, directed: bool = False) -> int:
+        return self._blocking(load_friends, self.store, path, directed).stored
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connections": self.table.connections,
+            "users_online": self.table.users_online,
+            "messages_sent": self.router.messages_sent,
+            "deliveries": self.table.deliveries,
+            "slow_consumers_dropped": self.table.slow_consumers_dropped,
+            "rss_bytes": self._process.memory_info().rss,
+            "mode": self.table.mode,
+        }
+
+
+def serve(
+    db: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    admin_host: str = "127.0.0.1",
+    admin_port: int | None = 8001,
+    admin_password: str | None = None,
+    mode: str = "greenlet",
+    keepalive: float = 25.0,
+    max_pending: int = 256 * 1024,
+    request_timeout: float = 10.0,
+) -> None:
+    """Run the single-process server until SIGINT or SIGTERM."""
+    from cometd.admin import AdminConsole
+
+    store = SubscriptionStore(db)
+    table = ConnectionTable(mode, max_pending=max_pending)
+    router = Router(store, table)
+    backend = LocalBackend(store, router, table)
+    http = CometServer((host, port), make_app(backend), table, request_timeout=request_timeout,
+                       backlog=4096)
+    http.start()
+    admin = None
+    if admin_port is not None:
+        admin = AdminConsole(backend, admin_host, admin_port, password=admin_password)
+        admin.start()
+
+    def keepalives() -> None:
+        while True:
+            gevent.sleep(keepalive)
+            table.keepalive()
+
+    ticker = gevent.spawn(keepalives)
+    stopping = Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    where = f"http://{host}:{http.server_port}/"
+    if admin is not None:
+        where += f" admin {admin_host}:{admin.server_port}"
+    print(f"cometd: listening on {where} mode={mode} db={db}", flush=True)
+    try:
+        stopping.wait()
+    finally:
+        print("cometd: stopping", file=sys.stderr, flush=True)
+        ticker.kill()
+        http.stop(timeout=1)
+        if admin is not None:
+            admin.stop(timeout=1)
+        table.close()
+        store.close()

@@ -1,0 +1,168 @@
+"""The HTTP interface: a bottle app for streams, publishing and subscriptions.
+
+Routes
+------
+``GET /test/<id>``            chunked stream of message bodies (HTTP/1.0: raw, until close)
+``GET /events/<id>``          the same as Server-Sent Events
+``POST /send/<subject>``      publish the request body -> ``{"delivered": N}``
+``GET /subscribers/<id>``     ``{"subscribers": [...]}``
+``GET /subscriptions/<id>``   ``{"subscriptions": [...]}``
+``POST /subscriptions``       JSON ``[[subscriber, subscribee], ...]`` -> ``{"added": N}``
+``DELETE /subscriptions``     same body -> ``{"removed": N}``
+``GET /stats``                counters as JSON
+
+A stream route does not write the stream itself: it marks the WSGI environ
+with ``cometd.stream = (user, kind)`` and returns the welcome text; the server
+adapter (:mod:`cometd.server`) sends it and hands the socket to the
+connection table, so no WSGI machinery stays behind per connection.
+
+Errors are short JSON (or text) bodies; no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import bottle
+
+from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW
+from cometd.ids import InvalidId, check_id
+
+__all__ = ["make_app", "Backend", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_JSON_BYTES = 16 * 1024 * 1024
+STREAM_KEY = "cometd.stream"
+NOT_FOUND_USER = "User id not found, try /test/123 instead"
+
+
+class Backend(Protocol):
+    """What the app needs from the server (an edge passes these to the router)."""
+
+    def send(self, subject: str, body: bytes) -> int: ...
+    def subscribers(self, user: str) -> list[str]: ...
+    def subscriptions(self, user: str) -> list[str]: ...
+    def add(self, pairs: list[tuple[str, str]]) -> int: ...
+    def remove(self, pairs: list[tuple[str, str]]) -> int: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+def _json(status: int, payload: Any) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(
+        json.dumps(payload), status=status, headers={"Content-Type": "application/json"}
+    )
+
+
+def _error(status: int, message: str) -> bottle.HTTPResponse:
+    return _json(status, {"error": message})
+
+
+def _read_body(limit: int) -> bytes:
+    length = bottle.request.content_length
+    if length > limit:
+        raise _error(413, f"request body over {limit} bytes")
+    body = bottle.request.body.read(limit + 1)
+    if len(body) > limit:
+        raise _error(413, f"request body over {limit} bytes")
+    return body
+
+
+def _pairs(body: bytes) -> list[tuple[str, str]]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _error(400, f"body is not JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise _error(400, "body must be a JSON list of [subscriber, subscribee] pairs")
+    pairs = []
+    for i, pair in enumerate(data):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _error(400, f"item {i} is not a [subscriber, subscribee] pair")
+        try:
+            pairs.append((check_id(pair[0]), check_id(pair[1])))
+        except InvalidId as exc:
+            raise _error(400, f"item {i}: {exc}") from None
+    return pairs
+
+
+def make_app(backend: Backend) -> bottle.Bottle:
+    """The bottle app over *backend*."""
+    app = bottle.Bottle(catchall=True, autojson=False)
+
+    def stream(user: str, sse: bool) -> str:
+        try:
+            user = check_id(user)
+        except InvalidId:
+            raise bottle.HTTPResponse(
+                NOT_FOUND_USER, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
+            ) from None
+        http10 = bottle.request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
+        path = bottle.request.path
+        if sse:
+            kind = SSE_RAW if http10 else SSE_CHUNKED
+            bottle.response.content_type = "text/event-stream"
+            bottle.response.set_header("Cache-Control", "no-cache")
+            welcome = f": Welcome, Url: '{path}' Id: {user}\n\n"
+        else:
+            kind = RAW if http10 else CHUNKED
+            bottle.response.content_type = "text/html; charset=utf-8"
+            welcome = f"Welcome, Url: '{path}' Id: {user}\n"
+        bottle.request.environ[STREAM_KEY] = (user, kind)
+        return welcome
+
+    @app.get("/test/<user>")
+    def test_stream(user: str) -> str:
+        return stream(user, sse=False)
+
+    @app.get("/events/<user>")
+    def events_stream(user: str) -> str:
+        return stream(user, sse=True)
+
+    @app.post("/send/<subject>")
+    def send(subject: str) -> bottle.HTTPResponse:
+        try:
+            subject = check_id(subject)
+        except InvalidId as exc:
+            return _error(400, str(exc))
+        body = _read_body(MAX_MESSAGE_BYTES)
+        if not body:
+            return _error(400, "empty message: the request body is the message")
+        return _json(200, {"delivered": backend.send(subject, body)})
+
+    def lookup(user: str, key: str) -> bottle.HTTPResponse:
+        try:
+            user = check_id(user)
+        except InvalidId as exc:
+            return _error(400, str(exc))
+        return _json(200, {key: getattr(backend, key)(user)})
+
+    @app.get("/subscribers/<user>")
+    def subscribers(user: str) -> bottle.HTTPResponse:
+        return lookup(user, "subscribers")
+
+    @app.get("/subscriptions/<user>")
+    def subscriptions(user: str) -> bottle.HTTPResponse:
+        return lookup(user, "subscriptions")
+
+    @app.post("/subscriptions")
+    def add() -> bottle.HTTPResponse:
+        return _json(200, {"added": backend.add(_pairs(_read_body(MAX_JSON_BYTES)))})
+
+    @app.delete("/subscriptions")
+    def remove() -> bottle.HTTPResponse:
+        return _json(200, {"removed": backend.remove(_pairs(_read_body(MAX_JSON_BYTES)))})
+
+    @app.get("/stats")
+    def get_stats() -> bottle.HTTPResponse:
+        return _json(200, backend.stats())
+
+    def on_error(res: bottle.HTTPError) -> str:
+        bottle.response.content_type = "application/json"
+        reason = {404: "not found", 405: "method not allowed"}.get(res.status_code)
+        if reason is None:
+            reason = "internal error" if res.status_code >= 500 else str(res.body or res.status)
+        return json.dumps({"error": reason})
+
+    app.default_error_handler = on_error  # type: ignore[method-assign]
+    return app
