@@ -28,6 +28,7 @@ import gevent
 import psutil
 from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer, headers_factory
+from greenlet import greenlet
 
 from cometd.connections import ConnectionTable
 from cometd.loader import load_friends
@@ -98,6 +99,11 @@ class CometHandler(WSGIHandler):
             finally:
                 self.result = None
             return
+        # bottle sized the welcome text; the stream goes on past it.
+        self.response_headers = [
+            (k, v) for k, v in self.response_headers if k.lower() != b"content-length"
+        ]
+        self.provided_content_length = None
         self.write(b"".join(s.encode() if isinstance(s, str) else s for s in result))
         self.stream = (self.socket, *target)
         self.socket = None  # pywsgi must not close it: the table owns it now
@@ -115,6 +121,7 @@ class CometServer(WSGIServer):
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        self.loop_hub = gevent.get_hub()
 
     def handle(self, sock, address) -> None:
         handler = self.handler_class(sock, address, self)
@@ -129,9 +136,12 @@ class CometServer(WSGIServer):
         except OSError:
             return
         conn = self.table.adopt(raw, user, kind)
-        del gsock, stream, raw
         if self.table.mode == "greenlet":
-            conn.run()
+            # A fresh greenlet, not this one: the request's deep call stack
+            # touched pages of this greenlet's frame stack that would stay
+            # resident for the connection's whole life.
+            writer = greenlet(conn.run, parent=self.loop_hub)
+            self.loop_hub.loop.run_callback(writer.switch)
 
 
 class LocalBackend:
@@ -193,8 +203,6 @@ def serve(
     request_timeout: float = 10.0,
 ) -> None:
     """Run the single-process server until SIGINT or SIGTERM."""
-    from cometd.admin import AdminConsole
-
     store = SubscriptionStore(db)
     table = ConnectionTable(mode, max_pending=max_pending)
     router = Router(store, table)
@@ -204,6 +212,8 @@ def serve(
     http.start()
     admin = None
     if admin_port is not None:
+        from cometd.admin import AdminConsole
+
         admin = AdminConsole(backend, admin_host, admin_port, password=admin_password)
         admin.start()
 
