@@ -54,32 +54,70 @@ def open_store(db: str) -> SubscriptionStore:
         raise click.ClickException(str(exc)) from None
 
 
+def _options(*decorators):
+    """Apply a shared list of click options (the server and its subcommands share them)."""
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+_admin_options = _options(
+    click.option("--admin-host", default="127.0.0.1", show_default=True,
+                 help="admin console address; a non-loopback one requires --admin-password"),
+    click.option("--admin-port", default=8001, show_default=True,
+                 help="admin console port (0: any free port, -1: no console)"),
+    click.option("--admin-password", envvar="COMETD_ADMIN_PASSWORD",
+                 help="password the admin console asks for first (env COMETD_ADMIN_PASSWORD)"),
+)
+_db_option = click.option("--db", default=DEFAULT_DB, show_default=True,
+                          help="subscription database directory (created if missing)")
+_http_options = _options(
+    click.option("--host", default="127.0.0.1", show_default=True,
+                 help="HTTP address to listen on"),
+    click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port)"),
+    click.option("--mode", type=click.Choice(MODES), default="greenlet", show_default=True,
+                 help="greenlet: one parked greenlet per connection; "
+                      "pool: no greenlet per connection, writes straight from the router"),
+    click.option("--keepalive", default=25.0, show_default=True,
+                 help="seconds between SSE keep-alive comments"),
+    click.option("--max-pending", default=256 * 1024, show_default=True,
+                 help="bytes of unsent output a connection may hold before it is dropped"),
+    click.option("--request-timeout", default=10.0, show_default=True,
+                 help="seconds a client may take to send a whole request before it is closed"),
+)
+_redis_option = click.option("--redis", "redis_url", metavar="URL",
+                             help="Redis backplane, e.g. redis://127.0.0.1:6379/0")
+
+
+def _admin_port(admin_host: str, admin_port: int, admin_password: str | None) -> int | None:
+    if admin_port < 0:
+        return None
+    if not _is_loopback(admin_host) and not admin_password:
+        raise click.UsageError(
+            f"the admin console on non-loopback address {admin_host} needs --admin-password")
+    return admin_port
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address to listen on")
-@click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port)")
-@click.option("--admin-host", default="127.0.0.1", show_default=True,
-              help="admin console address; a non-loopback one requires --admin-password")
-@click.option("--admin-port", default=8001, show_default=True,
-              help="admin console port (0: any free port, -1: no console)")
-@click.option("--admin-password", envvar="COMETD_ADMIN_PASSWORD",
-              help="password the admin console asks for first (env COMETD_ADMIN_PASSWORD)")
-@click.option("--db", default=DEFAULT_DB, show_default=True,
-              help="subscription database directory (created if missing)")
-@click.option("--mode", type=click.Choice(MODES), default="greenlet", show_default=True,
-              help="greenlet: one parked greenlet per connection; "
-                   "pool: no greenlet per connection, writes straight from the router")
-@click.option("--keepalive", default=25.0, show_default=True,
-              help="seconds between SSE keep-alive comments")
-@click.option("--max-pending", default=256 * 1024, show_default=True,
-              help="bytes of unsent output a connection may hold before it is dropped")
+@_http_options
+@_admin_options
+@_db_option
+@click.option("--workers", type=click.IntRange(min=1),
+              help="run one router and this many edge processes sharing --port (needs --redis)")
+@_redis_option
 @click.pass_context
-def cli(ctx: click.Context, host: str, port: int, admin_host: str, admin_port: int,
-        admin_password: str | None, db: str, mode: str, keepalive: float,
-        max_pending: int) -> None:
+def cli(ctx: click.Context, host: str, port: int, mode: str, keepalive: float, max_pending: int,
+        request_timeout: float, admin_host: str, admin_port: int, admin_password: str | None,
+        db: str, workers: int | None, redis_url: str | None) -> None:
     """cometd: a comet (HTTP push) server.
 
     With no subcommand, runs the whole server in one process: HTTP streams,
-    the router, the subscription store and the admin console.
+    the router, the subscription store and the admin console. With --workers N
+    and --redis, runs one router and N edge processes on this machine instead
+    (see the router and edge subcommands).
 
     Clients hold GET /test/<id> (chunked) or GET /events/<id> (Server-Sent
     Events) open; POST /send/<subject> pushes the request body to the
@@ -88,15 +126,65 @@ def cli(ctx: click.Context, host: str, port: int, admin_host: str, admin_port: i
     """
     if ctx.invoked_subcommand is not None:
         return
-    if not _is_loopback(admin_host) and not admin_password and admin_port >= 0:
-        raise click.UsageError(
-            f"the admin console on non-loopback address {admin_host} needs --admin-password")
+    admin = _admin_port(admin_host, admin_port, admin_password)
+    open_store(db).close()  # fail early, with a one-line error, if the db is unusable
+    if workers is not None:
+        if not redis_url:
+            raise click.UsageError("--workers needs --redis URL")
+        from cometd.workers import supervise
+
+        supervise(workers, redis_url, db=db, host=host, port=port, mode=mode,
+                  admin_host=admin_host, admin_port=admin, admin_password=admin_password,
+                  extra=["--keepalive", str(keepalive), "--max-pending", str(max_pending),
+                         "--request-timeout", str(request_timeout)])
+        return
     from cometd.server import serve
 
-    open_store(db).close()  # fail early, with a one-line error, if the db is unusable
-    serve(db, host=host, port=port, admin_host=admin_host,
-          admin_port=None if admin_port < 0 else admin_port, admin_password=admin_password,
-          mode=mode, keepalive=keepalive, max_pending=max_pending)
+    serve(db, host=host, port=port, admin_host=admin_host, admin_port=admin,
+          admin_password=admin_password, mode=mode, keepalive=keepalive,
+          max_pending=max_pending, request_timeout=request_timeout)
+
+
+@cli.command("router")
+@_redis_option
+@_db_option
+@_admin_options
+def router_command(redis_url: str | None, db: str, admin_host: str, admin_port: int,
+                   admin_password: str | None) -> None:
+    """Run the scale-out router: the store, presence, the admin console and sends.
+
+    Edges (cometd edge) hold the connections; they reach the router through
+    Redis. Only one router may run per database.
+    """
+    if not redis_url:
+        raise click.UsageError("router needs --redis URL")
+    admin = _admin_port(admin_host, admin_port, admin_password)
+    open_store(db).close()
+    from cometd.server import serve_router
+
+    serve_router(db, redis_url, admin_host=admin_host, admin_port=admin,
+                 admin_password=admin_password)
+
+
+@cli.command("edge")
+@_redis_option
+@_http_options
+@click.option("--reuse-port", is_flag=True,
+              help="share --port with other edges on this machine (SO_REUSEPORT)")
+def edge_command(redis_url: str | None, host: str, port: int, mode: str, keepalive: float,
+                 max_pending: int, request_timeout: float, reuse_port: bool) -> None:
+    """Run an edge: hold connections and serve HTTP; the router does the rest.
+
+    POST /send and the subscription calls are passed to the router through
+    Redis (503 if it does not answer within 5 s); logins and logouts are
+    reported to it in batches.
+    """
+    if not redis_url:
+        raise click.UsageError("edge needs --redis URL")
+    from cometd.server import serve_edge
+
+    serve_edge(redis_url, host=host, port=port, mode=mode, reuse_port=reuse_port,
+               keepalive=keepalive, max_pending=max_pending, request_timeout=request_timeout)
 
 
 def _is_loopback(host: str) -> bool:
@@ -136,4 +224,10 @@ def load_command(file: str, db: str, directed: bool) -> None:
 
 
 def main() -> None:
+    # The scale-out processes talk to Redis through redis-py's blocking
+    # sockets: patch them to cooperate with gevent before anything imports them.
+    if {"router", "edge", "--workers"} & set(sys.argv[1:]):
+        from gevent import monkey
+
+        monkey.patch_all(select=False)  # keep select.epoll: the connection table uses it
     cli(prog_name="cometd")

@@ -250,9 +250,8 @@ class ConnectionTable:
         self.deliveries = 0
         #: connections closed because they did not read fast enough
         self.slow_consumers_dropped = 0
-        #: callbacks for a user's first login / last logout (the backplane's presence)
-        self.on_first_login = None
-        self.on_last_logout = None
+        #: called with the user id after each login and logout (the backplane's presence)
+        self.on_presence = None
         self.loop = get_hub().loop
         self._epoll = select.epoll()
         self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
@@ -278,10 +277,10 @@ class ConnectionTable:
         conns = self.users.get(user)
         if conns is None:
             self.users[user] = [conn]
-            if self.on_first_login is not None:
-                self.on_first_login(user)
         else:
             conns.append(conn)
+        if self.on_presence is not None:
+            self.on_presence(user)
         return conn
 
     def _forget(self, conn: Connection) -> None:
@@ -296,8 +295,8 @@ class ConnectionTable:
             conns.remove(conn)
             if not conns:
                 del self.users[conn.user]
-                if self.on_last_logout is not None:
-                    self.on_last_logout(conn.user)
+            if self.on_presence is not None:
+                self.on_presence(conn.user)
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
         """Write *message* to every connection of *users*; return how many."""

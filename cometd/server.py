@@ -20,7 +20,9 @@ from __future__ import annotations
 import _socket
 import io
 import json
+import resource
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -36,7 +38,10 @@ from cometd.router import Router
 from cometd.store import SubscriptionStore
 from cometd.webapp import STREAM_KEY, make_app
 
-__all__ = ["CometServer", "CometHandler", "LocalBackend", "serve"]
+__all__ = [
+    "CometServer", "CometHandler", "LocalBackend", "listener", "serve", "serve_router",
+    "serve_edge",
+]
 
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -122,6 +127,18 @@ class CometServer(WSGIServer):
         self.table = table
         self.request_timeout = request_timeout
         self.loop_hub = gevent.get_hub()
+        # Stop accepting before the process runs out of descriptors (20,000
+        # here): a full process refuses new clients instead of failing.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_connections = max(soft - 200, 16)
+        self._guard = None
+
+    def _watch_descriptors(self) -> None:
+        while self.table.connections >= self.max_connections - 100:
+            gevent.sleep(0.5)
+        self._guard = None
+        if not self.closed:
+            self.start_accepting()
 
     def handle(self, sock, address) -> None:
         handler = self.handler_class(sock, address, self)
@@ -136,6 +153,9 @@ class CometServer(WSGIServer):
         except OSError:
             return
         conn = self.table.adopt(raw, user, kind)
+        if self.table.connections >= self.max_connections and self._guard is None:
+            self.stop_accepting()
+            self._guard = gevent.spawn(self._watch_descriptors)
         if self.table.mode == "greenlet":
             # A fresh greenlet, not this one: the request's deep call stack
             # touched pages of this greenlet's frame stack that would stay
@@ -186,8 +206,51 @@ class LocalBackend:
             "deliveries": self.table.deliveries,
             "slow_consumers_dropped": self.table.slow_consumers_dropped,
             "rss_bytes": self._process.memory_info().rss,
-            "mode": self.table.mode,
+            "mode": getattr(self.table, "mode", "router"),
         }
+
+
+def listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket; with *reuse_port*, several processes share the port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    return sock
+
+
+def _until_signal(banner: str, cleanup: list) -> None:
+    stopping = Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    print(banner, flush=True)
+    try:
+        stopping.wait()
+    finally:
+        print("cometd: stopping", file=sys.stderr, flush=True)
+        for step in cleanup:
+            step()
+
+
+def _keepalives(table: ConnectionTable, every: float) -> gevent.Greenlet:
+    def loop() -> None:
+        while True:
+            gevent.sleep(every)
+            table.keepalive()
+
+    return gevent.spawn(loop)
+
+
+def _admin(backend: Any, host: str, port: int | None, password: str | None):
+    if port is None:
+        return None
+    from cometd.admin import AdminConsole
+
+    admin = AdminConsole(backend, host, port, password=password)
+    admin.start()
+    return admin
 
 
 def serve(
@@ -207,36 +270,69 @@ def serve(
     table = ConnectionTable(mode, max_pending=max_pending)
     router = Router(store, table)
     backend = LocalBackend(store, router, table)
-    http = CometServer((host, port), make_app(backend), table, request_timeout=request_timeout,
-                       backlog=4096)
+    http = CometServer(listener(host, port), make_app(backend), table,
+                       request_timeout=request_timeout)
     http.start()
-    admin = None
-    if admin_port is not None:
-        from cometd.admin import AdminConsole
-
-        admin = AdminConsole(backend, admin_host, admin_port, password=admin_password)
-        admin.start()
-
-    def keepalives() -> None:
-        while True:
-            gevent.sleep(keepalive)
-            table.keepalive()
-
-    ticker = gevent.spawn(keepalives)
-    stopping = Event()
-    gevent.signal_handler(signal.SIGTERM, stopping.set)
-    gevent.signal_handler(signal.SIGINT, stopping.set)
-    where = f"http://{host}:{http.server_port}/"
+    admin = _admin(backend, admin_host, admin_port, admin_password)
+    ticker = _keepalives(table, keepalive)
+    banner = f"cometd: listening on http://{host}:{http.server_port}/"
     if admin is not None:
-        where += f" admin {admin_host}:{admin.server_port}"
-    print(f"cometd: listening on {where} mode={mode} db={db}", flush=True)
-    try:
-        stopping.wait()
-    finally:
-        print("cometd: stopping", file=sys.stderr, flush=True)
-        ticker.kill()
-        http.stop(timeout=1)
-        if admin is not None:
-            admin.stop(timeout=1)
-        table.close()
-        store.close()
+        banner += f" admin {admin_host}:{admin.server_port}"
+    cleanup = [ticker.kill, lambda: http.stop(timeout=1)]
+    if admin is not None:
+        cleanup.append(lambda: admin.stop(timeout=1))
+    _until_signal(f"{banner} mode={mode} db={db}", cleanup + [table.close, store.close])
+
+
+def serve_router(
+    db: str,
+    redis_url: str,
+    admin_host: str = "127.0.0.1",
+    admin_port: int | None = 8001,
+    admin_password: str | None = None,
+) -> None:
+    """Run the scale-out router (store, presence, sends) until a signal."""
+    import redis
+
+    from cometd.backplane import Presence, RouterLink
+
+    store = SubscriptionStore(db)
+    presence = Presence(redis.Redis.from_url(redis_url))
+    router = Router(store, presence)
+    backend = LocalBackend(store, router, presence)
+    link = RouterLink(redis_url, backend, presence)
+    link.start()
+    admin = _admin(backend, admin_host, admin_port, admin_password)
+    banner = f"cometd router: redis {redis_url} db={db}"
+    cleanup = [link.stop]
+    if admin is not None:
+        banner += f" admin {admin_host}:{admin.server_port}"
+        cleanup.append(lambda: admin.stop(timeout=1))
+    _until_signal(banner, cleanup + [store.close])
+
+
+def serve_edge(
+    redis_url: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    mode: str = "greenlet",
+    reuse_port: bool = False,
+    keepalive: float = 25.0,
+    max_pending: int = 256 * 1024,
+    request_timeout: float = 10.0,
+) -> None:
+    """Run an edge: connections and HTTP here, everything else at the router."""
+    from cometd.backplane import EdgeBackend, EdgeLink
+
+    table = ConnectionTable(mode, max_pending=max_pending)
+    link = EdgeLink(redis_url, table)
+    http = CometServer(listener(host, port, reuse_port), make_app(EdgeBackend(link)), table,
+                       request_timeout=request_timeout)
+    http.start()
+    link.start()
+    ticker = _keepalives(table, keepalive)
+    _until_signal(
+        f"cometd edge {link.edge_id}: listening on http://{host}:{http.server_port}/ "
+        f"mode={mode} redis {redis_url}",
+        [ticker.kill, lambda: http.stop(timeout=1), link.stop, table.close],
+    )

@@ -29,7 +29,7 @@ import bottle
 from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW
 from cometd.ids import InvalidId, check_id
 
-__all__ = ["make_app", "Backend", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
+__all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_JSON_BYTES = 16 * 1024 * 1024
@@ -46,6 +46,20 @@ class Backend(Protocol):
     def add(self, pairs: list[tuple[str, str]]) -> int: ...
     def remove(self, pairs: list[tuple[str, str]]) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot answer now (a scaled-out router is unreachable): 503."""
+
+
+def _unavailable_is_503(callback: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except BackendUnavailable as exc:
+            return _error(503, str(exc))
+
+    return wrapper
 
 
 def _json(status: int, payload: Any) -> bottle.HTTPResponse:
@@ -89,6 +103,7 @@ def _pairs(body: bytes) -> list[tuple[str, str]]:
 def make_app(backend: Backend) -> bottle.Bottle:
     """The bottle app over *backend*."""
     app = bottle.Bottle(catchall=True, autojson=False)
+    app.install(_unavailable_is_503)
 
     def stream(user: str, sse: bool) -> str:
         try:

@@ -1,0 +1,381 @@
+"""Scale-out over Redis: one router process, many edge processes.
+
+One process can hold ~19,900 connections here (20,000 open files) and uses
+one core, and only one process can open the LevelDB store. So, as the seed
+split its Erlang router from its connection handlers, cometd splits:
+
+- the **router** (``cometd router``) owns the store, the presence table (which
+  edge holds which user's connections), the admin console and the send logic;
+- **edges** (``cometd edge``) hold connections and serve the HTTP interface,
+  passing ``POST /send`` and the subscription calls to the router.
+
+Redis keys and channels
+-----------------------
+``cometd:requests``        list: edge -> router calls (send, add, remove, lookups, stats)
+``cometd:reply:<edge>``    channel: router -> one edge, call results
+``cometd:edge:<edge>``     channel: router -> one edge, delivery batches
+``cometd:presence``        channel: edges -> router, presence changes and heartbeats
+``cometd:control``         channel: router -> all edges, "send me a full snapshot"
+
+Theory of operation
+-------------------
+A send looks subscribers up once, groups the online ones by edge, and
+publishes **one batch per edge** (message + user ids), never one Redis
+message per recipient. Per-subject ordering holds end to end: the router
+serialises sends per subject and Redis keeps a channel's order.
+
+Presence is soft state, rebuilt rather than persisted. Edges publish the
+connection counts of users that changed (batched every 50 ms) and a heartbeat
+every second. The router forgets an edge it has not heard from in 3 s (a dead
+edge's users leave presence) and asks for full snapshots when it starts, when
+its Redis connection comes back, and when it hears from an edge it does not
+know (a router restart). Edges re-send a snapshot after their own Redis
+reconnects. So after a Redis restart, an edge kill or a router restart,
+presence is whole again within a few seconds, and subscriptions, which live
+in LevelDB, are never at stake.
+
+Both processes run with gevent's monkey patching, so redis-py's blocking
+sockets cooperate with the hub (see :func:`cometd.cli.main`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import gevent
+import redis
+from gevent.event import AsyncResult
+
+from cometd.connections import ConnectionTable, Message
+from cometd.webapp import BackendUnavailable as BackplaneUnavailable
+
+__all__ = ["Presence", "RouterLink", "EdgeLink", "EdgeBackend", "BackplaneUnavailable"]
+
+REQUESTS = "cometd:requests"
+REPLY = "cometd:reply:{}"
+EDGE = "cometd:edge:{}"
+PRESENCE = "cometd:presence"
+CONTROL = "cometd:control"
+
+EDGE_TIMEOUT = 3.0
+HEARTBEAT = 1.0
+PRESENCE_BATCH = 0.05
+CALL_TIMEOUT = 5.0
+RETRY = 0.5
+
+
+def encode_batch(message: Message, users: list[str]) -> bytes:
+    head = json.dumps({"seq": message.seq, "subject": message.subject, "users": users})
+    return head.encode() + b"\n" + message.body
+
+
+def decode_batch(data: bytes) -> tuple[Message, list[str]]:
+    head, _, body = data.partition(b"\n")
+    fields = json.loads(head)
+    message = Message(fields["subject"], body)
+    message.seq = fields["seq"]
+    return message, fields["users"]
+
+
+def _forever(fn, *args) -> None:
+    """Run fn until it returns; on a Redis error, wait and run it again."""
+    while True:
+        try:
+            fn(*args)
+            return
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            gevent.sleep(RETRY)
+
+
+# -- router side --------------------------------------------------------------
+
+
+class Presence:
+    """Which edge holds how many connections of each user; the router's fan-out."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        #: user -> {edge: connection count}
+        self.users: dict[str, dict[str, int]] = {}
+        #: edge -> monotonic time last heard from
+        self.edges: dict[str, float] = {}
+        #: delivery batches that could not be published (Redis down)
+        self.batches_lost = 0
+        #: connections written to, as counted from presence
+        self.deliveries = 0
+        #: slow consumers are dropped, and counted, by the edges
+        self.slow_consumers_dropped = 0
+
+    def _set(self, edge: str, user: str, n: int) -> None:
+        where = self.users.get(user)
+        if n > 0:
+            if where is None:
+                where = self.users[user] = {}
+            where[edge] = n
+        elif where is not None:
+            where.pop(edge, None)
+            if not where:
+                del self.users[user]
+
+    def update(self, edge: str, counts: dict[str, int], snapshot: bool = False) -> None:
+        self.edges[edge] = time.monotonic()
+        if snapshot:
+            self.forget_edge(edge, keep=True)
+        for user, n in counts.items():
+            self._set(edge, user, n)
+
+    def forget_edge(self, edge: str, keep: bool = False) -> None:
+        for user in [u for u, where in self.users.items() if edge in where]:
+            self._set(edge, user, 0)
+        if not keep:
+            self.edges.pop(edge, None)
+
+    def expire(self) -> list[str]:
+        now = time.monotonic()
+        dead = [e for e, seen in self.edges.items() if now - seen > EDGE_TIMEOUT]
+        for edge in dead:
+            self.forget_edge(edge)
+        return dead
+
+    def online(self, user: str) -> int:
+        return sum(self.users.get(user, {}).values())
+
+    def deliver(self, users: Iterable[str], message: Message) -> int:
+        per_edge: dict[str, list[str]] = defaultdict(list)
+        delivered = 0
+        get = self.users.get
+        for user in users:
+            where = get(user)
+            if where:
+                for edge, n in where.items():
+                    per_edge[edge].append(user)
+                    delivered += n
+        for edge, batch in per_edge.items():
+            try:
+                self.client.publish(EDGE.format(edge), encode_batch(message, batch))
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.batches_lost += 1
+                delivered -= sum(self.users.get(u, {}).get(edge, 0) for u in batch)
+        self.deliveries += delivered
+        return delivered
+
+    @property
+    def connections(self) -> int:
+        return sum(sum(w.values()) for w in self.users.values())
+
+    @property
+    def users_online(self) -> int:
+        return len(self.users)
+
+
+class RouterLink:
+    """The router's side of the backplane: presence in, calls in, batches out."""
+
+    def __init__(self, url: str, backend: Any, presence: Presence, workers: int = 16) -> None:
+        self.url = url
+        self.backend = backend
+        self.presence = presence
+        self.workers = workers
+        self._last_resync = 0.0
+        self._greenlets: list[gevent.Greenlet] = []
+
+    def start(self) -> None:
+        self._greenlets = [gevent.spawn(_forever, self._listen)]
+        self._greenlets += [gevent.spawn(_forever, self._serve_calls)
+                            for _ in range(self.workers)]
+        self._greenlets.append(gevent.spawn(self._expire))
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets, timeout=2)
+
+    def _resync(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_resync > 1.0:
+            self._last_resync = now
+            self.presence.client.publish(CONTROL, "resync")
+
+    def _listen(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(PRESENCE)
+        self._resync(force=True)  # (re)connected: presence may be stale
+        for item in pubsub.listen():
+            update = json.loads(item["data"])
+            edge = update["edge"]
+            if update.get("bye"):
+                self.presence.forget_edge(edge)
+                continue
+            known = edge in self.presence.edges
+            if "snapshot" in update:
+                self.presence.update(edge, update["snapshot"], snapshot=True)
+            else:
+                self.presence.update(edge, update.get("counts", {}))
+                if not known:
+                    self._resync()
+
+    def _expire(self) -> None:
+        while True:
+            gevent.sleep(0.5)
+            self.presence.expire()
+
+    def _serve_calls(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        while True:
+            item = client.blpop([REQUESTS], timeout=1)
+            if item is None:
+                continue
+            call = json.loads(item[1])
+            gevent.spawn(self._answer, client, call)
+
+    def _answer(self, client: redis.Redis, call: dict[str, Any]) -> None:
+        reply: dict[str, Any] = {"id": call["id"]}
+        try:
+            reply["result"] = self._call(call["op"], call["args"])
+        except Exception as exc:  # the edge turns this into a clear HTTP error
+            reply["error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            client.publish(REPLY.format(call["edge"]), json.dumps(reply))
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the edge times out and answers 503
+
+    def _call(self, op: str, args: list[Any]) -> Any:
+        b = self.backend
+        if op == "send":
+            return b.send(args[0], args[1].encode("latin-1"))
+        if op in ("add", "remove"):
+            return getattr(b, op)([tuple(p) for p in args[0]])
+        if op in ("subscribers", "subscriptions"):
+            return getattr(b, op)(args[0])
+        if op == "stats":
+            return b.stats()
+        raise ValueError(f"unknown call {op!r}")
+
+
+# -- edge side ----------------------------------------------------------------
+
+
+class EdgeLink:
+    """An edge's side: batches in, presence out, calls to the router."""
+
+    def __init__(self, url: str, table: ConnectionTable, edge_id: str | None = None) -> None:
+        self.url = url
+        self.table = table
+        self.edge_id = edge_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.client = redis.Redis.from_url(url)
+        self._changed: set[str] = set()
+        self._pending: dict[int, AsyncResult] = {}
+        self._ids = itertools.count(1)
+        self._greenlets: list[gevent.Greenlet] = []
+        table.on_presence = self._changed.add
+
+    def start(self) -> None:
+        self._greenlets = [
+            gevent.spawn(_forever, self._listen),
+            gevent.spawn(self._report),
+        ]
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets, timeout=2)
+        try:
+            self.client.publish(PRESENCE, json.dumps({"edge": self.edge_id, "bye": True}))
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
+
+    def _snapshot(self) -> None:
+        counts = {u: len(c) for u, c in self.table.users.items()}
+        self._changed.clear()
+        self.client.publish(PRESENCE, json.dumps({"edge": self.edge_id, "snapshot": counts}))
+
+    def _listen(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
+        self._snapshot()  # (re)connected: the router may have missed changes
+        for item in pubsub.listen():
+            channel = item["channel"].decode()
+            if channel == CONTROL:
+                self._snapshot()
+            elif channel.startswith("cometd:reply:"):
+                reply = json.loads(item["data"])
+                waiter = self._pending.pop(reply["id"], None)
+                if waiter is not None:
+                    waiter.set(reply)
+            else:
+                message, users = decode_batch(item["data"])
+                self.table.deliver(users, message)
+
+    def _report(self) -> None:
+        last_beat = 0.0
+        while True:
+            gevent.sleep(PRESENCE_BATCH)
+            now = time.monotonic()
+            if not self._changed and now - last_beat < HEARTBEAT:
+                continue
+            changed = set(self._changed)  # the table's hook holds this very set
+            self._changed.clear()
+            counts = {u: self.table.online(u) for u in changed}
+            try:
+                self.client.publish(PRESENCE, json.dumps({"edge": self.edge_id, "counts": counts}))
+                last_beat = now
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._changed |= changed  # report them once Redis is back
+
+    def call(self, op: str, *args: Any) -> Any:
+        """Ask the router; raise :class:`BackplaneUnavailable` after a timeout."""
+        call_id = next(self._ids)
+        waiter = AsyncResult()
+        self._pending[call_id] = waiter
+        request = {"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)}
+        try:
+            self.client.rpush(REQUESTS, json.dumps(request))
+            reply = waiter.get(timeout=CALL_TIMEOUT)
+        except (redis.ConnectionError, redis.TimeoutError, gevent.Timeout):
+            raise BackplaneUnavailable("the router is not reachable; try again") from None
+        finally:
+            self._pending.pop(call_id, None)
+        if "error" in reply:
+            raise BackplaneUnavailable(f"the router failed: {reply['error']}")
+        return reply["result"]
+
+
+class EdgeBackend:
+    """The web app's backend on an edge: everything but streams goes to the router."""
+
+    def __init__(self, link: EdgeLink) -> None:
+        self.link = link
+
+    def send(self, subject: str, body: bytes) -> int:
+        return self.link.call("send", subject, body.decode("latin-1"))
+
+    def subscribers(self, user: str) -> list[str]:
+        return self.link.call("subscribers", user)
+
+    def subscriptions(self, user: str) -> list[str]:
+        return self.link.call("subscriptions", user)
+
+    def add(self, pairs: list[tuple[str, str]]) -> int:
+        return self.link.call("add", pairs)
+
+    def remove(self, pairs: list[tuple[str, str]]) -> int:
+        return self.link.call("remove", pairs)
+
+    def stats(self) -> dict[str, Any]:
+        table = self.link.table
+        local = {
+            "edge": self.link.edge_id,
+            "edge_connections": table.connections,
+            "edge_users_online": table.users_online,
+            "edge_deliveries": table.deliveries,
+            "edge_slow_consumers_dropped": table.slow_consumers_dropped,
+        }
+        try:
+            return {**self.link.call("stats"), **local}
+        except BackplaneUnavailable:
+            return local
