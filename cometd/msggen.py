@@ -1,0 +1,454 @@
+"""msggen: publish timestamped messages to cometd at a fixed rate.
+
+Every message is a ``POST /send/<subject>`` through the HTTP API, where the
+subject is drawn from ``1..--users`` (uniformly, or Zipf-skewed with ``--zipf S``
+so that user ``k`` is picked with weight ``1/k**S``). The body carries its send
+time so that :mod:`cometd.floodtest` can time delivery::
+
+    ts=1764140000.123456;from=42;seq=17;xxxxxxxx...
+
+(``ts=`` is ``time.time()`` with six decimals, taken just before the request is
+written; ``--size`` pads the body with ``x`` to that many bytes.) msggen prints
+the achieved rate, the deliveries reported by the server (the sum of
+``delivered`` in the replies), errors and the POST latency every ``--interval``
+seconds, and a summary at the end (``--json FILE`` writes it for tools).
+
+Only loopback URLs are accepted.
+
+Theory of operation
+-------------------
+
+``--concurrency`` greenlets each own one keep-alive HTTP/1.1 connection and send
+one request at a time (no pipelining), so at most ``concurrency`` requests are
+ever in flight. Message ``i`` is due at ``t0 + i / rate``; a sender takes the
+next slot, sleeps until it is due, sends, waits for the reply, and takes the
+next slot. When the server is slower than ``--rate``, a sender finds its slot
+already in the past; once it is more than ``SLACK`` (0.25 s) late, the sender
+jumps to the present slot and counts the skipped ones as ``missed`` instead of
+bursting to catch up. msggen therefore never queues work without bound: it
+sends as fast as the server answers, and reports the achieved rate next to the
+target. ``--rate 0`` means "as fast as the server answers". A reply that does
+not arrive within ``--request-timeout`` is an error and the connection is
+replaced; the whole run is also capped by a hard ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from signal import SIGINT, SIGTERM
+from urllib.parse import urlsplit
+
+import click
+import gevent
+import numpy as np
+from gevent import socket
+
+from cometd.floodtest import LatencyHistogram, check_loopback
+
+__all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "run", "main"]
+
+SLACK = 0.25  # seconds a slot may be late before the sender skips ahead
+_MAX_SIZE = 1 << 20
+
+
+def make_body(subject: int, seq: int, size: int = 0, now: float | None = None) -> bytes:
+    """Return a message body ``ts=<now>;from=<subject>;seq=<seq>;`` padded to *size*."""
+    ts = time.time() if now is None else now
+    body = b"ts=%.6f;from=%d;seq=%d;" % (ts, subject, seq)
+    if size > len(body):
+        body += b"x" * (size - len(body))
+    return body
+
+
+def parse_url(url: str) -> tuple[str, int, str]:
+    """Split ``http://HOST[:PORT][/prefix]`` into a loopback ``(ip, port, prefix)``.
+
+    Raises :class:`ValueError` for other schemes or non-loopback hosts.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"url {url!r}: only http:// URLs are supported")
+    if not parts.hostname:
+        raise ValueError(f"url {url!r}: no host")
+    ip = check_loopback(parts.hostname, "url host")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ValueError(f"url {url!r}: bad port") from None
+    return ip, port, parts.path.rstrip("/")
+
+
+class SubjectSampler:
+    """Draws subjects from ``1..users``: uniform, or Zipf-like with exponent *zipf*.
+
+    With ``zipf=S`` user ``k`` has weight ``1/k**S`` (user 1 is the hottest);
+    samples come from a precomputed CDF in batches of 4096 via numpy.
+    """
+
+    def __init__(self, users: int, zipf: float | None = None, seed: int | None = None) -> None:
+        if users < 1:
+            raise ValueError("--users must be at least 1")
+        if zipf is not None and zipf <= 0:
+            raise ValueError("--zipf must be > 0")
+        self.users = users
+        self.rng = np.random.default_rng(seed)
+        self.cdf = None
+        if zipf is not None:
+            w = np.arange(1, users + 1, dtype=np.float64) ** -float(zipf)
+            cdf = np.cumsum(w)
+            self.cdf = cdf / cdf[-1]
+        self._batch: list[int] = []
+
+    def _refill(self) -> None:
+        if self.cdf is None:
+            batch = self.rng.integers(1, self.users + 1, size=4096)
+        else:
+            batch = np.searchsorted(self.cdf, self.rng.random(4096), side="right") + 1
+            np.minimum(batch, self.users, out=batch)
+        self._batch = batch.tolist()[::-1]
+
+    def __call__(self) -> int:
+        """Return the next subject."""
+        if not self._batch:
+            self._refill()
+        return self._batch.pop()
+
+
+@dataclass
+class MsgGenConfig:
+    """Everything one msggen run needs."""
+
+    url: str = "http://127.0.0.1:8000"
+    rate: float = 100.0
+    duration: float = 10.0
+    users: int = 1000
+    zipf: float | None = None
+    concurrency: int = 8
+    size: int = 0
+    interval: float = 10.0
+    request_timeout: float = 5.0
+    timeout: float = 0.0  # 0: duration + request_timeout + 10
+    seed: int | None = None
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.sent = 0  # answered 200
+        self.deliveries = 0
+        self.errors = 0
+        self.errors_by: dict[str, int] = {}
+        self.missed = 0
+        self.hist = LatencyHistogram()
+        self.ihist = LatencyHistogram()
+        self.last_done = 0.0
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.errors_by[kind] = self.errors_by.get(kind, 0) + 1
+
+
+class _HttpConn:
+    """One keep-alive connection: send a request, read one Content-Length reply."""
+
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def request(self, data: bytes) -> tuple[int, bytes, bool]:
+        """Send *data*; return ``(status, body, keep_alive)``."""
+        self.sock.sendall(data)
+        while b"\r\n\r\n" not in self.buf:
+            more = self.sock.recv(65536)
+            if not more:
+                raise ConnectionResetError("connection closed before the reply")
+            self.buf += more
+            if len(self.buf) > 65536:
+                raise ValueError("reply headers too long")
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(None, 2)[1])
+        length, keep = 0, True
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                keep = False
+            elif name == b"transfer-encoding":
+                raise ValueError("chunked replies are not supported")
+        while len(rest) < length:
+            more = self.sock.recv(65536)
+            if not more:
+                raise ConnectionResetError("connection closed inside the reply body")
+            rest += more
+        self.buf = rest[length:]
+        return status, rest[:length], keep
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Generator:
+    def __init__(self, cfg: MsgGenConfig, out) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.host, self.port, self.prefix = parse_url(cfg.url)
+        self.sample = SubjectSampler(cfg.users, cfg.zipf, cfg.seed)
+        self.stats = _Stats()
+        self.next_slot = 0
+        self.t0 = 0.0
+        self.end = 0.0
+        self.hostport = f"{self.host}:{self.port}".encode()
+        self.interrupted = False
+
+    def take_slot(self) -> tuple[int, float] | None:
+        """Claim the next send slot ``(seq, due time)``, or None when the run is over."""
+        now = time.monotonic()
+        if now >= self.end:
+            return None
+        i = self.next_slot
+        rate = self.cfg.rate
+        if not rate:
+            self.next_slot = i + 1
+            return i, now
+        due = self.t0 + i / rate
+        if now - due > SLACK:  # the server is behind: skip, do not queue
+            j = int((now - self.t0) * rate)
+            self.stats.missed += j - i
+            i, due = j, self.t0 + j / rate
+        if due >= self.end:
+            return None
+        self.next_slot = i + 1
+        return i, due
+
+    def sender(self) -> None:
+        cfg, st = self.cfg, self.stats
+        conn: _HttpConn | None = None
+        path = self.prefix.encode() + b"/send/"
+        while True:
+            slot = self.take_slot()
+            if slot is None:
+                break
+            seq, due = slot
+            delay = due - time.monotonic()
+            if delay > 0:
+                gevent.sleep(delay)
+            if conn is None:
+                try:
+                    conn = _HttpConn(self.host, self.port, cfg.request_timeout)
+                except OSError as e:
+                    st.error(f"connect:{type(e).__name__}")
+                    gevent.sleep(0.05)  # do not spin on a dead server
+                    continue
+            subject = self.sample()
+            body = make_body(subject, seq, cfg.size)
+            req = b"POST %s%d HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                path, subject, self.hostport, len(body), body,
+            )
+            t = time.perf_counter()
+            try:
+                status, reply, keep = conn.request(req)
+            except (OSError, ValueError, IndexError) as e:
+                st.error(type(e).__name__)
+                conn.close()
+                conn = None
+                continue
+            lat = time.perf_counter() - t
+            st.hist.record(lat)
+            st.ihist.record(lat)
+            st.last_done = time.monotonic()
+            if status == 200:
+                st.sent += 1
+                try:
+                    st.deliveries += int(json.loads(reply).get("delivered", 0))
+                except (ValueError, AttributeError, TypeError):
+                    st.error("bad-json")
+            else:
+                st.error(f"http-{status}")
+            if not keep:
+                conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def reporter(self) -> None:
+        st = self.stats
+        last_sent, last_t = 0, self.t0
+        k = 1
+        while True:
+            gevent.sleep(max(0.0, self.t0 + k * self.cfg.interval - time.monotonic()))
+            now = time.monotonic()
+            rate = (st.sent - last_sent) / max(1e-9, now - last_t)
+            last_sent, last_t = st.sent, now
+            lat = st.ihist.summary_ms()
+            print(
+                f"[{now - self.t0:7.1f}s] sent={st.sent} rate={rate:.0f}/s "
+                f"deliveries={st.deliveries} errors={st.errors} missed={st.missed} "
+                f"post ms p50={lat['p50']:.2f} p99={lat['p99']:.2f} max={lat['max']:.2f}",
+                file=self.out,
+                flush=True,
+            )
+            st.ihist.reset()
+            k += 1
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.t0 = time.monotonic()
+        self.end = self.t0 + cfg.duration
+        hard = self.t0 + cfg.timeout
+        def _interrupt() -> None:  # Ctrl-C / SIGTERM: stop sending, still summarise
+            self.interrupted = True
+            self.end = time.monotonic()
+
+        handlers = [gevent.signal_handler(sig, _interrupt) for sig in (SIGINT, SIGTERM)]
+        senders = [gevent.spawn(self.sender) for _ in range(cfg.concurrency)]
+        rep = gevent.spawn(self.reporter)
+        gevent.joinall(senders, timeout=max(0.0, hard - time.monotonic()))
+        timed_out = not all(g.dead for g in senders)
+        gevent.killall(senders + [rep], block=True, timeout=1)
+        for h in handlers:
+            h.cancel()
+        finished = time.monotonic()
+        st = self.stats
+        span = (st.last_done or finished) - self.t0
+        lat = st.hist.summary_ms()
+        return {
+            "url": cfg.url,
+            "target_rate": cfg.rate,
+            "concurrency": cfg.concurrency,
+            "users": cfg.users,
+            "zipf": cfg.zipf,
+            "size": cfg.size,
+            "sent": st.sent,
+            "errors": st.errors,
+            "errors_by_kind": dict(sorted(st.errors_by.items())),
+            "missed": st.missed,
+            "deliveries": st.deliveries,
+            "achieved_rate": round(st.sent / span, 1) if span > 0 else 0.0,
+            "duration_s": round(finished - self.t0, 3),
+            "latency_ms": {"p50": lat["p50"], "p99": lat["p99"], "max": lat["max"],
+                           "count": lat["count"]},
+            "timed_out": timed_out,
+            "interrupted": self.interrupted,
+        }
+
+
+def _validate(cfg: MsgGenConfig) -> MsgGenConfig:
+    parse_url(cfg.url)
+    if cfg.rate < 0:
+        raise ValueError("--rate must be >= 0 (0: as fast as the server answers)")
+    if cfg.duration < 0:
+        raise ValueError("--duration must be >= 0")
+    if cfg.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    if not 0 <= cfg.size <= _MAX_SIZE:
+        raise ValueError(f"--size must be between 0 and {_MAX_SIZE}")
+    if cfg.interval <= 0:
+        raise ValueError("--interval must be > 0")
+    if cfg.request_timeout <= 0:
+        raise ValueError("--request-timeout must be > 0")
+    if cfg.timeout <= 0:
+        cfg.timeout = cfg.duration + cfg.request_timeout + 10.0
+    SubjectSampler(1, cfg.zipf)  # validates --zipf
+    if cfg.users < 1:
+        raise ValueError("--users must be at least 1")
+    return cfg
+
+
+def run(cfg: MsgGenConfig, out=None) -> dict:
+    """Run one msggen session described by *cfg*; print progress to *out*; return the summary."""
+    out = out or sys.stdout
+    cfg = _validate(cfg)
+    gen = _Generator(cfg, out)
+    dist = f"zipf {cfg.zipf:g}" if cfg.zipf is not None else "uniform"
+    rate = f"{cfg.rate:g}/s" if cfg.rate else "max"
+    print(
+        f"msggen: POST {cfg.url}/send/<1..{cfg.users}> ({dist}) at {rate} for "
+        f"{cfg.duration:g}s, concurrency {cfg.concurrency}, size {cfg.size or 'unpadded'}",
+        file=out,
+        flush=True,
+    )
+    s = gen.run()
+    lat = s["latency_ms"]
+    print(
+        "summary:\n"
+        f"  sent {s['sent']} at {s['achieved_rate']}/s (target {rate}), "
+        f"deliveries {s['deliveries']}\n"
+        f"  errors {s['errors']}{' ' + str(s['errors_by_kind']) if s['errors'] else ''}\n"
+        f"  missed slots {s['missed']} (server slower than the target rate)\n"
+        f"  post latency ms p50 {lat['p50']} p99 {lat['p99']} max {lat['max']}, "
+        f"run {s['duration_s']}s" + ("\n  TIMED OUT" if s["timed_out"] else ""),
+        file=out,
+        flush=True,
+    )
+    return s
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+              help="Base URL of the cometd HTTP API (loopback only); messages go to "
+                   "<url>/send/<subject>.")
+@click.option("--rate", default=100.0, show_default=True, type=float,
+              help="Messages per second to publish (0: as fast as the server answers).")
+@click.option("--duration", default=10.0, show_default=True, type=float,
+              help="Seconds to publish for; then in-flight requests finish and msggen exits.")
+@click.option("--users", default=1000, show_default=True, type=int,
+              help="Subjects are drawn from user ids 1..USERS.")
+@click.option("--zipf", default=None, type=float, metavar="S",
+              help="Skew subjects Zipf-like: user k has weight 1/k**S (user 1 hottest). "
+                   "Default: uniform.")
+@click.option("--concurrency", default=8, show_default=True, type=int,
+              help="Parallel senders, each with one keep-alive connection and at most one "
+                   "request in flight.")
+@click.option("--size", default=0, show_default=True, type=int,
+              help="Pad each body with 'x' to this many bytes (bodies start with "
+                   "ts=<send time>;from=<subject>;seq=<n>;). The server rejects > 64 KiB.")
+@click.option("--interval", default=10.0, show_default=True, type=float,
+              help="Seconds between progress lines (rate, deliveries, errors, POST latency).")
+@click.option("--json", "json_path", default=None, metavar="FILE",
+              help="Write the end-of-run summary as JSON to FILE ('-' for stdout).")
+@click.option("--request-timeout", default=5.0, show_default=True, type=float,
+              help="Seconds to wait for a reply before counting an error and reconnecting.")
+@click.option("--timeout", default=0.0, type=float,
+              help="Hard limit on the whole run in seconds. "
+                   "Default: duration + request timeout + 10.")
+@click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
+def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
+         request_timeout, timeout, seed) -> None:
+    """Publish timestamped messages (POST /send/<subject>) at --rate per second for
+    --duration seconds, from random subjects in 1..--users.
+
+    Bodies start with ts=<unix time>; so floodtest can measure delivery latency.
+    If the server cannot keep up, msggen reports the rate it achieved (and the
+    slots it missed) rather than queueing.
+    """
+    cfg = MsgGenConfig(
+        url=url, rate=rate, duration=duration, users=users, zipf=zipf,
+        concurrency=concurrency, size=size, interval=interval,
+        request_timeout=request_timeout, timeout=timeout, seed=seed,
+    )
+    try:
+        _validate(cfg)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    summary = run(cfg)
+    if json_path:
+        text = json.dumps(summary, indent=2) + "\n"
+        if json_path == "-":
+            sys.stdout.write(text)
+        else:
+            with open(json_path, "w") as f:
+                f.write(text)
+    if summary["timed_out"]:
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

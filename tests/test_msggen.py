@@ -1,0 +1,177 @@
+"""Tests for bin/msggen, run as a real subprocess against the protocol stand-in.
+
+The stand-in HTTP server lives in tests/test_floodtest.py (see its docstring);
+it is loaded here by path so both files share one stand-in. It counts every
+POST by subject and body size, so the tests check what actually went over the
+wire, not just what msggen says it sent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MSGGEN = ROOT / "bin" / "msggen"
+FLOODTEST = ROOT / "bin" / "floodtest"
+
+_spec = importlib.util.spec_from_file_location(
+    "floodtest_standin", Path(__file__).with_name("test_floodtest.py")
+)
+_standin = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_standin)
+StandIn, run_tool = _standin.StandIn, _standin.run_tool
+
+
+@pytest.fixture
+def server():
+    s = StandIn()
+    yield s
+    s.close()
+
+
+def url(server) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+def test_rate_is_honoured_and_bodies_carry_ts(server, tmp_path):
+    s, text = run_tool(
+        MSGGEN, "--url", url(server), "--rate", "200", "--duration", "2", "--interval", "0.5",
+        "--users", "50", tmp_path=tmp_path,
+    )
+    stats = server.stats()
+    assert s["errors"] == 0 and s["missed"] == 0 and not s["timed_out"]
+    assert 380 <= s["sent"] <= 401
+    assert 200 * 0.9 <= s["achieved_rate"] <= 200 * 1.1
+    assert sum(stats["posts"].values()) == s["sent"] == stats["ts_bodies"]
+    assert set(stats["posts"]) <= {str(i) for i in range(1, 51)}
+    assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"] < 500
+    assert 1.9 <= s["duration_s"] < 3
+    assert text.count("sent=") >= 3 and "deliveries=" in text
+
+
+def test_zipf_skews_subjects(server, tmp_path):
+    s, _ = run_tool(
+        MSGGEN, "--url", url(server), "--rate", "0", "--duration", "1", "--users", "100",
+        "--zipf", "1.2", "--seed", "7", tmp_path=tmp_path,
+    )
+    posts = Counter(server.stats()["posts"])
+    assert s["sent"] == sum(posts.values()) > 1000
+    assert posts.most_common(1)[0][0] == "1"
+    # weight of user 1 is 1 / sum(k**-1.2, k=1..100) ~ 0.28
+    assert 0.22 < posts["1"] / s["sent"] < 0.34
+    assert posts["1"] > posts["2"] > posts["10"]
+
+
+def test_uniform_subjects_and_padding(server, tmp_path):
+    s, _ = run_tool(
+        MSGGEN, "--url", url(server), "--rate", "0", "--duration", "1", "--users", "20",
+        "--size", "500", "--concurrency", "4", tmp_path=tmp_path,
+    )
+    stats = server.stats()
+    posts = Counter(stats["posts"])
+    assert set(posts) == {str(i) for i in range(1, 21)}
+    assert max(posts.values()) < 2 * min(posts.values())
+    assert stats["sizes"] == {"500": s["sent"]}
+
+
+def test_slow_server_reports_achieved_rate_without_queueing(tmp_path):
+    slow = StandIn("--post-delay", "0.05")
+    try:
+        s, _ = run_tool(
+            MSGGEN, "--url", url(slow), "--rate", "1000", "--duration", "1.5",
+            "--concurrency", "2", tmp_path=tmp_path,
+        )
+    finally:
+        slow.close()
+    # two senders, 50 ms per POST: ~40/s achievable against 1000/s asked.
+    assert 25 <= s["achieved_rate"] <= 42
+    assert s["missed"] > 1000
+    assert s["sent"] + s["missed"] <= 1000 * 1.5 + 2
+    assert s["duration_s"] < 1.5 + 0.3
+
+
+def test_oversized_messages_are_errors(server, tmp_path):
+    s, _ = run_tool(
+        MSGGEN, "--url", url(server), "--rate", "50", "--duration", "0.4", "--size", "70000",
+        tmp_path=tmp_path,
+    )
+    assert s["sent"] == 0 and s["errors"] >= 15
+    assert s["errors_by_kind"] == {"http-413": s["errors"]}
+
+
+def test_dead_server_is_counted_not_raised(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t = time.monotonic()
+    s, _ = run_tool(
+        MSGGEN, "--url", f"http://127.0.0.1:{port}", "--rate", "100", "--duration", "0.5",
+        tmp_path=tmp_path,
+    )
+    assert s["sent"] == 0 and s["errors"] > 0
+    assert set(s["errors_by_kind"]) == {"connect:ConnectionRefusedError"}
+    assert time.monotonic() - t < 5
+
+
+@pytest.mark.parametrize(
+    "target", ["http://10.0.0.1:8000", "https://127.0.0.1:8000", "http://8.8.8.8"]
+)
+def test_non_loopback_or_non_http_refused(target):
+    proc = subprocess.run(
+        [sys.executable, str(MSGGEN), "--url", target, "--duration", "0.1"],
+        capture_output=True, text=True, timeout=10,
+    )
+    assert proc.returncode == 2
+    assert ("loopback" in proc.stderr or "http://" in proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_end_to_end_with_floodtest(tmp_path):
+    """floodtest holds users 1..30, msggen publishes to them, floodtest times delivery."""
+    server = StandIn()
+    try:
+        ft_json = tmp_path / "ft.json"
+        flood = subprocess.Popen(
+            [sys.executable, str(FLOODTEST), "--port", str(server.port), "--n", "30",
+             "--rate", "0", "--duration", "2.5", "--json", str(ft_json)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 5
+        while server.stats()["streams"] < 30:
+            assert time.monotonic() < deadline, "floodtest did not connect"
+            time.sleep(0.05)
+        m, _ = run_tool(
+            MSGGEN, "--url", url(server), "--rate", "200", "--duration", "1", "--users", "30",
+            "--size", "100", tmp_path=tmp_path,
+        )
+        out, _ = flood.communicate(timeout=15)
+        assert flood.returncode == 0, out
+    finally:
+        server.close()
+    import json
+
+    f = json.loads(ft_json.read_text())
+    assert m["errors"] == 0 and m["deliveries"] == m["sent"] >= 190
+    assert f["messages"] == m["sent"]
+    assert f["chunks"] == f["messages"] + 30
+    assert f["latency_ms"]["count"] == m["sent"]
+    assert 0 < f["latency_ms"]["p50"] < 50 and f["latency_ms"]["max"] < 1000
+
+
+def test_make_body_contract():
+    from cometd.msggen import SubjectSampler, make_body
+
+    body = make_body(42, 17, 64, now=1764140000.1234567)
+    assert body.startswith(b"ts=1764140000.123457;from=42;seq=17;") and len(body) == 64
+    assert re.fullmatch(rb"ts=\d+\.\d{6};from=\d+;seq=\d+;", make_body(1, 2))
+    sample = SubjectSampler(5, seed=1)
+    assert {sample() for _ in range(500)} == {1, 2, 3, 4, 5}
