@@ -28,6 +28,7 @@ from typing import Any
 
 import gevent
 import psutil
+from gevent import socket as gsocket
 from gevent.event import Event
 from gevent.pywsgi import WSGIHandler, WSGIServer, headers_factory
 from greenlet import greenlet
@@ -210,9 +211,9 @@ class LocalBackend:
         }
 
 
-def listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
     """A listening socket; with *reuse_port*, several processes share the port."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock = gsocket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
