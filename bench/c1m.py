@@ -1,0 +1,695 @@
+#!/usr/bin/env python3
+"""C1M: hold 1,000,000 concurrent comet streams on this one machine, then push messages.
+
+Everything runs here: Redis (started by this script), one ``cometd router`` and
+``--edges`` ``cometd edge --reuse-port`` processes sharing one port, and
+``floodtest`` opening the streams from source addresses spread over 127.0.0.0/8
+(127.1.0.1 ... , each address has its own ephemeral ports). Once every connect
+has resolved, the connections are held for ``--hold`` seconds, then ``msggen``
+publishes timestamped messages at ``--msg-rate`` for ``--msg-duration`` seconds
+while the connections stay open, and floodtest measures delivery latency.
+
+Every process here may hold at most 20,000 open files (hard limit), so the
+server needs ~19,500 connections per edge (52 edges for 1M) and the client
+~19,000 per floodtest process (53 processes).
+
+The script applies the sysctls listed in ``SYSCTLS`` (printed with
+``--dry-run``), saves the previous values and restores them at the end, also on
+Ctrl-C, SIGTERM, errors and the overall ``--timeout``; it kills every process it
+started (each in its own session) and stops the Redis it started.
+
+Results (Markdown, JSON, two PNGs) go to ``--out`` (default bench/results/c1m):
+
+* server userland memory per connection: (edge + router RSS at full - at start) / connections
+* kernel memory per connection: (Slab + sockstat TCP mem, delta) / connections.
+  Both ends of every loopback connection are in this machine's kernel, so this
+  is the cost of a client *and* a server socket.
+* total memory used: MemAvailable at start - at full (server, client, kernel, Redis)
+* ramp rate (floodtest), delivery latency p50/p99/max (floodtest, msggen's ts= bodies)
+
+Usage (heavy runs are serialised with other benchmarks)::
+
+    flock /tmp/cometd-bench.lock .venv/bin/python bench/c1m.py
+    .venv/bin/python bench/c1m.py --connections 20000 --edges 2 --out /tmp/c1m-small
+    .venv/bin/python bench/c1m.py --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+BIN = os.path.join(ROOT, "bin")
+
+PER_EDGE = 19_500  # connections per edge (20,000 files per process, minus headroom)
+PER_CLIENT = 19_000  # connections per floodtest process
+PER_SOURCE = 20_000  # connections per source address (well inside 1024-65535)
+# Estimate used to refuse runs that cannot fit: server userland ~0.9 KB, client
+# userland ~1-2 KB, kernel ~9.6 KB for both loopback ends, plus slack.
+EST_BYTES_PER_CONN = 14 * 1024
+EST_BYTES_PER_PROCESS = 45 * 1024 * 1024  # baseline RSS of one edge / floodtest worker
+SAFETY_BYTES = 2 * 1024 ** 3
+
+# name -> value applied. Values are chosen for ~2M sockets (1M each side).
+# tcp_mem is in 4 KiB pages: pressure starts at 12 GiB, hard limit 20 GiB.
+SYSCTLS: dict[str, str] = {
+    "fs.file-max": "4000000",
+    "fs.nr_open": "2000000",
+    "vm.max_map_count": "262144",
+    "net.core.somaxconn": "65535",
+    "net.core.netdev_max_backlog": "65535",
+    "net.ipv4.tcp_max_syn_backlog": "65535",
+    "net.ipv4.ip_local_port_range": "1024 65535",
+    "net.ipv4.tcp_mem": "3000000 4000000 5000000",
+    "net.ipv4.tcp_rmem": "4096 4096 16384",
+    "net.ipv4.tcp_wmem": "4096 4096 16384",
+    "net.ipv4.tcp_max_orphans": "2000000",
+    "net.ipv4.tcp_max_tw_buckets": "2000000",
+    "net.netfilter.nf_conntrack_max": "2500000",  # only if conntrack is loaded
+}
+
+
+def log(msg: str) -> None:
+    print(f"c1m: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# sysctls
+# --------------------------------------------------------------------------------------
+
+def _sysctl_path(name: str) -> str:
+    return "/proc/sys/" + name.replace(".", "/")
+
+
+def read_sysctl(name: str) -> str | None:
+    try:
+        with open(_sysctl_path(name)) as f:
+            return " ".join(f.read().split())
+    except OSError:
+        return None
+
+
+def write_sysctl(name: str, value: str) -> None:
+    with open(_sysctl_path(name), "w") as f:
+        f.write(value)
+
+
+def apply_sysctls(saved: dict[str, str]) -> dict[str, str]:
+    """Apply SYSCTLS, recording previous values in *saved*; return what was applied."""
+    applied = {}
+    for name, value in SYSCTLS.items():
+        old = read_sysctl(name)
+        if old is None:
+            log(f"sysctl {name}: not present here, skipped")
+            continue
+        saved[name] = old
+        write_sysctl(name, value)
+        applied[name] = value
+    return applied
+
+
+def restore_sysctls(saved: dict[str, str]) -> None:
+    # conntrack: let entries of the closed connections expire before lowering the limit.
+    old_ct = saved.get("net.netfilter.nf_conntrack_max")
+    if old_ct:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            count = read_sysctl("net.netfilter.nf_conntrack_count")
+            if count is None or int(count) < int(old_ct) * 0.8:
+                break
+            time.sleep(1)
+    for name, value in reversed(list(saved.items())):
+        try:
+            write_sysctl(name, value)
+        except OSError as e:
+            log(f"could not restore {name} = {value}: {e}")
+    if saved:
+        log(f"restored {len(saved)} sysctls")
+
+
+# --------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------
+
+def meminfo() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def sockstat() -> dict[str, int]:
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                parts = line.split()[1:]
+                return {parts[i]: int(parts[i + 1]) for i in range(0, len(parts), 2)}
+    return {}
+
+
+def tree_rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p] + p.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for q in procs:
+            try:
+                total += q.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
+def rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float, procs: list[subprocess.Popen]) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args[:4]} exited with {p.returncode} during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"port {port} did not open within {timeout:.0f}s")
+
+
+# --------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------
+
+class Timeout(Exception):
+    pass
+
+
+class Run:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.procs: list[subprocess.Popen] = []
+        self.saved: dict[str, str] = {}
+        self.applied: dict[str, str] = {}
+        self.samples: list[dict] = []
+        self.t0 = time.monotonic()
+        self.tmp = tempfile.mkdtemp(prefix="c1m-")
+
+    # -- processes ---------------------------------------------------------------------
+    def spawn(self, args: list[str], logname: str) -> subprocess.Popen:
+        f = open(os.path.join(self.tmp, logname), "w")
+        p = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                             start_new_session=True)
+        f.close()
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        end = time.monotonic() + 15
+        for p in reversed(self.procs):
+            try:
+                p.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            # the session may hold children (floodtest workers) even after p exited
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.wait(10)
+        log(f"stopped {len(self.procs)} processes (and their sessions)")
+
+    # -- sampling ----------------------------------------------------------------------
+    def sample(self, phase: str) -> dict:
+        mi, ss = meminfo(), sockstat()
+        s = {
+            "t": round(time.monotonic() - self.t0, 2),
+            "phase": phase,
+            "tcp_inuse": ss.get("inuse", 0),
+            "tcp_mem_bytes": ss.get("mem", 0) * 4096,
+            "slab_bytes": mi["Slab"],
+            "mem_available": mi["MemAvailable"],
+            "server_rss": rss(self.server_pids),
+            "redis_rss": rss([self.redis.pid]),
+            "client_rss": tree_rss([self.flood.pid]) if getattr(self, "flood", None) else 0,
+            "client_open": self.client_open(),
+        }
+        self.samples.append(s)
+        return s
+
+    def client_open(self) -> int:
+        try:
+            with open(os.path.join(self.tmp, "floodtest.log")) as f:
+                text = f.read()
+        except OSError:
+            return 0
+        m = re.findall(r"Open=(\d+)", text)
+        return int(m[-1]) if m else 0
+
+    def progress(self, s: dict) -> None:
+        b = self.base
+        conns = max(0, (s["tcp_inuse"] - b["tcp_inuse"]) // 2)
+        kern = s["slab_bytes"] + s["tcp_mem_bytes"] - b["slab_bytes"] - b["tcp_mem_bytes"]
+        log(f"[{s['t']:7.1f}s] {s['phase']:<6} conns~{conns:,} (client Open={s['client_open']:,}) "
+            f"server RSS {s['server_rss'] / 2**20:,.0f} MiB client RSS "
+            f"{s['client_rss'] / 2**20:,.0f} MiB kernel +{kern / 2**20:,.0f} MiB "
+            f"used +{(b['mem_available'] - s['mem_available']) / 2**20:,.0f} MiB")
+
+    def check_deadline(self) -> None:
+        if time.monotonic() - self.t0 > self.a.timeout:
+            raise Timeout(f"overall timeout of {self.a.timeout:.0f}s reached")
+
+    def watch(self, phase: str, until, every: float = 3.0) -> None:
+        """Sample every *every* s until until() is true (checks the deadline)."""
+        while True:
+            self.check_deadline()
+            s = self.sample(phase)
+            self.progress(s)
+            if until(s):
+                return
+            time.sleep(every)
+
+    # -- main --------------------------------------------------------------------------
+    def run(self) -> dict:
+        a = self.a
+        port, rport = free_port(), free_port()
+        self.applied = apply_sysctls(self.saved)
+        log(f"applied {len(self.applied)} sysctls")
+
+        self.redis = self.spawn(["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--maxclients", "10000"],
+                                "redis.log")
+        wait_port(rport, 10, [self.redis])
+        url = f"redis://127.0.0.1:{rport}/0"
+        cometd = [PY, os.path.join(BIN, "cometd")]
+        router = self.spawn(cometd + ["router", "--redis", url, "--db",
+                                      os.path.join(self.tmp, "db"), "--admin-port", "-1"],
+                            "router.log")
+        edges = [self.spawn(cometd + ["edge", "--redis", url, "--port", str(port),
+                                      "--reuse-port", "--mode", a.mode], f"edge{i}.log")
+                 for i in range(a.edges)]
+        self.server_pids = [router.pid] + [e.pid for e in edges]
+        wait_port(port, 60, [router, *edges])
+        # every edge prints a banner once it serves
+        end = time.monotonic() + 90
+        while time.monotonic() < end:
+            up = 0
+            for i in range(a.edges):
+                with open(os.path.join(self.tmp, f"edge{i}.log")) as f:
+                    up += "listening" in f.read()
+            if up == a.edges:
+                break
+            for p in [router, *edges]:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[2:4]} exited with {p.returncode}")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"only {up}/{a.edges} edges came up")
+        time.sleep(2)
+        self.flood = None
+        self.base = self.sample("idle")
+        log(f"server up on :{port} ({a.edges} edges, mode {a.mode}); baseline server RSS "
+            f"{self.base['server_rss'] / 2**20:,.0f} MiB")
+
+        n = a.connections
+        nsrc = math.ceil(n / PER_SOURCE) + 1
+        srcs = f"127.1.0.1-127.1.0.{nsrc}" if nsrc < 255 else f"127.1.0.1-127.1.{nsrc // 250}.250"
+        flood_hold = a.hold + a.msg_duration + 20
+        flood_cmd = [PY, os.path.join(BIN, "floodtest"), "--port", str(port), "--n", str(n),
+                     "--rate", str(a.ramp_rate), "--duration", str(flood_hold),
+                     "--source-ips", srcs, "--processes", str(a.client_processes),
+                     "--interval", "3", "--rst-close", "--connect-timeout", "30",
+                     "--timeout", str(max(60, a.timeout - (time.monotonic() - self.t0) - 60)),
+                     "--json", os.path.join(self.tmp, "floodtest.json")]
+        self.commands = {"floodtest": shlex.join(flood_cmd)}
+        self.flood = self.spawn(flood_cmd, "floodtest.log")
+        t_ramp = time.monotonic()
+
+        def ramp_done(s: dict) -> bool:
+            if self.flood.poll() is not None:
+                raise RuntimeError(f"floodtest exited early ({self.flood.returncode}); see "
+                                   f"{self.tmp}/floodtest.log")
+            with open(os.path.join(self.tmp, "floodtest.log")) as f:
+                tail = f.read()[-600:]
+            m = re.findall(r"Open=(\d+).*?Pending=(\d+)", tail)
+            if not m:
+                return False
+            opened, pending = map(int, m[-1])
+            attempted_all = time.monotonic() - t_ramp > n / max(a.ramp_rate, 1) + 2
+            return opened >= n or (attempted_all and pending == 0 and opened > 0)
+
+        self.watch("ramp", ramp_done)
+        ramp_wall = time.monotonic() - t_ramp
+        time.sleep(3)  # let the last RSS / slab settle
+        self.full = self.sample("full")
+        self.progress(self.full)
+        hold_end = time.monotonic() + a.hold
+        self.watch("hold", lambda s: time.monotonic() >= hold_end, every=5)
+        self.held = self.sample("held")
+
+        msg_cmd = [PY, os.path.join(BIN, "msggen"), "--url", f"http://127.0.0.1:{port}",
+                   "--rate", str(a.msg_rate), "--duration", str(a.msg_duration),
+                   "--users", str(n), "--concurrency", str(a.msg_concurrency), "--interval", "5",
+                   "--json", os.path.join(self.tmp, "msggen.json")]
+        self.commands["msggen"] = shlex.join(msg_cmd)
+        msg = self.spawn(msg_cmd, "msggen.log")
+        self.watch("msgs", lambda s: msg.poll() is not None, every=3)
+        self.watch("drain", lambda s: self.flood.poll() is not None, every=3)
+        with open(os.path.join(self.tmp, "floodtest.json")) as f:
+            flood = json.load(f)
+        with open(os.path.join(self.tmp, "msggen.json")) as f:
+            mg = json.load(f)
+        return self.results(flood, mg, ramp_wall)
+
+    def results(self, flood: dict, mg: dict, ramp_wall: float) -> dict:
+        a, b, full = self.a, self.base, self.full
+        conns = (full["tcp_inuse"] - b["tcp_inuse"]) // 2
+        held_conns = (self.held["tcp_inuse"] - b["tcp_inuse"]) // 2
+        server_delta = full["server_rss"] - b["server_rss"]
+        kernel_delta = (full["slab_bytes"] + full["tcp_mem_bytes"]
+                        - b["slab_bytes"] - b["tcp_mem_bytes"])
+        used = b["mem_available"] - full["mem_available"]
+        per = max(conns, 1)
+        return {
+            "connections_target": a.connections,
+            "connections_held": conns,
+            "connections_after_hold": held_conns,
+            "client_open_max": flood.get("open_max"),
+            "hold_s": a.hold,
+            "edges": a.edges,
+            "client_processes": a.client_processes,
+            "mode": a.mode,
+            "ramp_rate_target": a.ramp_rate,
+            "ramp_rate": flood.get("ramp_rate"),
+            "ramp_s": flood.get("ramp_s"),
+            "ramp_wall_s": round(ramp_wall, 1),
+            "connect_errors": flood.get("connect_errors"),
+            "connect_errors_by_errno": flood.get("connect_errors_by_errno"),
+            "resets": flood.get("resets"),
+            "closed_early": flood.get("closed"),
+            "server_rss_baseline_bytes": b["server_rss"],
+            "server_rss_full_bytes": full["server_rss"],
+            "server_userland_bytes_per_conn": round(server_delta / per),
+            "kernel_bytes_per_conn": round(kernel_delta / per),
+            "slab_delta_bytes": full["slab_bytes"] - b["slab_bytes"],
+            "tcp_mem_delta_bytes": full["tcp_mem_bytes"] - b["tcp_mem_bytes"],
+            "client_rss_full_bytes": full["client_rss"],
+            "client_bytes_per_conn": flood.get("rss_bytes_per_conn"),
+            "redis_rss_full_bytes": full["redis_rss"],
+            "total_mem_used_bytes": used,
+            "total_bytes_per_conn": round(used / per),
+            "msg_rate_target": a.msg_rate,
+            "msg_rate_achieved": mg.get("achieved_rate"),
+            "msg_duration_s": a.msg_duration,
+            "msgs_sent": mg.get("sent"),
+            "msg_errors": mg.get("errors"),
+            "msgs_missed": mg.get("missed"),
+            "msg_deliveries_reported": mg.get("deliveries"),
+            "msgs_received": flood.get("messages"),
+            "delivery_latency_ms": flood.get("latency_ms"),
+            "post_latency_ms": mg.get("latency_ms"),
+            "wall_s": round(time.monotonic() - self.t0, 1),
+            "commands": self.commands,
+            "sysctls": self.applied,
+            "sysctls_previous": dict(self.saved),
+            "floodtest": flood,
+            "msggen": mg,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+
+def _mib(x: float) -> str:
+    return f"{x / 2**20:,.0f} MiB"
+
+
+def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> None:
+    os.makedirs(out, exist_ok=True)
+    res = dict(res, command=argv, samples=samples)
+    with open(os.path.join(out, "c1m.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plots(out, samples)
+    lat, plat = res["delivery_latency_ms"] or {}, res["post_latency_ms"] or {}
+    n = res["connections_held"]
+    title = "C1M" if n >= 1_000_000 else f"C1M harness at {n:,} connections (not 1M)"
+    lines = [
+        f"# {title}",
+        "",
+        "Server (Redis + 1 router + edges sharing one port, SO_REUSEPORT) and the floodtest",
+        "client on the same 2-core, 24 GB Debian 12 machine, over loopback; source addresses",
+        "127.1.0.x (127.0.0.0/8). Produced by `bench/c1m.py`.",
+        "",
+        "Command:",
+        "",
+        "```",
+        " ".join(shlex.quote(x) for x in argv),
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| connections held | {n:,} (target {res['connections_target']:,}; "
+        f"{res['connections_after_hold']:,} still open after the hold) |",
+        f"| hold | {res['hold_s']} s, then messages for {res['msg_duration_s']} s |",
+        f"| edges / client processes | {res['edges']} ({res['mode']} mode) / "
+        f"{res['client_processes']} |",
+        f"| ramp rate | {res['ramp_rate']:,} conn/s (target {res['ramp_rate_target']:,}); "
+        f"ramp {res['ramp_s']} s |",
+        f"| connect errors | {res['connect_errors']} {res['connect_errors_by_errno'] or ''} |",
+        f"| server userland per connection | {res['server_userland_bytes_per_conn']:,} B "
+        f"(edge+router RSS {_mib(res['server_rss_baseline_bytes'])} -> "
+        f"{_mib(res['server_rss_full_bytes'])}) |",
+        f"| kernel per connection (both loopback ends) | {res['kernel_bytes_per_conn']:,} B "
+        f"(Slab +{_mib(res['slab_delta_bytes'])}, TCP mem +{_mib(res['tcp_mem_delta_bytes'])}) |",
+        f"| client userland per connection | {res['client_bytes_per_conn']} B "
+        f"(floodtest RSS {_mib(res['client_rss_full_bytes'])}) |",
+        f"| Redis RSS | {_mib(res['redis_rss_full_bytes'])} |",
+        f"| total memory used (MemAvailable delta) | {_mib(res['total_mem_used_bytes'])} "
+        f"= {res['total_bytes_per_conn']:,} B per connection |",
+        f"| messages | {res['msgs_sent']:,} sent at {res['msg_rate_achieved']}/s "
+        f"(target {res['msg_rate_target']}/s), {res['msgs_received']:,} received, "
+        f"{res['msg_errors']} errors, {res['msgs_missed']} missed |",
+        f"| delivery latency (send -> client) | p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
+        f"max {lat.get('max')} ms |",
+        f"| POST /send latency | p50 {plat.get('p50')} ms, p99 {plat.get('p99')} ms, "
+        f"max {plat.get('max')} ms |",
+        f"| wall time | {res['wall_s']} s |",
+        "",
+        "Userland = (sum of edge + router RSS when all connections are open) - (the same before",
+        "the first connect), divided by the connections. Kernel = delta of /proc/meminfo Slab plus",
+        "/proc/net/sockstat TCP mem pages; it includes both the client and the server socket of",
+        "each loopback connection. Connections are counted as (TCP inuse delta) / 2.",
+        "",
+        "![connections](connections.png)",
+        "",
+        "![memory](memory.png)",
+        "",
+        "## sysctls applied (restored afterwards)",
+        "",
+        "| sysctl | applied | previous |",
+        "|---|---|---|",
+    ]
+    for k, v in res["sysctls"].items():
+        lines.append(f"| {k} | {v} | {res['sysctls_previous'].get(k)} |")
+    lines += ["", "Sub-commands as run:", "", "```"]
+    lines += [f"{k}: {v}" for k, v in res["commands"].items()]
+    lines += ["```", ""]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def plots(out: str, samples: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = samples[0]
+    t = [s["t"] for s in samples]
+    conns = [max(0, (s["tcp_inuse"] - b["tcp_inuse"]) // 2) for s in samples]
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
+    ax.plot(t, conns, label="connections (TCP inuse delta / 2)")
+    ax.plot(t, [s["client_open"] for s in samples], "--", label="floodtest Open")
+    _phases(ax, samples)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("connections")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "connections.png"))
+    plt.close(fig)
+
+    g = 2 ** 30
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
+    ax.plot(t, [(b["mem_available"] - s["mem_available"]) / g for s in samples],
+            label="total used (MemAvailable delta)")
+    ax.plot(t, [(s["slab_bytes"] + s["tcp_mem_bytes"] - b["slab_bytes"] - b["tcp_mem_bytes"]) / g
+                for s in samples], label="kernel (Slab + TCP mem delta)")
+    ax.plot(t, [s["server_rss"] / g for s in samples], label="server RSS (edges + router)")
+    ax.plot(t, [s["client_rss"] / g for s in samples], label="floodtest RSS")
+    _phases(ax, samples)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("GiB")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "memory.png"))
+    plt.close(fig)
+
+
+def _phases(ax, samples: list[dict]) -> None:
+    last = None
+    for s in samples:
+        if s["phase"] != last and s["phase"] in ("hold", "msgs", "drain"):
+            ax.axvline(s["t"], color="grey", lw=0.8, ls=":")
+            ax.text(s["t"], ax.get_ylim()[1] * 0.02, " " + s["phase"], fontsize=7, color="grey")
+        last = s["phase"]
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--connections", type=int, default=1_000_000)
+    p.add_argument("--edges", type=int, default=0,
+                   help=f"edge processes (0: ceil(connections / {PER_EDGE}))")
+    p.add_argument("--client-processes", type=int, default=0,
+                   help=f"floodtest processes (0: ceil(connections / {PER_CLIENT}))")
+    p.add_argument("--mode", choices=["pool", "greenlet"], default="pool")
+    p.add_argument("--ramp-rate", type=float, default=6000.0, help="target new connections/s")
+    p.add_argument("--hold", type=float, default=60.0,
+                   help="seconds to hold all connections before messages")
+    p.add_argument("--msg-rate", type=float, default=1000.0, help="messages/s from msggen")
+    p.add_argument("--msg-duration", type=float, default=30.0)
+    p.add_argument("--msg-concurrency", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=1440.0,
+                   help="hard limit on the whole run in seconds (then everything is stopped)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "c1m"))
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the sysctls; change nothing")
+    a = p.parse_args(argv)
+    if a.edges <= 0:
+        a.edges = math.ceil(a.connections / PER_EDGE)
+    if a.client_processes <= 0:
+        a.client_processes = math.ceil(a.connections / PER_CLIENT)
+    return a
+
+
+def memory_check(a: argparse.Namespace) -> tuple[bool, str]:
+    need = (a.connections * EST_BYTES_PER_CONN
+            + (a.edges + a.client_processes + 1) * EST_BYTES_PER_PROCESS + SAFETY_BYTES)
+    avail = meminfo()["MemAvailable"]
+    msg = (f"memory estimate: {a.connections:,} x {EST_BYTES_PER_CONN / 1024:.0f} KiB "
+           f"(server + client + kernel) + {a.edges + a.client_processes + 1} processes x "
+           f"{EST_BYTES_PER_PROCESS / 2**20:.0f} MiB + {SAFETY_BYTES / 2**30:.0f} GiB slack = "
+           f"{need / 2**30:.1f} GiB; MemAvailable {avail / 2**30:.1f} GiB")
+    return need <= avail, msg
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    ok, est = memory_check(a)
+    plan = (f"plan: {a.connections:,} connections, {a.edges} edges ({a.mode}), "
+            f"{a.client_processes} floodtest processes, ramp {a.ramp_rate:g}/s "
+            f"(~{a.connections / a.ramp_rate:.0f}s), hold {a.hold:g}s, then {a.msg_rate:g} msg/s "
+            f"for {a.msg_duration:g}s; timeout {a.timeout:g}s; out {a.out}")
+    log(plan)
+    log(est)
+    if a.dry_run:
+        for k, v in SYSCTLS.items():
+            cur = read_sysctl(k)
+            log(f"  sysctl {k} = {v}   (now: {cur if cur is not None else 'absent, skipped'})")
+        return 0
+    if not ok:
+        log("refusing to start: not enough free memory for this size "
+            "(use fewer --connections)")
+        return 2
+    if os.geteuid() != 0:
+        log("refusing to start: root is needed to apply the sysctls")
+        return 2
+
+    r = Run(a)
+    res = None
+
+    def _on_signal(sig, _frame):
+        raise KeyboardInterrupt(f"signal {sig}")
+
+    def _on_alarm(_sig, _frame):
+        raise Timeout(f"overall timeout of {a.timeout:.0f}s reached")
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(int(a.timeout) + 30)  # backstop if a wait blocks past the deadline
+    rc = 1
+    try:
+        res = r.run()
+        rc = 0
+    except (Timeout, KeyboardInterrupt, RuntimeError, OSError) as e:
+        log(f"run aborted: {type(e).__name__}: {e}; logs in {r.tmp}")
+    finally:
+        signal.alarm(0)
+        # cleanup must not be interrupted by a second Ctrl-C / TERM
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            r.stop_all()
+        finally:
+            restore_sysctls(r.saved)
+    if res is not None:
+        write_report(a.out, res, r.samples, ["bench/c1m.py", *argv])
+        log(f"report: {a.out}/README.md; connections held {res['connections_held']:,}, "
+            f"server {res['server_userland_bytes_per_conn']} B/conn, kernel "
+            f"{res['kernel_bytes_per_conn']} B/conn, total used "
+            f"{_mib(res['total_mem_used_bytes'])}, ramp {res['ramp_rate']}/s, latency "
+            f"{res['delivery_latency_ms']}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
