@@ -605,7 +605,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds to hold all connections before messages")
     p.add_argument("--msg-rate", type=float, default=1000.0, help="messages/s from msggen")
     p.add_argument("--msg-duration", type=float, default=30.0)
-    p.add_argument("--msg-concurrency", type=int, default=16)
+    p.add_argument("--msg-concurrency", type=int, default=64)
     p.add_argument("--timeout", type=float, default=1440.0,
                    help="hard limit on the whole run in seconds (then everything is stopped)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "c1m"))
