@@ -1,0 +1,147 @@
+"""cometd-bench: small end-to-end runs of each scenario, plus its helpers.
+
+The runs use tiny sizes (a few hundred connections, a 2,000-user graph) so the
+whole file stays well under a minute; they check that the report and the
+graphs are written and that every per-mode figure is there, positive and
+plausible - never particular values, which depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cometd import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bin", "cometd-bench")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_bench(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, BENCH, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def check_pngs(out, names) -> None:
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+        assert 2_000 < len(data) < 100_000, (name, len(data))
+
+
+def test_help_lists_every_scenario_and_its_options():
+    proc = run_bench("--help")
+    assert "idle" in proc.stdout and "fanout" in proc.stdout
+    idle = run_bench("idle", "--help").stdout
+    for opt in ("--n", "--modes", "--nchan", "--out"):
+        assert opt in idle
+    fan = run_bench("fanout", "--help").stdout
+    for opt in ("--users", "--connections", "--rate", "--duration", "--modes", "--out"):
+        assert opt in fan
+
+
+def test_idle_small(tmp_path):
+    out = tmp_path / "idle"
+    n = 300
+    proc = run_bench("idle", "--n", str(n), "--modes", "greenlet,pool", "--no-nchan",
+                     "--quiet-wait", "0", "--settle", "0.5", "--interval", "0.1",
+                     "--out", str(out))
+    assert str(out / "report.md") in proc.stdout
+    assert "[bench" in proc.stderr  # progress on stderr
+
+    summary = json.loads((out / "summary.json").read_text())
+    results = {r["server"]: r for r in summary["results"]}
+    assert set(results) == {"greenlet", "pool"}
+    for mode, r in results.items():
+        assert r["held"] == n, mode
+        assert r["floodtest"]["opened"] == n
+        assert r["floodtest"]["connect_errors"] == 0
+        # A held connection costs the server something, and far less than 1 MiB.
+        assert 0 < r["rss_per_conn"] < 1024 * 1024, mode
+        assert r["rss_at_n"] > r["rss_before"] > 10 * 2**20
+        # System-wide kernel counters move with whatever else the machine does;
+        # only check that they were read.
+        assert math.isfinite(r["kernel_per_conn"])
+        assert r["ramp_s"] >= 0
+        assert r["ramp_rate"] is None or r["ramp_rate"] > 0
+
+    report = (out / "report.md").read_text()
+    assert "bin/cometd-bench idle --n 300" in report  # the exact command line
+    assert "cometd greenlet" in report and "cometd pool" in report
+    assert "nchan skipped (--no-nchan)" in report
+    assert "24.6" in report and "9.6" in report  # baselines printed alongside
+    for mode, r in results.items():
+        assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, mode
+    graphs = ["idle-rss.png", "idle-kernel.png", "idle-ramp.png"]
+    for g in graphs:
+        assert f"]({g})" in report
+    check_pngs(out, graphs)
+    assert (out / "samples.csv").read_text().count("\ngreenlet,") > 5
+
+
+def test_fanout_tiny(tmp_path):
+    out = tmp_path / "fanout"
+    data = tmp_path / "data"
+    args = ["fanout", "--users", "2000", "--m", "5", "--connections", "400", "--duration", "2",
+            "--step-duration", "1", "--step-start", "100", "--step-max", "200",
+            "--interval", "0.25", "--data-dir", str(data), "--out", str(out)]
+    proc = run_bench(*args)
+    assert str(out / "report.md") in proc.stdout
+    assert list(data.glob("db-U2000-m5-s1/BENCH-LOADED.json"))  # the dataset is cached
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"]["friendships"] == 5 + (2000 - 5 - 1) * 5
+    results = {r["server"]: r for r in summary["results"]}
+    assert set(results) == {"greenlet", "pool"}
+    for mode, r in results.items():
+        assert r["connections"] == 400, mode
+        assert 1 <= len(r["steps"]) <= 2
+        assert r["saturating_rate"] > 0
+        assert math.isclose(r["rate"], 0.5 * r["saturating_rate"])
+        assert r["messages"] > 0 and r["deliveries"] > 0
+        assert r["deliveries_per_msg"] >= 1  # the subject's friends among users 1..400
+        assert r["deliveries_per_s"] > 0
+        assert r["server_cpu_s"] > 0
+        assert r["deliveries_per_cpu_s"] > 0
+        assert math.isclose(r["cpu_s_per_100k"] * r["deliveries_per_cpu_s"], 1e5, rel_tol=1e-6)
+        lat = r["latency_ms"]
+        assert r["timed_messages"] > 0
+        assert 0 < lat["p50"] <= lat["p99"] <= lat["max"] < 30_000
+        assert r["slow_consumers_dropped"] == 0
+
+    report = (out / "report.md").read_text()
+    assert "bin/cometd-bench fanout --users 2000" in report
+    assert "deliveries per server CPU-s" in report and "latency p99" in report
+    graphs = ["fanout-cpu.png", "fanout-deliveries.png", "fanout-saturation.png"]
+    for g in graphs:
+        assert f"]({g})" in report
+    check_pngs(out, graphs)
+
+
+def test_bad_modes_are_refused(tmp_path):
+    proc = subprocess.run([sys.executable, BENCH, "idle", "--modes", "greenlet,threads",
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 2
+    assert "modes" in proc.stderr
+
+
+def test_ramp_rate_interpolates_between_polls():
+    # 0 -> 1000 connections in 1 s, polled every 0.25 s, on top of 5 already there
+    points = [(10.0 + 0.25 * i, 5 + min(1000, 250 * i)) for i in range(8)]
+    assert bench._ramp_rate(points, 1000, 5) == pytest.approx(1000.0)
+    assert bench._ramp_rate(points[:2], 1000, 5) is None
+
+
+def test_kernel_counters_are_read():
+    k = bench.kernel_counters()
+    assert k["slab"] > 0
+    assert k["tcp_inuse"] >= 0 and k["tcp_mem"] >= 0
