@@ -140,7 +140,7 @@ def cli(ctx: click.Context, host: str, port: int, mode: str, keepalive: float, m
         return
     from cometd.server import serve
 
-    serve(db, host=host, port=port, admin_host=admin_host, admin_port=admin,
+    _serving(serve, db, host=host, port=port, admin_host=admin_host, admin_port=admin,
           admin_password=admin_password, mode=mode, keepalive=keepalive,
           max_pending=max_pending, request_timeout=request_timeout)
 
@@ -162,7 +162,7 @@ def router_command(redis_url: str | None, db: str, admin_host: str, admin_port: 
     open_store(db).close()
     from cometd.server import serve_router
 
-    serve_router(db, redis_url, admin_host=admin_host, admin_port=admin,
+    _serving(serve_router, db, redis_url, admin_host=admin_host, admin_port=admin,
                  admin_password=admin_password)
 
 
@@ -183,7 +183,7 @@ def edge_command(redis_url: str | None, host: str, port: int, mode: str, keepali
         raise click.UsageError("edge needs --redis URL")
     from cometd.server import serve_edge
 
-    serve_edge(redis_url, host=host, port=port, mode=mode, reuse_port=reuse_port,
+    _serving(serve_edge, redis_url, host=host, port=port, mode=mode, reuse_port=reuse_port,
                keepalive=keepalive, max_pending=max_pending, request_timeout=request_timeout)
 
 
@@ -221,6 +221,16 @@ def load_command(file: str, db: str, directed: bool) -> None:
         progress.close()
         store.close()
     click.echo(f"{file} -> {db}: {result.summary()}")
+
+
+def _serving(fn, *args, **kwargs) -> None:
+    """Run a serve function; a port that cannot be bound is a one-line error."""
+    from cometd.server import ListenError
+
+    try:
+        fn(*args, **kwargs)
+    except ListenError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def main() -> None:

@@ -40,8 +40,8 @@ from cometd.store import SubscriptionStore
 from cometd.webapp import STREAM_KEY, make_app
 
 __all__ = [
-    "CometServer", "CometHandler", "LocalBackend", "listener", "serve", "serve_router",
-    "serve_edge",
+    "CometServer", "CometHandler", "LocalBackend", "ListenError", "listener", "serve",
+    "serve_router", "serve_edge",
 ]
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -57,6 +57,10 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
 
 _431 = _response("431 Request Header Fields Too Large", {"error": "request headers over 64 KiB"})
 _400 = _response("400 Bad Request", {"error": "malformed HTTP request"})
+
+
+class ListenError(OSError):
+    """A listening address could not be bound (in use, not local, ...)."""
 
 
 class HeadersTooLarge(ValueError):
@@ -217,8 +221,12 @@ def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(4096)
+    try:
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
 
 
@@ -250,7 +258,10 @@ def _admin(backend: Any, host: str, port: int | None, password: str | None):
     from cometd.admin import AdminConsole
 
     admin = AdminConsole(backend, host, port, password=password)
-    admin.start()
+    try:
+        admin.start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return admin
 
 
