@@ -131,24 +131,15 @@ class Connection:
     def deliver(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.table.mode == "pool" and not self._out:
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self._queue(data)
-            if not self.closed:
+        self._queue(data)
+        if self.closed:
+            return
+        if self.table.mode == "pool":
+            # Send now unless a write watcher already waits for this socket.
+            if self._waiter is None and not self._flush() and not self.closed:
                 self._waiter = self.table.loop.io(self.fd, 2)
                 self._waiter.start(self._on_writable)
-            return
-        self._queue(data)
-        if self._parked and not self.closed:
+        elif self._parked:
             self._parked = False
             self.table.loop.run_callback(self._waiter.switch)
 
@@ -211,7 +202,7 @@ class Connection:
     def run(self) -> None:
         """Greenlet mode: write this connection's output until it closes."""
         hub = get_hub()
-        self._waiter = getcurrent()
+        self._waiter = me = getcurrent()
         writable = None
         try:
             while not self.closed:
@@ -223,7 +214,14 @@ class Connection:
                     continue
                 if writable is None:
                     writable = hub.loop.io(self.fd, 2)
-                hub.wait(writable)
+                # A bare switch, like the parked wait, so that close() can wake
+                # either wait the same way (hub.wait() would take close()'s
+                # switch for an InvalidSwitchError and log a traceback).
+                writable.start(me.switch)
+                try:
+                    hub.switch()
+                finally:
+                    writable.stop()
         finally:
             if writable is not None:
                 writable.close()

@@ -1083,7 +1083,11 @@ def main(host, port, servers, n, rate, duration, first_id, source_ips, processes
         _validate(cfg)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    summary = run(cfg)
+    finish(run(cfg), json_path)
+
+
+def finish(summary: dict, json_path: str | None) -> None:
+    """Write the summary as JSON (to a file, or stdout for '-'); exit 3 if timed out."""
     if json_path:
         text = json.dumps(summary, indent=2) + "\n"
         if json_path == "-":

@@ -46,7 +46,7 @@ import gevent
 import numpy as np
 from gevent import socket
 
-from cometd.floodtest import LatencyHistogram, check_loopback
+from cometd.floodtest import LatencyHistogram, check_loopback, finish
 
 __all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "run", "main"]
 
@@ -438,16 +438,7 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
         _validate(cfg)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    summary = run(cfg)
-    if json_path:
-        text = json.dumps(summary, indent=2) + "\n"
-        if json_path == "-":
-            sys.stdout.write(text)
-        else:
-            with open(json_path, "w") as f:
-                f.write(text)
-    if summary["timed_out"]:
-        sys.exit(3)
+    finish(run(cfg), json_path)
 
 
 if __name__ == "__main__":
