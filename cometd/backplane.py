@@ -30,9 +30,12 @@ every second. The router forgets an edge it has not heard from in 3 s (a dead
 edge's users leave presence) and asks for full snapshots when it starts, when
 its Redis connection comes back, and when it hears from an edge it does not
 know (a router restart). Edges re-send a snapshot after their own Redis
-reconnects. So after a Redis restart, an edge kill or a router restart,
-presence is whole again within a few seconds, and subscriptions, which live
-in LevelDB, are never at stake.
+reconnects. A starting router answers calls only after ``SYNC_GRACE``, once
+the snapshots are in, and an edge that gave up on a call (503) takes it back
+off the request list, so a router that returns later does not run it. So
+after a Redis restart, an edge kill or a router restart, presence is whole
+again within a few seconds, and subscriptions, which live in LevelDB, are
+never at stake.
 
 Both processes run with gevent's monkey patching, so redis-py's blocking
 sockets cooperate with the hub (see :func:`cometd.cli.main`).
@@ -51,7 +54,7 @@ from typing import Any
 
 import gevent
 import redis
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 
 from cometd.connections import ConnectionTable, Message
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
@@ -69,6 +72,7 @@ HEARTBEAT = 1.0
 PRESENCE_BATCH = 0.05
 CALL_TIMEOUT = 5.0
 RETRY = 0.5
+SYNC_GRACE = 0.5  # a starting router's wait for the edges' snapshots before it routes
 
 
 def encode_batch(message: Message, users: list[str]) -> bytes:
@@ -159,8 +163,12 @@ class Presence:
                     delivered += n
         for edge, batch in per_edge.items():
             try:
-                self.client.publish(EDGE.format(edge), encode_batch(message, batch))
+                listeners = self.client.publish(EDGE.format(edge), encode_batch(message, batch))
             except (redis.ConnectionError, redis.TimeoutError):
+                listeners = 0
+            if not listeners:
+                # Redis is down, or the edge is not (yet) re-subscribed after a
+                # reconnect: nobody got the batch, so it is not "delivered".
                 self.batches_lost += 1
                 delivered -= sum(self.users.get(u, {}).get(edge, 0) for u in batch)
         self.deliveries += delivered
@@ -184,6 +192,7 @@ class RouterLink:
         self.presence = presence
         self.workers = workers
         self._last_resync = 0.0
+        self._synced = Event()
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -206,6 +215,8 @@ class RouterLink:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(PRESENCE)
         self._resync(force=True)  # (re)connected: presence may be stale
+        if not self._synced.is_set():
+            gevent.spawn_later(SYNC_GRACE, self._synced.set)
         for item in pubsub.listen():
             update = json.loads(item["data"])
             edge = update["edge"]
@@ -226,6 +237,9 @@ class RouterLink:
             self.presence.expire()
 
     def _serve_calls(self) -> None:
+        # A fresh router knows no user yet: a send routed now (one queued while
+        # it was down) would reach nobody, so let the edges' snapshots in first.
+        self._synced.wait()
         client = redis.Redis.from_url(self.url)
         while True:
             item = client.blpop([REQUESTS], timeout=1)
@@ -332,17 +346,27 @@ class EdgeLink:
         call_id = next(self._ids)
         waiter = AsyncResult()
         self._pending[call_id] = waiter
-        request = {"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)}
+        request = json.dumps({"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)})
         try:
-            self.client.rpush(REQUESTS, json.dumps(request))
+            self.client.rpush(REQUESTS, request)
             reply = waiter.get(timeout=CALL_TIMEOUT)
         except (redis.ConnectionError, redis.TimeoutError, gevent.Timeout):
+            self._withdraw(request)
             raise BackplaneUnavailable("the router is not reachable; try again") from None
         finally:
             self._pending.pop(call_id, None)
         if "error" in reply:
             raise BackplaneUnavailable(f"the router failed: {reply['error']}")
         return reply["result"]
+
+
+    def _withdraw(self, request: str) -> None:
+        # The client is told to try again: a router that comes back later must
+        # not run the call anyway (a late send, then its retry, twice).
+        try:
+            self.client.lrem(REQUESTS, 1, request)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass
 
 
 class EdgeBackend:

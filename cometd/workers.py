@@ -50,15 +50,23 @@ def supervise(workers: int, redis_url: str, db: str, host: str, port: int, mode:
     edge_args = ["edge", "--redis", redis_url, "--host", host, "--port", str(port),
                  "--mode", mode, "--reuse-port", *extra]
     specs = [router_args] + [edge_args] * workers
-    procs = [_start(args) for args in specs]
     stopping = []
+    # Before the first child: a signal during startup must stop the children
+    # started so far, not kill the supervisor and leave them running.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    banner = f"cometd: listening on http://{host}:{port}/"
-    if admin_port is not None:
-        banner += f" admin {admin_host}:{admin_port}"
-    print(f"{banner} mode={mode} db={db} workers={workers} redis {redis_url}", flush=True)
+    procs: list[subprocess.Popen] = []
     try:
+        for args in specs:
+            if stopping:
+                break
+            procs.append(_start(args))
+        banner = f"cometd: listening on http://{host}:{port}/"
+        if admin_port is not None:
+            banner += f" admin {admin_host}:{admin_port}"
+        if not stopping:
+            print(f"{banner} mode={mode} db={db} workers={workers} redis {redis_url}",
+                  flush=True)
         while not stopping:
             time.sleep(0.2)
             for i, proc in enumerate(procs):

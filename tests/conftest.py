@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+import http.client
+import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 
 import pytest
@@ -79,3 +86,323 @@ def server(tmp_path, mode):
     srv = start_server(str(tmp_path / "db"), "--mode", mode)
     yield srv
     srv.stop()
+
+
+# -- scale-out: a real redis-server and router/edge processes ----------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway `redis-server` (no persistence) on one port, restartable on it."""
+
+    def __init__(self, workdir: str, port: int | None = None, host: str = "127.0.0.1") -> None:
+        import shutil
+
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.workdir = workdir
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def ping(self) -> bool:
+        import socket
+
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 10) -> None:
+        import time
+
+        cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
+               "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no"]
+        log = open(os.path.join(self.workdir, "redis.log"), "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        """Stop (SIGTERM: Redis closes its clients) and start again on the same port."""
+        self.stop(signal.SIGTERM)
+        self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free ephemeral port; `.url`, `.restart()`; killed at teardown."""
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    srv = RedisServer(str(workdir))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@dataclass
+class CometdProcess:
+    """A `bin/cometd` subcommand process, its ready line's match and its output."""
+
+    proc: subprocess.Popen
+    match: re.Match
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+def start_cometd(args: list[str], ready: str, timeout: float = 20,
+                 prefix: tuple[str, ...] | list[str] = ()) -> CometdProcess:
+    """Start `bin/cometd ARGS` (after *prefix*, e.g. `ip netns exec NS`); wait for *ready*."""
+    cmd = [*prefix, sys.executable, COMETD, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    lines: list[str] = []
+    found: list[re.Match] = []
+    pattern = re.compile(ready)
+    event = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            match = pattern.search(line)
+            if match and not found:
+                found.append(match)
+                event.set()
+        event.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    event.wait(timeout)
+    if not found:
+        proc.kill()
+        proc.wait(5)
+        raise RuntimeError(f"{' '.join(args[:1])} did not start:\n" + "".join(lines))
+    return CometdProcess(proc, found[0], lines)
+
+
+# -- stream and HTTP clients for the server suites (webapp, connections, router, server) --
+
+
+class ChunkParser:
+    """Incremental parser of HTTP/1.1 chunked framing: feed bytes, take whole payloads."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.chunks: collections.deque[bytes] = collections.deque()
+        #: the zero-length last chunk arrived
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        while not self.ended:
+            eol = self.buf.find(b"\r\n")
+            if eol < 0:
+                return
+            size = int(bytes(self.buf[:eol]).split(b";")[0], 16)  # ValueError: bad framing
+            end = eol + 2 + size
+            if len(self.buf) < end + 2:
+                return
+            if self.buf[end:end + 2] != b"\r\n":
+                raise ValueError(f"chunk of {size} bytes not followed by CRLF")
+            if size:
+                self.chunks.append(bytes(self.buf[eol + 2:end]))
+            else:
+                self.ended = True
+            del self.buf[:end + 2]
+
+
+class StreamClient:
+    """A raw-socket client holding `GET <path>` open; parses the response incrementally.
+
+    With chunked framing, `chunk()` returns one payload at a time; otherwise
+    (HTTP/1.0) `read_raw()` returns the body bytes as they come.
+    """
+
+    def __init__(self, host: str, port: int, path: str, http10: bool = False,
+                 rcvbuf: int | None = None, timeout: float = 10.0) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host, port))
+        version = "1.0" if http10 else "1.1"
+        self.sock.sendall(f"GET {path} HTTP/{version}\r\nHost: {host}\r\n\r\n".encode())
+        self.eof = False
+        head = b""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in head:
+            self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"closed before the response head: {head!r}")
+            head += data
+        head, _, rest = head.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status_line = lines[0]
+        self.status = int(lines[0].split()[1])
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        self.chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        self.parser = ChunkParser() if self.chunked else None
+        self.raw = bytearray()
+        self._feed(rest)
+
+    @classmethod
+    def open(cls, srv, path: str, **kwargs) -> StreamClient:
+        return cls(srv.host, srv.port, path, **kwargs)
+
+    def _feed(self, data: bytes) -> None:
+        if self.parser is not None:
+            self.parser.feed(data)
+        else:
+            self.raw += data
+
+    def _recv(self, deadline: float) -> bool:
+        """Read once; False on end of stream (FIN or reset)."""
+        if self.eof:
+            return False
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("nothing more arrived in time")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(1 << 16)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return False
+        self._feed(data)
+        return True
+
+    def chunk(self, timeout: float = 10.0) -> bytes:
+        """The next chunk's payload; EOFError if the stream ends first."""
+        deadline = time.monotonic() + timeout
+        while not self.parser.chunks:
+            if not self._recv(deadline):
+                raise EOFError("stream closed")
+        return self.parser.chunks.popleft()
+
+    def chunks(self, n: int, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        return [self.chunk(max(deadline - time.monotonic(), 0.001)) for _ in range(n)]
+
+    def read_raw(self, n: int, timeout: float = 10.0) -> bytes:
+        """Exactly *n* body bytes of an unframed stream."""
+        deadline = time.monotonic() + timeout
+        while len(self.raw) < n:
+            if not self._recv(deadline):
+                raise EOFError(f"stream closed after {len(self.raw)} of {n} bytes")
+        data = bytes(self.raw[:n])
+        del self.raw[:n]
+        return data
+
+    def wait_closed(self, timeout: float = 10.0) -> None:
+        """Read (and keep) whatever still comes until the server closes the stream."""
+        deadline = time.monotonic() + timeout
+        while self._recv(deadline):
+            pass
+
+    def close(self, reset: bool = False) -> None:
+        """Close; with *reset*, abort with an RST instead of a FIN."""
+        if reset:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def __enter__(self) -> StreamClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def http_request(srv, method: str, path: str, body: bytes | str | None = None,
+                 headers: dict[str, str] | None = None,
+                 timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection: (status, lower-cased headers, body)."""
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def http_json(srv, method: str, path: str, body=None, **kwargs) -> tuple[int, object]:
+    """A request whose answer must be JSON; a non-bytes *body* is sent as JSON."""
+    if body is not None and not isinstance(body, bytes | str):
+        body = json.dumps(body)
+    status, headers, data = http_request(srv, method, path, body, **kwargs)
+    assert headers.get("content-type") == "application/json", (status, headers, data)
+    return status, json.loads(data)
+
+
+def send(srv, subject: str, body: bytes | str) -> int:
+    """`POST /send/<subject>`; the number of connections written to."""
+    status, answer = http_json(srv, "POST", f"/send/{subject}", body.encode()
+                               if isinstance(body, str) else body)
+    assert status == 200, answer
+    return answer["delivered"]
+
+
+def get_stats(srv) -> dict:
+    status, answer = http_json(srv, "GET", "/stats")
+    assert status == 200, answer
+    return answer
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    """Poll *predicate* until it returns a true value (returned) or *timeout* passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s (last: {value!r})")
+        time.sleep(interval)
+
+
+def unique_id(prefix: str) -> str:
+    """A fresh user id, so tests sharing one server do not see each other's users."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,646 @@
+"""Scale-out over Redis: a router and edges as real processes, real Redis, real sockets.
+
+Each test starts a throwaway ``redis-server`` (``redis_server`` in conftest), a
+``cometd router`` on a fresh database and two ``cometd edge`` processes (one
+per connection mode), then talks to the edges over HTTP like any client, to
+the router over its admin console, and to Redis directly where the test
+counts backplane traffic. The fault tests restart Redis, kill an edge and
+restart the router, and require everything back within 5 s.
+
+The last test runs the seed's four-host layout (Redis + router, an edge,
+stream clients, a publisher) in four network namespaces on one machine.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+from conftest import CometdProcess, start_cometd
+
+from cometd.store import SubscriptionStore
+
+ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
+EDGE_READY = r"cometd edge (\S+): listening on http://([\d.]+):(\d+)/"
+PROMPT = b"cometd> "
+BACK_WITHIN = 5.0  # seconds a fault may take to heal
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll *pred* until it is truthy (return it) or *timeout* passes (return the last value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+# -- clients ------------------------------------------------------------------------
+
+
+def request(base: tuple[str, int], method: str, path: str, body: Any = None,
+            timeout: float = 10) -> tuple[int, Any]:
+    """One HTTP request; (status, parsed JSON or raw bytes)."""
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    conn = http.client.HTTPConnection(*base, timeout=timeout)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    if resp.getheader("Content-Type", "").startswith("application/json"):
+        return resp.status, json.loads(data)
+    return resp.status, data
+
+
+class Stream:
+    """A streaming client (``GET /test/<user>``, HTTP/1.1 chunked) read by a thread."""
+
+    def __init__(self, addr: tuple[str, int], user: str, timeout: float = 5) -> None:
+        self.user = user
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self._cond = threading.Condition()
+        self.sock = socket.create_connection(addr, timeout=timeout)
+        self.sock.sendall(f"GET /test/{user} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = self.sock.recv(4096)
+            assert data, f"stream {user}: closed before the headers"
+            head += data
+        head, _, self._buf = head.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        self.sock.settimeout(None)
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.wait(lambda: self.chunks, timeout), f"stream {user}: no welcome"
+        assert self.chunks[0].startswith(b"Welcome"), self.chunks[0]
+
+    def _read(self) -> None:
+        while True:
+            self._parse()
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self._cond:
+                    self.eof = True
+                    self._cond.notify_all()
+                return
+            self._buf += data
+
+    def _parse(self) -> None:
+        while True:
+            line, sep, rest = self._buf.partition(b"\r\n")
+            if not sep:
+                return
+            size = int(line, 16)
+            if len(rest) < size + 2:
+                return
+            with self._cond:
+                self.chunks.append(rest[:size])
+                self._cond.notify_all()
+            self._buf = rest[size + 2:]
+
+    @property
+    def messages(self) -> list[bytes]:
+        return self.chunks[1:]
+
+    def wait(self, pred: Callable[[], Any], timeout: float) -> Any:
+        with self._cond:
+            self._cond.wait_for(pred, timeout)
+            return pred()
+
+    def wait_messages(self, n: int, timeout: float = 5) -> list[bytes]:
+        self.wait(lambda: len(self.chunks) > n or self.eof, timeout)
+        return self.messages
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def admin(port: int, line: str) -> list[str]:
+    """One admin console command; its reply lines (the last is OK... or ERR...)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        buf = b""
+
+        def until_prompt() -> bytes:
+            nonlocal buf
+            while PROMPT not in buf:
+                data = sock.recv(65536)
+                assert data, f"admin console closed: {buf!r}"
+                buf += data
+            head, _, buf = buf.partition(PROMPT)
+            return head
+
+        until_prompt()
+        sock.sendall(line.encode() + b"\n")
+        return until_prompt().decode().splitlines()
+
+
+# -- the cluster --------------------------------------------------------------------
+
+
+class Edge:
+    def __init__(self, process: CometdProcess, mode: str) -> None:
+        self.process = process
+        self.mode = mode
+        self.id = process.match.group(1)
+        self.addr = (process.match.group(2), int(process.match.group(3)))
+
+    def http(self, method: str, path: str, body: Any = None, timeout: float = 10):
+        return request(self.addr, method, path, body, timeout)
+
+    def send(self, subject: str, body: bytes, timeout: float = 10) -> tuple[int, Any]:
+        return self.http("POST", f"/send/{subject}", body, timeout)
+
+
+class Cluster:
+    """Redis, one router, some edges; every process and stream it starts is cleaned up."""
+
+    def __init__(self, redis_server, db: str) -> None:
+        self.redis = redis_server
+        self.db = db
+        self.router: CometdProcess | None = None
+        self.edges: list[Edge] = []
+        self.processes: list[CometdProcess] = []
+        self.streams: list[Stream] = []
+
+    def start_router(self) -> CometdProcess:
+        self.router = start_cometd(["router", "--redis", self.redis.url, "--db", self.db,
+                                    "--admin-port", "0"], ROUTER_READY)
+        self.processes.append(self.router)
+        return self.router
+
+    def start_edge(self, mode: str) -> Edge:
+        edge = Edge(start_cometd(["edge", "--redis", self.redis.url, "--port", "0",
+                                  "--mode", mode], EDGE_READY), mode)
+        self.processes.append(edge.process)
+        self.edges.append(edge)
+        return edge
+
+    def stream(self, edge: Edge, user: str) -> Stream:
+        stream = Stream(edge.addr, user)
+        self.streams.append(stream)
+        return stream
+
+    def admin(self, line: str) -> list[str]:
+        return admin(int(self.router.match.group(2)), line)
+
+    def stats(self) -> dict[str, str]:
+        lines = self.admin("stats")
+        assert lines[-1] == "OK", lines
+        return dict(line.split(": ", 1) for line in lines[:-1])
+
+    def connections(self) -> int:
+        return int(self.stats()["connections"])
+
+    def online(self, user: str) -> int:
+        reply = self.admin(f"online {user}")
+        assert reply[-1].startswith("OK "), reply
+        return int(reply[-1].split()[1])
+
+    def subscribe(self, edge: Edge, pairs: list[list[str]]) -> None:
+        status, reply = edge.http("POST", "/subscriptions", pairs)
+        assert status == 200, reply
+
+    def assert_healthy(self, *dead: CometdProcess) -> None:
+        """Every process still runs (but *dead*) and none printed a traceback."""
+        for proc in self.processes:
+            out = "".join(proc.output)
+            assert "Traceback" not in out, out
+            if proc not in dead:
+                assert proc.alive(), f"{proc.proc.args[2:4]} exited:\n{out}"
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+        for proc in self.processes:  # all at once: each takes a moment to wind down
+            if proc.alive():
+                proc.proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            proc.stop(signal.SIGTERM, timeout=10)
+
+
+@pytest.fixture
+def cluster(redis_server, tmp_path):
+    """Redis, a router on an empty db, edge A (greenlet mode) and edge B (pool mode)."""
+    c = Cluster(redis_server, str(tmp_path / "db"))
+    try:
+        with ThreadPoolExecutor(3) as pool:  # start the three processes side by side
+            started = [pool.submit(c.start_router)]
+            started += [pool.submit(c.start_edge, mode) for mode in ("greenlet", "pool")]
+            for future in started:
+                future.result()
+        c.edges.sort(key=lambda edge: edge.mode != "greenlet")  # A, then B
+        yield c
+    finally:
+        c.close()
+
+
+# -- routing across edges -----------------------------------------------------------
+
+
+def test_send_on_either_edge_reaches_streams_on_both(cluster):
+    a, b = cluster.edges
+    on_a, on_b = cluster.stream(a, "alice"), cluster.stream(b, "alice")
+    assert wait_until(lambda: cluster.online("alice") == 2, BACK_WITHIN)
+    cluster.subscribe(b, [["alice", "rj"]])  # through edge B to the router's store
+
+    assert a.send("rj", b"hello from rj") == (200, {"delivered": 2})
+    assert on_a.wait_messages(1) == [b"hello from rj"]
+    assert on_b.wait_messages(1) == [b"hello from rj"]
+
+    assert b.send("rj", b"again") == (200, {"delivered": 2})
+    assert on_a.wait_messages(2) == [b"hello from rj", b"again"]
+    assert on_b.wait_messages(2) == [b"hello from rj", b"again"]
+    assert a.http("GET", "/subscriptions/alice") == (200, {"subscriptions": ["rj"]})
+    cluster.assert_healthy()
+
+
+def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
+    a, b = cluster.edges
+    users = {a.id: ["alice", "bob", "carol"], b.id: ["alice", "dave"]}
+    streams = [cluster.stream(edge, u) for edge in (a, b) for u in users[edge.id]]
+    cluster.subscribe(a, [[u, "rj"] for u in ("alice", "bob", "carol", "dave")])
+    assert wait_until(lambda: cluster.connections() == 5, BACK_WITHIN)
+
+    # Watch the router's delivery channels from here, like a third edge would.
+    watcher = redis.Redis.from_url(redis_server.url).pubsub()
+    watcher.psubscribe("cometd:edge:*")
+    assert watcher.get_message(timeout=5)["type"] == "psubscribe"
+    batches: list[tuple[str, dict, bytes]] = []
+
+    def watch() -> None:
+        while len(batches) < 2 * n:
+            item = watcher.get_message(timeout=10)
+            if item is None:
+                return
+            head, _, body = item["data"].partition(b"\n")
+            batches.append((item["channel"].decode(), json.loads(head), body))
+
+    n = 30
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    bodies = [b"m%03d" % i for i in range(n)]
+    for i, body in enumerate(bodies):
+        edge = (a, b)[i % 2]  # alternate the edge the send enters through
+        assert edge.send("rj", body) == (200, {"delivered": 5})
+    for stream in streams:
+        assert stream.wait_messages(n) == bodies, stream.user
+    thread.join(5)
+    watcher.close()
+
+    # One batch per edge per send, naming that edge's recipients, in send order.
+    for edge in (a, b):
+        channel = f"cometd:edge:{edge.id}"
+        mine = [(head, body) for ch, head, body in batches if ch == channel]
+        assert [body for _, body in mine] == bodies
+        assert all(sorted(head["users"]) == users[edge.id] for head, _ in mine)
+        assert all(head["subject"] == "rj" for head, _ in mine)
+    assert len(batches) == 2 * n
+    cluster.assert_healthy()
+
+
+def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
+    a, b = cluster.edges
+    status, reply = a.http("POST", "/subscriptions",
+                           [["alice", "rj"], ["bob", "rj"], ["rj", "alice"], ["carol", "bob"]])
+    assert (status, reply) == (200, {"added": 4})
+    assert b.http("DELETE", "/subscriptions", [["bob", "rj"]]) == (200, {"removed": 1})
+
+    for user in ("rj", "alice", "bob", "carol", "nobody"):
+        for key in ("subscribers", "subscriptions"):
+            lines = cluster.admin(f"{key} {user}")
+            assert lines[-1] == "OK", lines
+            expected = lines[0].split() if len(lines) > 1 else []
+            for edge in (a, b):
+                assert edge.http("GET", f"/{key}/{user}") == (200, {key: expected}), (key, user)
+    assert a.http("GET", "/subscribers/rj")[1] == {"subscribers": ["alice"]}
+
+    too_long = "x" * 65
+    bad = [
+        ("GET", "/subscribers/bad%20id", None, 400),
+        ("GET", f"/subscriptions/{too_long}", None, 400),
+        ("POST", "/send/bad%20id", b"hi", 400),
+        ("POST", "/send/rj", b"", 400),
+        ("POST", "/send/rj", b"x" * (64 * 1024 + 1), 413),
+        ("POST", "/subscriptions", b"not json", 400),
+        ("POST", "/subscriptions", [["alice"]], 400),
+        ("DELETE", "/subscriptions", [["alice", "bad id"]], 400),
+        ("GET", "/nowhere", None, 404),
+        ("PUT", "/send/rj", b"hi", 405),
+    ]
+    for edge in (a, b):
+        for method, path, body, want in bad:
+            status, reply = edge.http(method, path, body)
+            assert status == want, (edge.id, method, path, reply)
+            assert isinstance(reply, dict) and reply["error"], reply
+            assert "Traceback" not in json.dumps(reply)
+        status, reply = edge.http("GET", "/test/bad%20id")
+        assert status == 404 and reply.startswith(b"User id not found"), reply
+    # The edges turned all of that away themselves: the router never saw a send.
+    assert cluster.stats()["messages_sent"] == "0"
+    cluster.assert_healthy()
+
+
+# -- faults -------------------------------------------------------------------------
+
+
+def _send_until(edge: Edge, subject: str, delivered: int, deadline: float) -> bytes:
+    """Send fresh bodies until one is delivered to *delivered* connections; return it."""
+    for attempt in range(100):
+        body = b"probe-%d" % attempt
+        try:
+            status, reply = edge.send(subject, body, timeout=6)
+        except OSError:
+            status, reply = None, None
+        if status == 200 and reply == {"delivered": delivered}:
+            return body
+        assert time.monotonic() < deadline, f"still {status} {reply}"
+        time.sleep(0.1)
+    raise AssertionError("no send got through")
+
+
+def test_redis_restart(cluster, redis_server):
+    a, b = cluster.edges
+    cluster.subscribe(a, [[u, "rj"] for u in ("alice", "bob", "carol", "dave")])
+    alice_a, alice_b = cluster.stream(a, "alice"), cluster.stream(b, "alice")
+    bob_b = cluster.stream(b, "bob")
+    assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
+
+    redis_server.stop(signal.SIGTERM)
+    # Presence changes while Redis is away must reach the router afterwards.
+    carol_a, dave_b = cluster.stream(a, "carol"), cluster.stream(b, "dave")
+    bob_b.close()
+    redis_server.start()
+    t0 = time.monotonic()
+
+    # 4 (not the stale 3) once the router knows: alice twice, carol and dave.
+    body = _send_until(b, "rj", 4, t0 + BACK_WITHIN)
+    for stream in (alice_a, alice_b, carol_a, dave_b):
+        assert stream.wait_messages(1)[-1:] == [body], stream.user
+    online = lambda: [cluster.online(u) for u in ("alice", "bob", "carol", "dave")]  # noqa: E731
+    assert wait_until(lambda: online() == [2, 0, 1, 1], t0 + BACK_WITHIN - time.monotonic())
+    assert time.monotonic() - t0 < BACK_WITHIN
+    assert a.http("GET", "/subscribers/rj") == (
+        200, {"subscribers": ["alice", "bob", "carol", "dave"]})
+    cluster.assert_healthy()
+
+
+def test_edge_killed(cluster):
+    a, b = cluster.edges
+    cluster.subscribe(a, [["alice", "rj"], ["bob", "rj"]])
+    alice_a, alice_b = cluster.stream(a, "alice"), cluster.stream(b, "alice")
+    cluster.stream(b, "bob")
+    assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
+
+    b.process.proc.kill()
+    t0 = time.monotonic()
+    assert alice_b.wait(lambda: alice_b.eof, BACK_WITHIN)
+    # The router has not heard from B for a while: B's users leave presence.
+    assert wait_until(lambda: cluster.connections() == 1, t0 + BACK_WITHIN - time.monotonic())
+    assert (cluster.online("alice"), cluster.online("bob")) == (1, 0)
+    assert a.send("rj", b"after the kill") == (200, {"delivered": 1})
+    assert alice_a.wait_messages(1) == [b"after the kill"]
+    assert time.monotonic() - t0 < BACK_WITHIN + 1
+    cluster.assert_healthy(b.process)
+
+
+def test_router_restart(cluster):
+    a, b = cluster.edges
+    cluster.subscribe(a, [["alice", "rj"], ["bob", "rj"]])
+    streams = [cluster.stream(a, "alice"), cluster.stream(b, "alice"), cluster.stream(b, "bob")]
+    assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
+
+    old = cluster.router
+    assert old.stop(signal.SIGTERM) == 0
+    store = SubscriptionStore(cluster.db)  # the router let go of its db
+    try:
+        assert store.get_subscribers("rj") == ["alice", "bob"]
+    finally:
+        store.close()
+
+    # No router: edges answer 503 with JSON, in about CALL_TIMEOUT (5 s).
+    results: dict[str, tuple[int, Any]] = {}
+
+    def call(name: str, edge: Edge, method: str, path: str, body: Any) -> None:
+        results[name] = edge.http(method, path, body, timeout=15)
+
+    calls = [threading.Thread(target=call, args=("send", a, "POST", "/send/rj", b"while down")),
+             threading.Thread(target=call, args=("add", b, "POST", "/subscriptions",
+                                                 [["dave", "rj"]]))]
+    t0 = time.monotonic()
+    for thread in calls:
+        thread.start()
+    for thread in calls:
+        thread.join(15)
+    assert time.monotonic() - t0 < 6.5
+    for status, reply in results.values():
+        assert status == 503 and "router" in reply["error"], reply
+
+    # The same db, a new router: presence comes back from the edges' snapshots.
+    cluster.start_router()
+    t0 = time.monotonic()
+    assert a.send("rj", b"router is back") == (200, {"delivered": 3})
+    for stream in streams:
+        # ... and what the edges were told had failed (503) is not run late.
+        assert stream.wait_messages(1) == [b"router is back"], stream.user
+    assert time.monotonic() - t0 < BACK_WITHIN
+    assert cluster.connections() == 3
+    assert b.http("GET", "/subscribers/rj") == (200, {"subscribers": ["alice", "bob"]})
+    cluster.assert_healthy(old)
+
+
+# -- the seed's four hosts, as network namespaces ------------------------------------
+
+NS_ROLES = ("router", "edge", "flood", "msg")
+NS_NET = "10.231.0"  # only ever configured inside the namespaces this test creates
+
+STREAM_CLIENT = textwrap.dedent("""
+    import json, socket, sys, time
+    host, port, n, want = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    socks, got, bufs = {}, {}, {}
+    for i in range(n):
+        user = f"f{i}"
+        s = socket.create_connection((host, port), timeout=5)
+        s.sendall(f"GET /test/{user} HTTP/1.1\\r\\nHost: e\\r\\n\\r\\n".encode())
+        socks[user], got[user], bufs[user] = s, [], b""
+    def pump(user):
+        s = socks[user]
+        data = s.recv(65536)
+        if not data:
+            return False
+        bufs[user] += data
+        head, sep, rest = bufs[user].partition(b"\\r\\n\\r\\n")
+        if sep and head.startswith(b"HTTP/"):
+            bufs[user] = rest
+        while True:
+            line, sep, rest = bufs[user].partition(b"\\r\\n")
+            if not sep or len(rest) < int(line, 16) + 2:
+                return True
+            size = int(line, 16)
+            got[user].append(rest[:size].decode())
+            bufs[user] = rest[size + 2:]
+    deadline = time.monotonic() + 20
+    for user in socks:
+        while not got[user] and time.monotonic() < deadline and pump(user):
+            pass
+    print("ready", sum(1 for g in got.values() if g), flush=True)
+    for user in socks:
+        socks[user].settimeout(1)
+        while len(got[user]) < want + 1 and time.monotonic() < deadline:
+            try:
+                if not pump(user):
+                    break
+            except socket.timeout:
+                pass
+    print(json.dumps({u: g[1:] for u, g in got.items()}), flush=True)
+""")
+
+PUBLISHER = textwrap.dedent("""
+    import json, sys, time, urllib.request, urllib.error
+    base, n, m = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    def call(method, path, body):
+        req = urllib.request.Request(base + path, data=body, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return {"status": exc.code, "body": exc.read().decode()}
+    pairs = [[f"f{i}", "pub"] for i in range(n)]
+    out = {"added": call("POST", "/subscriptions", json.dumps(pairs).encode())}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the router learns of the streams
+        stats = call("GET", "/stats", None)
+        if stats.get("connections") == n:
+            break
+        time.sleep(0.1)
+    out["stats"] = stats
+    out["sends"] = [call("POST", "/send/pub", f"msg-{k}".encode()) for k in range(m)]
+    print(json.dumps(out), flush=True)
+""")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture
+def namespaces():
+    """Four namespaces on a bridge (in a fifth): role -> (namespace, address)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("no `ip` command")
+    try:
+        subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, timeout=10)
+    except (subprocess.SubprocessError, OSError) as exc:
+        pytest.skip(f"`ip netns` is unavailable: {exc}")
+    tag = os.getpid() % 100000
+    hub = f"cometd-t{tag}-br"
+    names = {role: f"cometd-t{tag}-{role}" for role in NS_ROLES}
+    created: list[str] = []
+    try:
+        for ns in (hub, *names.values()):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+            _ip("netns", "add", ns)
+            created.append(ns)
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        hosts = {}
+        for i, (role, ns) in enumerate(names.items()):
+            _ip("-n", hub, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0",
+                "netns", ns)
+            _ip("-n", hub, "link", "set", f"v{i}", "master", "br0")
+            _ip("-n", hub, "link", "set", f"v{i}", "up")
+            _ip("-n", ns, "addr", "add", f"{NS_NET}.{i + 1}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            hosts[role] = (ns, f"{NS_NET}.{i + 1}")
+    except subprocess.CalledProcessError as exc:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        pytest.skip(f"cannot build the namespaces: {' '.join(exc.cmd)}: {exc.stderr.strip()}")
+    try:
+        yield hosts
+    finally:
+        for ns in created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def test_four_hosts_in_network_namespaces(namespaces, tmp_path):
+    # bin/floodtest and bin/msggen only target loopback addresses, and the edge
+    # is another "host" here, so small clients stand in for them.
+    router_ns, router_ip = namespaces["router"]
+    edge_ns, edge_ip = namespaces["edge"]
+    flood_ns, msg_ns = namespaces["flood"][0], namespaces["msg"][0]
+    exec_in = lambda ns: ["ip", "netns", "exec", ns]  # noqa: E731
+    redis_url = f"redis://{router_ip}:6379/0"
+    procs: list[subprocess.Popen] = []
+    cometds: list[CometdProcess] = []
+    try:
+        redis_proc = subprocess.Popen(
+            [*exec_in(router_ns), shutil.which("redis-server") or "/usr/bin/redis-server",
+             "--port", "6379", "--bind", router_ip, "--protected-mode", "no", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(redis_proc)
+        ping = [*exec_in(router_ns), "redis-cli", "-h", router_ip, "-p", "6379", "ping"]
+        assert wait_until(lambda: subprocess.run(ping, capture_output=True, text=True,
+                                                 timeout=5).stdout.strip() == "PONG", 10)
+        router = start_cometd(["router", "--redis", redis_url, "--db", str(tmp_path / "db"),
+                               "--admin-port", "-1"], ROUTER_READY, prefix=exec_in(router_ns))
+        cometds.append(router)
+        edge = start_cometd(["edge", "--redis", redis_url, "--host", edge_ip, "--port", "8000"],
+                            EDGE_READY, prefix=exec_in(edge_ns))
+        cometds.append(edge)
+
+        n, m = 20, 5
+        flood = subprocess.Popen(
+            [*exec_in(flood_ns), sys.executable, "-c", STREAM_CLIENT, edge_ip, "8000", str(n),
+             str(m)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(flood)
+        assert flood.stdout.readline().split() == ["ready", str(n)]
+
+        pub = subprocess.run(
+            [*exec_in(msg_ns), sys.executable, "-c", PUBLISHER, f"http://{edge_ip}:8000",
+             str(n), str(m)], capture_output=True, text=True, timeout=30)
+        out = json.loads(pub.stdout or "null") if pub.returncode == 0 else pub.stderr
+        assert out["added"] == {"added": n}, out
+        assert out["stats"]["connections"] == n, out  # the router counts the edge's streams
+        assert out["sends"] == [{"delivered": n}] * m, out
+
+        received = json.loads(flood.communicate(timeout=30)[0])
+        assert received == {f"f{i}": [f"msg-{k}" for k in range(m)] for i in range(n)}
+        for proc in cometds:
+            assert proc.alive() and "Traceback" not in "".join(proc.output)
+    finally:
+        for proc in cometds:
+            proc.stop(signal.SIGTERM, timeout=10)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
