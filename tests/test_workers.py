@@ -89,9 +89,13 @@ class Workers:
 
 @pytest.fixture
 def workers(redis_server, tmp_path):
-    proc = start_cometd(["--workers", "2", "--redis", redis_server.url, "--port", "0",
-                         "--admin-port", "0", "--db", str(tmp_path / "db")], SUPERVISOR_READY,
-                        timeout=60)  # it starts its three children one by one
+    try:
+        proc = start_cometd(["--workers", "2", "--redis", redis_server.url, "--port", "0",
+                             "--admin-port", "0", "--db", str(tmp_path / "db")],
+                            SUPERVISOR_READY, timeout=60)  # it starts its children one by one
+    except RuntimeError:
+        kill_leftovers(strays(redis_server.url))  # the children of a supervisor killed early
+        raise
     w = Workers(proc, redis_server.url)
     try:
         yield w
@@ -163,8 +167,13 @@ def test_dead_edge_is_replaced_and_sigterm_stops_everything(workers):
 
 def test_sigterm_during_startup_leaves_no_children(redis_server, tmp_path):
     # The router's banner is out, the edges' are not: the supervisor is mid-startup.
-    sup = start_cometd(["--workers", "2", "--redis", redis_server.url, "--port", "0",
-                        "--admin-port", "-1", "--db", str(tmp_path / "db")], r"cometd router: ")
+    try:
+        sup = start_cometd(["--workers", "2", "--redis", redis_server.url, "--port", "0",
+                            "--admin-port", "-1", "--db", str(tmp_path / "db")],
+                           r"cometd router: ", timeout=60)
+    except RuntimeError:
+        kill_leftovers(strays(redis_server.url))
+        raise
     try:
         sup.proc.send_signal(signal.SIGTERM)
         sup.proc.wait(20)
