@@ -64,7 +64,16 @@ KEEPALIVE = b": keepalive\n\n"
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
 _GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
-_YIELD_EVERY = 1000  # deliveries between yields, so a huge fan-out does not stall the hub
+# Deliveries between yields, so a huge fan-out does not stall the hub. A
+# concurrent small send needs several loop turns (accept, read, dispatch,
+# answer), one per batch: at 1000, a 2,000-connection fan-out held a small
+# send until it was done; at 100 it is served in the meantime.
+_YIELD_EVERY = 100
+# The yield is a timer that is due at once, not sleep(0): sleep(0) only queues
+# a callback, and gevent polls sockets after 50 of those, so a pool-mode
+# fan-out (one callback per batch) let no request in. A due timer makes the
+# loop go round once, polling sockets without blocking (~3 us).
+_YIELD_SECONDS = 1e-6
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -308,7 +317,7 @@ class ConnectionTable:
                 conn.deliver(message.frame(conn.kind))
                 delivered += 1
                 if delivered % _YIELD_EVERY == 0:
-                    gevent.sleep(0)
+                    gevent.sleep(_YIELD_SECONDS)
         self.deliveries += delivered
         return delivered
 

@@ -8,7 +8,7 @@ Theory of operation
 Each send runs in a greenlet of a bounded pool: it looks the subscribers up in
 the store and hands the message to the fan-out target (the local
 :class:`~cometd.connections.ConnectionTable`, or the backplane in a
-scaled-out deployment), which yields every thousand deliveries, so a subject
+scaled-out deployment), which yields every hundred deliveries, so a subject
 with 100K subscribers does not stall other sends.
 
 Because a large fan-out yields, two sends from the same subject could

@@ -24,6 +24,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import gevent
@@ -67,6 +68,32 @@ class HeadersTooLarge(ValueError):
     """The request's header block is over :data:`MAX_HEADER_BYTES`."""
 
 
+class _DeadlineInput(io.RawIOBase):
+    """A handler's socket input where all reads of one request share a deadline.
+
+    A socket timeout alone restarts with every recv, so a client trickling a
+    byte every few seconds (slowloris) would be kept forever.
+    """
+
+    def __init__(self, sock, timeout: float) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request not received within the request timeout")
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # for the response's writes
+
+
 class CometHandler(WSGIHandler):
     """pywsgi's handler, with bounded headers and stream hand-off."""
 
@@ -76,6 +103,14 @@ class CometHandler(WSGIHandler):
     def __init__(self, sock, address, server) -> None:
         sock.settimeout(server.request_timeout)
         super().__init__(sock, address, server)
+        self.rfile.close()  # replaced: every read goes through the request deadline
+        self._input = _DeadlineInput(sock, server.request_timeout)
+        self.rfile = io.BufferedReader(self._input)
+
+    def read_requestline(self) -> str:
+        # Each request (and the idle wait before it) gets request_timeout in all.
+        self._input.deadline = time.monotonic() + self.server.request_timeout
+        return super().read_requestline()
 
     def MessageClass(self, fp, *args):  # noqa: N802 - pywsgi's hook name
         lines, total = [], 0
@@ -94,6 +129,8 @@ class CometHandler(WSGIHandler):
         self.close_connection = True
         if isinstance(ex, HeadersTooLarge):
             return ("431", _431)
+        if isinstance(ex, TimeoutError):
+            return None  # slowloris: just close, it gets no more of our time
         return ("400", _400)
 
     def log_error(self, msg, *args) -> None:

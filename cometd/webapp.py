@@ -73,10 +73,21 @@ def _error(status: int, message: str) -> bottle.HTTPResponse:
 
 
 def _read_body(limit: int) -> bytes:
-    length = bottle.request.content_length
+    # Read this request's wsgi.input itself, not bottle's request.body: bottle's
+    # request is a thread-local shared by every greenlet of the (unpatched)
+    # server, and while this read waits for the network another request
+    # rebinds it, so bottle would mix up the two requests' bodies. pywsgi's
+    # input has also removed any chunk framing already, which bottle would
+    # parse a second time.
+    environ = bottle.request.environ
+    length = int(environ.get("CONTENT_LENGTH") or -1)
     if length > limit:
         raise _error(413, f"request body over {limit} bytes")
-    body = bottle.request.body.read(limit + 1)
+    try:
+        body = environ["wsgi.input"].read(limit + 1)
+    except OSError:
+        # The client went away, ran out of time or sent broken chunk framing.
+        raise _error(400, "incomplete request body") from None
     if len(body) > limit:
         raise _error(413, f"request body over {limit} bytes")
     return body
@@ -126,11 +137,13 @@ def make_app(backend: Backend) -> bottle.Bottle:
         bottle.request.environ[STREAM_KEY] = (user, kind)
         return welcome
 
-    @app.get("/test/<user>")
+    # Anything after the prefix, even empty or with a slash, is the id: an
+    # invalid one gets the hint below, not the generic 404.
+    @app.get("/test/<user:re:.*>")
     def test_stream(user: str) -> str:
         return stream(user, sse=False)
 
-    @app.get("/events/<user>")
+    @app.get("/events/<user:re:.*>")
     def events_stream(user: str) -> str:
         return stream(user, sse=True)
 

@@ -255,15 +255,9 @@ class StreamClient:
     (HTTP/1.0) `read_raw()` returns the body bytes as they come.
     """
 
-    def __init__(self, host: str, port: int, path: str, http10: bool = False,
-                 rcvbuf: int | None = None, timeout: float = 10.0) -> None:
-        self.sock = socket.socket()
-        if rcvbuf is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(timeout)
-        self.sock.connect((host, port))
-        version = "1.0" if http10 else "1.1"
-        self.sock.sendall(f"GET {path} HTTP/{version}\r\nHost: {host}\r\n\r\n".encode())
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        """Take *sock*, whose request has been sent, and read the response head."""
+        self.sock = sock
         self.eof = False
         head = b""
         deadline = time.monotonic() + timeout
@@ -286,9 +280,36 @@ class StreamClient:
         self.raw = bytearray()
         self._feed(rest)
 
+    @staticmethod
+    def _request(srv, path: str, http10: bool = False, rcvbuf: int | None = None,
+                 timeout: float = 10.0) -> socket.socket:
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.settimeout(timeout)
+        sock.connect((srv.host, srv.port))
+        version = "1.0" if http10 else "1.1"
+        sock.sendall(f"GET {path} HTTP/{version}\r\nHost: {srv.host}\r\n\r\n".encode())
+        return sock
+
     @classmethod
-    def open(cls, srv, path: str, **kwargs) -> StreamClient:
-        return cls(srv.host, srv.port, path, **kwargs)
+    def open(cls, srv, path: str, http10: bool = False, rcvbuf: int | None = None,
+             timeout: float = 10.0) -> StreamClient:
+        """`GET <path>` on a fresh connection to the server *srv*."""
+        return cls(cls._request(srv, path, http10, rcvbuf, timeout), timeout)
+
+    @classmethod
+    def open_many(cls, srv, paths: list[str], timeout: float = 60.0) -> list[StreamClient]:
+        """Many streams at once: all requests are sent before any answer is read."""
+        socks = []
+        try:
+            for path in paths:
+                socks.append(cls._request(srv, path, timeout=timeout))
+            return [cls(sock, timeout) for sock in socks]
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
 
     def _feed(self, data: bytes) -> None:
         if self.parser is not None:

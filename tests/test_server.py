@@ -1,0 +1,286 @@
+"""The server process against hostile input and signals, in both connection modes.
+
+Malformed requests, oversized headers, unknown paths and methods, slowloris
+clients and binary garbage each get a short answer (or a close) and never a
+traceback, and the server goes on serving. SIGINT and SIGTERM stop it cleanly:
+exit code 0, every stream closed, the database closed and reusable.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import time
+
+import pytest
+from conftest import (
+    StreamClient,
+    get_stats,
+    http_json,
+    http_request,
+    send,
+    start_server,
+    unique_id,
+    wait_for,
+)
+
+from cometd.connections import MODES
+from cometd.store import SubscriptionStore
+
+REQUEST_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module", params=MODES)
+def srv(request, tmp_path_factory):
+    s = start_server(str(tmp_path_factory.mktemp("server") / "db"), "--mode", request.param,
+                     "--admin-port", "-1", "--request-timeout", str(REQUEST_TIMEOUT))
+    yield s
+    s.stop()
+
+
+def _exchange(srv, data: bytes, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send *data* on a fresh connection; everything the server answers until it closes."""
+    sock = socket.create_connection((srv.host, srv.port), timeout=timeout)
+    start = time.monotonic()
+    out = b""
+    try:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it may answer and close before reading all of it
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        sock.close()
+    return out, time.monotonic() - start
+
+
+def _status(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1."), response[:200]
+    return int(response.split(b" ", 2)[1])
+
+
+def _still_serving(srv, watcher: StreamClient, user: str) -> None:
+    text = f"alive {time.monotonic()}"
+    assert send(srv, user, text) == 1
+    assert watcher.chunk() == text.encode()
+    assert get_stats(srv)["connections"] >= 1
+
+
+@pytest.fixture
+def watcher(srv):
+    """A stream open across the abuse: it must keep working after each case."""
+    user = unique_id("watch")
+    seen = len(srv.output)
+    with StreamClient.open(srv, f"/test/{user}") as c:
+        c.chunk()
+        yield c, user
+    output = "".join(srv.output[seen:])
+    assert "Traceback" not in output, output  # nor in the server's log
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET\r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+    (b"\r\n\r\n", 400),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    (b"GET /stats HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /send/x HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /send/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+     b"zz\r\n", 400),
+    (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /no/such/path HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
+    (b"GET /send HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
+    (b"POST /stats HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405),
+    (b"GET /send/x HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
+    (b"DELETE /test/x HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
+    (b"PUT /subscriptions HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]", 405),
+])
+def test_bad_requests_get_short_answers(srv, watcher, request_bytes, status):
+    response, _ = _exchange(srv, request_bytes)
+    assert _status(response) == status, response[:300]
+    assert b"Traceback" not in response and b'File "' not in response
+    head, _, body = response.partition(b"\r\n\r\n")
+    if body:
+        assert set(json.loads(body[:body.index(b"}") + 1])) == {"error"}
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-Big: " + b"b" * (66 * 1024) + b"\r\n",
+    b"".join(b"X-H%05d: %s\r\n" % (i, b"v" * 40) for i in range(1400)),
+], ids=["one-huge-header", "many-headers"])
+def test_headers_over_64k_get_431(srv, watcher, headers):
+    request = b"GET /stats HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n"
+    assert len(request) > 64 * 1024
+    response, _ = _exchange(srv, request)
+    assert _status(response) == 431
+    # just under the limit is fine
+    request = b"GET /stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + (
+        b"p" * (60 * 1024)) + b"\r\n\r\n"
+    response, _ = _exchange(srv, request)
+    assert _status(response) == 200
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+def test_binary_garbage(srv, watcher):
+    rng = random.Random(1234)
+    samples = [
+        bytes(range(256)) * 4,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),  # a TLS hello
+        bytes(rng.randrange(256) for _ in range(5000)),
+        bytes(rng.randrange(256) for _ in range(70000)),
+        b"\x00" * 1000,
+    ]
+    for data in samples:
+        response, elapsed = _exchange(srv, data)
+        if response:
+            assert 400 <= _status(response) < 500, response[:200]
+            assert b"Traceback" not in response
+        # answered at once, or closed when the request timeout ran out
+        assert elapsed < REQUEST_TIMEOUT + 3
+        _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("opening, trickle", [
+    (b"GET /stats HTTP/1.1\r\nHost: x\r\n", b"X-Slow: 1\r\n"),  # headers that never end
+    (b"POST /send/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", b"y"),  # a body
+    (b"GET /sta", b"t"),  # even the request line
+    (b"", b""),  # a connection that says nothing
+], ids=["headers", "body", "request-line", "silent"])
+def test_slowloris_is_closed_after_the_request_timeout(srv, watcher, opening, trickle):
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    start = time.monotonic()
+    closed_after = None
+    try:
+        sock.sendall(opening)
+        # A byte or line well inside every per-read timeout, again and again.
+        while time.monotonic() - start < REQUEST_TIMEOUT + 4:
+            try:
+                if trickle:
+                    sock.sendall(trickle)
+                sock.settimeout(REQUEST_TIMEOUT / 4)
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                data = b""
+            if not data or data.startswith(b"HTTP/1.1 4"):
+                closed_after = time.monotonic() - start
+                break
+    finally:
+        sock.close()
+    assert closed_after is not None, "the slow client was never closed"
+    assert REQUEST_TIMEOUT * 0.8 <= closed_after < REQUEST_TIMEOUT + 2, closed_after
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+def test_streams_outlive_the_request_timeout(srv):
+    """The request timeout bounds requests, not the streams they turn into."""
+    user = unique_id("long")
+    streams = [StreamClient.open(srv, f"/test/{user}"), StreamClient.open(srv, f"/events/{user}"),
+               StreamClient.open(srv, f"/test/{user}", http10=True)]
+    try:
+        streams[0].chunk(), streams[1].chunk()
+        welcome = f"Welcome, Url: '/test/{user}' Id: {user}\n".encode()
+        assert streams[2].read_raw(len(welcome)) == welcome
+        time.sleep(REQUEST_TIMEOUT * 1.5)  # the point is the time passing, nothing to poll
+        assert send(srv, user, "later") == 3
+        assert streams[0].chunk() == b"later"
+        assert b'"body": "later"' in streams[1].chunk()
+        assert streams[2].read_raw(5) == b"later"
+    finally:
+        for c in streams:
+            c.close()
+
+
+def test_a_normal_keepalive_client_is_served_request_after_request(srv, watcher):
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    try:
+        for _ in range(3):
+            sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            assert _status(head) == 200
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < length:
+                body += sock.recv(65536)
+            assert "connections" in json.loads(body)
+    finally:
+        sock.close()
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_cleanly(tmp_path, mode, sig):
+    db = str(tmp_path / "db")
+    s = start_server(db, "--mode", mode, "--admin-port", "-1")
+    streams = []
+    try:
+        assert http_json(s, "POST", "/subscriptions", [["alice", "rj"], ["bob", "rj"]]) == (
+            200, {"added": 2})
+        streams = [StreamClient.open(s, "/test/alice"), StreamClient.open(s, "/events/bob"),
+                   StreamClient.open(s, "/test/rj", http10=True)]
+        stalled = StreamClient.open(s, "/test/stalled", rcvbuf=4096)
+        streams.append(stalled)
+        for c in streams[:2]:
+            c.chunk()
+        # the stalled reader has output pending in the server when the signal comes
+        for _ in range(3):
+            assert send(s, "stalled", b"s" * 60000) == 1
+        assert send(s, "rj", "before the signal") == 3
+        assert streams[0].chunk() == b"before the signal"
+        idle = socket.create_connection((s.host, s.port))  # keep-alive, between requests
+        idle.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: b"\r\n\r\n" in idle.recv(65536, socket.MSG_PEEK), 5)
+        s.proc.send_signal(sig)
+        assert s.proc.wait(15) == 0
+        for c in streams:
+            c.wait_closed(5)  # every stream ended; no stream hangs on
+            assert c.eof
+        idle.settimeout(5)
+        rest = b""
+        while data := idle.recv(65536):
+            rest += data
+        idle.close()
+    finally:
+        for c in streams:
+            c.close()
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(5)
+    output = "".join(s.output)
+    assert "Traceback" not in output, output
+    # The database was closed: this process can open it, with everything in it.
+    with SubscriptionStore(db) as store:
+        assert store.get_subscribers("rj") == ["alice", "bob"]
+    # and a new server starts on it
+    again = start_server(db, "--mode", mode, "--admin-port", "-1")
+    try:
+        assert http_json(again, "GET", "/subscribers/rj") == (
+            200, {"subscribers": ["alice", "bob"]})
+    finally:
+        assert again.stop(signal.SIGTERM) == 0
+
+
+def test_unknown_paths_and_methods_over_http_client(srv, watcher):
+    for method, path, status in [("GET", "/", 404), ("GET", "/favicon.ico", 404),
+                                 ("GET", "/test", 404), ("HEAD", "/send/x", 405),
+                                 ("PATCH", "/subscriptions", 405), ("OPTIONS", "/stats", 405),
+                                 ("GET", "/../../etc/passwd", 404)]:
+        got, headers, body = http_request(srv, method, path)
+        assert got == status, (method, path, got, body)
+        if method != "HEAD":
+            assert json.loads(body)["error"]
+    _still_serving(srv, watcher[0], watcher[1])

@@ -1,0 +1,354 @@
+"""The HTTP interface against a real `bin/cometd`, in both connection modes.
+
+Streams (chunked, HTTP/1.0 raw, SSE), the id grammar, publishing limits, the
+subscription API and `/stats`, and the seed's shell session end to end. One
+server per mode serves the whole module; every test uses its own user ids.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+from conftest import (
+    StreamClient,
+    get_stats,
+    http_json,
+    http_request,
+    send,
+    start_server,
+    unique_id,
+    wait_for,
+)
+
+from cometd.connections import MODES
+
+KEEPALIVE = 0.3
+
+
+@pytest.fixture(scope="module", params=MODES)
+def srv(request, tmp_path_factory):
+    s = start_server(str(tmp_path_factory.mktemp("webapp") / "db"), "--mode", request.param,
+                     "--admin-port", "-1", "--keepalive", str(KEEPALIVE))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_streams(srv):
+    # Streams of the previous test are gone before this one counts anything.
+    wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="no connections left")
+
+
+def test_stream_head_and_welcome_chunk(srv):
+    user = unique_id("u")
+    with StreamClient.open(srv, f"/test/{user}") as c:
+        assert c.status_line == "HTTP/1.1 200 OK"
+        assert c.headers["content-type"] == "text/html; charset=utf-8"
+        assert c.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in c.headers
+        assert c.chunk() == f"Welcome, Url: '/test/{user}' Id: {user}\n".encode()
+
+
+def test_integer_and_typed_ids_are_streams_too(srv):
+    for user in ("123", "user:42", "a.b_c-d", "x" * 64):
+        with StreamClient.open(srv, f"/test/{user}") as c:
+            assert c.status == 200
+            assert c.chunk() == f"Welcome, Url: '/test/{user}' Id: {user}\n".encode()
+
+
+def test_each_message_is_one_chunk_with_the_exact_body(srv):
+    user = unique_id("bin")
+    bodies = [
+        b"hello",
+        b"x",
+        b"line one\nline two\r\n\r\nafter a blank line\n",
+        bytes(range(256)),
+        b"0\r\n\r\n",  # looks like a last chunk: framing must not be confused by it
+        "unicod\u00e9 \u2603".encode(),
+        bytes((i * 7 + 3) % 256 for i in range(64 * 1024)),  # the largest message allowed
+    ]
+    with StreamClient.open(srv, f"/test/{user}") as c:
+        c.chunk()  # welcome
+        for body in bodies:
+            assert send(srv, user, body) == 1
+            assert c.chunk() == body
+
+
+def test_http10_stream_is_unframed_and_ends_by_closing(srv):
+    user = unique_id("old")
+    c = StreamClient.open(srv, f"/test/{user}", http10=True)
+    try:
+        assert c.status_line.startswith("HTTP/1.0 200") or c.status_line.startswith("HTTP/1.1 200")
+        assert "transfer-encoding" not in c.headers
+        assert "content-length" not in c.headers
+        welcome = f"Welcome, Url: '/test/{user}' Id: {user}\n".encode()
+        assert c.read_raw(len(welcome)) == welcome
+        payloads = [b"first\r\n", bytes(range(256)), b"3\r\nabc\r\n"]
+        for body in payloads:
+            assert send(srv, user, body) == 1
+        expected = b"".join(payloads)
+        assert c.read_raw(len(expected)) == expected  # no chunk framing around them
+    finally:
+        c.close()
+
+
+def _sse_events(client: StreamClient, n: int, timeout: float = 10) -> tuple[list[dict], int]:
+    """The next *n* SSE events (one per chunk), and how many keep-alives passed meanwhile."""
+    events, keepalives = [], 0
+    deadline = time.monotonic() + timeout
+    while len(events) < n:
+        text = client.chunk(max(deadline - time.monotonic(), 0.001)).decode()
+        assert text.endswith("\n\n"), text
+        if text.startswith(":"):
+            keepalives += 1
+            continue
+        fields = dict(line.split(": ", 1) for line in text.strip("\n").split("\n"))
+        events.append(fields)
+    return events, keepalives
+
+
+def test_sse_events_carry_id_sender_and_body(srv):
+    user = unique_id("sse")
+    sender = unique_id("from")
+    http_json(srv, "POST", "/subscriptions", [[user, sender]])
+    with StreamClient.open(srv, f"/events/{user}") as c:
+        assert c.status == 200
+        assert c.headers["content-type"].startswith("text/event-stream")
+        assert c.headers["transfer-encoding"] == "chunked"
+        assert c.chunk().decode() == f": Welcome, Url: '/events/{user}' Id: {user}\n\n"
+        bodies = ["plain", "two\nlines", 'quotes " and \\ and \u00e9']
+        for body in bodies:
+            assert send(srv, sender, body) == 1
+        assert send(srv, user, "to myself") == 1
+        events, _ = _sse_events(c, 4)
+    assert [json.loads(e["data"]) for e in events] == (
+        [{"from": sender, "body": b} for b in bodies] + [{"from": user, "body": "to myself"}])
+    assert set(events[0]) == {"id", "data"}
+    ids = [int(e["id"]) for e in events]
+    assert ids == sorted(set(ids)), ids
+
+
+def test_sse_keepalive_comments_every_period(srv):
+    user = unique_id("ka")
+    with StreamClient.open(srv, f"/events/{user}") as c:
+        c.chunk()  # welcome
+        times = []
+        for _ in range(3):
+            assert c.chunk(timeout=10 * KEEPALIVE) == b": keepalive\n\n"
+            times.append(time.monotonic())
+        # one comment a period: the three span about two periods, not one burst
+        assert times[2] - times[0] >= KEEPALIVE, times
+        # plain streams get no keep-alives: their next chunk is the next message
+        with StreamClient.open(srv, f"/test/{user}") as plain:
+            plain.chunk()
+            time.sleep(2 * KEEPALIVE)
+            assert send(srv, user, "after the pause") == 2
+            assert plain.chunk() == b"after the pause"
+
+
+def test_sse_over_http10_is_unframed(srv):
+    user = unique_id("sse10")
+    c = StreamClient.open(srv, f"/events/{user}", http10=True)
+    try:
+        welcome = f": Welcome, Url: '/events/{user}' Id: {user}\n\n".encode()
+        assert c.read_raw(len(welcome)) == welcome
+        assert send(srv, user, "hi") == 1
+        # skip keep-alives, then exactly one event: id line, data line, blank line
+        while True:
+            line = b""
+            while not line.endswith(b"\n\n"):
+                line += c.read_raw(1)
+            if not line.startswith(b":"):
+                break
+        id_line, data_line = line.decode().strip("\n").split("\n")
+        assert id_line.startswith("id: ") and int(id_line[4:]) > 0
+        assert json.loads(data_line[len("data: "):]) == {"from": user, "body": "hi"}
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("path", ["/test/", "/events/"])
+def test_bad_stream_id_is_404_with_a_hint(srv, path):
+    for bad in ["a%20b", "x" * 65, "%C3%A9", "a%2Fb", "a/b", "", "semi%3Bcolon", "%00", "a*b"]:
+        status, headers, body = http_request(srv, "GET", path + bad)
+        assert (status, body) == (404, b"User id not found, try /test/123 instead"), bad
+        assert headers["content-type"].startswith("text/plain")
+    assert get_stats(srv)["connections"] == 0
+
+
+def test_message_size_limit(srv):
+    user = unique_id("big")
+    with StreamClient.open(srv, f"/test/{user}") as c:
+        c.chunk()
+        status, answer = http_json(srv, "POST", f"/send/{user}", b"z" * (64 * 1024 + 1))
+        assert status == 413 and "error" in answer
+        status, answer = http_json(srv, "POST", f"/send/{user}", b"")
+        assert status == 400 and "error" in answer
+        status, answer = http_json(srv, "POST", "/send/bad%20subject", b"hello")
+        assert status == 400 and "error" in answer
+        limit = b"L" * (64 * 1024)
+        assert send(srv, user, limit) == 1
+        assert c.chunk() == limit  # the first message this stream saw: the rejected never came
+
+
+def test_chunked_request_body_is_the_message(srv):
+    user = unique_id("te")
+    with StreamClient.open(srv, f"/test/{user}") as c:
+        c.chunk()
+        body = b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+        status, _, answer = http_request(
+            srv, "POST", f"/send/{user}", body, headers={"Transfer-Encoding": "chunked"})
+        assert (status, json.loads(answer)) == (200, {"delivered": 1})
+        assert c.chunk() == b"hello, world"
+        status, _, answer = http_request(
+            srv, "POST", "/subscriptions", b"b\r\n[[\"x\",\"y\"]]\r\n0\r\n\r\n",
+            headers={"Transfer-Encoding": "chunked"})
+        assert (status, json.loads(answer)) == (200, {"added": 1})
+
+
+def test_subscription_api(srv):
+    a, b, c, s = (unique_id(p) for p in "abcs")
+    status, answer = http_json(srv, "POST", "/subscriptions", [[c, s], [a, s], [b, s], [a, b]])
+    assert (status, answer) == (200, {"added": 4})
+    assert http_json(srv, "POST", "/subscriptions", [[a, s], [a, s]]) == (200, {"added": 0})
+    assert http_json(srv, "GET", f"/subscribers/{s}") == (200, {"subscribers": sorted([a, b, c])})
+    assert http_json(srv, "GET", f"/subscriptions/{a}") == (200, {"subscriptions": sorted([b, s])})
+    assert http_json(srv, "GET", f"/subscribers/{a}") == (200, {"subscribers": []})
+    assert http_json(srv, "DELETE", "/subscriptions", [[b, s], [b, s], [a, c]]) == (
+        200, {"removed": 1})
+    assert http_json(srv, "GET", f"/subscribers/{s}") == (200, {"subscribers": sorted([a, c])})
+    assert http_json(srv, "GET", f"/subscriptions/{b}") == (200, {"subscriptions": []})
+    # integer ids sort numerically, before names
+    n = unique_id("n")
+    http_json(srv, "POST", "/subscriptions", [["10", n], ["9", n], [a, n], [100, n]])
+    assert http_json(srv, "GET", f"/subscribers/{n}") == (
+        200, {"subscribers": ["9", "10", "100", a]})
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_bad_subscription_requests_change_nothing(srv, method):
+    a, s = unique_id("a"), unique_id("s")
+    http_json(srv, "POST", "/subscriptions", [[a, s]])
+    before = {"subscribers": [a]}
+    fresh = unique_id("fresh")
+    for body in [
+        b"[[",
+        b"\xff\xfe",
+        b"not json",
+        json.dumps({"pairs": [[a, s]]}).encode(),
+        json.dumps([[fresh, s], [a]]).encode(),
+        json.dumps([[fresh, s], [a, s, "x"]]).encode(),
+        json.dumps([[fresh, s], "ab"]).encode(),
+        json.dumps([[fresh, s], [a, s], [a, "bad id"]]).encode(),
+        json.dumps([[fresh, s], [None, s]]).encode(),
+        json.dumps([[fresh, s], [a, "x" * 65]]).encode(),
+        json.dumps([[fresh, s], [True, s]]).encode(),
+        json.dumps([[fresh, s], [-1, s]]).encode(),
+    ]:
+        status, answer = http_json(srv, method, "/subscriptions", body)
+        assert status == 400, (body, answer)
+        assert set(answer) == {"error"} and "Traceback" not in answer["error"]
+        assert http_json(srv, "GET", f"/subscribers/{s}") == (200, before), body
+        assert http_json(srv, "GET", f"/subscriptions/{fresh}") == (200, {"subscriptions": []})
+    for path in ["/subscribers/bad%20id", "/subscriptions/" + "x" * 65]:
+        status, answer = http_json(srv, "GET", path)
+        assert status == 400 and set(answer) == {"error"}
+
+
+def test_stats_counts_what_happened(srv):
+    user = unique_id("st")
+    before = get_stats(srv)
+    for key in ("connections", "users_online", "messages_sent", "deliveries",
+                "slow_consumers_dropped", "rss_bytes"):
+        assert isinstance(before[key], int), key
+    assert before["rss_bytes"] > 10 * 1024 * 1024
+    with StreamClient.open(srv, f"/test/{user}") as c1, \
+            StreamClient.open(srv, f"/events/{user}") as c2:
+        c1.chunk(), c2.chunk()
+        now = get_stats(srv)
+        assert (now["connections"], now["users_online"]) == (2, 1)
+        assert send(srv, user, "one") == 2
+        assert send(srv, unique_id("nobody"), "two") == 0
+        after = get_stats(srv)
+    assert after["messages_sent"] - before["messages_sent"] == 2
+    assert after["deliveries"] - before["deliveries"] == 2
+    assert after["slow_consumers_dropped"] == before["slow_consumers_dropped"]
+
+
+def test_seed_shell_session(srv):
+    """The seed README's curl session: rj, alice and bob."""
+    alice, bob, rj, charlie = (unique_id(n) for n in ("alice", "bob", "rj", "charlie"))
+    assert http_json(srv, "POST", "/subscriptions", [[alice, rj], [bob, rj]]) == (
+        200, {"added": 2})
+    assert http_json(srv, "GET", f"/subscribers/{rj}") == (
+        200, {"subscribers": sorted([alice, bob])})
+    assert http_json(srv, "DELETE", "/subscriptions", [[bob, rj]]) == (200, {"removed": 1})
+    assert http_json(srv, "GET", f"/subscribers/{rj}") == (200, {"subscribers": [alice]})
+    assert send(srv, rj, "while alice is away") == 0
+    with StreamClient.open(srv, f"/test/{alice}") as c, \
+            StreamClient.open(srv, f"/test/{bob}") as other:
+        assert c.chunk() == f"Welcome, Url: '/test/{alice}' Id: {alice}\n".encode()
+        other.chunk()
+        assert send(srv, rj, "hello alice") == 1
+        assert c.chunk() == b"hello alice"  # the message sent while she was away is gone
+        assert send(srv, bob, "bob's own") == 1
+        assert other.chunk() == b"bob's own"  # bob, unsubscribed, never saw "hello alice"
+    assert http_json(srv, "GET", f"/subscribers/{charlie}") == (200, {"subscribers": []})
+
+
+def test_a_body_that_arrives_slowly_stays_with_its_request(srv):
+    """While one request's body trickles in, others are served, and bodies never mix."""
+    slow_user, quick_user = unique_id("slowbody"), unique_id("quick")
+    with StreamClient.open(srv, f"/test/{slow_user}") as slow_stream, \
+            StreamClient.open(srv, f"/test/{quick_user}") as quick_stream:
+        slow_stream.chunk(), quick_stream.chunk()
+        slow_body, quick_body = b"S" * 6000 + b"-slow-end", b"quick request body"
+        sock = socket.create_connection((srv.host, srv.port), timeout=10)
+        try:
+            sock.sendall(b"POST /send/%s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                         % (slow_user.encode(), len(slow_body), slow_body[:3000]))
+            get_stats(srv)  # a round trip: the server is now waiting for the rest
+            assert send(srv, quick_user, quick_body) == 1
+            sock.sendall(slow_body[3000:])
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert (response.status, json.loads(response.read())) == (200, {"delivered": 1})
+        finally:
+            sock.close()
+        assert quick_stream.chunk() == quick_body
+        assert slow_stream.chunk() == slow_body
+
+
+def test_concurrent_publishers_each_deliver_their_own_bodies(srv):
+    users = [unique_id("pub") for _ in range(6)]
+    streams = [StreamClient.open(srv, f"/test/{u}") for u in users]
+    try:
+        for c in streams:
+            c.chunk()
+        sizes = [60000, 30000, 9000, 3, 17, 1]
+        results: list = []
+
+        def publish(i: int) -> None:
+            for k in range(15):
+                body = (b"%d:%d:" % (i, k)).ljust(sizes[i], b"%c" % (97 + i))
+                status, answer = http_json(srv, "POST", f"/send/{users[i]}", body)
+                results.append((i, k, status, answer))
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(len(users))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r[2:] == (200, {"delivered": 1}) for r in results), [
+            r for r in results if r[2:] != (200, {"delivered": 1})]
+        for i, c in enumerate(streams):
+            assert c.chunks(15) == [(b"%d:%d:" % (i, k)).ljust(sizes[i], b"%c" % (97 + i))
+                                    for k in range(15)]
+    finally:
+        for c in streams:
+            c.close()
