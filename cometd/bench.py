@@ -26,13 +26,18 @@ Kernel figures are system-wide and loopback connections have two ends, so the
 kernel cost per connection is that of both ends (client and server socket), as
 in the baselines it is compared with.
 
-*Per-connection memory.* "Before" is the median of the last samples before the
-ramp starts, "at N" the median of samples taken ``--settle`` seconds after the
-server reports all N connections; the difference divided by the connections
-actually held is the per-connection figure. Clients close with RST
-(``floodtest --rst-close``) so no TIME_WAIT sockets are left to skew the next
-server's kernel figures, and each server waits (``--quiet-wait``) until
-TIME_WAIT sockets left by earlier runs have drained.
+*Per-connection memory.* "Before" is the median of ``--measure`` seconds of
+samples before the ramp starts, "at N" the median of ``--measure`` seconds of
+samples from ``--settle`` seconds after the server reports all N connections;
+the difference divided by the connections actually held is the per-connection
+figure. Medians, because the kernel counters are system-wide and move with
+whatever else the machine does. Clients close with RST (``floodtest
+--rst-close``) so no TIME_WAIT sockets are left to skew the next server's
+kernel figures, and each server waits (``--quiet-wait``) for TIME_WAIT sockets
+of earlier runs to drain.
+
+*Ramp rate.* While floodtest ramps, the bench polls the server's own count
+every 50 ms; the ramp rate is the slope between 10% and 90% of N.
 
 *CPU.* The load tools share the machine's cores with the server, so server
 CPU is the server process's own CPU time (psutil), never the machine's.
@@ -225,6 +230,18 @@ class Server:
             return [p, *p.children(recursive=True)]
         except psutil.Error:
             return []
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds over the server's processes."""
+        user = system = 0.0
+        for p in self.processes():
+            try:
+                t = p.cpu_times()
+                user += t.user
+                system += t.system
+            except psutil.Error:
+                pass
+        return user, system
 
     def usage(self) -> tuple[int, float]:
         """(RSS bytes, user+system CPU seconds) over the server's processes."""
@@ -584,8 +601,11 @@ def machine_info() -> dict[str, str]:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
-                                "cometd"], capture_output=True, text=True, timeout=10).stdout
-        commit += " (cometd/ has uncommitted changes)" if dirty.strip() else ""
+                                "cometd", "bin", ":!cometd/bench.py", ":!bin/cometd-bench"],
+                               capture_output=True, text=True, timeout=10).stdout
+        files = [line[3:] for line in dirty.splitlines() if line.strip()]
+        if files:
+            commit += f" + uncommitted changes to {', '.join(files)}"
     except (OSError, subprocess.SubprocessError):
         commit = "?"
     try:
@@ -654,10 +674,10 @@ def finish_info(info: dict[str, str], notes: list[str]) -> None:
     load = os.getloadavg()
     info["load_end"] = "{:.1f} {:.1f} {:.1f}".format(*load)
     cores = os.cpu_count() or 1
-    start = float(info["load"].split()[0])
-    if max(start, load[0], load[1]) > 1.5 * cores:
-        notes.append(f"The machine was busy with other work (load average up to "
-                     f"{max(start, load[0], load[1]):.1f} on {cores} cores): rates, ramp "
+    worst = max(float(info["load"].split()[0]), load[0])
+    if worst > 2 * cores + 1:  # the bench and its own tools account for ~2-3
+        notes.append(f"The machine was busy with other work (1-minute load average up to "
+                     f"{worst:.1f} on {cores} cores): rates, ramp "
                      "speed and latency are pessimistic; per-connection memory and CPU-seconds "
                      "per delivery are much less affected.")
 
@@ -699,12 +719,13 @@ def _ramp_rate(points: list[tuple[float, int]], target: int, base: int) -> float
 
 
 def idle_one(server: Server, n: int, ramp_rate: float, settle: float, interval: float,
-             logdir: Path) -> dict[str, Any]:
+             logdir: Path, measure: float = 2.0) -> dict[str, Any]:
     sampler = Sampler(server, interval)
     sampler.phase = "before"
     sampler.start()
-    time.sleep(max(1.0, 4 * interval))
-    base_samples = sampler.samples[-3:]
+    time.sleep(max(measure, 3 * interval) + interval)
+    t_base = sampler.now() - max(measure, 3 * interval)
+    base_samples = sampler.since(t_base)
     before = {k: _median(base_samples, k) for k in ("rss", "slab", "sunreclaim", "tcp_mem",
                                                     "tcp_inuse", "conns")}
     base_conns = int(before["conns"]) if math.isfinite(before["conns"]) else 0
@@ -726,9 +747,10 @@ def idle_one(server: Server, n: int, ramp_rate: float, settle: float, interval: 
         f"settling {settle:g}s")
     time.sleep(settle)
     t_meas = sampler.now()
-    while len(sampler.since(t_meas)) < 3 and proc.poll() is None:
+    wait_until = time.monotonic() + max(measure, 3 * interval) + interval / 2
+    while time.monotonic() < wait_until and proc.poll() is None:
         time.sleep(interval / 2)
-    at_samples = sampler.since(t_meas)[:3]
+    at_samples = sampler.since(t_meas)
     at = {k: _median(at_samples, k) for k in ("rss", "slab", "sunreclaim", "tcp_mem",
                                               "tcp_inuse", "conns")}
     held = int(at["conns"]) - base_conns if math.isfinite(at["conns"]) else reached
@@ -777,16 +799,15 @@ def idle_graphs(results: list[dict], out: Path) -> list[str]:
     files = []
 
     def ramp_points(r: dict, key: str) -> tuple[list[float], list[float]]:
-        base = [s for s in r["samples"] if s["phase"] == "before"][-3:]
+        base = [s for s in r["samples"] if s["phase"] == "before"][-8:]
         b_c = _median(base, "conns")
         b_c = b_c if math.isfinite(b_c) else 0
-        b_v = _median(base, key) if key != "kernel" else (
-            _median(base, "slab") + _median(base, "tcp_mem"))
+        b_v = _median(base, key)
         xs, ys = [], []
         for s in r["samples"]:
             if s["phase"] not in ("before", "ramp", "held") or s.get("conns") is None:
                 continue
-            v = s[key] if key != "kernel" else s["slab"] + s["tcp_mem"]
+            v = s[key]
             xs.append(s["conns"] - b_c)
             ys.append((v - b_v) / 2**20)
         return xs, ys
@@ -794,14 +815,14 @@ def idle_graphs(results: list[dict], out: Path) -> list[str]:
     for key, fname, title, ylabel, refs in (
         ("rss", "idle-rss.png", "Server RSS while ramping to {n} idle connections",
          "server RSS growth (MiB)", True),
-        ("kernel", "idle-kernel.png", "Kernel memory (Slab + TCP buffers, both ends) while "
-         "ramping", "kernel memory growth (MiB)", False),
+        ("slab", "idle-kernel.png", "Kernel Slab (system-wide: both ends of each connection) "
+         "while ramping", "Slab growth (MiB)", False),
     ):
         fig, ax = plt.subplots(figsize=(10, 6.25))
         n = max(r["n"] for r in results)
         for r in results:
             xs, ys = ramp_points(r, key)
-            per = r["rss_per_conn"] if key == "rss" else r["kernel_per_conn"]
+            per = r["rss_per_conn"] if key == "rss" else r["slab_per_conn"]
             ax.plot(xs, ys, marker=".", color=COLORS.get(r["server"]),
                     label=f"{r['label']} ({per / KIB:.2f} KiB/conn)")
         if refs:
@@ -845,9 +866,10 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
     L += [
         f"- Each server starts fresh; floodtest opens {opts['n']:,} `GET /test/<id>` streams "
         f"({ramp}, "
-        f"from {SOURCE_IPS}), the bench samples every {opts['interval']:g}s, measures "
-        f"{opts['settle']:g}s after the server reports all connections, then floodtest "
-        "closes them with RST.",
+        f"from {SOURCE_IPS}); the bench samples every {opts['interval']:g}s. 'Before' is the "
+        f"median of the {opts['measure']:g}s of samples before the ramp, 'at N' the median "
+        f"of {opts['measure']:g}s of samples starting {opts['settle']:g}s after the server "
+        "reports all connections; then floodtest closes them with RST.",
         "- KiB = 1024 bytes. RSS/conn = (server RSS at N - RSS before the ramp) / N. "
         "Kernel/conn = (system-wide Slab + sockstat `TCP mem` pages at N - before) / N: "
         "both ends of each loopback connection, like the 9.6 KiB baseline.",
@@ -894,7 +916,8 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
         L += [f"![{g}]({g})", ""]
     if notes:
         L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    L += ["Raw samples: `samples.csv`; figures: `summary.json`; tool logs: `logs/`.", ""]
+    L += ["The run also wrote `samples.csv` (every sample), `summary.json` (every figure) and "
+          "`logs/` (each tool's output) next to this report.", ""]
     text = "\n".join(L)
     (out / "report.md").write_text(text)
     return text
@@ -958,13 +981,16 @@ _modes_option = click.option(
               help="Seconds to wait after the server reports N connections before measuring.")
 @click.option("--interval", default=0.25, show_default=True, type=float,
               help="Seconds between samples.")
-@click.option("--quiet-wait", default=70.0, show_default=True, type=float,
+@click.option("--measure", default=2.0, show_default=True, type=float,
+              help="Seconds of samples whose median is the 'before' and the 'at N' figure "
+                   "(the kernel counters are system-wide and move with other work).")
+@click.option("--quiet-wait", default=20.0, show_default=True, type=float,
               help="Before each server, wait at most this long for TIME_WAIT sockets of "
                    "earlier runs to expire (they hold kernel memory that would skew the "
                    "kernel figures).")
 @_out_option
 def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settle: float,
-                 interval: float, quiet_wait: float, out: str | None) -> None:
+                 interval: float, measure: float, quiet_wait: float, out: str | None) -> None:
     """Idle connection cost: ramp a fresh server per mode (and nginx + nchan) to N streams.
 
     For each server: RSS per connection ((RSS at N - RSS before the ramp) / N),
@@ -991,7 +1017,8 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
     if nchan is False:
         notes.append("nginx + nchan skipped (--no-nchan).")
     use_nchan = bool(nginx) and nchan is not False
-    opts = {"n": n, "ramp_rate": ramp_rate, "settle": settle, "interval": interval}
+    opts = {"n": n, "ramp_rate": ramp_rate, "settle": settle, "interval": interval,
+            "measure": measure}
     info = machine_info()
     log(f"idle: {n} connections, servers: {', '.join(mode_list)}"
         f"{', nchan' if use_nchan else ''}; results in {outdir}")
@@ -1008,7 +1035,8 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
                 else:
                     server = CometdServer(name, str(work / f"db-{name}"), logdir)
                 log(f"{server.label}: started, pid {server.proc.pid}, port {server.port}")
-                results.append(idle_one(server, n, ramp_rate, settle, interval, logdir))
+                results.append(idle_one(server, n, ramp_rate, settle, interval, logdir,
+                                        measure))
             except Exception as exc:  # report the others all the same
                 log(f"{name}: FAILED: {exc}")
                 notes.append(f"{name}: the run failed ({exc}); see logs/.")
@@ -1164,7 +1192,7 @@ def fanout_one(mode: str, db: Path, opts: dict, logdir: Path) -> dict[str, Any]:
         # interpreter start-up is not part of it) and closes when msggen is done
         # and the last messages have been delivered.
         base = server.counters()
-        _rss, cpu0 = server.usage()
+        split0 = server.cpu_split()
         c0 = base
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and mg.poll() is None:
@@ -1172,7 +1200,7 @@ def fanout_one(mode: str, db: Path, opts: dict, logdir: Path) -> dict[str, Any]:
             if (c.get("messages") or 0) > (base.get("messages") or 0):
                 break
             c0 = c
-            _rss, cpu0 = server.usage()
+            split0 = server.cpu_split()
             time.sleep(0.01)
         w0 = time.monotonic()
         t0 = w0 - sampler.t0
@@ -1181,7 +1209,7 @@ def fanout_one(mode: str, db: Path, opts: dict, logdir: Path) -> dict[str, Any]:
         wait_proc(mg, opts["duration"] + 40)
         w_sent = time.monotonic()
         time.sleep(0.5)  # messages still in flight reach floodtest
-        _rss, cpu1 = server.usage()
+        split1 = server.cpu_split()
         c1 = server.counters()
         t1 = sampler.now()
         sampler.watch("msggen", None)
@@ -1196,7 +1224,9 @@ def fanout_one(mode: str, db: Path, opts: dict, logdir: Path) -> dict[str, Any]:
     mg_s = read_json(mjson)
     deliveries = (c1["deliveries"] or 0) - (c0["deliveries"] or 0)
     messages = (c1["messages"] or 0) - (c0["messages"] or 0)
-    cpu = cpu1 - cpu0
+    cpu_user = split1[0] - split0[0]
+    cpu_sys = split1[1] - split0[1]
+    cpu = cpu_user + cpu_sys
     wall = w_sent - w0  # the publishing window (the drain adds no messages)
     win = _window(sampler, t0 + 0.5, t1)
     for s in sampler.samples:
@@ -1212,6 +1242,8 @@ def fanout_one(mode: str, db: Path, opts: dict, logdir: Path) -> dict[str, Any]:
         "deliveries_per_msg": deliveries / messages if messages else None,
         "deliveries_per_s": deliveries / wall if wall > 0 else None,
         "server_cpu_s": cpu,
+        "server_cpu_user_s": cpu_user,
+        "server_cpu_system_s": cpu_sys,
         "server_cpu_pct": 100 * cpu / wall if wall > 0 else None,
         "msggen_cpu_pct": _cpu_pct(win, "msggen"),
         "floodtest_cpu_pct": _cpu_pct(win, "floodtest"),
@@ -1240,7 +1272,7 @@ def fanout_graphs(results: list[dict], out: Path) -> list[str]:
 
     def series(r: dict, fn) -> tuple[list[float], list[float]]:
         pts = [s for s in r["samples"] if s["phase"] == "run" or (
-            s["phase"] in ("connect", "disconnect") and -3 <= s["t"] <= r_dur(r) + 3)]
+            s["phase"] in ("connect", "disconnect") and -1.5 <= s["t"] <= r_dur(r) + 3)]
         xs, ys = [], []
         for a, b in zip(pts, pts[1:], strict=False):
             dt = b["t"] - a["t"]
@@ -1271,7 +1303,7 @@ def fanout_graphs(results: list[dict], out: Path) -> list[str]:
             xs, ys = series(r, fn)
             ax.plot(xs, ys, color=COLORS.get(r["server"]),
                     label=f"{r['label']} at {r['rate']:g} msg/s")
-        ax.set_xlabel("seconds since msggen started")
+        ax.set_xlabel("seconds since the server counted the first message")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.set_ylim(bottom=0)
@@ -1294,15 +1326,20 @@ def fanout_graphs(results: list[dict], out: Path) -> list[str]:
                      color=COLORS.get(r["server"]), label=f"msggen (vs {r['server']})")
         top = max(s["target"] for r in results for s in r["steps"])
         ax1.plot([0, top], [0, top], "--", color="grey", lw=1, label="achieved = target")
-        from matplotlib.ticker import ScalarFormatter
+        from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
+        ticks = sorted({s["target"] for r in results for s in r["steps"]})
         for ax in (ax1, ax2):
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.set_xlabel("target msg/s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         ax1.set_yscale("log", base=2)
+        ax1.yaxis.set_major_locator(FixedLocator(ticks))
+        ax1.yaxis.set_minor_locator(NullLocator())
         ax1.yaxis.set_major_formatter(ScalarFormatter())
         ax1.set_ylabel("achieved msg/s")
         ax1.set_title("Step-up: achieved rate")
@@ -1332,7 +1369,10 @@ def fanout_report(results: list[dict], meta: dict, opts: dict, info: dict, notes
         f"{opts['load_fraction']:.0%} of it (or --rate) for {opts['duration']:g}s with "
         f"concurrency {opts['concurrency']}, against fresh connections.",
         "- Server CPU = user+system CPU time of the server process alone (psutil); msggen and "
-        "floodtest share the 2 cores with it. Deliveries are the server's own counter.",
+        "floodtest share the 2 cores with it. Deliveries are the server's own counter. On "
+        "loopback the kernel usually runs the receiving socket's TCP processing inside the "
+        "sender's send() call, so the server's system time includes part of the clients' "
+        "receive path.",
         "",
         "## Results",
         "",
@@ -1350,6 +1390,9 @@ def fanout_report(results: list[dict], meta: dict, opts: dict, info: dict, notes
     row("deliveries per message", lambda r: _fmt(r.get("deliveries_per_msg"), 1))
     row("**deliveries/s**", lambda r: f"**{_fmt(r.get('deliveries_per_s'), 0)}**")
     row("server CPU % (one core = 100)", lambda r: _fmt(r.get("server_cpu_pct"), 0))
+    row("server CPU-s in the window (user + system)", lambda r: (
+        f"{r['server_cpu_s']:.1f} ({r.get('server_cpu_user_s', 0):.1f} + "
+        f"{r.get('server_cpu_system_s', 0):.1f})"))
     row("server CPU-s per 100K deliveries", lambda r: _fmt(r.get("cpu_s_per_100k"), 2))
     row("**deliveries per server CPU-s**",
         lambda r: f"**{_fmt(r.get('deliveries_per_cpu_s'), 0)}**")
@@ -1395,7 +1438,8 @@ def fanout_report(results: list[dict], meta: dict, opts: dict, info: dict, notes
         L += [f"![{g}]({g})", ""]
     if notes:
         L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    L += ["Raw samples: `samples.csv`; figures: `summary.json`; tool logs: `logs/`.", ""]
+    L += ["The run also wrote `samples.csv` (every sample), `summary.json` (every figure) and "
+          "`logs/` (each tool's output) next to this report.", ""]
     text = "\n".join(L)
     (out / "report.md").write_text(text)
     return text

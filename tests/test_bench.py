@@ -53,7 +53,7 @@ def test_idle_small(tmp_path):
     n = 300
     proc = run_bench("idle", "--n", str(n), "--modes", "greenlet,pool", "--no-nchan",
                      "--quiet-wait", "0", "--settle", "0.5", "--interval", "0.1",
-                     "--out", str(out))
+                     "--measure", "0.5", "--out", str(out))
     assert str(out / "report.md") in proc.stdout
     assert "[bench" in proc.stderr  # progress on stderr
 
