@@ -140,15 +140,24 @@ class Connection:
     def deliver(self, data: bytes) -> None:
         if self.closed:
             return
-        self._queue(data)
-        if self.closed:
-            return
-        if self.table.mode == "pool":
-            # Send now unless a write watcher already waits for this socket.
-            if self._waiter is None and not self._flush() and not self.closed:
+        if self.table.mode == "pool" and self._waiter is None:
+            # The hot path: nothing queued, so send straight from the router.
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent == len(data):
+                return
+            self._queue(data[sent:])
+            if not self.closed:
                 self._waiter = self.table.loop.io(self.fd, 2)
                 self._waiter.start(self._on_writable)
-        elif self._parked:
+            return
+        self._queue(data)
+        if self._parked and not self.closed:
             self._parked = False
             self.table.loop.run_callback(self._waiter.switch)
 
