@@ -326,7 +326,9 @@ class Run:
                                       os.path.join(self.tmp, "db"), "--admin-port", "-1"],
                             "router.log")
         edges = [self.spawn(cometd + ["edge", "--redis", url, "--port", str(port),
-                                      "--reuse-port", "--mode", a.mode], f"edge{i}.log")
+                                      "--reuse-port", "--mode", a.mode,
+                                      "--request-timeout", str(a.request_timeout)],
+                            f"edge{i}.log")
                  for i in range(a.edges)]
         self.server_pids = [router.pid] + [e.pid for e in edges]
         wait_port(port, 60, [router, *edges])
@@ -354,7 +356,9 @@ class Run:
         n = a.connections
         nsrc = math.ceil(n / PER_SOURCE) + 1
         srcs = f"127.1.0.1-127.1.0.{nsrc}" if nsrc < 255 else f"127.1.0.1-127.1.{nsrc // 250}.250"
-        flood_hold = a.hold + a.msg_duration + 20
+        # floodtest's hold starts when its own connects finish, which can be
+        # well before this script sees them all: keep the streams up meanwhile.
+        flood_hold = a.hold + a.msg_duration + 60
         flood_cmd = [PY, os.path.join(BIN, "floodtest"), "--port", str(port), "--n", str(n),
                      "--rate", str(a.ramp_rate), "--duration", str(flood_hold),
                      "--source-ips", srcs, "--processes", str(a.client_processes),
@@ -604,6 +608,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=60.0,
                    help="seconds to hold all connections before messages")
     p.add_argument("--msg-rate", type=float, default=1000.0, help="messages/s from msggen")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="edges' --request-timeout: with ~100 processes on two cores, floodtest "
+                        "can send a request line more than the default 10 s after its connect "
+                        "(at 1M that closed 33,241 streams before their welcome)")
     p.add_argument("--msg-duration", type=float, default=30.0)
     p.add_argument("--msg-concurrency", type=int, default=64)
     p.add_argument("--timeout", type=float, default=1440.0,
