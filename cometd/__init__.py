@@ -13,6 +13,13 @@ module names in order follows a message from ``POST /send`` to a socket:
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
 - :mod:`cometd.admin` — the telnet-style admin console.
 - :mod:`cometd.server` — assembles the pieces into one running server.
+- :mod:`cometd.backplane` — scale-out: a router process and edge processes over Redis.
+- :mod:`cometd.workers` — ``cometd --workers N``: one router and N edges, supervised.
+- :mod:`cometd.cli` — the ``cometd`` command line.
+
+Load tools: :mod:`cometd.floodtest` (many connections from one machine),
+:mod:`cometd.msggen` (messages at a fixed rate), :mod:`cometd.bench` (the
+benchmark harness with memory and CPU graphs).
 """
 
 __version__ = "0.1.0"
