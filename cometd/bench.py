@@ -650,6 +650,20 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _write_report(out: Path, lines: list[str], graphs: list[str], notes: list[str]) -> str:
+    """Finish a report: graphs, notes and what else the run wrote; save report.md."""
+    lines += ["## Graphs", ""]
+    for g in graphs:
+        lines += [f"![{g}]({g})", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["The run also wrote `samples.csv` (every sample), `summary.json` (every figure) "
+              "and `logs/` (each tool's output) next to this report.", ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -911,16 +925,7 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
           "90% of N (interpolated between samples). Client ramp rate: floodtest's connects/s "
           "(completed TCP handshakes, which the kernel's listen backlog can absorb before the "
           "server accepts them).", ""]
-    L += ["## Graphs", ""]
-    for g in graphs:
-        L += [f"![{g}]({g})", ""]
-    if notes:
-        L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    L += ["The run also wrote `samples.csv` (every sample), `summary.json` (every figure) and "
-          "`logs/` (each tool's output) next to this report.", ""]
-    text = "\n".join(L)
-    (out / "report.md").write_text(text)
-    return text
+    return _write_report(out, L, graphs, notes)
 
 
 def _resolve_out(out: str | None, scenario: str) -> Path:
@@ -1433,16 +1438,7 @@ def fanout_report(results: list[dict], meta: dict, opts: dict, info: dict, notes
         L += ["", "CPU % is of one core; the machine has "
               f"{os.cpu_count()}. A server at ~100% is saturated (one process, one core); "
               "a msggen near 100% means the load generator, not the server, set the limit.", ""]
-    L += ["## Graphs", ""]
-    for g in graphs:
-        L += [f"![{g}]({g})", ""]
-    if notes:
-        L += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    L += ["The run also wrote `samples.csv` (every sample), `summary.json` (every figure) and "
-          "`logs/` (each tool's output) next to this report.", ""]
-    text = "\n".join(L)
-    (out / "report.md").write_text(text)
-    return text
+    return _write_report(out, L, graphs, notes)
 
 
 @cli.command("fanout")

@@ -142,14 +142,8 @@ class Connection:
             return
         if self.table.mode == "pool" and self._waiter is None:
             # The hot path: nothing queued, so send straight from the router.
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            if sent == len(data):
+            sent = self._send(data)
+            if sent is None or sent == len(data):
                 return
             self._queue(data[sent:])
             if not self.closed:
@@ -168,17 +162,23 @@ class Connection:
             self.table.slow_consumers_dropped += 1
             self.close()
 
+    def _send(self, data: bytes) -> int | None:
+        """Bytes the kernel took (0 when its buffer is full); None once closed on an error."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.close()
+            return None
+
     def _flush(self) -> bool:
         """Send what the kernel takes; True when the outbox is empty."""
         out = self._out
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        try:
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close()
+        sent = self._send(data)
+        if sent is None:
             return True
         self._pending -= sent
         if sent < len(data):
