@@ -157,6 +157,9 @@ class CometHandler(WSGIHandler):
             del self._sendall
         WSGIHandler._sendall(self, b"".join(parts))
 
+    def log_request(self) -> None:
+        pass  # no access log: pywsgi would format a line per request only to drop it
+
     def log_error(self, msg, *args) -> None:
         pass  # client errors are the client's business; server faults go to the hub
 
@@ -188,7 +191,6 @@ class CometServer(WSGIServer):
 
     def __init__(self, listener, application, table: ConnectionTable,
                  request_timeout: float = 10.0, **kwargs: Any) -> None:
-        kwargs.setdefault("log", None)
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
