@@ -137,23 +137,29 @@ class Connection:
 
     # -- both modes ------------------------------------------------------------
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes) -> bool:
+        """Send or queue *data*; False when the connection is (now) closed."""
         if self.closed:
-            return
+            return False
         if self.table.mode == "pool" and self._waiter is None:
             # The hot path: nothing queued, so send straight from the router.
             sent = self._send(data)
-            if sent is None or sent == len(data):
-                return
+            if sent is None:
+                return False
+            if sent == len(data):
+                return True
             self._queue(data[sent:])
             if not self.closed:
                 self._waiter = self.table.loop.io(self.fd, 2)
                 self._waiter.start(self._on_writable)
-            return
+            return not self.closed
         self._queue(data)
-        if self._parked and not self.closed:
+        if self.closed:
+            return False
+        if self._parked:
             self._parked = False
             self.table.loop.run_callback(self._waiter.switch)
+        return True
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
@@ -316,16 +322,16 @@ class ConnectionTable:
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
         """Write *message* to every connection of *users*; return how many."""
-        delivered = 0
+        delivered = attempts = 0
         get = self.users.get
         for user in users:
             conns = get(user)
             if conns is None:
                 continue
             for conn in tuple(conns) if len(conns) > 1 else conns:
-                conn.deliver(message.frame(conn.kind))
-                delivered += 1
-                if delivered % _YIELD_EVERY == 0:
+                delivered += conn.deliver(message.frame(conn.kind))
+                attempts += 1
+                if attempts % _YIELD_EVERY == 0:
                     gevent.sleep(_YIELD_SECONDS)
         self.deliveries += delivered
         return delivered
