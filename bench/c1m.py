@@ -555,14 +555,8 @@ def plots(out: str, samples: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
     ax.plot(t, conns, label="connections (TCP inuse delta / 2)")
     ax.plot(t, [s["client_open"] for s in samples], "--", label="floodtest Open")
-    _phases(ax, samples)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("connections")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "connections.png"))
-    plt.close(fig)
+    _finish(plt, fig, ax, samples, "connections", "lower right",
+            os.path.join(out, "connections.png"))
 
     g = 2 ** 30
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=80)
@@ -572,13 +566,18 @@ def plots(out: str, samples: list[dict]) -> None:
                 for s in samples], label="kernel (Slab + TCP mem delta)")
     ax.plot(t, [s["server_rss"] / g for s in samples], label="server RSS (edges + router)")
     ax.plot(t, [s["client_rss"] / g for s in samples], label="floodtest RSS")
+    _finish(plt, fig, ax, samples, "GiB", "upper left", os.path.join(out, "memory.png"))
+
+
+def _finish(plt, fig, ax, samples: list[dict], ylabel: str, legend: str, path: str) -> None:
+    """Phase markers, labels, legend and grid; save the graph to *path*."""
     _phases(ax, samples)
     ax.set_xlabel("seconds")
-    ax.set_ylabel("GiB")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc=legend, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "memory.png"))
+    fig.savefig(path)
     plt.close(fig)
 
 
