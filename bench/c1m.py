@@ -179,6 +179,33 @@ def tree_rss(pids: list[int]) -> int:
     return total
 
 
+def cpu_seconds(pids: list[int], tree: bool = False) -> float:
+    """User + system CPU seconds of *pids* (and, with *tree*, their children)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs = [p] + (p.children(recursive=True) if tree else [])
+        except psutil.NoSuchProcess:
+            continue
+        for q in procs:
+            try:
+                t = q.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+    return total
+
+
+def machine_cpu() -> dict[str, float]:
+    """Seconds of CPU time spent by the whole machine, by /proc/stat column."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    hz = os.sysconf("SC_CLK_TCK")
+    names = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
+    return {k: int(v) / hz for k, v in zip(names, fields, strict=False)}
+
+
 def rss(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -273,6 +300,14 @@ class Run:
             "redis_rss": rss([self.redis.pid]),
             "client_rss": tree_rss([self.flood.pid]) if getattr(self, "flood", None) else 0,
             "client_open": self.client_open(),
+            "cpu_s": {
+                "edges": cpu_seconds(self.server_pids[1:]),
+                "router": cpu_seconds(self.server_pids[:1]),
+                "redis": cpu_seconds([self.redis.pid]),
+                "floodtest": cpu_seconds([self.flood.pid], tree=True)
+                if getattr(self, "flood", None) else 0.0,
+                "machine": machine_cpu(),
+            },
         }
         self.samples.append(s)
         return s
@@ -415,6 +450,7 @@ class Run:
         used = b["mem_available"] - full["mem_available"]
         per = max(conns, 1)
         return {
+            "ramp_cpu_us_per_conn": ramp_cpu(b, full, per),
             "connections_target": a.connections,
             "connections_held": conns,
             "connections_after_hold": held_conns,
@@ -461,6 +497,21 @@ class Run:
         }
 
 
+def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
+    """CPU microseconds per connection spent from the first connect to all open.
+
+    By process group, and for the whole machine by /proc/stat column: the
+    kernel's share of the handshakes shows up in 'system' and 'softirq'.
+    """
+    out = {}
+    for group in ("edges", "router", "redis", "floodtest"):
+        out[group] = (full["cpu_s"][group] - base["cpu_s"][group]) * 1e6 / conns
+    mb, mf = base["cpu_s"]["machine"], full["cpu_s"]["machine"]
+    for col in ("user", "system", "softirq", "idle"):
+        out[f"machine_{col}"] = (mf[col] - mb[col]) * 1e6 / conns
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 # --------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------
@@ -500,6 +551,8 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"{res['client_processes']} |",
         f"| ramp rate | {res['ramp_rate']:,} conn/s (target {res['ramp_rate_target']:,}); "
         f"ramp {res['ramp_s']} s |",
+        "| ramp CPU per connection (µs) | "
+        + ", ".join(f"{k} {v:,}" for k, v in res["ramp_cpu_us_per_conn"].items()) + " |",
         f"| connect errors | {res['connect_errors']} {res['connect_errors_by_errno'] or ''} |",
         f"| server userland per connection | {res['server_userland_bytes_per_conn']:,} B "
         f"(edge+router RSS {_mib(res['server_rss_baseline_bytes'])} -> "

@@ -46,6 +46,7 @@ from gevent.hub import get_hub
 from greenlet import getcurrent
 
 __all__ = [
+    "frame_bytes",
     "Message",
     "Connection",
     "ConnectionTable",
@@ -78,6 +79,11 @@ _YIELD_SECONDS = 1e-6
 
 def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def frame_bytes(kind: int, payload: bytes) -> bytes:
+    """*payload* as a stream of *kind* carries it: one chunk, or as is over HTTP/1.0."""
+    return _chunk(payload) if kind in (CHUNKED, SSE_CHUNKED) else payload
 
 
 def sse_event(seq: int, subject: str, body: bytes) -> bytes:
@@ -340,7 +346,7 @@ class ConnectionTable:
         """Write an SSE comment to every SSE stream; return how many."""
         sse = [c for c in self._by_fd.values() if c.kind in (SSE_CHUNKED, SSE_RAW)]
         for conn in sse:
-            conn.deliver(_chunk(KEEPALIVE) if conn.kind == SSE_CHUNKED else KEEPALIVE)
+            conn.deliver(frame_bytes(conn.kind, KEEPALIVE))
         return len(sse)
 
     def _on_epoll(self) -> None:

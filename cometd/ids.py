@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_INT_ID", "InvalidId", "check_id", "int_value", "encode_key", "decode_key"]
+__all__ = [
+    "ID_PATTERN", "MAX_INT_ID", "InvalidId", "check_id", "int_value", "encode_key", "decode_key",
+]
 
 MAX_INT_ID = 2**32 - 1
-_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+#: the id grammar as a regular expression, for parsers that match ids in place
+ID_PATTERN = r"[A-Za-z0-9_.:-]{1,64}"
+_ID = re.compile(ID_PATTERN + r"\Z")
 _CANONICAL_INT = re.compile(r"(0|[1-9][0-9]{0,9})\Z")
 
 # Key tags: integer ids sort numerically (big-endian) and before all names.

@@ -1,11 +1,12 @@
 """Server assembly: pywsgi serving the web app, handing streams to the table.
 
-:class:`CometServer` is gevent's ``WSGIServer`` with one change: when the app
-marks a request as a stream, the handler sends the headers and the welcome
-chunk, and the socket then leaves pywsgi for the
-:class:`~cometd.connections.ConnectionTable`. The handler, its WSGI environ
-and its read buffer are freed; only the connection (and, in greenlet mode, a
-parked greenlet with a shallow stack) stays.
+:class:`CometServer` is gevent's ``WSGIServer`` with two changes. Plain stream
+requests are answered in the accept callback, without pywsgi (see
+:mod:`cometd.streamhttp` for why and how). And when the app marks a request as
+a stream, the handler sends the stream's head, and the socket then leaves
+pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
+the connection (and, in greenlet mode, a parked greenlet with a shallow stack)
+stays; no handler, WSGI environ or read buffer does.
 
 The handler also bounds what a client can make the server hold while reading
 a request: headers over 64 KiB get 431, and a request that has not arrived
@@ -38,6 +39,7 @@ from cometd.connections import ConnectionTable
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
+from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
 from cometd.webapp import STREAM_KEY, make_app
 
 __all__ = [
@@ -75,15 +77,22 @@ class _DeadlineInput(io.RawIOBase):
     byte every few seconds (slowloris) would be kept forever.
     """
 
-    def __init__(self, sock, timeout: float) -> None:
+    def __init__(self, sock, timeout: float, first: bytes = b"") -> None:
         self.sock = sock
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
+        #: bytes the accept callback already read from the socket
+        self.first = first
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
+        if self.first:
+            n = min(len(buffer), len(self.first))
+            buffer[:n] = self.first[:n]
+            self.first = self.first[n:]
+            return n
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("request not received within the request timeout")
@@ -100,11 +109,11 @@ class CometHandler(WSGIHandler):
     #: (socket, user, kind) once the request turned into a stream
     stream: tuple[Any, str, int] | None = None
 
-    def __init__(self, sock, address, server) -> None:
+    def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
         super().__init__(sock, address, server)
         self.rfile.close()  # replaced: every read goes through the request deadline
-        self._input = _DeadlineInput(sock, server.request_timeout)
+        self._input = _DeadlineInput(sock, server.request_timeout, first)
         self.rfile = io.BufferedReader(self._input)
 
     def read_requestline(self) -> str:
@@ -147,8 +156,7 @@ class CometHandler(WSGIHandler):
         return ("400", _400)
 
     def _write_with_headers(self, data: bytes) -> None:
-        # One send for status line, headers and first body bytes instead of
-        # two: a stream's request costs only a few syscalls, so this shows.
+        # One send for status line, headers and body instead of two.
         parts: list[bytes] = []
         self._sendall = parts.append
         try:
@@ -173,13 +181,9 @@ class CometHandler(WSGIHandler):
             finally:
                 self.result = None
             return
-        # bottle sized the welcome text; the stream goes on past it.
-        self.response_headers = [
-            (k, v) for k, v in self.response_headers if k.lower() != b"content-length"
-        ]
-        self.provided_content_length = None
-        self.write(b"".join(s.encode() if isinstance(s, str) else s for s in result))
-        self.stream = (self.socket, *target)
+        user, kind, path = target
+        self.socket.sendall(stream_head(user, kind, path))
+        self.stream = (self.socket, user, kind)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
 
@@ -208,8 +212,52 @@ class CometServer(WSGIServer):
         if not self.closed:
             self.start_accepting()
 
-    def handle(self, sock, address) -> None:
-        handler = self.handler_class(sock, address, self)
+    def do_read(self):
+        """Answer plain stream requests here; return the first other connection.
+
+        gevent's loop calls this until it returns None, and hands whatever
+        else it returns to :meth:`handle` in a new greenlet.
+        """
+        listening = self.socket
+        for _ in range(self.max_accept):
+            if self._guard is not None:
+                return None  # full: stopped accepting while in this loop
+            try:
+                fd, address = listening._accept()
+            except BlockingIOError:
+                return None
+            sock = _socket.socket(listening.family, _socket.SOCK_STREAM, 0, fd)
+            try:
+                first = sock.recv(FIRST_READ_BYTES, _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                first = b""  # TCP_DEFER_ACCEPT gave up waiting: pywsgi waits with a deadline
+            except OSError:
+                sock.close()
+                continue
+            else:
+                if not first:
+                    sock.close()  # closed before it asked anything
+                    continue
+            stream = parse_stream_request(first)
+            if stream is None:
+                return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
+                                      sock.detach()), address, first
+            user, kind, path = stream
+            head = stream_head(user, kind, path)
+            try:
+                sent = sock.send(head, _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sock.close()
+                continue
+            conn = self._adopt(sock, user, kind)
+            if sent < len(head):
+                conn.deliver(head[sent:])
+        return None
+
+    def handle(self, sock, address, first: bytes = b"") -> None:
+        handler = self.handler_class(sock, address, self, first)
         handler.handle()
         stream = handler.stream
         del handler
@@ -220,16 +268,20 @@ class CometServer(WSGIServer):
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
-        conn = self.table.adopt(raw, user, kind)
+        self._adopt(raw, user, kind)
+
+    def _adopt(self, sock: _socket.socket, user: str, kind: int):
+        conn = self.table.adopt(sock, user, kind)
         if self.table.connections >= self.max_connections and self._guard is None:
             self.stop_accepting()
             self._guard = gevent.spawn(self._watch_descriptors)
         if self.table.mode == "greenlet":
-            # A fresh greenlet, not this one: the request's deep call stack
-            # touched pages of this greenlet's frame stack that would stay
-            # resident for the connection's whole life.
+            # A fresh greenlet, not the handler's: the request's deep call
+            # stack touched pages of that greenlet's frame stack that would
+            # stay resident for the connection's whole life.
             writer = greenlet(conn.run, parent=self.loop_hub)
             self.loop_hub.loop.run_callback(writer.switch)
+        return conn
 
 
 class LocalBackend:
@@ -284,6 +336,9 @@ def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # Accept a connection only once its request has begun to arrive, so the
+    # accept callback can usually answer a stream at once (cometd.streamhttp).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     try:
         sock.bind((host, port))
         sock.listen(4096)

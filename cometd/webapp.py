@@ -12,9 +12,11 @@ Routes
 ``GET /stats``                counters as JSON
 
 A stream route does not write the stream itself: it marks the WSGI environ
-with ``cometd.stream = (user, kind)`` and returns the welcome text; the server
-adapter (:mod:`cometd.server`) sends it and hands the socket to the
-connection table, so no WSGI machinery stays behind per connection.
+with ``cometd.stream = (user, kind, path)``; the server adapter
+(:mod:`cometd.server`) sends :func:`cometd.streamhttp.stream_head` and hands
+the socket to the connection table, so no WSGI machinery stays behind per
+connection. Most stream requests never get here: the server answers plain
+ones when it accepts them (see :mod:`cometd.streamhttp`).
 
 Errors are short JSON (or text) bodies; no traceback ever reaches a client.
 """
@@ -26,8 +28,8 @@ from typing import Any, Protocol
 
 import bottle
 
-from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW
 from cometd.ids import InvalidId, check_id
+from cometd.streamhttp import stream_kind
 
 __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
 
@@ -124,18 +126,8 @@ def make_app(backend: Backend) -> bottle.Bottle:
                 NOT_FOUND_USER, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
             ) from None
         http10 = bottle.request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
-        path = bottle.request.path
-        if sse:
-            kind = SSE_RAW if http10 else SSE_CHUNKED
-            bottle.response.content_type = "text/event-stream"
-            bottle.response.set_header("Cache-Control", "no-cache")
-            welcome = f": Welcome, Url: '{path}' Id: {user}\n\n"
-        else:
-            kind = RAW if http10 else CHUNKED
-            bottle.response.content_type = "text/html; charset=utf-8"
-            welcome = f"Welcome, Url: '{path}' Id: {user}\n"
-        bottle.request.environ[STREAM_KEY] = (user, kind)
-        return welcome
+        bottle.request.environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
+        return ""
 
     # Anything after the prefix, even empty or with a slash, is the id: an
     # invalid one gets the hint below, not the generic 404.

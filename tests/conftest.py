@@ -357,6 +357,16 @@ class StreamClient:
         del self.raw[:n]
         return data
 
+    def read_until(self, marker: bytes, timeout: float = 10.0) -> bytes:
+        """Body bytes of an unframed stream up to and including *marker*."""
+        deadline = time.monotonic() + timeout
+        while (end := self.raw.find(marker)) < 0:
+            if not self._recv(deadline):
+                raise EOFError(f"stream closed before {marker!r}: {bytes(self.raw)!r}")
+        data = bytes(self.raw[:end + len(marker)])
+        del self.raw[:end + len(marker)]
+        return data
+
     def wait_closed(self, timeout: float = 10.0) -> None:
         """Read (and keep) whatever still comes until the server closes the stream."""
         deadline = time.monotonic() + timeout

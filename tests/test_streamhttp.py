@@ -1,0 +1,127 @@
+"""Stream requests and stream heads: the parser, and both ways into a stream.
+
+The parser decides which requests the accept callback answers itself; the
+server tests check that a request it declines (split over two sends, folded
+headers, a query string) gets the very same stream from pywsgi and bottle.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from conftest import StreamClient, get_stats, send, start_server, unique_id, wait_for
+
+from cometd.connections import CHUNKED, MODES, RAW, SSE_CHUNKED, SSE_RAW
+from cometd.streamhttp import parse_stream_request, stream_head, stream_kind
+
+
+@pytest.mark.parametrize("request_bytes, expected", [
+    (b"GET /test/42 HTTP/1.1\r\nHost: x\r\n\r\n", ("42", CHUNKED, "/test/42")),
+    (b"GET /test/42 HTTP/1.0\r\n\r\n", ("42", RAW, "/test/42")),
+    (b"GET /events/user:7 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+     ("user:7", SSE_CHUNKED, "/events/user:7")),
+    (b"GET /events/a.b-c_d HTTP/1.0\r\nX: \r\n\r\n", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d")),
+    (b"GET /test/42?since=3&x=%20 HTTP/1.1\r\n\r\n", ("42", CHUNKED, "/test/42")),
+    # What follows the header block is the client's business, not the request's.
+    (b"GET /test/42 HTTP/1.1\r\n\r\nGET /stats HTTP/1.1\r\n\r\n", ("42", CHUNKED, "/test/42")),
+])
+def test_plain_stream_requests_are_recognised(request_bytes, expected):
+    assert parse_stream_request(request_bytes) == expected
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /test/42 HTTP/1.1\r\nHost: x\r\n",  # header block not complete yet
+    b"GET /test/42 HTT",  # request line not complete yet
+    b"",
+    b"HEAD /test/42 HTTP/1.1\r\n\r\n",
+    b"POST /test/42 HTTP/1.1\r\n\r\n",
+    b"GET /test/ HTTP/1.1\r\n\r\n",  # no id: bottle answers 404 with a hint
+    b"GET /test/a%20b HTTP/1.1\r\n\r\n",  # escapes: bottle decodes them
+    b"GET /test/a/b HTTP/1.1\r\n\r\n",
+    b"GET /test/" + b"x" * 65 + b" HTTP/1.1\r\n\r\n",  # id over 64 characters
+    b"GET /test/42 HTTP/2.0\r\n\r\n",
+    b"GET /test/42 HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+    b"GET /test/42 HTTP/1.1\r\nno colon\r\n\r\n",
+    b"GET /test/42 HTTP/1.1\r\n: empty name\r\n\r\n",
+    b"GET /test/42 HTTP/1.1\nHost: x\n\n",  # bare LF: pywsgi's call
+    b"GET /stats HTTP/1.1\r\n\r\n",
+    b"GET http://x/test/42 HTTP/1.1\r\n\r\n",
+])
+def test_everything_else_goes_to_pywsgi(request_bytes):
+    assert parse_stream_request(request_bytes) is None
+
+
+def test_stream_kinds():
+    assert [stream_kind(sse, http10) for sse in (False, True) for http10 in (False, True)] == [
+        CHUNKED, RAW, SSE_CHUNKED, SSE_RAW]
+
+
+def test_stream_heads():
+    chunked = stream_head("42", CHUNKED, "/test/42")
+    head, _, body = chunked.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n")
+    assert b"\r\nTransfer-Encoding: chunked\r\nDate: " in head
+    assert body == b"20\r\nWelcome, Url: '/test/42' Id: 42\n\r\n"
+
+    raw = stream_head("42", SSE_RAW, "/events/42")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n" in head
+    assert b"Connection: close" in head and b"Transfer-Encoding" not in head
+    assert body == b": Welcome, Url: '/events/42' Id: 42\n\n"
+
+
+# -- both ways into a stream, on a real server ------------------------------------------
+
+
+@pytest.fixture(scope="module", params=MODES)
+def srv(request, tmp_path_factory):
+    s = start_server(str(tmp_path_factory.mktemp("streamhttp") / "db"), "--mode", request.param,
+                     "--admin-port", "-1")
+    yield s
+    s.stop()
+
+
+def _open(srv, parts: list[bytes]) -> StreamClient:
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    for i, part in enumerate(parts):
+        if i:
+            time.sleep(0.05)  # the first part is all the accept callback sees
+        sock.sendall(part)
+    return StreamClient(sock)
+
+
+def _same_head(a: StreamClient, b: StreamClient) -> None:
+    assert a.status_line == b.status_line == "HTTP/1.1 200 OK"
+    assert {k: v for k, v in a.headers.items() if k != "date"} == {
+        k: v for k, v in b.headers.items() if k != "date"}
+
+
+@pytest.mark.parametrize("path, version", [
+    ("/test/{}", "1.1"), ("/test/{}", "1.0"), ("/events/{}", "1.1"), ("/events/{}", "1.0")])
+def test_a_declined_request_gets_the_same_stream(srv, path, version):
+    user = unique_id("both")
+    target = path.format(user)
+    whole = f"GET {target} HTTP/{version}\r\nHost: x\r\n\r\n".encode()
+    split = [whole[:9], whole[9:]]
+    folded = [f"GET {target}?q=1 HTTP/{version}\r\nHost: x\r\nX-A: 1\r\n 2\r\n\r\n".encode()]
+    streams = [_open(srv, [whole]), _open(srv, split), _open(srv, folded)]
+    try:
+        for other in streams[1:]:
+            _same_head(streams[0], other)
+        wait_for(lambda: send(srv, user, "ping") == 3, 5, what="all three streams online")
+        firsts = []
+        for c in streams:
+            if c.chunked:
+                firsts.append(c.chunk())
+                assert b"ping" in c.chunk()
+            else:
+                firsts.append(c.read_until(b"\n\n" if "events" in path else b"\n"))
+                assert c.read_until(b"ping")
+        assert firsts[0] == firsts[1] == firsts[2]
+        assert f"Url: '{target}' Id: {user}".encode() in firsts[0]
+    finally:
+        for c in streams:
+            c.close()
+    wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="streams closed")
