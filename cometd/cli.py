@@ -86,7 +86,9 @@ _http_options = _options(
     click.option("--max-pending", default=256 * 1024, show_default=True,
                  help="bytes of unsent output a connection may hold before it is dropped"),
     click.option("--request-timeout", default=10.0, show_default=True,
-                 help="seconds a client may take to send a whole request before it is closed"),
+                 help="seconds a client may take to send a whole request before it is closed "
+                      "(one that sends nothing waits in the kernel first, at no cost to the "
+                      "server, for about as long again)"),
 )
 _redis_option = click.option("--redis", "redis_url", metavar="URL",
                              help="Redis backplane, e.g. redis://127.0.0.1:6379/0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import _socket
 import io
 import json
+import math
 import resource
 import signal
 import socket
@@ -198,6 +199,13 @@ class CometServer(WSGIServer):
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        # The kernel holds a connection until its request begins to arrive, so
+        # the accept callback can usually answer a stream at once
+        # (cometd.streamhttp), and a client that says nothing costs no
+        # descriptor. A short deferral is no good: a loaded client that is a
+        # second late gets accepted without its request and takes the slow path.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                               max(1, math.ceil(request_timeout)))
         self.loop_hub = gevent.get_hub()
         # Stop accepting before the process runs out of descriptors (20,000
         # here): a full process refuses new clients instead of failing.
@@ -336,9 +344,6 @@ def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    # Accept a connection only once its request has begun to arrive, so the
-    # accept callback can usually answer a stream at once (cometd.streamhttp).
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
     try:
         sock.bind((host, port))
         sock.listen(4096)
