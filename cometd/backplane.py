@@ -161,12 +161,19 @@ class Presence:
                 for edge, n in where.items():
                     per_edge[edge].append(user)
                     delivered += n
+        if not per_edge:
+            return 0
+        # One round trip for all the edges' batches: a message reaches ~30
+        # friends on as many edges, and a publish apiece cost ~0.1 ms each.
+        pipe = self.client.pipeline(transaction=False)
         for edge, batch in per_edge.items():
-            try:
-                listeners = self.client.publish(EDGE.format(edge), encode_batch(message, batch))
-            except (redis.ConnectionError, redis.TimeoutError):
-                listeners = 0
-            if not listeners:
+            pipe.publish(EDGE.format(edge), encode_batch(message, batch))
+        try:
+            listeners = pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            listeners = [0] * len(per_edge)
+        for (edge, batch), heard in zip(per_edge.items(), listeners, strict=True):
+            if not heard:
                 # Redis is down, or the edge is not (yet) re-subscribed after a
                 # reconnect: nobody got the batch, so it is not "delivered".
                 self.batches_lost += 1
