@@ -7,7 +7,10 @@ Everything runs here: Redis (started by this script), one ``cometd router`` and
 (127.1.0.1 ... , each address has its own ephemeral ports). Once every connect
 has resolved, the connections are held for ``--hold`` seconds, then ``msggen``
 publishes timestamped messages at ``--msg-rate`` for ``--msg-duration`` seconds
-while the connections stay open, and floodtest measures delivery latency.
+while the connections stay open, and floodtest measures delivery latency. As in
+the seed, a message goes to its sender's friends: before the router starts,
+``genfriends --m 15`` over the floodtest's user ids is loaded into its store
+(``--friends``), so each message reaches ~30 streams on as many edges.
 
 Every process here may hold at most 20,000 open files (hard limit), so the
 server needs ~19,500 connections per edge (52 edges for 1M) and the client
@@ -344,6 +347,24 @@ class Run:
                 return
             time.sleep(every)
 
+    def load_friends(self, cometd: list[str], db: str) -> None:
+        """genfriends over the floodtest's user ids, bulk-loaded into the router's store."""
+        a = self.a
+        path = os.path.join(self.tmp, "friends.txt")
+        gen = [PY, os.path.join(BIN, "genfriends"), "--n", str(a.connections), "--m",
+               str(a.friends), "--seed", "1", "--output", path]
+        load = cometd + ["load", "--db", db, path]
+        for name, cmd in (("genfriends", gen), ("load", load)):
+            self.commands[name] = shlex.join(cmd)
+            t = time.monotonic()
+            with open(os.path.join(self.tmp, f"{name}.log"), "w") as out:
+                done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      timeout=max(60, a.timeout - (time.monotonic() - self.t0)))
+            if done.returncode:
+                raise RuntimeError(f"{name} failed ({done.returncode}); see {self.tmp}/{name}.log")
+            log(f"{name}: {time.monotonic() - t:.1f}s")
+        os.remove(path)
+
     # -- main --------------------------------------------------------------------------
     def run(self) -> dict:
         a = self.a
@@ -357,8 +378,11 @@ class Run:
         wait_port(rport, 10, [self.redis])
         url = f"redis://127.0.0.1:{rport}/0"
         cometd = [PY, os.path.join(BIN, "cometd")]
-        router = self.spawn(cometd + ["router", "--redis", url, "--db",
-                                      os.path.join(self.tmp, "db"), "--admin-port", "-1"],
+        db = os.path.join(self.tmp, "db")
+        self.commands = {}
+        if a.friends:
+            self.load_friends(cometd, db)
+        router = self.spawn(cometd + ["router", "--redis", url, "--db", db, "--admin-port", "-1"],
                             "router.log")
         edges = [self.spawn(cometd + ["edge", "--redis", url, "--port", str(port),
                                       "--reuse-port", "--mode", a.mode,
@@ -400,7 +424,7 @@ class Run:
                      "--interval", "3", "--rst-close", "--connect-timeout", "30",
                      "--timeout", str(max(60, a.timeout - (time.monotonic() - self.t0) - 60)),
                      "--json", os.path.join(self.tmp, "floodtest.json")]
-        self.commands = {"floodtest": shlex.join(flood_cmd)}
+        self.commands["floodtest"] = shlex.join(flood_cmd)
         self.flood = self.spawn(flood_cmd, "floodtest.log")
         t_ramp = time.monotonic()
 
@@ -484,6 +508,7 @@ class Run:
             "msgs_sent": mg.get("sent"),
             "msg_errors": mg.get("errors"),
             "msgs_missed": mg.get("missed"),
+            "friends_m": a.friends,
             "msg_deliveries_reported": mg.get("deliveries"),
             "msgs_received": flood.get("messages"),
             "delivery_latency_ms": flood.get("latency_ms"),
@@ -518,6 +543,12 @@ def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
 
 def _mib(x: float) -> str:
     return f"{x / 2**20:,.0f} MiB"
+
+
+def _friends(m: int) -> str:
+    if not m:
+        return "no friends graph: to the sender's own stream"
+    return f"to the sender and its friends, genfriends --m {m}"
 
 
 def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> None:
@@ -565,8 +596,11 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| total memory used (MemAvailable delta) | {_mib(res['total_mem_used_bytes'])} "
         f"= {res['total_bytes_per_conn']:,} B per connection |",
         f"| messages | {res['msgs_sent']:,} sent at {res['msg_rate_achieved']}/s "
-        f"(target {res['msg_rate_target']}/s), {res['msgs_received']:,} received, "
-        f"{res['msg_errors']} errors, {res['msgs_missed']} missed |",
+        f"(target {res['msg_rate_target']}/s), {res['msg_errors']} errors, "
+        f"{res['msgs_missed']} missed |",
+        f"| deliveries | {res['msg_deliveries_reported']:,} reported by the server "
+        f"({res['msg_deliveries_reported'] / max(res['msgs_sent'], 1):.1f} per message; "
+        f"{_friends(res['friends_m'])}), {res['msgs_received']:,} received by floodtest |",
         f"| delivery latency (send -> client) | p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
         f"max {lat.get('max')} ms |",
         f"| POST /send latency | p50 {plat.get('p50')} ms, p99 {plat.get('p99')} ms, "
@@ -660,6 +694,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hold", type=float, default=60.0,
                    help="seconds to hold all connections before messages")
     p.add_argument("--msg-rate", type=float, default=1000.0, help="messages/s from msggen")
+    p.add_argument("--friends", type=int, default=15, metavar="M",
+                   help="friends graph the messages fan out over: genfriends --n CONNECTIONS "
+                        "--m M (about 2M friends per user), loaded into the router's store "
+                        "before it starts; 0: none, a message reaches its sender's stream only")
     p.add_argument("--request-timeout", type=float, default=60.0,
                    help="edges' --request-timeout: with ~100 processes on two cores, floodtest "
                         "can send a request line more than the default 10 s after its connect "
