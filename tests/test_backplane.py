@@ -32,6 +32,8 @@ import pytest
 import redis
 from conftest import CometdProcess, start_cometd
 
+from cometd.backplane import decode_batch, encode_batch
+from cometd.connections import Message
 from cometd.store import SubscriptionStore
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
@@ -290,15 +292,14 @@ def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
     watcher = redis.Redis.from_url(redis_server.url).pubsub()
     watcher.psubscribe("cometd:edge:*")
     assert watcher.get_message(timeout=5)["type"] == "psubscribe"
-    batches: list[tuple[str, dict, bytes]] = []
+    batches: list[tuple[str, list[tuple[Message, list[str]]]]] = []
 
     def watch() -> None:
         while len(batches) < 2 * n:
             item = watcher.get_message(timeout=10)
             if item is None:
                 return
-            head, _, body = item["data"].partition(b"\n")
-            batches.append((item["channel"].decode(), json.loads(head), body))
+            batches.append((item["channel"].decode(), decode_batch(item["data"])))
 
     n = 30
     thread = threading.Thread(target=watch, daemon=True)
@@ -312,14 +313,50 @@ def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
     thread.join(5)
     watcher.close()
 
-    # One batch per edge per send, naming that edge's recipients, in send order.
+    # One batch per edge per send (each send here waits for the one before),
+    # naming that edge's recipients, in send order.
     for edge in (a, b):
         channel = f"cometd:edge:{edge.id}"
-        mine = [(head, body) for ch, head, body in batches if ch == channel]
-        assert [body for _, body in mine] == bodies
-        assert all(sorted(head["users"]) == users[edge.id] for head, _ in mine)
-        assert all(head["subject"] == "rj" for head, _ in mine)
+        mine = [entries for ch, entries in batches if ch == channel]
+        assert all(len(entries) == 1 for entries in mine)
+        assert [entries[0][0].body for entries in mine] == bodies
+        assert all(sorted(entries[0][1]) == users[edge.id] for entries in mine)
+        assert all(entries[0][0].subject == "rj" for entries in mine)
     assert len(batches) == 2 * n
+    cluster.assert_healthy()
+
+
+def test_a_batch_carries_several_messages_with_their_recipients():
+    first, second = Message("rj", b"one\nline"), Message("user:7", b"")
+    third = Message("rj", "h\u00e9llo".encode())
+    entries = [(first, ["alice", "bob"]), (second, ["carol"]), (third, ["alice"])]
+    decoded = decode_batch(encode_batch(entries))
+    assert [(m.seq, m.subject, m.body, users) for m, users in decoded] == [
+        (m.seq, m.subject, m.body, users) for m, users in entries]
+
+
+def test_concurrent_sends_all_arrive_in_subject_order(cluster):
+    """Sends routed while a flush is in flight share the next one; none is lost."""
+    a, b = cluster.edges
+    subjects = ["s1", "s2", "s3", "s4"]
+    cluster.subscribe(a, [[u, s] for u in ("alice", "bob") for s in subjects])
+    streams = [cluster.stream(a, "alice"), cluster.stream(b, "bob")]
+    assert wait_until(lambda: cluster.connections() == 2, BACK_WITHIN)
+    per_subject = 15
+
+    def burst(subject: str) -> list[tuple[int, dict]]:
+        edge = a if subject in ("s1", "s3") else b
+        return [edge.send(subject, b"%s-%02d" % (subject.encode(), i))
+                for i in range(per_subject)]
+
+    with ThreadPoolExecutor(len(subjects)) as pool:
+        replies = [r for rs in pool.map(burst, subjects) for r in rs]
+    assert replies == [(200, {"delivered": 2})] * (len(subjects) * per_subject)
+    for stream in streams:
+        got = stream.wait_messages(len(subjects) * per_subject)
+        for subject in subjects:
+            mine = [m for m in got if m.startswith(subject.encode() + b"-")]
+            assert mine == [b"%s-%02d" % (subject.encode(), i) for i in range(per_subject)]
     cluster.assert_healthy()
 
 
