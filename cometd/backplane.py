@@ -76,6 +76,7 @@ HEARTBEAT = 1.0
 PRESENCE_BATCH = 0.1
 CALL_TIMEOUT = 5.0
 RETRY = 0.5
+DELIVERY_FLUSH = 0.01  # at most one delivery flush per this many seconds
 CALL_BATCH = 64  # most calls the router takes off the request list per round trip
 SYNC_GRACE = 0.5  # a starting router's wait for the edges' snapshots before it routes
 
@@ -201,10 +202,11 @@ class Presence:
     def _flush_batches(self) -> None:
         # Theory: a message reaches ~30 friends on ~25 edges, and each Redis
         # message costs its edge ~0.2 ms to receive, whatever it carries. So
-        # every message routed while one flush is in flight waits for the
-        # next, which sends each edge one payload with all of its messages,
-        # for all edges in one pipelined round trip. An idle router flushes
-        # at once; a busy one sends fewer, fuller payloads.
+        # messages routed while a flush is in flight, or within
+        # DELIVERY_FLUSH after it, wait for the next one, which sends each
+        # edge one payload with all of its messages, for all edges in one
+        # pipelined round trip. An idle router flushes at once; a busy one
+        # sends each edge at most one payload per DELIVERY_FLUSH.
         while True:
             self._flush_wanted.wait()
             self._flush_wanted.clear()
@@ -221,6 +223,7 @@ class Presence:
             except redis.RedisError:
                 listeners = [0] * len(outbox)
             done.set(dict(zip(outbox, listeners, strict=True)))
+            gevent.sleep(DELIVERY_FLUSH)
 
     @property
     def connections(self) -> int:
