@@ -93,6 +93,8 @@ def watcher(srv):
     (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
     (b"\r\n\r\n", 400),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    (b"G@T /stats HTTP/1.1\r\n\r\n", 400),  # a method must be a token
+    (b"\x01\x02 /stats HTTP/1.1\r\n\r\n", 400),
     (b"GET /stats HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
     (b"POST /send/x HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
     (b"POST /send/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
