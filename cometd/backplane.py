@@ -383,7 +383,10 @@ class EdgeLink:
     def _snapshot(self) -> None:
         counts = {u: len(c) for u, c in self.table.users.items()}
         self._changed.clear()
-        self.client.publish(PRESENCE, json.dumps({"edge": self.edge_id, "snapshot": counts}))
+        heard = self.client.publish(
+            PRESENCE, json.dumps({"edge": self.edge_id, "snapshot": counts}))
+        if not heard:
+            self._changed.update(counts)  # no router listening yet: report them as changes
 
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.url)
@@ -428,10 +431,17 @@ class EdgeLink:
         changed, self._changed = self._changed, set()
         counts = {u: self.table.online(u) for u in changed}
         try:
-            self.client.publish(PRESENCE, json.dumps({"edge": self.edge_id, "counts": counts}))
-            self._last_report = time.monotonic()
+            heard = self.client.publish(
+                PRESENCE, json.dumps({"edge": self.edge_id, "counts": counts}))
         except (redis.ConnectionError, redis.TimeoutError):
-            self._changed |= changed  # the next heartbeat reports them
+            heard = 0
+        if heard:
+            self._last_report = time.monotonic()
+        else:
+            # Redis is down, or the router is not subscribed (restarting, or
+            # still re-subscribing after Redis came back): the next heartbeat
+            # reports these changes again rather than lose them.
+            self._changed |= changed
 
     def call(self, op: str, *args: Any) -> Any:
         """Ask the router; raise :class:`BackplaneUnavailable` after a timeout."""
