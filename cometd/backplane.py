@@ -53,7 +53,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
@@ -113,6 +113,48 @@ def _forever(fn, *args) -> None:
             gevent.sleep(RETRY)
 
 
+class _Batches:
+    """Items added while one batch is in flight go out together in the next.
+
+    ``send(items)`` runs in one greenlet, one batch at a time, so an idle
+    link sends at once and a busy one sends fewer, fuller batches. With
+    *pause*, batches start at most once per *pause* seconds.
+    """
+
+    def __init__(self, send: Callable[[list[Any]], Any], pause: float = 0.0) -> None:
+        self._send = send
+        self._pause = pause
+        self._items: list[Any] = []
+        self._done = AsyncResult()
+        self._wanted = Event()
+        self._greenlet: gevent.Greenlet | None = None
+
+    def add(self, item: Any) -> AsyncResult:
+        """Queue *item*; the result is what ``send`` returns for its batch."""
+        self._items.append(item)
+        self._wanted.set()
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._run)
+        return self._done
+
+    def stop(self) -> None:
+        if self._greenlet is not None:
+            self._greenlet.kill()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            items, self._items = self._items, []
+            done, self._done = self._done, AsyncResult()
+            try:
+                done.set(self._send(items))
+            except Exception as exc:  # handed to every waiter of the batch
+                done.set_exception(exc)
+            if self._pause:
+                gevent.sleep(self._pause)
+
+
 # -- router side --------------------------------------------------------------
 
 
@@ -127,11 +169,7 @@ class Presence:
         self.edges: dict[str, float] = {}
         #: delivery batches that could not be published (Redis down)
         self.batches_lost = 0
-        #: edge -> (message, users) waiting for the next flush
-        self._outbox: dict[str, list[tuple[Message, list[str]]]] = {}
-        self._next_flush = AsyncResult()
-        self._flush_wanted = Event()
-        self._flusher: gevent.Greenlet | None = None
+        self._sends = _Batches(self._publish, pause=DELIVERY_FLUSH)
         #: connections written to, as counted from presence
         self.deliveries = 0
         #: slow consumers are dropped, and counted, by the edges
@@ -183,13 +221,7 @@ class Presence:
                     delivered += n
         if not per_edge:
             return 0
-        for edge, batch in per_edge.items():
-            self._outbox.setdefault(edge, []).append((message, batch))
-        flush = self._next_flush
-        self._flush_wanted.set()
-        if self._flusher is None:
-            self._flusher = gevent.spawn(self._flush_batches)
-        heard = flush.get()
+        heard = self._sends.add((message, per_edge)).get()
         for edge, batch in per_edge.items():
             if not heard.get(edge):
                 # Redis is down, or the edge is not (yet) re-subscribed after a
@@ -199,31 +231,25 @@ class Presence:
         self.deliveries += delivered
         return delivered
 
-    def _flush_batches(self) -> None:
+    def _publish(self, sends: list[tuple[Message, dict[str, list[str]]]]) -> dict[str, int]:
         # Theory: a message reaches ~30 friends on ~25 edges, and each Redis
         # message costs its edge ~0.2 ms to receive, whatever it carries. So
-        # messages routed while a flush is in flight, or within
-        # DELIVERY_FLUSH after it, wait for the next one, which sends each
-        # edge one payload with all of its messages, for all edges in one
-        # pipelined round trip. An idle router flushes at once; a busy one
-        # sends each edge at most one payload per DELIVERY_FLUSH.
-        while True:
-            self._flush_wanted.wait()
-            self._flush_wanted.clear()
-            outbox, self._outbox = self._outbox, {}
-            done, self._next_flush = self._next_flush, AsyncResult()
-            if not outbox:
-                done.set({})
-                continue
-            pipe = self.client.pipeline(transaction=False)
-            for edge, entries in outbox.items():
-                pipe.publish(EDGE.format(edge), encode_batch(entries))
-            try:
-                listeners = pipe.execute()
-            except redis.RedisError:
-                listeners = [0] * len(outbox)
-            done.set(dict(zip(outbox, listeners, strict=True)))
-            gevent.sleep(DELIVERY_FLUSH)
+        # the sends routed while a flush is in flight, or within
+        # DELIVERY_FLUSH after it, share the next one: each edge gets one
+        # payload with all of its messages, all edges in one pipelined round
+        # trip. Returns edge -> how many subscribers heard its payload.
+        outbox: dict[str, list[tuple[Message, list[str]]]] = defaultdict(list)
+        for message, per_edge in sends:
+            for edge, users in per_edge.items():
+                outbox[edge].append((message, users))
+        pipe = self.client.pipeline(transaction=False)
+        for edge, entries in outbox.items():
+            pipe.publish(EDGE.format(edge), encode_batch(entries))
+        try:
+            listeners = pipe.execute()
+        except redis.RedisError:
+            listeners = [0] * len(outbox)
+        return dict(zip(outbox, listeners, strict=True))
 
     @property
     def connections(self) -> int:
@@ -244,20 +270,19 @@ class RouterLink:
         self._last_resync = 0.0
         self._synced = Event()
         self._greenlets: list[gevent.Greenlet] = []
-        #: (channel, reply) waiting for the next pipelined publish
-        self._replies: list[tuple[str, str]] = []
-        self._replies_waiting = Event()
+        self._client = redis.Redis.from_url(url)
+        self._replies = _Batches(self._publish_replies)
 
     def start(self) -> None:
         self._greenlets = [
             gevent.spawn(_forever, self._listen),
             gevent.spawn(_forever, self._serve_calls),
-            gevent.spawn(self._send_replies),
             gevent.spawn(self._expire),
         ]
 
     def stop(self) -> None:
         gevent.killall(self._greenlets, timeout=2)
+        self._replies.stop()
 
     def _resync(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -314,22 +339,16 @@ class RouterLink:
             reply["result"] = self._call(call["op"], call["args"])
         except Exception as exc:  # the edge turns this into a clear HTTP error
             reply["error"] = f"{type(exc).__name__}: {exc}"
-        self._replies.append((REPLY.format(call["edge"]), json.dumps(reply)))
-        self._replies_waiting.set()
+        self._replies.add((REPLY.format(call["edge"]), json.dumps(reply)))
 
-    def _send_replies(self) -> None:
-        client = redis.Redis.from_url(self.url)
-        while True:
-            self._replies_waiting.wait()
-            self._replies_waiting.clear()
-            replies, self._replies = self._replies, []
-            pipe = client.pipeline(transaction=False)
-            for channel, reply in replies:
-                pipe.publish(channel, reply)
-            try:
-                pipe.execute()
-            except redis.RedisError:
-                pass  # the edges time out and answer 503
+    def _publish_replies(self, replies: list[tuple[str, str]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for channel, reply in replies:
+            pipe.publish(channel, reply)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the edges time out and answer 503
 
     def _call(self, op: str, args: list[Any]) -> Any:
         b = self.backend
@@ -361,20 +380,18 @@ class EdgeLink:
         self._pending: dict[int, AsyncResult] = {}
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
-        #: (request, its waiter) for the next RPUSH
-        self._requests: list[tuple[str, AsyncResult]] = []
-        self._requests_waiting = Event()
+        self._requests = _Batches(self._push_requests)
         table.on_presence = self._presence_changed
 
     def start(self) -> None:
         self._greenlets = [
             gevent.spawn(_forever, self._listen),
             gevent.spawn(self._beat),
-            gevent.spawn(self._push_requests),
         ]
 
     def stop(self) -> None:
         gevent.killall(self._greenlets + ([self._flush] if self._flush else []), timeout=2)
+        self._requests.stop()
         try:
             self.client.publish(PRESENCE, json.dumps({"edge": self.edge_id, "bye": True}))
         except (redis.ConnectionError, redis.TimeoutError):
@@ -449,8 +466,7 @@ class EdgeLink:
         waiter = AsyncResult()
         self._pending[call_id] = waiter
         request = json.dumps({"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)})
-        self._requests.append((request, waiter))
-        self._requests_waiting.set()
+        self._requests.add((request, waiter))
         try:
             reply = waiter.get(timeout=CALL_TIMEOUT)
         except gevent.Timeout:
@@ -462,18 +478,13 @@ class EdgeLink:
             raise BackplaneUnavailable(f"the router failed: {reply['error']}")
         return reply["result"]
 
-    def _push_requests(self) -> None:
-        # One RPUSH for every call made while the previous one was in flight.
-        while True:
-            self._requests_waiting.wait()
-            self._requests_waiting.clear()
-            batch, self._requests = self._requests, []
-            try:
-                self.client.rpush(REQUESTS, *(request for request, _ in batch))
-            except redis.RedisError:
-                for _, waiter in batch:
-                    waiter.set_exception(
-                        BackplaneUnavailable("the router is not reachable; try again"))
+    def _push_requests(self, batch: list[tuple[str, AsyncResult]]) -> None:
+        try:
+            self.client.rpush(REQUESTS, *(request for request, _ in batch))
+        except redis.RedisError:
+            for _, waiter in batch:
+                waiter.set_exception(
+                    BackplaneUnavailable("the router is not reachable; try again"))
 
     def _withdraw(self, request: str) -> None:
         # The client is told to try again: a router that comes back later must
