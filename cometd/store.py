@@ -19,6 +19,12 @@ Integer ids (see :mod:`cometd.ids`) take four bytes and decode with one
 ``array`` copy; names follow as plain text (ids never contain spaces). Ids
 come back sorted: integers numerically, then names in byte order.
 
+The router does not decode at all: :meth:`SubscriptionStore.subscriber_view`
+returns a :class:`SetView` over the stored bytes (a zero-copy ``uint32`` view
+and the names text), which answers "is X in the set?" by binary search, so a
+send from a user with a million subscribers costs in proportion to who is
+online, not to the set (see :mod:`cometd.online`).
+
 A change reads the affected sets, merges, and writes both keyspaces in one
 synced ``WriteBatch`` under a lock, so readers never see one side without the
 other and an acknowledged change survives a crash. Readers take no lock: LevelDB
@@ -31,6 +37,7 @@ import os
 import sys
 import threading
 from array import array
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -44,6 +51,7 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "IdSet",
+    "SetView",
     "encode_set",
     "decode_set",
     "set_size",
@@ -73,6 +81,57 @@ class IdSet(NamedTuple):
 
     ints: set[int]
     names: set[str]
+
+
+class SetView:
+    """A stored set value, read in place: membership tests without decoding.
+
+    ``ints`` is a zero-copy ``uint32`` memoryview of the sorted integer ids;
+    ``names_text`` the sorted names joined by single spaces.
+    """
+
+    __slots__ = ("ints", "names_text")
+
+    def __init__(self, value: bytes | None) -> None:
+        if value is None:
+            value = b"\0\0\0\0"
+        n = int.from_bytes(value[:4], "little")
+        whole = memoryview(value)
+        self.ints = whole[4 : 4 + 4 * n].cast("I")
+        self.names_text = value[4 + 4 * n :]
+
+    def has_int(self, number: int) -> bool:
+        ints = self.ints
+        i = bisect_left(ints, number)
+        return i < len(ints) and ints[i] == number
+
+    def has_name(self, name: str) -> bool:
+        # Binary search over the text itself: [lo, hi) always spans whole names.
+        text, wanted = self.names_text, name.encode("ascii")
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            cut = text.rfind(b" ", lo, mid)
+            start = lo if cut < 0 else cut + 1
+            end = text.find(b" ", mid, hi)
+            if end < 0:
+                end = hi
+            word = text[start:end]
+            if word == wanted:
+                return True
+            if word < wanted:
+                lo = end + 1
+            else:
+                hi = start - 1
+        return False
+
+    def __contains__(self, user: str) -> bool:
+        number = int_value(user)
+        return self.has_name(user) if number is None else self.has_int(number)
+
+    def __len__(self) -> int:
+        text = self.names_text
+        return len(self.ints) + (text.count(b" ") + 1 if text else 0)
 
 
 def encode_set(ints: Iterable[int], names: Iterable[str]) -> bytes:
@@ -164,6 +223,10 @@ class SubscriptionStore:
     def get_subscribers(self, user: str | int) -> list[str]:
         """Who subscribes to *user*, sorted (integers first, then names)."""
         return decode_list(self._subscribers.get(encode_key(check_id(user))))
+
+    def subscriber_view(self, user: str | int) -> SetView:
+        """Who subscribes to *user*, as a :class:`SetView` (the router's lookup)."""
+        return SetView(self._subscribers.get(encode_key(check_id(user))))
 
     def get_subscriptions(self, user: str | int) -> list[str]:
         """Whom *user* subscribes to, sorted (integers first, then names)."""

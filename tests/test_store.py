@@ -64,6 +64,21 @@ def test_bad_id_raises_and_changes_nothing(store, bad):
             store.get_subscribers(bad)
 
 
+def test_subscriber_view_answers_membership_like_the_list(store):
+    pairs = [(str(n), "star") for n in range(0, 3000, 3)]
+    pairs += [(f"user:{n}", "star") for n in range(0, 900, 3)]
+    pairs += [("007", "star"), (str(2**32 - 1), "star"), (str(2**32), "star")]
+    store.add_subscriptions(pairs)
+    listed = store.get_subscribers("star")
+    subscribers = store.subscriber_view("star")
+    assert len(subscribers) == len(listed) == len(pairs)
+    probes = [str(n) for n in range(-1, 3001)] + [f"user:{n}" for n in range(901)]
+    probes += ["007", "7", str(2**32 - 1), str(2**32), "user:", "user:3000", "a", "zzz"]
+    assert [p for p in probes if p in subscribers] == [p for p in probes if p in listed]
+    empty = store.subscriber_view("nobody")
+    assert len(empty) == 0 and "1" not in empty and "a" not in empty
+
+
 def test_second_opener_gets_clear_error(tmp_path, store):
     with pytest.raises(StoreLockedError, match="already open in this process"):
         SubscriptionStore(tmp_path / "db")
