@@ -19,8 +19,9 @@ Commands
 ``help``                                    one line per command, ``OK``
 ``quit``                                    ``OK bye``, then the session closes
 
-A mistake (unknown command, wrong arguments, bad id, bad file) gets a one-line
-``ERR <reason>`` and the session goes on. An empty line just gets a new prompt.
+A mistake (unknown command, wrong arguments, bad id, a user subscribing to
+itself, bad file) gets a one-line ``ERR <reason>`` and the session goes on. An
+empty line just gets a new prompt.
 
 The console faces whoever can reach its port, so it bounds what a session can
 make the server hold: lines are capped at :data:`MAX_LINE` bytes, an idle
@@ -43,6 +44,7 @@ from gevent.server import StreamServer
 
 from cometd.ids import InvalidId, check_id
 from cometd.loader import LoadError
+from cometd.store import SelfSubscription, check_pair
 
 __all__ = ["AdminConsole", "AdminBackend", "MAX_LINE", "PROMPT", "GREETING"]
 
@@ -249,7 +251,7 @@ class AdminConsole(StreamServer):
             return command(rest.split(), rest)
         except _Quit:
             raise
-        except (CommandError, InvalidId, LoadError) as exc:
+        except (CommandError, InvalidId, SelfSubscription, LoadError) as exc:
             return ["ERR " + _one_line(str(exc))]
         except Exception as exc:  # noqa: BLE001 - a backend fault must not end the session
             print(f"cometd admin: {name} failed: {exc!r}", file=sys.stderr, flush=True)
@@ -265,7 +267,7 @@ class AdminConsole(StreamServer):
 
     def _subscribe(self, args: list[str], rest: str) -> list[str]:
         subscriber, subscribee = self._args(args, "subscriber subscribee")
-        self.backend.add([(subscriber, subscribee)])
+        self.backend.add([check_pair(subscriber, subscribee)])
         return ["OK"]
 
     def _unsubscribe(self, args: list[str], rest: str) -> list[str]:

@@ -25,6 +25,10 @@ and the names text), which answers "is X in the set?" by binary search, so a
 send from a user with a million subscribers costs in proportion to who is
 online, not to the set (see :mod:`cometd.online`).
 
+Nobody subscribes to themselves (everyone always gets their own messages):
+adding such a pair raises :class:`SelfSubscription`; removing one is allowed,
+so a self-loop stored before this rule can be cleaned up.
+
 A change reads the affected sets, merges, and writes both keyspaces in one
 synced ``WriteBatch`` under a lock, so readers never see one side without the
 other and an acknowledged change survives a crash. Readers take no lock: LevelDB
@@ -52,6 +56,8 @@ __all__ = [
     "StoreLockedError",
     "IdSet",
     "SetView",
+    "SelfSubscription",
+    "check_pair",
     "encode_set",
     "decode_set",
     "set_size",
@@ -81,6 +87,24 @@ class IdSet(NamedTuple):
 
     ints: set[int]
     names: set[str]
+
+
+class SelfSubscription(ValueError):
+    """A (user, user) pair: a user cannot subscribe to itself."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(
+            f"{user!r} cannot subscribe to itself (everyone always gets their own messages)"
+        )
+        self.user = user
+
+
+def check_pair(subscriber: str | int, subscribee: str | int) -> tuple[str, str]:
+    """A pair to add, validated: :class:`~cometd.ids.InvalidId` or :class:`SelfSubscription`."""
+    pair = check_id(subscriber), check_id(subscribee)
+    if pair[0] == pair[1]:
+        raise SelfSubscription(pair[0])
+    return pair
 
 
 class SetView:
@@ -245,13 +269,18 @@ class SubscriptionStore:
     def add_subscriptions(self, pairs: Iterable[tuple[str | int, str | int]]) -> int:
         """Store each (subscriber, subscribee) pair; return how many were new.
 
-        All ids are checked first: one bad id raises :class:`~cometd.ids.InvalidId`
-        and nothing is stored. Returns once the change is on disk.
+        All pairs are checked first: a bad id raises :class:`~cometd.ids.InvalidId`,
+        a (user, user) pair :class:`SelfSubscription`, and nothing is stored.
+        Returns once the change is on disk.
         """
-        return self._change(pairs, add=True)
+        return self._change([check_pair(a, b) for a, b in pairs], add=True)
 
     def remove_subscriptions(self, pairs: Iterable[tuple[str | int, str | int]]) -> int:
-        """Remove each (subscriber, subscribee) pair; return how many existed."""
+        """Remove each (subscriber, subscribee) pair; return how many existed.
+
+        A (user, user) pair is accepted, so a self-loop stored before
+        :class:`SelfSubscription` existed can be removed.
+        """
         return self._change(pairs, add=False)
 
     def _change(self, pairs: Iterable[tuple[str | int, str | int]], add: bool) -> int:

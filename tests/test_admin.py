@@ -191,6 +191,15 @@ def test_mistakes_get_one_err_line_and_the_session_goes_on(console):
     assert console.raw(b"subscribers rj\r\n")[-1] == "OK"
 
 
+def test_self_subscription_is_refused_and_changes_nothing(console):
+    assert console.cmd("subscribe selfie selfie") == [
+        "ERR 'selfie' cannot subscribe to itself (everyone always gets their own messages)"]
+    assert console.cmd("subscribe 12 12")[0].startswith("ERR '12' cannot subscribe to itself")
+    assert console.cmd("subscribers selfie") == ["OK"]
+    assert console.cmd("subscriptions selfie") == ["OK"]
+    assert console.cmd("unsubscribe selfie selfie") == ["OK"]  # allowed, as over HTTP
+
+
 def test_send_keeps_the_rest_of_the_line(console, srv):
     stream = open_stream(srv, "textsub")
     try:

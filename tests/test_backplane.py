@@ -385,6 +385,7 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
         ("POST", "/send/rj", b"x" * (64 * 1024 + 1), 413),
         ("POST", "/subscriptions", b"not json", 400),
         ("POST", "/subscriptions", [["alice"]], 400),
+        ("POST", "/subscriptions", [["dave", "rj"], ["dave", "dave"]], 400),
         ("DELETE", "/subscriptions", [["alice", "bad id"]], 400),
         ("GET", "/nowhere", None, 404),
         ("PUT", "/send/rj", b"hi", 405),
@@ -397,8 +398,11 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
             assert "Traceback" not in json.dumps(reply)
         status, reply = edge.http("GET", "/test/bad%20id")
         assert status == 404 and reply.startswith(b"User id not found"), reply
-    # The edges turned all of that away themselves: the router never saw a send.
+    # The edges turned all of that away themselves: the router never saw a send,
+    # nor dave's pairs; its console refuses a self-subscription as well.
     assert cluster.stats()["messages_sent"] == "0"
+    assert cluster.admin("subscriptions dave") == ["OK"]
+    assert cluster.admin("subscribe dave dave")[0].startswith("ERR 'dave' cannot subscribe")
     cluster.assert_healthy()
 
 

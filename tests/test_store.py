@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from cometd.ids import InvalidId
-from cometd.store import StoreLockedError, SubscriptionStore
+from cometd.store import SelfSubscription, StoreLockedError, SubscriptionStore
 
 
 @pytest.fixture
@@ -62,6 +62,18 @@ def test_bad_id_raises_and_changes_nothing(store, bad):
     if isinstance(bad, str):
         with pytest.raises(InvalidId):
             store.get_subscribers(bad)
+
+
+def test_self_subscription_raises_and_changes_nothing(store):
+    store.add_subscriptions([("a", "b")])
+    for pair in (("c", "c"), (5, "5")):
+        with pytest.raises(SelfSubscription, match="cannot subscribe to itself"):
+            store.add_subscriptions([("c", "d"), pair])
+    assert store.get_subscriptions("c") == [] and store.get_subscribers("c") == []
+    assert store.get_subscribers("5") == []
+    assert store.count() == (1, 1)
+    # Removing one is fine (and cleans up a self-loop stored before the rule).
+    assert store.remove_subscriptions([("a", "a")]) == 0
 
 
 def test_subscriber_view_answers_membership_like_the_list(store):
