@@ -281,6 +281,17 @@ def test_send_on_either_edge_reaches_streams_on_both(cluster):
     cluster.assert_healthy()
 
 
+def test_router_console_who_lists_users_on_every_edge(cluster):
+    a, b = cluster.edges
+    cluster.stream(a, "alice"), cluster.stream(b, "bob"), cluster.stream(b, "alice")
+    assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
+    reply = cluster.admin("who")
+    assert sorted(reply[:-1]) == ["alice", "bob"] and reply[-1] == "OK 2 of 2 online"
+    assert cluster.admin("who 1")[-1] == "OK 1 of 2 online"
+    assert cluster.admin("help who")[0].startswith("who [N]  ")
+    cluster.assert_healthy()
+
+
 def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
     a, b = cluster.edges
     users = {a.id: ["alice", "bob", "carol"], b.id: ["alice", "dave"]}
