@@ -30,10 +30,12 @@ from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from cometd.connections import Message
-from cometd.online import OnlineIndex, recipients
+from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
 
 __all__ = ["Router", "Fanout"]
+
+LARGE_VALUE = 256 * 1024  # bytes of subscriber set (64K integer ids) worth a yield (~0.6 ms)
 
 
 class Fanout(Protocol):
@@ -79,6 +81,13 @@ class Router:
 
     def _dispatch(self, message: Message) -> int:
         subscribers = self.store.subscriber_view(message.subject)
+        if subscribers.nbytes > LARGE_VALUE:
+            # LevelDB copied (and maybe decompressed) the whole value: ~2.5 ms
+            # for a million ids. Let the loop go round before the next step, or
+            # the queued sends of this subject would each run their lookup in
+            # the same loop turn (the lock hands over by callback) and hold
+            # every other request for all of them.
+            yield_to_hub()
         return self.fanout.deliver(
             recipients(message.subject, subscribers, self.fanout.index), message
         )

@@ -124,6 +124,11 @@ class SetView:
         self.ints = whole[4 : 4 + 4 * n].cast("I")
         self.names_text = value[4 + 4 * n :]
 
+    @property
+    def nbytes(self) -> int:
+        """The size of the stored value."""
+        return 4 + 4 * len(self.ints) + len(self.names_text)
+
     def has_int(self, number: int) -> bool:
         ints = self.ints
         i = bisect_left(ints, number)

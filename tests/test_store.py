@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from cometd.ids import InvalidId
-from cometd.store import SelfSubscription, StoreLockedError, SubscriptionStore
+from cometd.ids import InvalidId, int_value
+from cometd.store import SelfSubscription, StoreLockedError, SubscriptionStore, encode_set
 
 
 @pytest.fixture
@@ -84,6 +84,9 @@ def test_subscriber_view_answers_membership_like_the_list(store):
     listed = store.get_subscribers("star")
     subscribers = store.subscriber_view("star")
     assert len(subscribers) == len(listed) == len(pairs)
+    ints = [int_value(u) for u in listed if int_value(u) is not None]
+    names = [u for u in listed if int_value(u) is None]
+    assert subscribers.nbytes == len(encode_set(ints, names))
     probes = [str(n) for n in range(-1, 3001)] + [f"user:{n}" for n in range(901)]
     probes += ["007", "7", str(2**32 - 1), str(2**32), "user:", "user:3000", "a", "zzz"]
     assert [p for p in probes if p in subscribers] == [p for p in probes if p in listed]
