@@ -271,8 +271,7 @@ class ConnectionTable:
         self.max_pending = max_pending
         #: user id -> that user's connections
         self.users: dict[str, list[Connection]] = {}
-        #: the keys of ``users``, indexed for the router (see :mod:`cometd.online`)
-        self.index = OnlineIndex()
+        self._index: OnlineIndex | None = None
         self._by_fd: dict[int, Connection] = {}
         #: messages written to connections
         self.deliveries = 0
@@ -284,6 +283,19 @@ class ConnectionTable:
         self._epoll = select.epoll()
         self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
         self._epoll_watcher.start(self._on_epoll)
+
+    @property
+    def index(self) -> OnlineIndex:
+        """The keys of ``users``, indexed for the router (see :mod:`cometd.online`).
+
+        Built on first use and kept from then on: an edge, whose router is
+        elsewhere, never pays its ~100 bytes per user.
+        """
+        if self._index is None:
+            self._index = OnlineIndex()
+            for user in self.users:
+                self._index.add(user)
+        return self._index
 
     @property
     def connections(self) -> int:
@@ -305,7 +317,8 @@ class ConnectionTable:
         conns = self.users.get(user)
         if conns is None:
             self.users[user] = [conn]
-            self.index.add(user)
+            if self._index is not None:
+                self._index.add(user)
         else:
             conns.append(conn)
         if self.on_presence is not None:
@@ -324,7 +337,8 @@ class ConnectionTable:
             conns.remove(conn)
             if not conns:
                 del self.users[conn.user]
-                self.index.discard(conn.user)
+                if self._index is not None:
+                    self._index.discard(conn.user)
             if self.on_presence is not None:
                 self.on_presence(conn.user)
 
