@@ -46,6 +46,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import NamedTuple
 
+import numpy as np
 import plyvel
 
 from cometd.ids import check_id, encode_key, int_value
@@ -60,6 +61,7 @@ __all__ = [
     "check_pair",
     "encode_set",
     "decode_set",
+    "merge_value",
     "set_size",
 ]
 
@@ -199,6 +201,47 @@ def set_size(value: bytes) -> int:
     return n + (rest.count(b" ") + 1 if rest else 0)
 
 
+def merge_value(value: bytes | None, delta: IdSet, add: bool) -> tuple[bytes | None, int]:
+    """*value* with *delta* added (or removed): (new value, None once empty; ids changed).
+
+    Works on the encoded value: integer ids are found by binary search and
+    inserted or deleted with numpy, and the names text is decoded only when
+    names change, so one follow of a user with a million subscribers costs a
+    copy of its 4 MB, not a million-element Python set (~90 ms, GIL held).
+    """
+    value = value or b"\0\0\0\0"
+    n = int.from_bytes(value[:4], "little")
+    ints = np.frombuffer(value, dtype="<u4", count=n, offset=4)
+    text = value[4 + 4 * n :]
+    changed = 0
+    if delta.ints:
+        wanted = np.array(sorted(delta.ints), dtype="<u4")
+        at = np.searchsorted(ints, wanted)
+        found = np.zeros(len(wanted), dtype=bool)
+        inside = at < n
+        found[inside] = ints[at[inside]] == wanted[inside]
+        if add and not found.all():
+            ints = np.insert(ints, at[~found], wanted[~found])  # sorted: inserts keep order
+            changed += int((~found).sum())
+        elif not add and found.any():
+            ints = np.delete(ints, at[found])
+            changed += int(found.sum())
+    if delta.names:
+        names = set(text.decode("ascii").split(" ")) if text else set()
+        before = len(names)
+        if add:
+            names |= delta.names
+        else:
+            names -= delta.names
+        changed += abs(len(names) - before)
+        text = " ".join(sorted(names)).encode("ascii")
+    if not changed:
+        return value, 0
+    if not len(ints) and not text:
+        return None, changed
+    return len(ints).to_bytes(4, "little") + ints.tobytes() + text, changed
+
+
 def _split(ids: Iterable[str]) -> IdSet:
     out = IdSet(set(), set())
     for user in ids:
@@ -312,24 +355,13 @@ class SubscriptionStore:
 
     def _merge(self, db, prefix, batch, user: str, others: set[str], add: bool) -> int:
         key = encode_key(user)
-        value = db.get(key)
-        current = decode_set(value) if value is not None else IdSet(set(), set())
-        delta = _split(others)
-        before = len(current.ints) + len(current.names)
-        if add:
-            current.ints.update(delta.ints)
-            current.names.update(delta.names)
-        else:
-            current.ints.difference_update(delta.ints)
-            current.names.difference_update(delta.names)
-        after = len(current.ints) + len(current.names)
-        if after == before:
-            return 0
-        if after:
-            batch.put(prefix + key, encode_set(current.ints, current.names))
-        else:
-            batch.delete(prefix + key)
-        return abs(after - before)
+        value, changed = merge_value(db.get(key), _split(others), add)
+        if changed:
+            if value is None:
+                batch.delete(prefix + key)
+            else:
+                batch.put(prefix + key, value)
+        return changed
 
     # -- bulk loading --------------------------------------------------------
 

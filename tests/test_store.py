@@ -1,6 +1,7 @@
 """SubscriptionStore on a real LevelDB in a temporary directory."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -74,6 +75,34 @@ def test_self_subscription_raises_and_changes_nothing(store):
     assert store.count() == (1, 1)
     # Removing one is fine (and cleans up a self-loop stored before the rule).
     assert store.remove_subscriptions([("a", "a")]) == 0
+
+
+def test_changes_to_a_large_set_match_set_arithmetic(store):
+    rng = random.Random(3)
+
+    def ints(k: int) -> set[str]:
+        return {str(n) for n in rng.sample(range(2**32), k)} | {"0", str(2**32 - 1)}
+
+    model = ints(20_000) | {f"u:{n}" for n in range(300)}
+    store.add_subscriptions([(u, "star") for u in model])
+    for _ in range(30):
+        known = rng.sample(sorted(model), 40) if model else []
+        fresh = rng.sample(sorted(ints(30) | {f"u:{rng.randrange(600)}" for _ in range(5)}), 20)
+        batch = set(known[:20] + fresh)
+        if rng.random() < 0.5:
+            assert store.add_subscriptions([(u, "star") for u in batch]) == len(batch - model)
+            model |= batch
+        else:
+            assert store.remove_subscriptions([(u, "star") for u in batch]) == len(
+                batch & model)
+            model -= batch
+    listed = store.get_subscribers("star")
+    assert listed == sorted(model, key=lambda u: (int_value(u) is None, int_value(u) or 0, u))
+    for user in rng.sample(sorted(model), 50):
+        assert store.get_subscriptions(user) == ["star"]
+    # Everyone leaves: the key goes, as for a small set.
+    assert store.remove_subscriptions([(u, "star") for u in model]) == len(model)
+    assert store.get_subscribers("star") == [] and store.count() == (0, 0)
 
 
 def test_subscriber_view_answers_membership_like_the_list(store):
