@@ -82,11 +82,12 @@ class Router:
     def _dispatch(self, message: Message) -> int:
         subscribers = self.store.subscriber_view(message.subject)
         if subscribers.nbytes > LARGE_VALUE:
-            # LevelDB copied (and maybe decompressed) the whole value: ~2.5 ms
-            # for a million ids. Let the loop go round before the next step, or
-            # the queued sends of this subject would each run their lookup in
-            # the same loop turn (the lock hands over by callback) and hold
-            # every other request for all of them.
+            # Unless the store had it in memory, LevelDB copied (and maybe
+            # decompressed) the whole value: ~2.5 ms for a million ids. Let the
+            # loop go round before the next step, or the queued sends of this
+            # subject would each run their lookup in the same loop turn (the
+            # lock hands over by callback) and hold every other request for
+            # all of them.
             yield_to_hub()
         return self.fanout.deliver(
             recipients(message.subject, subscribers, self.fanout.index), message

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -103,6 +104,59 @@ def test_changes_to_a_large_set_match_set_arithmetic(store):
     # Everyone leaves: the key goes, as for a small set.
     assert store.remove_subscriptions([(u, "star") for u in model]) == len(model)
     assert store.get_subscribers("star") == [] and store.count() == (0, 0)
+
+
+BIG = [str(n) for n in range(1, 70_001)]  # 280 KB: over CACHE_MIN_BYTES
+
+
+def test_large_sets_are_kept_and_every_write_shows(store):
+    store.add_subscriptions([(u, "star") for u in BIG])
+    first = store.subscriber_view("star")
+    assert store.subscriber_view("star").ints.obj is first.ints.obj  # kept, not re-read
+    assert store.add_subscriptions([("70001", "star"), ("n", "star")]) == 2
+    view = store.subscriber_view("star")
+    assert len(view) == 70_002 and "70001" in view and "n" in view
+    assert store.remove_subscriptions([("1", "star")]) == 1
+    view = store.subscriber_view("star")
+    assert len(view) == 70_001 and "1" not in view
+    extra = (1).to_bytes(4, "little") + (99_999).to_bytes(4, "little")
+    store.bulk_merge("subscribers", [(b"\x02star", extra)])
+    assert "99999" in store.subscriber_view("star")
+    assert store.remove_subscriptions([(u, "star") for u in store.get_subscribers("star")])
+    assert len(store.subscriber_view("star")) == 0
+
+
+def test_a_value_read_before_a_write_is_not_kept(store):
+    store.add_subscriptions([(u, "star") for u in BIG])
+    real = store._subscribers
+
+    class WriteDuringGet:  # another thread's write lands between the get and the keep
+        done = False
+
+        def get(self, key):
+            value = real.get(key)
+            if not self.done:  # once: the write itself reads through here too
+                self.done = True
+                writer = threading.Thread(
+                    target=store.add_subscriptions, args=([("late", "star")],))
+                writer.start()
+                writer.join(10)
+            return value
+
+    store._subscribers = WriteDuringGet()
+    assert "late" not in store.subscriber_view("star")  # what was read, before the write
+    store._subscribers = real
+    assert "late" in store.subscriber_view("star")  # and not kept: the write shows
+
+
+def test_kept_sets_are_bounded(store, monkeypatch):
+    monkeypatch.setattr("cometd.store.CACHE_BYTES", 600 * 1024)
+    for subject in ("a", "b", "c"):
+        store.add_subscriptions([(u, subject) for u in BIG])
+    for subject in ("a", "b", "a", "c"):
+        store.subscriber_view(subject)
+    assert store._cache_bytes == sum(map(len, store._cache.values())) <= 600 * 1024
+    assert list(store._cache) == [b"\x02a", b"\x02c"]  # the least recently used went
 
 
 def test_subscriber_view_answers_membership_like_the_list(store):
