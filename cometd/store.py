@@ -150,6 +150,8 @@ class SubscriptionStore:
                 if "lock" in str(exc).lower():
                     raise StoreLockedError(
                         f"subscription database {self.path} is already open in another process"
+                        " (is another cometd running on this database? stop it, or pass"
+                        " --db another/path)"
                     ) from None
                 raise StoreError(f"cannot open subscription database {self.path}: {exc}") from None
             except plyvel.Error as exc:

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import COMETD, start_server
 
 from cometd.ids import InvalidId
 from cometd.store import StoreLockedError, SubscriptionStore
@@ -113,3 +114,17 @@ def test_acknowledged_write_survives_sigkill(tmp_path):
     assert 7 not in subscribers
     for i in subscribers:
         assert i not in (7,)
+
+
+def test_a_second_server_on_a_database_in_use_says_what_to_do(tmp_path):
+    db = str(tmp_path / "db")
+    first = start_server(db)
+    try:
+        second = subprocess.run([sys.executable, COMETD, "--db", db, "--port", "0",
+                                 "--admin-port", "-1"], capture_output=True, text=True, timeout=30)
+    finally:
+        first.stop()
+    assert second.returncode == 1, second
+    assert second.stderr == (
+        f"Error: subscription database {db} is already open in another process (is another"
+        " cometd running on this database? stop it, or pass --db another/path)\n"), second.stderr
