@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from conftest import CometdProcess, start_cometd
@@ -400,6 +401,62 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
     # The edges turned all of that away themselves: the router never saw a send.
     assert cluster.stats()["messages_sent"] == "0"
     cluster.assert_healthy()
+
+
+# -- an edge's /stats ----------------------------------------------------------------
+
+PRESENCE_WITHIN = 1.0  # seconds a closed stream, or a dead edge's, may still be counted
+HELD = 2000
+
+
+def test_edge_stats_say_whose_figures_and_drop_closed_streams_within_a_second(cluster):
+    a, b = cluster.edges
+    alice_a, bob_b = cluster.stream(a, "alice"), cluster.stream(b, "bob")
+    totals = lambda: a.http("GET", "/stats")[1]  # noqa: E731
+    assert wait_until(lambda: totals()["connections"] == 2, BACK_WITHIN)
+
+    stats = totals()
+    assert set(stats) == {"connections", "users_online", "messages_sent", "deliveries",
+                          "router_rss_bytes", "edge"}, stats
+    assert stats["users_online"] == 2  # the router's figures: both edges
+    own = stats["edge"]
+    assert (own["id"], own["mode"], own["connections"], own["users_online"]) == (
+        a.id, "greenlet", 1, 1), own
+    assert b.http("GET", "/stats")[1]["edge"]["mode"] == "pool"
+
+    # Whose memory is whose: idle streams (~7 KiB each in greenlet mode) set
+    # edge A's RSS well apart from the router's, then each figure must match
+    # its own process.
+    held = [socket.create_connection(a.addr) for _ in range(HELD)]
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(b"GET /test/held%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+        assert wait_until(lambda: totals()["connections"] == 2 + HELD, BACK_WITHIN)
+        stats = totals()
+        router_rss = psutil.Process(cluster.router.pid).memory_info().rss
+        edge_rss = psutil.Process(a.process.pid).memory_info().rss
+        assert edge_rss > 1.12 * router_rss or router_rss > 1.12 * edge_rss  # told apart
+        assert stats["router_rss_bytes"] == pytest.approx(router_rss, rel=0.05)
+        assert stats["edge"]["rss_bytes"] == pytest.approx(edge_rss, rel=0.05)
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: totals()["connections"] == 2, BACK_WITHIN)
+
+    # A stream that closes leaves the edge's count at once and the router's promptly.
+    alice_a.close()
+    assert wait_until(lambda: totals()["connections"] == 1, PRESENCE_WITHIN), totals()
+    stats = totals()
+    assert (stats["users_online"], stats["edge"]["connections"]) == (1, 0), stats
+
+    # So do the streams of an edge that dies without a word.
+    b.process.proc.kill()
+    t0 = time.monotonic()
+    assert wait_until(lambda: totals()["connections"] == 0, PRESENCE_WITHIN), totals()
+    assert time.monotonic() - t0 < PRESENCE_WITHIN + 0.5  # the last /stats call included
+    assert bob_b.wait(lambda: bob_b.eof, 5)
+    assert cluster.online("bob") == 0
+    cluster.assert_healthy(b.process)
 
 
 # -- faults -------------------------------------------------------------------------
