@@ -408,6 +408,8 @@ class EdgeLink:
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
         self._requests = _Batches(self._push_requests)
+        #: set while this edge listens for replies (and deliveries)
+        self._listening = Event()
         table.on_presence = self._presence_changed
 
     def start(self) -> None:
@@ -435,20 +437,24 @@ class EdgeLink:
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
-        self._snapshot()  # (re)connected: the router may have missed changes
-        for item in pubsub.listen():
-            channel = item["channel"].decode()
-            if channel == CONTROL:
-                self._snapshot()
-            elif channel.startswith("cometd:reply:"):
-                reply = json.loads(item["data"])
-                waiter = self._pending.pop(reply["id"], None)
-                if waiter is not None:
-                    waiter.set(reply)
-            else:
-                for message, users in decode_batch(item["data"]):
-                    self.table.deliver(users, message)
+        try:
+            pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
+            self._snapshot()  # (re)connected: the router may have missed changes
+            self._listening.set()
+            for item in pubsub.listen():
+                channel = item["channel"].decode()
+                if channel == CONTROL:
+                    self._snapshot()
+                elif channel.startswith("cometd:reply:"):
+                    reply = json.loads(item["data"])
+                    waiter = self._pending.pop(reply["id"], None)
+                    if waiter is not None:
+                        waiter.set(reply)
+                else:
+                    for message, users in decode_batch(item["data"]):
+                        self.table.deliver(users, message)
+        finally:
+            self._listening.clear()
 
     # Presence goes out on demand, not on a polling tick: a wakeup costs an
     # edge ~0.2 ms of CPU (cold caches, with a hundred processes on two
@@ -489,13 +495,19 @@ class EdgeLink:
 
     def call(self, op: str, *args: Any) -> Any:
         """Ask the router; raise :class:`BackplaneUnavailable` after a timeout."""
+        # A call pushed while the reply channel is not subscribed (the half
+        # second after Redis comes back, before the listener's retry) has its
+        # reply published to nobody: the client waited CALL_TIMEOUT for a 503.
+        deadline = time.monotonic() + CALL_TIMEOUT
+        if not self._listening.wait(CALL_TIMEOUT):
+            raise BackplaneUnavailable("the router is not reachable; try again")
         call_id = next(self._ids)
         waiter = AsyncResult()
         self._pending[call_id] = waiter
         request = json.dumps({"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)})
         self._requests.add((request, waiter))
         try:
-            reply = waiter.get(timeout=CALL_TIMEOUT)
+            reply = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
             self._withdraw(request)
             raise BackplaneUnavailable("the router is not reachable; try again") from None
