@@ -179,7 +179,8 @@ def edge_command(redis_url: str | None, host: str, port: int, mode: str, keepali
 
     POST /send and the subscription calls are passed to the router through
     Redis (503 if it does not answer within 5 s); logins and logouts are
-    reported to it in batches.
+    reported to it in batches. GET /stats answers the router's figures for
+    the whole service, and this edge's own under "edge".
     """
     if not redis_url:
         raise click.UsageError("edge needs --redis URL")
