@@ -33,8 +33,8 @@ import pytest
 import redis
 from conftest import CometdProcess, start_cometd
 
-from cometd.backplane import decode_batch, encode_batch
-from cometd.connections import Message
+from cometd.backplane import BackplaneUnavailable, EdgeBackend, decode_batch, encode_batch
+from cometd.connections import ConnectionTable, Message
 from cometd.store import SubscriptionStore
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
@@ -457,6 +457,26 @@ def test_edge_stats_say_whose_figures_and_drop_closed_streams_within_a_second(cl
     assert bob_b.wait(lambda: bob_b.eof, 5)
     assert cluster.online("bob") == 0
     cluster.assert_healthy(b.process)
+
+
+def test_edge_stats_without_the_router_say_so_and_keep_the_edges_own():
+    class NoRouter:  # an EdgeLink whose router never answers (a fake: pure logic)
+        edge_id = "edge-1"
+        table = ConnectionTable("pool")
+
+        def call(self, op: str, *args: Any) -> Any:
+            raise BackplaneUnavailable("the router is not reachable; try again")
+
+    try:
+        stats = EdgeBackend(NoRouter()).stats()  # type: ignore[arg-type]
+    finally:
+        NoRouter.table.close()
+    assert stats["router_error"] == "the router is not reachable; try again"
+    own = stats.pop("edge")
+    assert set(stats) == {"router_error"}  # no totals passed off as the whole service's
+    assert own.pop("rss_bytes") > 10 * 2**20
+    assert own == {"id": "edge-1", "mode": "pool", "connections": 0, "users_online": 0,
+                   "deliveries": 0, "slow_consumers_dropped": 0}
 
 
 # -- faults -------------------------------------------------------------------------
