@@ -1007,7 +1007,8 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
 
     For each server: RSS per connection ((RSS at N - RSS before the ramp) / N),
     kernel memory per connection (Slab and sockstat TCP buffer deltas / N, both
-    ends of the loopback connections), and the ramp rate. Graphs memory against
+    ends of the loopback connections), and the ramp rate (first to last
+    connection, and the 10-90% slope). Graphs memory against
     connections (one line per server) and connections over time. Baselines and
     targets are printed next to the results.
     """
