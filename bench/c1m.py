@@ -121,8 +121,12 @@ def apply_sysctls(saved: dict[str, str]) -> dict[str, str]:
         if old is None:
             log(f"sysctl {name}: not present here, skipped")
             continue
+        try:
+            write_sysctl(name, value)
+        except PermissionError:  # e.g. a global one seen from a network namespace
+            log(f"sysctl {name}: read-only here, skipped")
+            continue
         saved[name] = old
-        write_sysctl(name, value)
         applied[name] = value
     return applied
 
