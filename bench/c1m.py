@@ -36,6 +36,9 @@ Usage (heavy runs are serialised with other benchmarks)::
 
     flock /tmp/cometd-bench.lock .venv/bin/python bench/c1m.py
     .venv/bin/python bench/c1m.py --connections 20000 --edges 2 --out /tmp/c1m-small
+    # on a shared machine: the net.* sysctls then change only inside the namespace
+    ip netns add c1m && ip netns exec c1m ip link set lo up
+    ip netns exec c1m .venv/bin/python bench/c1m.py --connections 20000 --edges 2
     .venv/bin/python bench/c1m.py --dry-run
 """
 
