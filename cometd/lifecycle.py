@@ -16,7 +16,7 @@ shutdown for the parts already up, and the caller gets a :class:`ListenError`
 or :class:`~cometd.store.StoreError` with a one-line message.
 
 The scale-out roles need gevent's monkey patching for redis-py; the caller
-(:func:`cometd.cli.main`) applies it for them before this module is imported.
+(:mod:`cometd.cli`) applies it for them before this module is imported.
 """
 
 from __future__ import annotations
@@ -124,12 +124,16 @@ class Server:
         return f" admin {url_host(admin.host)}:{console.server_port}"
 
     def _check_redis(self) -> None:
-        """Say plainly when Redis does not answer; the links keep retrying."""
+        """Say plainly when Redis, or an edge's router, does not answer; the links keep retrying."""
         url = self.config.backplane.redis
         problem = redis_problem(url)
         if problem:
             print(f"cometd {self.role}: warning: Redis at {redacted(url)} does not answer "
                   f"({problem}); retrying until it does", file=sys.stderr, flush=True)
+        elif self.role == "edge" and not _router_listening(url):
+            print(f"cometd edge: warning: no router is listening on Redis at {redacted(url)}; "
+                  "sends and subscription calls get 503 until one does",
+                  file=sys.stderr, flush=True)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -168,6 +172,11 @@ class Server:
         link = RouterLink(url, backend, presence)
         link.start()
         self._stops.callback(link.stop)
+        # Ready means edges can reach it: wait (briefly) for its subscription.
+        for _ in range(200):
+            if _router_listening(url):
+                break
+            gevent.sleep(0.01)
         admin = self._admin(backend)
         self.banner = f"cometd router: redis {redacted(url)} db={self.config.store.db}{admin}"
 
@@ -204,6 +213,19 @@ class Server:
             self.run()
         finally:
             self.shutdown()
+
+
+def _router_listening(url: str) -> bool:
+    """Whether a router holds the presence channel (it subscribes as it starts)."""
+    import redis
+
+    from cometd.backplane import PRESENCE
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        return any(n for _, n in client.pubsub_numsub(PRESENCE))
+    except (redis.RedisError, OSError):
+        return True  # Redis itself is the problem, and was reported as such
 
 
 def redis_problem(url: str) -> str | None:

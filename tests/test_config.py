@@ -266,6 +266,24 @@ def test_edge_says_when_redis_does_not_answer(tmp_path):
         edge.stop()
 
 
+def test_edge_says_when_no_router_listens(redis_server):
+    edge = start_cometd(["edge", "--redis", redis_server.url, "--port", "0"], EDGE_READY)
+    try:
+        assert [line for line in edge.output if "warning" in line] == [
+            f"cometd edge: warning: no router is listening on Redis at {redis_server.url}; "
+            "sends and subscription calls get 503 until one does\n"], edge.output
+    finally:
+        edge.stop()
+    router = start_cometd(["router", "--redis", redis_server.url, "--db", str(redis_server.workdir)
+                           + "/db", "--admin-port", "-1"], r"cometd router: ")
+    try:
+        edge = start_cometd(["edge", "--redis", redis_server.url, "--port", "0"], EDGE_READY)
+        edge.stop()
+        assert not [line for line in edge.output if "warning" in line], edge.output
+    finally:
+        router.stop()
+
+
 def test_workers_with_redis_down_fail_at_once(tmp_path):
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     start = time.monotonic()
