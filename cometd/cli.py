@@ -145,11 +145,9 @@ def cli(ctx: click.Context, **flags) -> None:
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
         return
-    workers = _config(None, flags).backplane.workers
-    role = "single" if workers is None else "supervisor"
-    config = _config(role, flags)
-    if role == "single":
-        _serve(config, role)
+    config = _config("cometd", flags)
+    if config.backplane.workers is None:
+        _serve(config, "single")
         return
     from cometd.workers import supervise
 

@@ -302,8 +302,9 @@ def load(role: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
     """The effective configuration for *role* from all sources.
 
     *role* is what the process runs as: ``single`` (the whole server),
-    ``supervisor`` (of ``--workers``), ``router`` or ``edge``; None checks the
-    values only (``cometd config``, ``cometd load``).
+    ``supervisor`` (of ``--workers``), ``router`` or ``edge``; ``cometd`` is
+    single or supervisor as ``workers`` says; None checks the values only
+    (``cometd config``, ``cometd load``).
 
     *flags* maps option keys (``admin_port``) to the command line's values
     (strings, True for a given boolean flag); *path* is the TOML file, if
@@ -312,7 +313,7 @@ def load(role: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
     """
     if CHILD_ENV in env:
         config = from_json(env[CHILD_ENV])
-        if role is not None:
+        if role not in (None, "cometd"):  # a child is a router or an edge
             _check(config, role, {})
         return config
     values: dict[str, tuple[Any, str]] = {}
@@ -324,6 +325,8 @@ def load(role: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
         if value is not None:
             values[key] = (value, "the command line")
     config = _build(values)
+    if role == "cometd":
+        role = "single" if config.backplane.workers is None else "supervisor"
     if role is not None:
         _check(config, role, {key: source for key, (_, source) in values.items()})
     return config
