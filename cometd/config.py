@@ -35,7 +35,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cometd.connections import MODES
-from cometd.webapp import MAX_MESSAGE_BYTES
+
+# cometd.webapp.MAX_MESSAGE_BYTES (tests/test_config.py checks they agree):
+# importing the web app here would import bottle, and with it ssl, before the
+# scale-out roles monkey-patch.
+MAX_MESSAGE_BYTES = 64 * 1024
 
 __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "ConfigError",

@@ -28,6 +28,21 @@ def test_defaults_are_the_dataclass_defaults():
     assert config.http.max_pending == 256 * 1024 and config.http.request_timeout == 10.0
 
 
+def test_max_pending_holds_at_least_the_largest_message():
+    from cometd.webapp import MAX_MESSAGE_BYTES
+
+    assert OPTIONS["max_pending"].low == cfg.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES
+
+
+def test_cli_imports_nothing_that_must_be_patched_first():
+    # The router and edge monkey-patch after parsing: nothing may import
+    # ssl (and redis) earlier, or gevent cannot patch them cleanly.
+    code = "import sys, cometd.cli; print(sorted({'ssl', 'redis'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_flags_beat_environment_beat_file(tmp_path):
     toml = tmp_path / "cometd.toml"
     toml.write_text('[http]\nport = 7001\nmode = "pool"\nkeepalive = 2\n[store]\ndb = "x"\n')
