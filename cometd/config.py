@@ -362,7 +362,8 @@ def _toml_value(value: Any) -> str:
 def to_toml(config: Config) -> str:
     """The configuration as a commented TOML file that :func:`load` reads back.
 
-    Unset options are shown commented out; a secret is never written.
+    Unset options are shown commented out; a secret (the admin password, a
+    password in the Redis URL) is never written.
     """
     lines = ["# cometd configuration: cometd --config FILE (or COMETD_CONFIG=FILE).",
              "# Each option can also be set with its COMETD_<OPTION> variable or its flag;",
@@ -376,6 +377,9 @@ def to_toml(config: Config) -> str:
             value = getattr(getattr(config, section), opt.name)
             if opt.secret and value:
                 lines.append(f"# {opt.name} = (set, not shown)")
+            elif opt.key == "redis" and value and redacted(value) != value:
+                lines.append(f"# {opt.name} = {_toml_value(redacted(value))}  "
+                             "(its password is not shown)")
             elif value is None:
                 lines.append(f"# {opt.name} = (unset)")
             else:

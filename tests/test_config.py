@@ -115,9 +115,11 @@ def test_printed_config_reads_back_as_the_same_config(tmp_path):
 
 
 def test_printed_config_never_shows_the_password(tmp_path):
-    config = load(None, {"admin_password": "s3cret"}, {})
+    config = load(None, {"admin_password": "s3cret", "redis": "redis://:pw9@h/0"}, {})
     assert "s3cret" not in to_toml(config) and "s3cret" not in repr(config)
-    assert load(None, {}, {}, _written(tmp_path, to_toml(config))).admin.password is None
+    assert "pw9" not in to_toml(config)
+    back = load(None, {}, {}, _written(tmp_path, to_toml(config)))
+    assert (back.admin.password, back.backplane.redis) == (None, None)
 
 
 def test_children_take_the_json_config_whole():
