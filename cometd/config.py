@@ -312,13 +312,12 @@ def load(role: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
 
     *flags* maps option keys (``admin_port``) to the command line's values
     (strings, True for a given boolean flag); *path* is the TOML file, if
-    any, else ``COMETD_CONFIG`` names one. With ``COMETD_CONFIG_JSON`` in
-    *env*, that is the whole configuration.
+    any, else ``COMETD_CONFIG`` names one. For a router or an edge with
+    ``COMETD_CONFIG_JSON`` in *env*, that is the whole configuration.
     """
-    if CHILD_ENV in env:
+    if CHILD_ENV in env and role in ("router", "edge"):  # what a supervisor's children are
         config = from_json(env[CHILD_ENV])
-        if role not in (None, "cometd"):  # a child is a router or an edge
-            _check(config, role, {})
+        _check(config, role, {})
         return config
     values: dict[str, tuple[Any, str]] = {}
     path = path or env.get(CONFIG_ENV) or None

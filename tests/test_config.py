@@ -127,6 +127,7 @@ def test_children_take_the_json_config_whole():
                          "workers": "2"}, {})
     env = {CHILD_ENV: to_json(config), "COMETD_PORT": "1", "COMETD_CONFIG": "/nonexistent"}
     assert load("edge", {"port": "2"}, env) == config  # nothing else is read
+    assert load(None, {"port": "2"}, {CHILD_ENV: env[CHILD_ENV]}).http.port == 2  # children only
     with pytest.raises(ConfigError, match=f"{CHILD_ENV} does not hold a whole configuration"):
         load("edge", {}, {CHILD_ENV: '{"http": {}}'})
 
