@@ -183,19 +183,24 @@ def _num(x: float) -> str:
 _SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 #: every option, by its key (``admin_port``)
-OPTIONS: dict[str, Option] = {}
-for _section, _cls in _SECTIONS.items():
-    for _f in dataclasses.fields(_cls):
-        _opt = Option(_section, _f.name, default=_f.default, **_f.metadata)
-        OPTIONS[_opt.key] = _opt
+OPTIONS: dict[str, Option] = {
+    opt.key: opt for opt in (Option(section, f.name, default=f.default, **f.metadata)
+                             for section, cls in _SECTIONS.items()
+                             for f in dataclasses.fields(cls))
+}
 
 
-def _number(text: str, kind: type) -> int | float:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
-            from None
+def _number(value: Any, kind: type) -> int | float:
+    """*value* (text, or a TOML/JSON number) as an int or float; bools are not numbers."""
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool) and (
+            kind is float or isinstance(value, int)):
+        return kind(value)
+    raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}")
 
 
 def _convert(opt: Option, value: Any) -> Any:
@@ -211,14 +216,9 @@ def _convert(opt: Option, value: Any) -> Any:
             return words[value.strip().lower()]
         raise ValueError(f"{value!r} is not true or false")
     if opt.kind in (int, float):
-        if isinstance(value, str):
-            value = _number(value.strip(), opt.kind)
-        elif isinstance(value, bool) or not isinstance(value, int | float) or (
-                opt.kind is int and isinstance(value, float)):
-            raise ValueError(f"{value!r} is not {'an integer' if opt.kind is int else 'a number'}")
+        value = _number(value, opt.kind)
         if not math.isfinite(value):
             raise ValueError(f"{value!r} is not a finite number")
-        value = opt.kind(value)
         if (opt.low is not None and value < opt.low) or (opt.high is not None
                                                          and value > opt.high):
             raise ValueError(f"{_num(value)} is not in the range {opt.range}")
