@@ -16,6 +16,7 @@ non-zero, leaving one line on stderr that says why.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -83,7 +84,7 @@ def supervise(config: Config) -> int:
     # started so far, not kill the supervisor and leave them running.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen | None] = []  # None: its restart failed, try again
     try:
         for role in roles:
             if stopping:
@@ -98,39 +99,27 @@ def supervise(config: Config) -> int:
         while not stopping:
             time.sleep(0.2)
             for i, proc in enumerate(procs):
-                if proc.poll() is not None and not stopping:
+                if (proc is None or proc.poll() is not None) and not stopping:
                     time.sleep(1)  # no tight loop if it cannot start at all
-                    print(f"cometd: {roles[i]} exited with {proc.returncode}; restarting",
-                          file=sys.stderr, flush=True)
-                    try:
+                    what = "did not start" if proc is None else f"exited with {proc.returncode}"
+                    print(f"cometd: {roles[i]} {what}; restarting", file=sys.stderr, flush=True)
+                    procs[i] = None
+                    with contextlib.suppress(_NotReady):
                         procs[i] = _start(roles[i], env)
-                    except _NotReady as exc:
-                        procs[i] = _Exited(exc.code)
     except _NotReady as exc:
         if exc.code != 1:  # 1: the child printed its own one-line error
             print(f"cometd: error: the {exc.role} exited with {exc.code} before it was ready",
                   file=sys.stderr, flush=True)
         return 1
     finally:
-        for proc in procs:
+        live = [proc for proc in procs if proc is not None]
+        for proc in live:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
+        for proc in live:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
     return 0
 
-
-class _Exited:
-    """Stands in for a child whose restart failed, so the loop restarts it again."""
-
-    def __init__(self, code: int) -> None:
-        self.returncode = code
-
-    def poll(self) -> int:
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.returncode
