@@ -72,6 +72,10 @@ def test_idle_small(tmp_path):
         assert math.isfinite(r["kernel_per_conn"])
         assert r["ramp_s"] >= 0
         assert r["ramp_rate"] is None or r["ramp_rate"] > 0
+        # first to last: every connection over the whole ramp, not a slope
+        # (ramp_s is rounded to 10 ms)
+        rate = r["ramp_rate_first_last"]
+        assert rate > 0 and abs(rate * r["ramp_s"] - r["held"]) <= rate * 0.005 + 1, mode
 
     report = (out / "report.md").read_text()
     assert "bin/cometd-bench idle --n 300" in report  # the exact command line
@@ -80,6 +84,7 @@ def test_idle_small(tmp_path):
     assert "24.6" in report and "9.6" in report  # baselines printed alongside
     for mode, r in results.items():
         assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, mode
+        assert f"| {bench._fmt(r['ramp_rate_first_last'], 0)} / " in report, mode
     graphs = ["idle-rss.png", "idle-kernel.png", "idle-ramp.png"]
     for g in graphs:
         assert f"]({g})" in report

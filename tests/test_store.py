@@ -10,7 +10,7 @@ import pytest
 from conftest import COMETD, start_server
 
 from cometd.ids import InvalidId
-from cometd.store import StoreLockedError, SubscriptionStore
+from cometd.store import StoreError, StoreLockedError, SubscriptionStore
 
 
 @pytest.fixture
@@ -126,5 +126,19 @@ def test_a_second_server_on_a_database_in_use_says_what_to_do(tmp_path):
         first.stop()
     assert second.returncode == 1, second
     assert second.stderr == (
-        f"Error: subscription database {db} is already open in another process (is another"
-        " cometd running on this database? stop it, or pass --db another/path)\n"), second.stderr
+        f"cometd: error: subscription database {db} is already open in another process (is"
+        " another cometd running on this database? stop it, or pass --db another/path)\n"
+    ), second.stderr
+
+
+@pytest.mark.parametrize("under", ["", "sub/db"])
+def test_db_on_a_regular_file_says_not_a_directory(tmp_path, under):
+    plain = tmp_path / "f"
+    plain.write_text("not a database\n")
+    path = plain / under if under else plain
+    with pytest.raises(StoreError) as info:
+        SubscriptionStore(path)
+    assert not isinstance(info.value, StoreLockedError)
+    assert "not a directory" in str(info.value)
+    assert "already open" not in str(info.value)
+    assert plain.read_text() == "not a database\n"  # and nothing was created or changed
