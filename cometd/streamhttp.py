@@ -22,8 +22,11 @@ plain stream request -- ``GET``, HTTP/1.0 or 1.1, a valid id with no escapes,
 well-formed header lines, the whole header block -- and the server sends
 :func:`stream_head` and adopts the socket, with no greenlet and no parser
 object. Anything else (other routes, a partial request, an invalid id,
-``HEAD``, folded headers) goes on to pywsgi and bottle with the bytes already
-read, so this path never has to produce an error of its own.
+``HEAD``, folded headers, an absolute-form target, a body's ``Content-Length``
+or ``Transfer-Encoding``, a missing ``Host``) goes on to pywsgi and bottle
+with the bytes already read, so this path never has to produce an error of its
+own. Its header grammar is :mod:`cometd.httprequest`'s, so it never takes a
+request that pywsgi would refuse.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from email.utils import formatdate
 
 from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, frame_bytes
+from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
 __all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_head", "stream_kind"]
@@ -42,8 +46,11 @@ FIRST_READ_BYTES = 8192
 
 _STREAM_REQUEST = re.compile(
     rb"GET (/(test|events)/(" + ID_PATTERN.encode() + rb"))(?:\?[!-~]*)? HTTP/1\.([01])\r\n"
-    rb"(?:[!-9;-~]+:[^\r\n]*\r\n)*\r\n"
+    rb"((?:" + TCHAR.encode() + rb"+:" + FIELD_VALUE.encode() + rb"*\r\n)*)\r\n"
 )
+# Header names that make a request pywsgi's to judge (a body, its Host).
+_BODY_FIELDS = re.compile(rb"(?:^|\n)(?:content-length|transfer-encoding):")
+_HOST_FIELD = re.compile(rb"(?:^|\n)host:")
 
 _CONTENT_TYPE = {
     False: "Content-Type: text/html; charset=utf-8\r\n",
@@ -64,7 +71,11 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     match = _STREAM_REQUEST.match(data)
     if match is None:
         return None
-    path, route, user, minor = match.groups()
+    path, route, user, minor, fields = match.groups()
+    fields = fields.lower()
+    hosts = len(_HOST_FIELD.findall(fields))
+    if hosts > 1 or (hosts == 0 and minor == b"1") or _BODY_FIELDS.search(fields):
+        return None
     return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
 
 

@@ -127,8 +127,12 @@ def make_app(backend: Backend) -> bottle.Bottle:
             raise bottle.HTTPResponse(
                 hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
             ) from None
-        http10 = bottle.request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
-        bottle.request.environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
+        environ = bottle.request.environ
+        if environ.get("HTTP_TRANSFER_ENCODING") or int(environ.get("CONTENT_LENGTH") or 0):
+            # The socket leaves pywsgi with the head sent: no body may follow.
+            raise _error(400, "a stream request has no body")
+        http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
+        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
         return ""
 
     # Anything after the prefix, even empty or with a slash, is the id: an
