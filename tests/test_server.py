@@ -12,6 +12,7 @@ import json
 import random
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -275,6 +276,57 @@ def test_signal_stops_cleanly(tmp_path, mode, sig):
             200, {"subscribers": ["alice", "bob"]})
     finally:
         assert again.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_clean_shutdown_ends_chunked_streams_with_the_last_chunk(tmp_path, mode, sig):
+    """What a stream was sent arrives whole, then the last chunk: unlike after a crash."""
+    # max-pending above the kernel's buffers (tcp_wmem's 4 MiB maximum) leaves
+    # output in the server's own outbox for the late reader below
+    server = start_server(str(tmp_path / "db"), "--mode", mode, "--admin-port", "-1",
+                          "--max-pending", str(16 << 20))
+    user = unique_id("end")
+    streams = [StreamClient.open(server, f"/test/{user}"),
+               StreamClient.open(server, f"/events/{user}")]
+    old = StreamClient.open(server, f"/test/{user}", http10=True)
+    # Output held in the server's outbox when the signal comes: this reader
+    # starts reading only after it, and gets all of it, then the last chunk.
+    late_user = unique_id("late")
+    late = StreamClient.open(server, f"/test/{late_user}", rcvbuf=4096)
+    # and this one never reads
+    stalled = StreamClient.open(server, f"/test/{unique_id('stalled')}", rcvbuf=4096)
+    try:
+        for c in [*streams, late]:
+            c.chunk()
+        body = b"last words " * 5000
+        assert send(server, user, body) == 3
+        backlog = [bytes([65 + i % 26]) * 60000 for i in range(100)]
+        for message in backlog:
+            assert send(server, late_user, message) == 1
+        reader = threading.Thread(target=lambda: (time.sleep(0.2), late.wait_closed(10)))
+        started = time.monotonic()
+        server.proc.send_signal(sig)
+        reader.start()
+        assert server.proc.wait(15) == 0
+        reader.join(15)
+        assert late.eof and late.parser.ended
+        assert list(late.parser.chunks) == backlog  # all of it, and then the last chunk
+        # A client that takes nothing does not hold up the shutdown for long.
+        assert time.monotonic() - started < 8
+        for c in streams:
+            c.wait_closed(5)
+            assert c.eof and c.parser.ended, c.status_line
+        assert streams[0].parser.chunks[-1] == body
+        assert b"last words" in streams[1].parser.chunks[-1]
+        old.wait_closed(5)  # HTTP/1.0: the close is the end
+        assert old.eof and old.raw.endswith(body)
+        stalled.wait_closed(5)
+        assert stalled.eof
+    finally:
+        for c in [*streams, old, late, stalled]:
+            c.close()
+        server.stop(signal.SIGKILL)
+    assert "Traceback" not in "".join(server.output)
 
 
 def test_unknown_paths_and_methods_over_http_client(srv, watcher):
