@@ -131,6 +131,8 @@ class CometHandler(WSGIHandler):
 
     def get_environ(self) -> dict[str, Any]:
         env = super().get_environ()
+        # pywsgi's body reader, swapped for one with the strict chunk grammar
+        # that can also tell whether the body was read to its end.
         plain = self.wsgi_input
         self.wsgi_input = env["wsgi.input"] = RequestBody(
             self.rfile, plain.content_length, plain.socket, plain.chunked_input)

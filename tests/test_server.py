@@ -2,8 +2,11 @@
 
 Malformed requests, oversized headers, unknown paths and methods, slowloris
 clients and binary garbage each get a short answer (or a close) and never a
-traceback, and the server goes on serving. SIGINT and SIGTERM stop it cleanly:
-exit code 0, every stream closed, the database closed and reusable.
+traceback, and the server goes on serving. A request-smuggling corpus, each
+case with a pipelined request behind it, gets exactly the answers RFC 9112
+allows and nothing after them. SIGINT and SIGTERM stop it cleanly: exit code
+0, chunked streams ended with their last chunk, every stream closed, the
+database closed and reusable.
 """
 
 from __future__ import annotations
