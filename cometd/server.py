@@ -39,7 +39,7 @@ from gevent.event import Event
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
-from cometd.connections import ConnectionTable
+from cometd.connections import RAW, SSE_RAW, ConnectionTable
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
@@ -206,7 +206,14 @@ class CometHandler(WSGIHandler):
                 self.result = None
             return
         user, kind, path = target
-        self.socket.sendall(stream_head(user, kind, path))
+        head = stream_head(user, kind, path)
+        if self.command == "HEAD":
+            # The stream's status line and headers, no content (RFC 9110 9.3.2),
+            # and no stream: a raw one's head says the connection closes.
+            self.socket.sendall(head[:head.index(b"\r\n\r\n") + 4])
+            self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
+            return
+        self.socket.sendall(head)
         self.stream = (self.socket, user, kind)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True

@@ -520,3 +520,30 @@ def test_a_body_cut_short_by_the_timeout_is_no_next_request(srv, watcher, route,
     finally:
         sock.close()
     _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("route", ["test", "events"])
+def test_head_of_a_stream_is_its_head_alone(srv, watcher, route):
+    """HEAD gets the stream's status and headers, no content, and opens no stream."""
+    user = unique_id("head")
+    with StreamClient.open(srv, f"/{route}/{user}") as stream:
+        sock = socket.create_connection((srv.host, srv.port), timeout=10)
+        try:
+            sock.sendall(f"HEAD /{route}/{user} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                         + PIPELINED[:-2] + b"Connection: close\r\n\r\n")
+            out = b""
+            while data := sock.recv(65536):
+                out += data
+        finally:
+            sock.close()
+        head, _, rest = out.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        assert (lines[0], stream.status_line) == ("HTTP/1.1 200 OK", "HTTP/1.1 200 OK")
+        headers.pop("date"), stream.headers.pop("date")
+        assert headers == stream.headers
+        # no content: what follows is the answer to the pipelined GET /stats
+        stats = _responses(rest)
+        assert [s[0] for s in stats] == [200]
+        assert json.loads(stats[0][2])["connections"] == 2  # the watcher and `stream`
+    _still_serving(srv, watcher[0], watcher[1])
