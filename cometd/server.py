@@ -117,7 +117,12 @@ class CometHandler(WSGIHandler):
     def read_requestline(self) -> str:
         # Each request (and the idle wait before it) gets request_timeout in all.
         self._input.deadline = time.monotonic() + self.server.request_timeout
-        return super().read_requestline()
+        line = super().read_requestline()
+        if line == "\r\n":
+            # RFC 9112 2.2: one empty line before a request is ignored (some
+            # clients end a POST body with an extra CRLF).
+            line = super().read_requestline()
+        return line
 
     def read_request(self, raw_requestline: str) -> bool:
         head = read_head(raw_requestline, self.rfile)

@@ -435,7 +435,8 @@ def test_bare_lf_request_line_is_refused(srv, watcher):
     (b"Transfer-Encoding: chunked\r\n", b'2 ; a = "b; c" ;d\r\nhi\r\n1\r\nX\r\n0\r\n\r\n', b"hiX"),
     (b"Transfer-Encoding: Chunked\r\n", b"3\r\nhiX\r\n0\r\nX-Trailer: t\r\n\r\n", b"hiX"),
     (b"Content-Length: 3\r\n", b"hiX", b"hiX"),
-], ids=["chunk-extension", "quoted-extension", "trailer", "content-length"])
+    (b"Content-Length: 3\r\n", b"hiX\r\n", b"hiX"),  # RFC 9112 2.2: one CRLF is ignored
+], ids=["chunk-extension", "quoted-extension", "trailer", "content-length", "extra-crlf"])
 def test_well_framed_bodies_keep_the_connection(srv, watcher, fields, body, message):
     """Chunk extensions and trailers are legal and ignored; the next request is read."""
     answers = _smuggle(srv, _post(watcher[1], fields, body + PIPELINED[:-2]
