@@ -1,4 +1,4 @@
-"""Server assembly: pywsgi serving the web app, handing streams to the table.
+"""The HTTP server: pywsgi serving the web app, handing streams to the table.
 
 :class:`CometServer` is gevent's ``WSGIServer`` with two changes. Plain stream
 requests are answered in the accept callback, without pywsgi (see
@@ -26,16 +26,13 @@ import io
 import json
 import math
 import resource
-import signal
 import socket
-import sys
 import time
 from typing import Any
 
 import gevent
 import psutil
 from gevent import socket as gsocket
-from gevent.event import Event
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
@@ -45,12 +42,9 @@ from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
-from cometd.webapp import STREAM_KEY, make_app
+from cometd.webapp import STREAM_KEY
 
-__all__ = [
-    "CometServer", "CometHandler", "LocalBackend", "ListenError", "listener", "serve",
-    "serve_router", "serve_edge",
-]
+__all__ = ["CometServer", "CometHandler", "LocalBackend"]
 
 def _response(status: str, payload: dict[str, str]) -> bytes:
     body = json.dumps(payload).encode()
@@ -62,10 +56,6 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
 
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
             501: "Not Implemented"}
-
-
-class ListenError(OSError):
-    """A listening address could not be bound (in use, not local, ...)."""
 
 
 class _DeadlineInput(io.RawIOBase):
@@ -371,138 +361,3 @@ class LocalBackend:
             "rss_bytes": self._process.memory_info().rss,
             "mode": getattr(self.table, "mode", "router"),
         }
-
-
-def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
-    """A listening socket; with *reuse_port*, several processes share the port."""
-    sock = gsocket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(4096)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
-
-
-def _until_signal(banner: str, cleanup: list) -> None:
-    stopping = Event()
-    gevent.signal_handler(signal.SIGTERM, stopping.set)
-    gevent.signal_handler(signal.SIGINT, stopping.set)
-    print(banner, flush=True)
-    try:
-        stopping.wait()
-    finally:
-        print("cometd: stopping", file=sys.stderr, flush=True)
-        for step in cleanup:
-            step()
-
-
-def _keepalives(table: ConnectionTable, every: float) -> gevent.Greenlet:
-    def loop() -> None:
-        while True:
-            gevent.sleep(every)
-            table.keepalive()
-
-    return gevent.spawn(loop)
-
-
-def _admin(backend: Any, host: str, port: int | None, password: str | None):
-    if port is None:
-        return None
-    from cometd.admin import AdminConsole
-
-    admin = AdminConsole(backend, host, port, password=password)
-    try:
-        admin.start()
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return admin
-
-
-def serve(
-    db: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    admin_host: str = "127.0.0.1",
-    admin_port: int | None = 8001,
-    admin_password: str | None = None,
-    mode: str = "greenlet",
-    keepalive: float = 25.0,
-    max_pending: int = 256 * 1024,
-    request_timeout: float = 10.0,
-) -> None:
-    """Run the single-process server until SIGINT or SIGTERM."""
-    store = SubscriptionStore(db)
-    table = ConnectionTable(mode, max_pending=max_pending)
-    router = Router(store, table)
-    backend = LocalBackend(store, router, table)
-    http = CometServer(listener(host, port), make_app(backend), table,
-                       request_timeout=request_timeout)
-    http.start()
-    admin = _admin(backend, admin_host, admin_port, admin_password)
-    ticker = _keepalives(table, keepalive)
-    banner = f"cometd: listening on http://{host}:{http.server_port}/"
-    if admin is not None:
-        banner += f" admin {admin_host}:{admin.server_port}"
-    cleanup = [ticker.kill, lambda: http.stop(timeout=1)]
-    if admin is not None:
-        cleanup.append(lambda: admin.stop(timeout=1))
-    _until_signal(f"{banner} mode={mode} db={db}", cleanup + [table.close, store.close])
-
-
-def serve_router(
-    db: str,
-    redis_url: str,
-    admin_host: str = "127.0.0.1",
-    admin_port: int | None = 8001,
-    admin_password: str | None = None,
-) -> None:
-    """Run the scale-out router (store, presence, sends) until a signal."""
-    import redis
-
-    from cometd.backplane import Presence, RouterLink
-
-    store = SubscriptionStore(db)
-    presence = Presence(redis.Redis.from_url(redis_url))
-    router = Router(store, presence)
-    backend = LocalBackend(store, router, presence)
-    link = RouterLink(redis_url, backend, presence)
-    link.start()
-    admin = _admin(backend, admin_host, admin_port, admin_password)
-    banner = f"cometd router: redis {redis_url} db={db}"
-    cleanup = [link.stop]
-    if admin is not None:
-        banner += f" admin {admin_host}:{admin.server_port}"
-        cleanup.append(lambda: admin.stop(timeout=1))
-    _until_signal(banner, cleanup + [store.close])
-
-
-def serve_edge(
-    redis_url: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    mode: str = "greenlet",
-    reuse_port: bool = False,
-    keepalive: float = 25.0,
-    max_pending: int = 256 * 1024,
-    request_timeout: float = 10.0,
-) -> None:
-    """Run an edge: connections and HTTP here, everything else at the router."""
-    from cometd.backplane import EdgeBackend, EdgeLink
-
-    table = ConnectionTable(mode, max_pending=max_pending)
-    link = EdgeLink(redis_url, table)
-    http = CometServer(listener(host, port, reuse_port), make_app(EdgeBackend(link)), table,
-                       request_timeout=request_timeout)
-    http.start()
-    link.start()
-    ticker = _keepalives(table, keepalive)
-    _until_signal(
-        f"cometd edge {link.edge_id}: listening on http://{host}:{http.server_port}/ "
-        f"mode={mode} redis {redis_url}",
-        [ticker.kill, lambda: http.stop(timeout=1), link.stop, table.close],
-    )

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from cometd.ids import InvalidId
-from cometd.store import StoreLockedError, SubscriptionStore
+from cometd.store import StoreError, StoreLockedError, SubscriptionStore
 
 
 @pytest.fixture
@@ -113,3 +113,16 @@ def test_acknowledged_write_survives_sigkill(tmp_path):
     assert 7 not in subscribers
     for i in subscribers:
         assert i not in (7,)
+
+
+@pytest.mark.parametrize("under", ["", "sub/db"])
+def test_db_on_a_regular_file_says_not_a_directory(tmp_path, under):
+    plain = tmp_path / "f"
+    plain.write_text("not a database\n")
+    path = plain / under if under else plain
+    with pytest.raises(StoreError) as info:
+        SubscriptionStore(path)
+    assert not isinstance(info.value, StoreLockedError)
+    assert "not a directory" in str(info.value)
+    assert "already open" not in str(info.value)
+    assert plain.read_text() == "not a database\n"  # and nothing was created or changed
