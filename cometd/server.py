@@ -8,9 +8,12 @@ pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
 the connection (and, in greenlet mode, a parked greenlet with a shallow stack)
 stays; no handler, WSGI environ or read buffer does.
 
-The handler also bounds what a client can make the server hold while reading
-a request: headers over 64 KiB get 431, and a request that has not arrived
-within ``request_timeout`` seconds (slowloris) is closed.
+The handler holds every request to a strict HTTP/1.1 grammar
+(:mod:`cometd.httprequest`, against request smuggling): an error closes the
+connection, and so does a body not read to its end, so nothing after it is
+ever taken for a request. It also bounds what a client can make the server
+hold while reading a request: headers over 64 KiB get 431, and a request that
+has not arrived within ``request_timeout`` seconds (slowloris) is closed.
 
 :class:`LocalBackend` is what the web app and the admin console call in a
 single-process server: the router for sends, the store for subscriptions.
@@ -22,7 +25,6 @@ import _socket
 import io
 import json
 import math
-import re
 import resource
 import socket
 import time
@@ -34,7 +36,8 @@ from gevent import socket as gsocket
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
-from cometd.connections import ConnectionTable
+from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
@@ -42,10 +45,6 @@ from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_hea
 from cometd.webapp import STREAM_KEY
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
-
-MAX_HEADER_BYTES = 64 * 1024
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
-
 
 def _response(status: str, payload: dict[str, str]) -> bytes:
     body = json.dumps(payload).encode()
@@ -55,12 +54,8 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
     ).encode() + body
 
 
-_431 = _response("431 Request Header Fields Too Large", {"error": "request headers over 64 KiB"})
-_400 = _response("400 Bad Request", {"error": "malformed HTTP request"})
-
-
-class HeadersTooLarge(ValueError):
-    """The request's header block is over :data:`MAX_HEADER_BYTES`."""
+_REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
+            501: "Not Implemented"}
 
 
 class _DeadlineInput(io.RawIOBase):
@@ -112,48 +107,72 @@ class CometHandler(WSGIHandler):
     def read_requestline(self) -> str:
         # Each request (and the idle wait before it) gets request_timeout in all.
         self._input.deadline = time.monotonic() + self.server.request_timeout
-        return super().read_requestline()
+        line = super().read_requestline()
+        if line == "\r\n":
+            # RFC 9112 2.2: one empty line before a request is ignored (some
+            # clients end a POST body with an extra CRLF).
+            line = super().read_requestline()
+        return line
 
-    def read_request(self, raw_requestline: str):
-        # pywsgi takes any word for a method, so "G@T /stats" got bottle's 405.
-        result = super().read_request(raw_requestline)
-        if not _METHOD.match(self.command or ""):
-            raise ValueError("malformed request method")
+    def read_request(self, raw_requestline: str) -> bool:
+        head = read_head(raw_requestline, self.rfile)
+        self.requestline = raw_requestline.rstrip("\r\n")
+        self.command, self.path, self.request_version = head.method, head.path, head.version
+        self.headers = OldMessage()
+        self.headers._headers = head.fields
+        self.content_length = head.content_length
+        self.close_connection = head.close
+        return True
+
+    def get_environ(self) -> dict[str, Any]:
+        env = super().get_environ()
+        # pywsgi's body reader, swapped for one with the strict chunk grammar
+        # that can also tell whether the body was read to its end.
+        plain = self.wsgi_input
+        self.wsgi_input = env["wsgi.input"] = RequestBody(
+            self.rfile, plain.content_length, plain.socket, plain.chunked_input)
+        return env
+
+    def _connection_upgrade_requested(self) -> bool:
+        return False  # no upgrades: the body is always framed by its own length
+
+    def handle_one_request(self):
+        result = super().handle_one_request()
+        if isinstance(result, tuple):
+            # An error response: sent here, where a client already gone is no
+            # traceback, and then the connection closes.
+            try:
+                self.socket.sendall(result[1])
+            except OSError:
+                pass
+            return None
         return result
 
-    def MessageClass(self, fp, *args):  # noqa: N802 - pywsgi's hook name
-        # pywsgi parses headers with the email package, about a fifth of a
-        # small request's cost; a header block is simple enough to split here.
-        headers: list[tuple[str, str]] = []
-        total = 0
-        while True:
-            line = fp.readline(MAX_HEADER_BYTES + 1)
-            total += len(line)
-            if total > MAX_HEADER_BYTES:
-                raise HeadersTooLarge("request headers over 64 KiB")
-            if line in (b"\r\n", b"\n", b""):
-                break
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t") and headers:  # obsolete line folding
-                name, value = headers[-1]
-                headers[-1] = (name, f"{value} {text.strip()}")
-                continue
-            name, colon, value = text.partition(":")
-            if not colon or not name or name != name.strip():
-                raise ValueError(f"malformed header line {text[:80]!r}")
-            headers.append((name, value.strip()))
-        message = OldMessage()
-        message._headers = headers
-        return message
+    def handle_one_response(self) -> None:
+        super().handle_one_response()
+        if not self.wsgi_input.complete():
+            # The body was cut short, malformed or left unread (the request
+            # timeout ran out while discarding it): where the next request
+            # would begin is unknown, so there is none.
+            self.close_connection = True
+
+    def start_response(self, status, headers, exc_info=None):
+        write = super().start_response(status, headers, exc_info)
+        if self.wsgi_input.broken:
+            self.close_connection = True  # see handle_one_response
+        if self.close_connection and self.request_version != "HTTP/1.0" and not any(
+                name.lower() == "connection" for name, _ in headers):
+            self.response_headers.append((b"Connection", b"close"))
+        return write
 
     def _handle_client_error(self, ex: Exception):
         # A client's mistake: answer briefly, log nothing, never a traceback.
         self.close_connection = True
-        if isinstance(ex, HeadersTooLarge):
-            return ("431", _431)
         if isinstance(ex, TimeoutError):
             return None  # slowloris: just close, it gets no more of our time
-        return ("400", _400)
+        status, message = (ex.status, ex.message) if isinstance(ex, RequestError) else (
+            400, "malformed HTTP request")
+        return (str(status), _response(f"{status} {_REASONS[status]}", {"error": message}))
 
     def _write_with_headers(self, data: bytes) -> None:
         # One send for status line, headers and body instead of two.
@@ -182,7 +201,14 @@ class CometHandler(WSGIHandler):
                 self.result = None
             return
         user, kind, path = target
-        self.socket.sendall(stream_head(user, kind, path))
+        head = stream_head(user, kind, path)
+        if self.command == "HEAD":
+            # The stream's status line and headers, no content (RFC 9110 9.3.2),
+            # and no stream: a raw one's head says the connection closes.
+            self.socket.sendall(head[:head.index(b"\r\n\r\n") + 4])
+            self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
+            return
+        self.socket.sendall(head)
         self.stream = (self.socket, user, kind)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
