@@ -37,7 +37,9 @@ kernel figures, and each server waits (``--quiet-wait``) for TIME_WAIT sockets
 of earlier runs to drain.
 
 *Ramp rate.* While floodtest ramps, the bench polls the server's own count
-every 50 ms; the ramp rate is the slope between 10% and 90% of N.
+every 50 ms; the ramp rate is reported first to last (connections held / time
+from the first connection seen to all N) and as the slope between 10% and 90%
+of N, which leaves out a slow start or a slow tail.
 
 *CPU.* The load tools share the machine's cores with the server, so server
 CPU is the server process's own CPU time (psutil), never the machine's.
@@ -87,7 +89,7 @@ KIB = 1024.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SOURCE_IPS = "127.0.1.1-127.0.1.20"
 
-#: measured earlier on this machine (the issue): KiB per idle connection
+#: measured earlier on this machine, not by the bench: KiB per idle connection
 IDLE_BASELINES = [
     ("naive bottle on pywsgi", "server RSS", 24.6),
     ("raw gevent, one greenlet per connection", "server RSS", 8.6),
@@ -587,7 +589,8 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(nginx: str | None = None) -> dict[str, str]:
+    """The machine, the software versions and the commit; *nginx*: the binary, when it runs."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -614,23 +617,21 @@ def machine_info() -> dict[str, str]:
         gv = gevent.__version__
     except ImportError:
         gv = "?"
-    nginx = nchan_available()
-    nv = ""
-    if nginx:
-        r = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10)
-        nv = (r.stderr or r.stdout).strip().replace("nginx version: ", "")
-    return {
+    info = {
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "gevent": gv,
-        "nginx": nv or "not installed",
         "nofile": str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
         "commit": commit,
         "load": "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg()),
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if nginx:  # only a run that measured nginx + nchan names its version
+        r = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10)
+        info["nginx"] = (r.stderr or r.stdout).strip().replace("nginx version: ", "") or "?"
+    return info
 
 
 def _plt():
@@ -701,7 +702,8 @@ def machine_lines(info: dict[str, str]) -> list[str]:
         f"- Date: {info['date']}; commit {info['commit']}",
         f"- Machine: {info['cpu']}, {info['memory']} RAM, Linux {info['kernel']}, "
         f"open files limit {info['nofile']} per process",
-        f"- Python {info['python']}, gevent {info['gevent']}, nginx {info['nginx']}",
+        f"- Python {info['python']}, gevent {info['gevent']}"
+        + (f", nginx {info['nginx']}" if "nginx" in info else ""),
         f"- Load average (1/5/15 min) at the start: {info['load']}; at the end: "
         f"{info.get('load_end', '?')}",
     ]
@@ -786,6 +788,7 @@ def idle_one(server: Server, n: int, ramp_rate: float, settle: float, interval: 
         "held": held,
         "ramp_s": round(t_reached - t_ramp, 2),
         "ramp_rate": _ramp_rate(points, n, base_conns),
+        "ramp_rate_first_last": reached / (t_reached - t_ramp) if t_reached > t_ramp else None,
         "client_ramp_rate": flood.get("ramp_rate"),
         "rss_before": before["rss"],
         "rss_at_n": at["rss"],
@@ -804,7 +807,8 @@ def idle_one(server: Server, n: int, ramp_rate: float, settle: float, interval: 
     }
     log(f"{server.label}: held {held}, RSS/conn {result['rss_per_conn'] / KIB:.2f} KiB, "
         f"kernel/conn {result['kernel_per_conn'] / KIB:.2f} KiB, ramp "
-        f"{_fmt(result['ramp_rate'], 0)} conn/s")
+        f"{_fmt(result['ramp_rate_first_last'], 0)} conn/s first to last, "
+        f"{_fmt(result['ramp_rate'], 0)} at 10-90%")
     return result
 
 
@@ -890,7 +894,8 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
         "",
         "## Results",
         "",
-        "| server | held | ramp (conn/s) | RSS before (MiB) | RSS at N (MiB) | **RSS/conn "
+        "| server | held | ramp first to last / 10-90% (conn/s) | RSS before (MiB) | "
+        "RSS at N (MiB) | **RSS/conn "
         "(KiB)** | target | kernel/conn (KiB) | of which Slab | of which TCP buffers | "
         "SUnreclaim/conn | TCP sockets + |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -902,13 +907,15 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
             ok = r["rss_per_conn"] / KIB <= target
             verdict = f"<= {target:g} {'met' if ok else '**missed**'}"
         L.append(
-            f"| {r['label']} | {r['held']:,} | {_fmt(r['ramp_rate'], 0)} | "
+            f"| {r['label']} | {r['held']:,} | {_fmt(r.get('ramp_rate_first_last'), 0)} / "
+            f"{_fmt(r['ramp_rate'], 0)} | "
             f"{r['rss_before'] / 2**20:.1f} | {r['rss_at_n'] / 2**20:.1f} | "
             f"**{r['rss_per_conn'] / KIB:.2f}** | {verdict} | {r['kernel_per_conn'] / KIB:.2f} | "
             f"{r['slab_per_conn'] / KIB:.2f} | {r['sockmem_per_conn'] / KIB:.2f} | "
             f"{r['sunreclaim_per_conn'] / KIB:.2f} | {r['tcp_inuse_delta']:,.0f} |")
-    L += ["", "Baselines measured earlier on this machine (from the issue), KiB per idle "
-          "connection:", "", "| what | measured as | KiB/conn |", "|---|---|---:|"]
+    L += ["", "Baselines for comparison, measured earlier on this machine and not by this "
+          "run, KiB per idle connection:", "",
+          "| what | measured as | KiB/conn |", "|---|---|---:|"]
     for what, kind, kib in IDLE_BASELINES:
         L.append(f"| {what} | {kind} | {kib} |")
     L += ["", "Targets: greenlet mode <= 6 KiB/conn, pool mode <= 1 KiB/conn (server RSS).", ""]
@@ -921,10 +928,11 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
         L.append(f"| {r['label']} | {f.get('opened')} | {errs}{' ' + str(by) if by else ''} | "
                  f"{f.get('http_errors')} | {f.get('closed')} | {_fmt(f.get('ramp_rate'), 0)} | "
                  f"{f.get('rss_bytes_per_conn') or 'n/a'} |")
-    L += ["", "Server ramp rate: connections/s while the server's own count went from 10% to "
-          "90% of N (interpolated between samples). Client ramp rate: floodtest's connects/s "
-          "(completed TCP handshakes, which the kernel's listen backlog can absorb before the "
-          "server accepts them).", ""]
+    L += ["", "Server ramp rate: connections held / seconds from the server's first to its "
+          "last connection (polled every 50 ms), and connections/s while the server's own count "
+          "went from 10% to 90% of N (interpolated between samples). Client ramp rate: "
+          "floodtest's connects/s (completed TCP handshakes, which the kernel's listen backlog "
+          "can absorb before the server accepts them).", ""]
     return _write_report(out, L, graphs, notes)
 
 
@@ -1000,7 +1008,8 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
 
     For each server: RSS per connection ((RSS at N - RSS before the ramp) / N),
     kernel memory per connection (Slab and sockstat TCP buffer deltas / N, both
-    ends of the loopback connections), and the ramp rate. Graphs memory against
+    ends of the loopback connections), and the ramp rate (first to last
+    connection, and the 10-90% slope). Graphs memory against
     connections (one line per server) and connections over time. Baselines and
     targets are printed next to the results.
     """
@@ -1024,7 +1033,7 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
     use_nchan = bool(nginx) and nchan is not False
     opts = {"n": n, "ramp_rate": ramp_rate, "settle": settle, "interval": interval,
             "measure": measure}
-    info = machine_info()
+    info = machine_info(nginx if use_nchan else None)
     log(f"idle: {n} connections, servers: {', '.join(mode_list)}"
         f"{', nchan' if use_nchan else ''}; results in {outdir}")
     results = []

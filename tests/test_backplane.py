@@ -28,12 +28,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from conftest import CometdProcess, start_cometd
 
-from cometd.backplane import decode_batch, encode_batch
-from cometd.connections import Message
+from cometd.backplane import BackplaneUnavailable, EdgeBackend, decode_batch, encode_batch
+from cometd.connections import ConnectionTable, Message
 from cometd.store import SubscriptionStore
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
@@ -417,6 +418,82 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
     cluster.assert_healthy()
 
 
+# -- an edge's /stats ----------------------------------------------------------------
+
+PRESENCE_WITHIN = 1.0  # seconds a closed stream, or a dead edge's, may still be counted
+HELD = 2000
+
+
+def test_edge_stats_say_whose_figures_and_drop_closed_streams_within_a_second(cluster):
+    a, b = cluster.edges
+    alice_a, bob_b = cluster.stream(a, "alice"), cluster.stream(b, "bob")
+    totals = lambda: a.http("GET", "/stats")[1]  # noqa: E731
+    assert wait_until(lambda: totals()["connections"] == 2, BACK_WITHIN)
+
+    stats = totals()
+    assert set(stats) == {"connections", "users_online", "messages_sent", "deliveries",
+                          "router_rss_bytes", "edge"}, stats
+    assert stats["users_online"] == 2  # the router's figures: both edges
+    own = stats["edge"]
+    assert (own["id"], own["mode"], own["connections"], own["users_online"]) == (
+        a.id, "greenlet", 1, 1), own
+    assert b.http("GET", "/stats")[1]["edge"]["mode"] == "pool"
+
+    # Whose memory is whose: idle streams (~7 KiB each in greenlet mode) set
+    # edge A's RSS well apart from the router's, then each figure must match
+    # its own process.
+    held = [socket.create_connection(a.addr) for _ in range(HELD)]
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(b"GET /test/held%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+        assert wait_until(lambda: totals()["connections"] == 2 + HELD, BACK_WITHIN)
+        stats = totals()
+        router_rss = psutil.Process(cluster.router.pid).memory_info().rss
+        edge_rss = psutil.Process(a.process.pid).memory_info().rss
+        assert edge_rss > 1.12 * router_rss or router_rss > 1.12 * edge_rss  # told apart
+        assert stats["router_rss_bytes"] == pytest.approx(router_rss, rel=0.05)
+        assert stats["edge"]["rss_bytes"] == pytest.approx(edge_rss, rel=0.05)
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: totals()["connections"] == 2, BACK_WITHIN)
+
+    # A stream that closes leaves the edge's count at once and the router's promptly.
+    alice_a.close()
+    assert wait_until(lambda: totals()["connections"] == 1, PRESENCE_WITHIN), totals()
+    stats = totals()
+    assert (stats["users_online"], stats["edge"]["connections"]) == (1, 0), stats
+
+    # So do the streams of an edge that dies without a word.
+    b.process.proc.kill()
+    t0 = time.monotonic()
+    assert wait_until(lambda: totals()["connections"] == 0, PRESENCE_WITHIN), totals()
+    assert time.monotonic() - t0 < PRESENCE_WITHIN + 0.5  # the last /stats call included
+    assert bob_b.wait(lambda: bob_b.eof, 5)
+    assert cluster.online("bob") == 0
+    cluster.assert_healthy(b.process)
+
+
+def test_edge_stats_without_the_router_say_so_and_keep_the_edges_own():
+    class NoRouter:  # an EdgeLink whose router never answers (a fake: pure logic)
+        edge_id = "edge-1"
+        table = ConnectionTable("pool")
+
+        def call(self, op: str, *args: Any) -> Any:
+            raise BackplaneUnavailable("the router is not reachable; try again")
+
+    try:
+        stats = EdgeBackend(NoRouter()).stats()  # type: ignore[arg-type]
+    finally:
+        NoRouter.table.close()
+    assert stats["router_error"] == "the router is not reachable; try again"
+    own = stats.pop("edge")
+    assert set(stats) == {"router_error"}  # no totals passed off as the whole service's
+    assert own.pop("rss_bytes") > 10 * 2**20
+    assert own == {"id": "edge-1", "mode": "pool", "connections": 0, "users_online": 0,
+                   "deliveries": 0, "slow_consumers_dropped": 0}
+
+
 # -- faults -------------------------------------------------------------------------
 
 
@@ -480,6 +557,19 @@ def test_edge_killed(cluster):
     assert time.monotonic() - t0 < BACK_WITHIN + 1
     cluster.assert_healthy(b.process)
 
+
+def test_edge_sigterm_ends_its_streams_with_the_last_chunk(cluster):
+    """An edge stopped on purpose ends its chunked streams properly, unlike a kill."""
+    streams = [cluster.stream(edge, "carol") for edge in cluster.edges]
+    assert wait_until(lambda: cluster.online("carol") == 2, BACK_WITHIN)
+    assert cluster.edges[0].send("carol", b"before the stop")[0] == 200
+    for edge, stream in zip(cluster.edges, streams, strict=True):
+        assert stream.wait_messages(1) == [b"before the stop"]
+        assert edge.process.stop(signal.SIGTERM) == 0
+        assert stream.wait(lambda s=stream: s.eof, 10)
+        # the parser keeps the zero-length last chunk as an empty one
+        assert stream.messages == [b"before the stop", b""], (edge.mode, stream.messages)
+    cluster.assert_healthy(*(edge.process for edge in cluster.edges))
 
 def test_router_restart(cluster):
     a, b = cluster.edges

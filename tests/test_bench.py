@@ -72,6 +72,10 @@ def test_idle_small(tmp_path):
         assert math.isfinite(r["kernel_per_conn"])
         assert r["ramp_s"] >= 0
         assert r["ramp_rate"] is None or r["ramp_rate"] > 0
+        # first to last: every connection over the whole ramp, not a slope
+        # (ramp_s is rounded to 10 ms)
+        rate = r["ramp_rate_first_last"]
+        assert rate > 0 and abs(rate * r["ramp_s"] - r["held"]) <= rate * 0.005 + 1, mode
 
     report = (out / "report.md").read_text()
     assert "bin/cometd-bench idle --n 300" in report  # the exact command line
@@ -80,6 +84,7 @@ def test_idle_small(tmp_path):
     assert "24.6" in report and "9.6" in report  # baselines printed alongside
     for mode, r in results.items():
         assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, mode
+        assert f"| {bench._fmt(r['ramp_rate_first_last'], 0)} / " in report, mode
     graphs = ["idle-rss.png", "idle-kernel.png", "idle-ramp.png"]
     for g in graphs:
         assert f"]({g})" in report
@@ -145,3 +150,23 @@ def test_kernel_counters_are_read():
     k = bench.kernel_counters()
     assert k["slab"] > 0
     assert k["tcp_inuse"] >= 0 and k["tcp_mem"] >= 0
+
+
+def test_report_names_nginx_only_when_nchan_ran_and_says_where_baselines_come_from(tmp_path):
+    out = tmp_path / "idle"
+    run_bench("idle", "--n", "100", "--modes", "pool", "--no-nchan", "--quiet-wait", "0",
+              "--settle", "0.2", "--interval", "0.1", "--measure", "0.3", "--out", str(out))
+    report = (out / "report.md").read_text()
+    versions = next(line for line in report.splitlines() if line.startswith("- Python "))
+    assert "gevent" in versions and "nginx" not in versions, versions
+    assert "nginx" not in json.loads((out / "summary.json").read_text())["machine"]
+    assert "from the issue" not in report
+    assert "Baselines for comparison, measured earlier on this machine and not by this run" \
+        in report
+
+    # A run that does measure nginx + nchan names the version it ran.
+    nginx = tmp_path / "nginx"
+    nginx.write_text("#!/bin/sh\necho 'nginx version: nginx/1.99.9' >&2\n")
+    nginx.chmod(0o755)
+    lines = bench.machine_lines(bench.machine_info(str(nginx)))
+    assert "- Python " in lines[2] and lines[2].endswith(", nginx nginx/1.99.9"), lines

@@ -9,9 +9,16 @@ import textwrap
 import threading
 
 import pytest
+from conftest import COMETD, start_server
 
 from cometd.ids import InvalidId, int_value
-from cometd.store import SelfSubscription, StoreLockedError, SubscriptionStore, encode_set
+from cometd.store import (
+    SelfSubscription,
+    StoreError,
+    StoreLockedError,
+    SubscriptionStore,
+    encode_set,
+)
 
 
 @pytest.fixture
@@ -226,3 +233,31 @@ def test_acknowledged_write_survives_sigkill(tmp_path):
     assert 7 not in subscribers
     for i in subscribers:
         assert i not in (7,)
+
+
+def test_a_second_server_on_a_database_in_use_says_what_to_do(tmp_path):
+    db = str(tmp_path / "db")
+    first = start_server(db)
+    try:
+        second = subprocess.run([sys.executable, COMETD, "--db", db, "--port", "0",
+                                 "--admin-port", "-1"], capture_output=True, text=True, timeout=30)
+    finally:
+        first.stop()
+    assert second.returncode == 1, second
+    assert second.stderr == (
+        f"cometd: error: subscription database {db} is already open in another process (is"
+        " another cometd running on this database? stop it, or pass --db another/path)\n"
+    ), second.stderr
+
+
+@pytest.mark.parametrize("under", ["", "sub/db"])
+def test_db_on_a_regular_file_says_not_a_directory(tmp_path, under):
+    plain = tmp_path / "f"
+    plain.write_text("not a database\n")
+    path = plain / under if under else plain
+    with pytest.raises(StoreError) as info:
+        SubscriptionStore(path)
+    assert not isinstance(info.value, StoreLockedError)
+    assert "not a directory" in str(info.value)
+    assert "already open" not in str(info.value)
+    assert plain.read_text() == "not a database\n"  # and nothing was created or changed

@@ -133,6 +133,21 @@ def test_sse_events_carry_id_sender_and_body(srv):
     assert ids == sorted(set(ids)), ids
 
 
+def test_a_body_that_is_not_utf8_is_raw_on_test_and_replaced_on_events(srv):
+    # The README's promise: /test passes bytes through, SSE (text) shows each
+    # invalid UTF-8 sequence as U+FFFD.
+    user = unique_id("bytes")
+    body = b"ok \xff\xfe caf\xc3\xa9 cut \xe2\x82"
+    with StreamClient.open(srv, f"/test/{user}") as raw, \
+            StreamClient.open(srv, f"/events/{user}") as sse:
+        raw.chunk(), sse.chunk()  # welcomes
+        assert send(srv, user, body) == 2
+        assert raw.chunk() == body
+        events, _ = _sse_events(sse, 1)
+    assert json.loads(events[0]["data"]) == {
+        "from": user, "body": "ok \ufffd\ufffd caf\u00e9 cut \ufffd"}
+
+
 def test_sse_keepalive_comments_every_period(srv):
     user = unique_id("ka")
     with StreamClient.open(srv, f"/events/{user}") as c:
@@ -174,9 +189,11 @@ def test_sse_over_http10_is_unframed(srv):
 
 @pytest.mark.parametrize("path", ["/test/", "/events/"])
 def test_bad_stream_id_is_404_with_a_hint(srv, path):
+    # /test keeps the seed's exact words; /events points at itself, not at /test
+    hint = f"User id not found, try {path}123 instead".encode()
     for bad in ["a%20b", "x" * 65, "%C3%A9", "a%2Fb", "a/b", "", "semi%3Bcolon", "%00", "a*b"]:
         status, headers, body = http_request(srv, "GET", path + bad)
-        assert (status, body) == (404, b"User id not found, try /test/123 instead"), bad
+        assert (status, body) == (404, hint), bad
         assert headers["content-type"].startswith("text/plain")
     assert get_stats(srv)["connections"] == 0
 

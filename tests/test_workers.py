@@ -53,10 +53,15 @@ def gone(pid: int) -> bool:
 
 
 def strays(redis_url: str) -> list[int]:
-    """Live processes (bar zombies) started with this test's Redis URL: cometd's."""
+    """Live processes (bar zombies) started with this test's Redis URL: cometd's.
+
+    The URL is in a supervisor's argv, and in its children's COMETD_CONFIG_JSON.
+    """
     found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if redis_url in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+    for p in psutil.process_iter(["cmdline", "status", "environ"]):
+        config = (p.info["environ"] or {}).get("COMETD_CONFIG_JSON", "")
+        if (redis_url in (p.info["cmdline"] or []) or f'"{redis_url}"' in config) and (
+                p.info["status"] != psutil.STATUS_ZOMBIE):
             found.append(p.pid)
     return found
 
@@ -128,7 +133,7 @@ def test_edges_share_the_port_and_connections_spread(workers):
         for _ in range(200):
             status, stats = request(workers.addr, "GET", "/stats")
             assert status == 200, stats
-            per_edge[stats["edge"]] = stats["edge_connections"]
+            per_edge[stats["edge"]["id"]] = stats["edge"]["connections"]
             if len(per_edge) == 2:
                 break
         assert len(per_edge) == 2, per_edge
