@@ -12,7 +12,7 @@ Commands
 ``unsubscribe <subscriber> <subscribee>``   ``OK``
 ``subscribers <id>``                        ids on one line (none: no line), ``OK``
 ``subscriptions <id>``                      likewise
-``send <subject> <message text...>``        ``OK delivered <N>``
+``send <subject> <message text...>``        ``OK delivered <N> id <message id>``
 ``online <id>``                             ``OK <connections of id>``
 ``who [N]``                                 up to N (default 100, at most 10,000)
                                             online ids, one a line, unsorted;
@@ -75,7 +75,7 @@ HELP = {
     "subscribers": ("subscribers <id>", "who gets id's messages"),
     "subscriptions": ("subscriptions <id>", "whose messages id gets"),
     "send": ("send <subject> <message text...>",
-             "send the text from subject; replies OK delivered N"),
+             "send the text from subject; replies OK delivered N id <message id>"),
     "online": ("online <id>", "number of open streams of id"),
     "who": ("who [N]", f"up to N (default {WHO_DEFAULT}, at most {WHO_MAX:,}) online ids, "
                        "one a line, unsorted; replies OK <shown> of <total> online"),
@@ -94,7 +94,7 @@ class AdminBackend(Protocol):
     def remove(self, pairs: list[tuple[str, str]]) -> int: ...
     def subscribers(self, user: str) -> list[str]: ...
     def subscriptions(self, user: str) -> list[str]: ...
-    def send(self, subject: str, body: bytes) -> int: ...
+    def send(self, subject: str, body: bytes) -> tuple[int, str]: ...
     def online(self, user: str) -> int: ...
     def who(self, limit: int) -> tuple[list[str], int]: ...
     def stats(self) -> dict[str, Any]: ...
@@ -310,7 +310,8 @@ class AdminConsole(StreamServer):
         if len(parts) < 2 or not parts[1].strip():
             raise CommandError("usage: send <subject> <message text...> (the text is required)")
         subject = check_id(parts[0])
-        return [f"OK delivered {self.backend.send(subject, parts[1].encode('utf-8'))}"]
+        delivered, message_id = self.backend.send(subject, parts[1].encode("utf-8"))
+        return [f"OK delivered {delivered} id {message_id}"]
 
     def _online(self, args: list[str], rest: str) -> list[str]:
         (user,) = self._args(args, "id")

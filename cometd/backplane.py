@@ -92,7 +92,7 @@ GROUP_BATCH = 2_000  # recipients grouped by edge between yields to the hub (~1 
 def encode_batch(entries: list[tuple[Message, list[str]]]) -> bytes:
     """Messages for one edge, each with the users it goes to, as one payload."""
     head = json.dumps([
-        {"seq": m.seq, "subject": m.subject, "users": users, "size": len(m.body)}
+        {"key": m.key, "subject": m.subject, "users": users, "size": len(m.body)}
         for m, users in entries
     ])
     return head.encode() + b"\n" + b"".join(m.body for m, _ in entries)
@@ -104,8 +104,7 @@ def decode_batch(data: bytes) -> list[tuple[Message, list[str]]]:
     start = 0
     for item in json.loads(head):
         end = start + item["size"]
-        message = Message(item["subject"], bodies[start:end])
-        message.seq = item["seq"]
+        message = Message(item["subject"], bodies[start:end], item["key"])
         entries.append((message, item["users"]))
         start = end
     return entries
@@ -549,8 +548,9 @@ class EdgeBackend:
         self.link = link
         self._process = psutil.Process()
 
-    def send(self, subject: str, body: bytes) -> int:
-        return self.link.call("send", subject, body.decode("latin-1"))
+    def send(self, subject: str, body: bytes) -> tuple[int, str]:
+        delivered, message_id = self.link.call("send", subject, body.decode("latin-1"))
+        return delivered, message_id
 
     def subscribers(self, user: str) -> list[str]:
         return self.link.call("subscribers", user)

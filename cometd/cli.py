@@ -92,6 +92,7 @@ def _flags(*keys: str):
 
 _HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
+_HISTORY = ("history_size", "history_ttl", "history_bytes", "replay_max")
 
 
 def _config(role: str | None, flags: dict) -> Config:
@@ -123,7 +124,7 @@ def _serve(config: Config, role: str) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_flags(*_HTTP, *_ADMIN, "db", "workers", "redis")
+@_flags(*_HTTP, *_ADMIN, "db", *_HISTORY, "workers", "redis")
 @click.pass_context
 def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
@@ -155,7 +156,7 @@ def cli(ctx: click.Context, **flags) -> None:
 
 
 @cli.command("router")
-@_flags("redis", "db", *_ADMIN)
+@_flags("redis", "db", *_HISTORY, *_ADMIN)
 def router_command(**flags) -> None:
     """Run the scale-out router: the store, presence, the admin console and sends.
 

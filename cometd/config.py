@@ -1,7 +1,7 @@
 """The server's configuration: every option, its default, type, range and help, once.
 
-A :class:`Config` is a frozen tree of four sections (``http``, ``admin``,
-``store``, ``backplane``). Each field carries its own description (see
+A :class:`Config` is a frozen tree of five sections (``http``, ``admin``,
+``store``, ``history``, ``backplane``). Each field carries its own description (see
 :func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
 TOML file, ``cometd config`` and the README all read it from here.
 
@@ -42,8 +42,8 @@ from cometd.connections import MODES
 MAX_MESSAGE_BYTES = 64 * 1024
 
 __all__ = [
-    "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "ConfigError",
-    "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load", "from_json", "to_json",
+    "Config", "HttpConfig", "AdminConfig", "StoreConfig", "HistoryConfig", "BackplaneConfig",
+    "ConfigError", "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load", "from_json", "to_json",
     "to_toml", "redacted", "url_host",
 ]
 
@@ -113,6 +113,26 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """Message history, kept beside the subscriptions, for streams that resume."""
+
+    size: int = _option(100, "messages kept per subject for resuming streams (0: no history)",
+                        flag="--history-size", kind=int, low=0, high=1_000_000,
+                        metavar="MESSAGES")
+    ttl: float = _option(3600.0, "seconds a message is kept for resuming streams",
+                         flag="--history-ttl", kind=float, low=1, high=365 * 86400,
+                         metavar="SECONDS")
+    max_bytes: int = _option(64 * 1024 * 1024, "bytes of message bodies the whole history "
+                             "keeps (the oldest go first); also bounds its memory and its "
+                             "scan at startup", flag="--history-bytes", kind=int,
+                             low=MAX_MESSAGE_BYTES, high=1 << 40, metavar="BYTES")
+    replay_max: int = _option(1000, "most messages replayed to one resuming stream (the "
+                              "newest; more is reported as not recovered)",
+                              flag="--replay-max", kind=int, low=1, high=1_000_000,
+                              metavar="MESSAGES")
+
+
+@dataclass(frozen=True)
 class BackplaneConfig:
     """Scale-out over Redis."""
 
@@ -131,6 +151,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
 
     @property

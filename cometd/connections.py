@@ -49,12 +49,12 @@ import select
 import socket
 import time
 from collections.abc import Iterable
-from itertools import count
 
 import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
+from cometd.history import format_id
 from cometd.online import OnlineIndex, yield_to_hub
 
 __all__ = [
@@ -98,21 +98,19 @@ def frame_bytes(kind: int, payload: bytes) -> bytes:
     return _chunk(payload) if kind in (CHUNKED, SSE_CHUNKED) else payload
 
 
-def sse_event(seq: int, subject: str, body: bytes) -> bytes:
+def sse_event(key: int, subject: str, body: bytes) -> bytes:
     data = json.dumps({"from": subject, "body": body.decode("utf-8", "replace")})
-    return b"id: %d\ndata: %s\n\n" % (seq, data.encode())
+    return b"id: %s\ndata: %s\n\n" % (format_id(key).encode(), data.encode())
 
 
 class Message:
     """One published message; its wire bytes are built once per stream kind."""
 
-    __slots__ = ("seq", "subject", "body", "_frames")
+    __slots__ = ("key", "subject", "body", "_frames")
 
-    _seqs = count(1)
-
-    def __init__(self, subject: str, body: bytes) -> None:
-        #: process-wide sequence number, the SSE ``id:``
-        self.seq = next(Message._seqs)
+    def __init__(self, subject: str, body: bytes, key: int = 0) -> None:
+        #: the message id as an integer (see :mod:`cometd.history`), the SSE ``id:``
+        self.key = key
         self.subject = subject
         self.body = body
         self._frames: list[bytes | None] = [None, None, None, None]
@@ -125,7 +123,7 @@ class Message:
             elif kind == CHUNKED:
                 frame = _chunk(self.body)
             else:
-                event = sse_event(self.seq, self.subject, self.body)
+                event = sse_event(self.key, self.subject, self.body)
                 frame = event if kind == SSE_RAW else _chunk(event)
             self._frames[kind] = frame
         return frame
@@ -135,7 +133,8 @@ class Connection:
     """One client stream, owned by a :class:`ConnectionTable`."""
 
     __slots__ = (
-        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed"
+        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
+        "after", "_allowance",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -152,6 +151,10 @@ class Connection:
         #: greenlet mode: the greenlet waits for output (not for writability)
         self._parked = False
         self.closed = False
+        #: a resumed stream's replay head: messages with keys up to it are not sent
+        self.after = 0
+        #: bytes of a replay held beyond max_pending until the outbox first drains
+        self._allowance = 0
 
     # -- both modes ------------------------------------------------------------
 
@@ -179,10 +182,19 @@ class Connection:
             self.table.loop.run_callback(self._waiter.switch)
         return True
 
+    def deliver_first(self, data: bytes) -> bool:
+        """:meth:`deliver` a resumed stream's head and replay, however long.
+
+        A replay may hold up to ``replay_max`` messages, more than
+        ``max_pending``: the bound applies again once it is sent.
+        """
+        self._allowance = len(data)
+        return self.deliver(data)
+
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
         self._pending += len(data)
-        if self._pending > self.table.max_pending:
+        if self._pending > self.table.max_pending + self._allowance:
             self.table.slow_consumers_dropped += 1
             self.close()
 
@@ -208,6 +220,7 @@ class Connection:
         if sent < len(data):
             out.append(data[sent:])
             return False
+        self._allowance = 0
         return True
 
     def close(self) -> None:
@@ -366,6 +379,8 @@ class ConnectionTable:
             if conns is None:
                 continue
             for conn in tuple(conns) if len(conns) > 1 else conns:
+                if conn.after and message.key <= conn.after:
+                    continue  # already in its replay (see cometd.server)
                 delivered += conn.deliver(message.frame(conn.kind))
                 attempts += 1
                 if attempts % _YIELD_EVERY == 0:

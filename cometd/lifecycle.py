@@ -90,13 +90,20 @@ class Server:
         self._stops.callback(table.close)
         return table
 
-    def _http(self, backend: Any, table: Any):
+    def _history(self, store: Any):
+        from cometd.history import History
+
+        h = self.config.history
+        return History(store.db, size=h.size, ttl=h.ttl, max_bytes=h.max_bytes)
+
+    def _http(self, backend: Any, table: Any, replay: Any = None):
         from cometd.server import CometServer
         from cometd.webapp import make_app
 
         http = self.config.http
         sock = listener(http.host, http.port, http.reuse_port)
-        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout)
+        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout,
+                             replay=replay)
         server.start()
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive
@@ -151,8 +158,9 @@ class Server:
 
         store = self._store()
         table = self._table()
-        backend = LocalBackend(store, Router(store, table), table)
-        url = self._http(backend, table)
+        router = Router(store, table, self._history(store))
+        backend = LocalBackend(store, router, table, self.config.history.replay_max)
+        url = self._http(backend, table, backend.replay)
         admin = self._admin(backend)
         self.banner = (f"cometd: listening on {url}{admin} mode={self.config.http.mode} "
                        f"db={self.config.store.db}")
@@ -168,7 +176,8 @@ class Server:
         self._check_redis()
         store = self._store()
         presence = Presence(redis.Redis.from_url(url))
-        backend = LocalBackend(store, Router(store, presence), presence)
+        router = Router(store, presence, self._history(store))
+        backend = LocalBackend(store, router, presence, self.config.history.replay_max)
         link = RouterLink(url, backend, presence)
         link.start()
         self._stops.callback(link.stop)

@@ -24,16 +24,17 @@ sent; sends from different subjects run concurrently.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from cometd.connections import Message
+from cometd.history import History, format_id
 from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
 
-__all__ = ["Router", "Fanout"]
+__all__ = ["Router", "Fanout", "Sent"]
 
 LARGE_VALUE = 256 * 1024  # bytes of subscriber set (64K integer ids) worth a yield (~0.6 ms)
 
@@ -49,19 +50,29 @@ class Fanout(Protocol):
     def online(self, user: str) -> int: ...
 
 
+class Sent(NamedTuple):
+    """What a send did: connections written to, and the message's id."""
+
+    delivered: int
+    id: str
+
+
 class Router:
     """Routes messages from a subject to its subscribers' connections."""
 
-    def __init__(self, store: SubscriptionStore, fanout: Fanout, pool_size: int = 64) -> None:
+    def __init__(self, store: SubscriptionStore, fanout: Fanout, history: History,
+                 pool_size: int = 64) -> None:
         self.store = store
         self.fanout = fanout
+        #: hands out message ids and keeps each subject's recent messages
+        self.history = history
         #: messages accepted by :meth:`send`
         self.messages_sent = 0
         self._pool = Pool(pool_size)
         self._subject_locks: dict[str, list] = {}  # subject -> [Semaphore, users]
 
-    def send(self, subject: str, body: bytes) -> int:
-        """Deliver *body* from *subject*; return the number of connections written to.
+    def send(self, subject: str, body: bytes) -> Sent:
+        """Deliver *body* from *subject*: connections written to and the message id.
 
         *subject* must be a valid id (see :mod:`cometd.ids`).
         """
@@ -73,7 +84,12 @@ class Router:
         entry[1] += 1
         try:
             with entry[0]:
-                return self._pool.spawn(self._dispatch, message).get()
+                # The id comes in lock order, so one subject's ids follow its
+                # delivery order; it is kept in the same loop turn (see
+                # cometd.history: every id handed out is in the history).
+                message.key = self.history.record(subject, body)
+                delivered = self._pool.spawn(self._dispatch, message).get()
+                return Sent(delivered, format_id(message.key))
         finally:
             entry[1] -= 1
             if not entry[1]:

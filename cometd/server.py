@@ -8,6 +8,15 @@ pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
 the connection (and, in greenlet mode, a parked greenlet with a shallow stack)
 stays; no handler, WSGI environ or read buffer does.
 
+A resuming stream (see :mod:`cometd.history`) is opened in one loop turn,
+after its handler is done: the replay is read, the socket adopted (so live
+messages from then on queue behind the replay) and the head and the replay
+written, with no yield in between. The connection then drops live messages
+with an id up to the replay's *head*, the newest id handed out when it was
+read: each was replayed (or is reported lost), and only a fan-out that was
+already under way can still bring one. So the seam has no gap and no
+duplicate.
+
 The handler holds every request to a strict HTTP/1.1 grammar
 (:mod:`cometd.httprequest`, against request smuggling): an error closes the
 connection, and so does a body not read to its end, so nothing after it is
@@ -28,6 +37,7 @@ import math
 import resource
 import socket
 import time
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -38,11 +48,12 @@ from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
 from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
-from cometd.router import Router
+from cometd.router import Router, Sent
 from cometd.store import SubscriptionStore
-from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
+from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, resumed_head, stream_head
 from cometd.webapp import STREAM_KEY
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
@@ -95,8 +106,8 @@ class _DeadlineInput(io.RawIOBase):
 class CometHandler(WSGIHandler):
     """pywsgi's handler, with bounded headers and stream hand-off."""
 
-    #: (socket, user, kind) once the request turned into a stream
-    stream: tuple[Any, str, int] | None = None
+    #: (socket, user, kind, path, since) once the request turned into a stream
+    stream: tuple[Any, str, int, str, str | None] | None = None
 
     def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
@@ -201,8 +212,17 @@ class CometHandler(WSGIHandler):
             finally:
                 self.result = None
             return
-        user, kind, path = target
-        head = stream_head(user, kind, path)
+        user, kind, path, since = target
+        if since is not None and self.command != "HEAD":
+            # A resume: CometServer.handle writes head and replay (see above).
+            self.stream = (self.socket, user, kind, path, since)
+            self.socket = None
+            self.close_connection = True
+            return
+        if since is None:
+            head = stream_head(user, kind, path)
+        else:
+            head = resumed_head(user, kind, path, since, self.server.replay(user, since))
         if self.command == "HEAD":
             # The stream's status line and headers, no content (RFC 9110 9.3.2),
             # and no stream: a raw one's head says the connection closes.
@@ -210,7 +230,7 @@ class CometHandler(WSGIHandler):
             self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
             return
         self.socket.sendall(head)
-        self.stream = (self.socket, user, kind)
+        self.stream = (self.socket, user, kind, path, None)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
 
@@ -221,10 +241,13 @@ class CometServer(WSGIServer):
     handler_class = CometHandler
 
     def __init__(self, listener, application, table: ConnectionTable,
-                 request_timeout: float = 10.0, **kwargs: Any) -> None:
+                 request_timeout: float = 10.0,
+                 replay: Callable[[str, str], Replay] | None = None, **kwargs: Any) -> None:
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        #: (user, since) -> what a resuming stream of user gets; None: no history here
+        self._replay = replay
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
         # (cometd.streamhttp), and a client that says nothing costs no
@@ -297,12 +320,25 @@ class CometServer(WSGIServer):
         del handler
         if stream is None:
             return
-        gsock, user, kind = stream
+        gsock, user, kind, path, since = stream
         try:
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
-        self._adopt(raw, user, kind)
+        if since is None:
+            self._adopt(raw, user, kind)
+            return
+        # One loop turn from the read to the adoption (see the module docstring).
+        replay = self.replay(user, since)
+        conn = self._adopt(raw, user, kind)
+        conn.after = replay.head
+        conn.deliver_first(resumed_head(user, kind, path, since, replay))
+
+    def replay(self, user: str, since: str) -> Replay:
+        """What a stream of *user* resuming after *since* is sent first."""
+        if self._replay is None:
+            return Replay([], False, "no history is kept here", 0)
+        return self._replay(user, since)
 
     def _adopt(self, sock: _socket.socket, user: str, kind: int):
         conn = self.table.adopt(sock, user, kind)
@@ -321,18 +357,26 @@ class CometServer(WSGIServer):
 class LocalBackend:
     """The single-process backend: router, store and table in this process."""
 
-    def __init__(self, store: SubscriptionStore, router: Router, table: ConnectionTable) -> None:
+    def __init__(self, store: SubscriptionStore, router: Router, table: ConnectionTable,
+                 replay_max: int = 1000) -> None:
         self.store = store
         self.router = router
         self.table = table
+        #: most messages one resuming stream is sent
+        self.replay_max = replay_max
         self._process = psutil.Process()
 
     def _blocking(self, fn, *args):
         # Synced LevelDB writes wait for the disk; let the hub run meanwhile.
         return gevent.get_hub().threadpool.apply(fn, args)
 
-    def send(self, subject: str, body: bytes) -> int:
+    def send(self, subject: str, body: bytes) -> Sent:
         return self.router.send(subject, body)
+
+    def replay(self, user: str, since: str) -> Replay:
+        """What *user* missed after message id *since*: its own and its subscriptions' messages."""
+        subjects = [user, *self.store.get_subscriptions(user)]
+        return self.router.history.replay(subjects, since, self.replay_max)
 
     def subscribers(self, user: str) -> list[str]:
         return self.store.get_subscribers(user)
@@ -363,6 +407,7 @@ class LocalBackend:
             "messages_sent": self.router.messages_sent,
             "deliveries": self.table.deliveries,
             "slow_consumers_dropped": self.table.slow_consumers_dropped,
+            **self.router.history.stats,
             "rss_bytes": self._process.memory_info().rss,
             "mode": getattr(self.table, "mode", "router"),
         }

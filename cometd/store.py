@@ -325,6 +325,11 @@ class SubscriptionStore:
         self._cache_lock = threading.Lock()
         self._generation = 0  # bumped by every write, under _cache_lock
 
+    @property
+    def db(self) -> plyvel.DB:
+        """The LevelDB database, for the message history kept beside the sets."""
+        return self._db
+
     # -- lookups -----------------------------------------------------------
 
     def get_subscribers(self, user: str | int) -> list[str]:

@@ -26,26 +26,34 @@ object. Anything else (other routes, a partial request, an invalid id,
 or ``Transfer-Encoding``, a missing ``Host``) goes on to pywsgi and bottle
 with the bytes already read, so this path never has to produce an error of its
 own. Its header grammar is :mod:`cometd.httprequest`'s, so it never takes a
-request that pywsgi would refuse.
+request that pywsgi would refuse. A resuming request (a ``Last-Event-ID``
+header, a ``since`` or ``last_event_id`` parameter) goes on too: resumes are
+rare, and the server opens them with :func:`resumed_head` (see
+:meth:`cometd.server.CometServer.handle`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from email.utils import formatdate
 
-from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, frame_bytes
+from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, Message, frame_bytes
+from cometd.history import Replay
 from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
-__all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_head", "stream_kind"]
+__all__ = [
+    "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "resumed_head", "stream_head",
+    "stream_kind",
+]
 
 #: what the accept callback reads at once; a longer request goes to pywsgi
 FIRST_READ_BYTES = 8192
 
 _STREAM_REQUEST = re.compile(
-    rb"GET (/(test|events)/(" + ID_PATTERN.encode() + rb"))(?:\?[!-~]*)? HTTP/1\.([01])\r"
+    rb"GET (/(test|events)/(" + ID_PATTERN.encode() + rb"))(?:\?([!-~]*))? HTTP/1\.([01])\r"
     rb"(\n(?:" + TCHAR.encode() + rb"+:" + FIELD_VALUE.encode() + rb"*\r\n)*)\r\n"
 )
 
@@ -54,6 +62,10 @@ _CONTENT_TYPE = {
     True: "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n",
 }
 _date = (0, "")
+#: the response header of a resumed stream: true when the replay is complete
+RECOVERED_HEADER = "Cometd-Recovered"
+#: a query parameter that makes a request a resume (see cometd.webapp)
+_RESUME_PARAMS = re.compile(rb"(?:^|&)(?:since|last_event_id)=")
 
 
 def stream_kind(sse: bool, http10: bool) -> int:
@@ -68,10 +80,12 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     match = _STREAM_REQUEST.match(data)
     if match is None:
         return None
-    path, route, user, minor, fields = match.groups()
+    path, route, user, query, minor, fields = match.groups()
     # pywsgi judges a body, and a Host missing (HTTP/1.1) or doubled; *fields*
     # starts with the request line's LF, so every name follows one.
     fields = fields.lower()
+    if (query and _RESUME_PARAMS.search(query)) or b"\nlast-event-id:" in fields:
+        return None  # a resume: the web app takes it
     hosts = fields.count(b"\nhost:")
     if (hosts != 1 and (hosts or minor == b"1")) or b"\ncontent-length:" in fields or (
             b"\ntransfer-encoding:" in fields):
@@ -87,8 +101,11 @@ def _http_date() -> str:
     return _date[1]
 
 
-def stream_head(user: str, kind: int, path: str) -> bytes:
-    """Status line, headers and welcome of a stream of *kind* for *user* at *path*."""
+def stream_head(user: str, kind: int, path: str, headers: str = "") -> bytes:
+    """Status line, headers and welcome of a stream of *kind* for *user* at *path*.
+
+    *headers* are more header lines, each ending in CRLF.
+    """
     sse = kind in (SSE_CHUNKED, SSE_RAW)
     if sse:
         welcome = f": Welcome, Url: '{path}' Id: {user}\n\n"
@@ -96,5 +113,23 @@ def stream_head(user: str, kind: int, path: str) -> bytes:
         welcome = f"Welcome, Url: '{path}' Id: {user}\n"
     chunked = kind in (CHUNKED, SSE_CHUNKED)
     framing = "Transfer-Encoding: chunked" if chunked else "Connection: close"
-    head = f"HTTP/1.1 200 OK\r\n{_CONTENT_TYPE[sse]}{framing}\r\nDate: {_http_date()}\r\n\r\n"
+    head = (f"HTTP/1.1 200 OK\r\n{_CONTENT_TYPE[sse]}{framing}\r\nDate: {_http_date()}\r\n"
+            f"{headers}\r\n")
     return head.encode() + frame_bytes(kind, welcome.encode())
+
+
+def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay) -> bytes:
+    """What a resumed stream starts with: its head, a gap event if due, the replay.
+
+    The head says whether the replay is complete (``Cometd-Recovered``); an
+    SSE stream that is not recovered also gets ``event: gap`` before the
+    replay, naming the id asked for and why, so a page knows to reload.
+    """
+    recovered = "true" if replay.recovered else "false"
+    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n")]
+    if not replay.recovered and kind in (SSE_CHUNKED, SSE_RAW):
+        gap = json.dumps({"last_event_id": since[:100], "reason": replay.reason})
+        parts.append(frame_bytes(kind, b"event: gap\ndata: %s\n\n" % gap.encode()))
+    for key, subject, body in replay.messages:
+        parts.append(Message(subject, body, key).frame(kind))
+    return b"".join(parts)

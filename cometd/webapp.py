@@ -2,9 +2,11 @@
 
 Routes
 ------
-``GET /test/<id>``            chunked stream of message bodies (HTTP/1.0: raw, until close)
-``GET /events/<id>``          the same as Server-Sent Events
-``POST /send/<subject>``      publish the request body -> ``{"delivered": N}``
+``GET /test/<id>``            chunked stream of message bodies (HTTP/1.0: raw, until close);
+                              ``?since=<message id>`` resumes after that message
+``GET /events/<id>``          the same as Server-Sent Events; a ``Last-Event-ID`` header
+                              (or ``?last_event_id=``) resumes
+``POST /send/<subject>``      publish the request body -> ``{"delivered": N, "id": "<id>"}``
 ``GET /subscribers/<id>``     ``{"subscribers": [...]}``
 ``GET /subscriptions/<id>``   ``{"subscriptions": [...]}``
 ``POST /subscriptions``       JSON ``[[subscriber, subscribee], ...]`` -> ``{"added": N}``
@@ -13,7 +15,8 @@ Routes
 ``GET /stats``                counters as JSON
 
 A stream route does not write the stream itself: it marks the WSGI environ
-with ``cometd.stream = (user, kind, path)``; the server adapter
+with ``cometd.stream = (user, kind, path, since)`` (*since*: the message id a
+resume asked for, else None); the server adapter
 (:mod:`cometd.server`) sends :func:`cometd.streamhttp.stream_head` and hands
 the socket to the connection table, so no WSGI machinery stays behind per
 connection. Most stream requests never get here: the server answers plain
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 import bottle
 
@@ -45,7 +49,7 @@ NOT_FOUND_USER = "User id not found, try {route}123 instead"
 class Backend(Protocol):
     """What the app needs from the server (an edge passes these to the router)."""
 
-    def send(self, subject: str, body: bytes) -> int: ...
+    def send(self, subject: str, body: bytes) -> tuple[int, str]: ...
     def subscribers(self, user: str) -> list[str]: ...
     def subscriptions(self, user: str) -> list[str]: ...
     def add(self, pairs: list[tuple[str, str]]) -> int: ...
@@ -116,6 +120,19 @@ def _pairs(body: bytes, adding: bool) -> list[tuple[str, str]]:
     return pairs
 
 
+def _resume_from(environ: dict[str, Any], sse: bool) -> str | None:
+    """The message id a stream request resumes after, or None for a fresh stream.
+
+    SSE: the ``Last-Event-ID`` header (an empty one, as EventSource never
+    sends, is none), else ``last_event_id``; chunked: ``since``.
+    """
+    if sse and environ.get("HTTP_LAST_EVENT_ID"):
+        return environ["HTTP_LAST_EVENT_ID"].strip()
+    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+    values = query.get("last_event_id" if sse else "since")
+    return values[-1] if values else None
+
+
 def make_app(backend: Backend) -> bottle.Bottle:
     """The bottle app over *backend*."""
     app = bottle.Bottle(catchall=True, autojson=False)
@@ -134,7 +151,8 @@ def make_app(backend: Backend) -> bottle.Bottle:
             # The socket leaves pywsgi with the head sent: no body may follow.
             raise _error(400, "a stream request has no body")
         http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
-        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
+        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path,
+                               _resume_from(environ, sse))
         return ""
 
     # Anything after the prefix, even empty or with a slash, is the id: an
@@ -156,7 +174,8 @@ def make_app(backend: Backend) -> bottle.Bottle:
         body = _read_body(MAX_MESSAGE_BYTES)
         if not body:
             return _error(400, "empty message: the request body is the message")
-        return _json(200, {"delivered": backend.send(subject, body)})
+        delivered, message_id = backend.send(subject, body)
+        return _json(200, {"delivered": delivered, "id": message_id})
 
     def lookup(user: str, key: str) -> bottle.HTTPResponse:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -109,13 +110,13 @@ def test_seed_session_end_to_end(server, mode):
     assert c.cmd("unsubscribe bob rj") == ["OK"]
     assert c.cmd("subscribers rj") == ["alice", "OK"]
     assert c.cmd("subscriptions bob") == ["OK"]
-    assert c.cmd("send rj hello") == ["OK delivered 0"]  # alice is offline
+    assert c.cmd("send rj hello") == ["OK delivered 0 id 1-1"]  # alice is offline
     assert c.cmd("online alice") == ["OK 0"]
 
     stream = open_stream(server, "alice")
     try:
         wait_online(c, "alice", 1)
-        assert c.cmd("send rj hi") == ["OK delivered 1"]
+        assert c.cmd("send rj hi") == ["OK delivered 1 id 1-2"]
         got = b""
         while b"2\r\nhi\r\n" not in got:
             data = stream.recv(4096)
@@ -246,7 +247,8 @@ def test_send_keeps_the_rest_of_the_line(console, srv):
     stream = open_stream(srv, "textsub")
     try:
         wait_online(console, "textsub", 1)
-        assert console.cmd("send textsub héllo  wörld ") == ["OK delivered 1"]
+        reply = console.cmd("send textsub héllo  wörld ")
+        assert len(reply) == 1 and re.fullmatch(r"OK delivered 1 id \d+-\d+", reply[0]), reply
         body = "héllo  wörld ".encode()
         want = b"%x\r\n%s\r\n" % (len(body), body)
         got = b""
@@ -360,7 +362,7 @@ class FakeBackend:
 
     def send(self, subject, body):
         self.calls.append(("send", subject, body))
-        return 0
+        return 0, "7-1"
 
     def online(self, user):
         return 0
@@ -439,7 +441,7 @@ def test_backend_fault_is_one_err_line(local_console):
     c.start()
     reply = c.cmd("subscribers boom")
     assert reply == ["ERR internal error: RuntimeError: backend down"]
-    assert c.cmd("send rj  two  words") == ["OK delivered 0"]
+    assert c.cmd("send rj  two  words") == ["OK delivered 0 id 7-1"]
     assert backend.calls[-1] == ("send", "rj", b"two  words")
     c.close()
 

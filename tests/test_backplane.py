@@ -35,6 +35,7 @@ from conftest import CometdProcess, start_cometd
 
 from cometd.backplane import BackplaneUnavailable, EdgeBackend, decode_batch, encode_batch
 from cometd.connections import ConnectionTable, Message
+from cometd.history import parse_id
 from cometd.store import SubscriptionStore
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
@@ -176,7 +177,11 @@ class Edge:
         return request(self.addr, method, path, body, timeout)
 
     def send(self, subject: str, body: bytes, timeout: float = 10) -> tuple[int, Any]:
-        return self.http("POST", f"/send/{subject}", body, timeout)
+        """POST /send: status and reply, the reply's message id checked and left out."""
+        status, reply = self.http("POST", f"/send/{subject}", body, timeout)
+        if status == 200:
+            assert parse_id(reply.pop("id")) is not None, reply
+        return status, reply
 
 
 class Cluster:
@@ -343,8 +348,8 @@ def test_a_batch_carries_several_messages_with_their_recipients():
     third = Message("rj", "h\u00e9llo".encode())
     entries = [(first, ["alice", "bob"]), (second, ["carol"]), (third, ["alice"])]
     decoded = decode_batch(encode_batch(entries))
-    assert [(m.seq, m.subject, m.body, users) for m, users in decoded] == [
-        (m.seq, m.subject, m.body, users) for m, users in entries]
+    assert [(m.key, m.subject, m.body, users) for m, users in decoded] == [
+        (m.key, m.subject, m.body, users) for m, users in entries]
 
 
 def test_concurrent_sends_all_arrive_in_subject_order(cluster):
@@ -773,7 +778,7 @@ def test_four_hosts_in_network_namespaces(namespaces, tmp_path):
         out = json.loads(pub.stdout or "null") if pub.returncode == 0 else pub.stderr
         assert out["added"] == {"added": n}, out
         assert out["stats"]["connections"] == n, out  # the router counts the edge's streams
-        assert out["sends"] == [{"delivered": n}] * m, out
+        assert [s["delivered"] for s in out["sends"]] == [n] * m, out
 
         received = json.loads(flood.communicate(timeout=30)[0])
         assert received == {f"f{i}": [f"msg-{k}" for k in range(m)] for i in range(n)}

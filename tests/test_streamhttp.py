@@ -23,7 +23,7 @@ from cometd.streamhttp import parse_stream_request, stream_head, stream_kind
     (b"GET /events/user:7 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
      ("user:7", SSE_CHUNKED, "/events/user:7")),
     (b"GET /events/a.b-c_d HTTP/1.0\r\nX: \r\n\r\n", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d")),
-    (b"GET /test/42?since=3&x=%20 HTTP/1.1\r\nhOsT: x\r\n\r\n", ("42", CHUNKED, "/test/42")),
+    (b"GET /test/42?seen=3&x=%20 HTTP/1.1\r\nhOsT: x\r\n\r\n", ("42", CHUNKED, "/test/42")),
     # What follows the header block is the client's business, not the request's.
     (b"GET /test/42 HTTP/1.1\r\nHost: x\r\n\r\nGET /stats HTTP/1.1\r\n\r\n",
      ("42", CHUNKED, "/test/42")),
@@ -61,6 +61,11 @@ def test_plain_stream_requests_are_recognised(request_bytes, expected):
     b"GET /test/42 HTTP/1.1\r\nHost: x\r\nX(y): 1\r\n\r\n",
     b"GET /test/42 HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
     b"GET /test/42 HTTP/1.1\r\nHost: x\r\nHost : x\r\n\r\n",
+    # resumes: the web app reads where they resume from
+    b"GET /test/42?since=1-5 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /test/42?x=1&since= HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /events/42?last_event_id=1-5 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /events/42 HTTP/1.1\r\nHost: x\r\nlast-Event-ID: 1-5\r\n\r\n",
 ])
 def test_everything_else_goes_to_pywsgi(request_bytes):
     assert parse_stream_request(request_bytes) is None

@@ -1,0 +1,290 @@
+"""Message ids and the persistent history that lets a stream resume from one.
+
+Every routed message gets an id where it is routed (the single-process
+server, or the router when scaled out). An id is ``<epoch>-<seq>``: the epoch
+counts the openings of the database (incremented and synced at each one), the
+sequence counts the messages routed since, so an id from before a restart is
+never reissued, even after a kill -9. Ids compare as ``(epoch, seq)``; inside
+the server one is the integer ``epoch << 64 | seq`` (a *key*), and in LevelDB
+its 12 big-endian bytes, so keys sort by id.
+
+Each subject's recent messages are kept in the subscription database, so a
+client that missed some can ask for everything after the last id it saw
+(:meth:`History.replay`) and learn whether that is provably all of it.
+
+Theory of operation
+-------------------
+Keyspaces (beside the store's ``r`` and ``f``)::
+
+    h <len><subject key> <id>  -> body            one subject's messages, in id order
+    t <id>                     -> <time f64><size u32><subject key>   all of them, in id order
+    k <subject key>            -> <id>            the newest id trimmed from a subject's history
+    m:epoch, m:history-epoch, m:history-floor     see below
+
+A message is written (``h`` and ``t`` in one batch) in the same loop turn
+that gives it its id, so at any moment every id handed out is in the history.
+Writes are **not synced**: LevelDB hands each one to the operating system at
+once, so the history survives a kill -9 of the server, but not a power loss
+or a kernel crash (the last writes may be gone; the subscriptions, which are
+synced, are not). A sync per message would cost a disk flush (~ms) per send.
+
+Three bounds trim it, and each trim is remembered, so a replay knows when it
+is not complete:
+
+- ``size`` messages per subject (trimmed once a subject holds a few more,
+  so the cost is one short scan per few sends); the subject's ``k`` mark is
+  the newest id removed;
+- ``ttl`` seconds, and ``max_bytes`` of bodies in all: the oldest messages of
+  all subjects go first, walking ``t``; the ``m:history-floor`` is the newest
+  id removed that way. The floor also starts at the first id of an epoch whose
+  previous epoch kept no history (``--history-size 0``, or a database from
+  before there was a history): ``m:history-epoch`` is the last epoch that kept one.
+
+The history of subject S reaches back to id X when X >= the floor and X >= S's
+mark: every message of S after X is still there. In memory there is only a
+message count per subject with history, the marks and the total size, read
+from ``t`` and ``k`` at open: bounded by ``max_bytes``, like the startup scan.
+
+A replay for a user reads, for the user and each subject it subscribes to,
+that subject's messages after X (one range scan each), merges them by id and
+keeps the newest ``limit``. It also returns the newest id handed out when it
+was read (*head*): the caller drops a live message with an id up to *head*,
+since it was either replayed or is one the replay says it lost.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import plyvel
+
+from cometd.ids import encode_key
+
+__all__ = ["History", "Replay", "format_id", "parse_id", "id_bytes", "SEQ_BITS"]
+
+SEQ_BITS = 64
+_SEQ_MASK = (1 << SEQ_BITS) - 1
+_ID = re.compile(r"([0-9]{1,10})-([0-9]{1,20})\Z")
+_T_VALUE = struct.Struct(">dI")
+
+HISTORY = b"h"
+TIMELINE = b"t"
+MARKS = b"k"
+EPOCH_KEY = b"m:epoch"
+HISTORY_EPOCH_KEY = b"m:history-epoch"
+FLOOR_KEY = b"m:history-floor"
+
+
+def format_id(key: int) -> str:
+    """The id string (``epoch-seq``) of a key."""
+    return f"{key >> SEQ_BITS}-{key & _SEQ_MASK}"
+
+
+def parse_id(text: str) -> int | None:
+    """The key of an id string, or None when *text* is not one."""
+    match = _ID.match(text)
+    if match is None:
+        return None
+    epoch, seq = int(match.group(1)), int(match.group(2))
+    if epoch >= 1 << 32 or seq > _SEQ_MASK:
+        return None
+    return epoch << SEQ_BITS | seq
+
+
+def id_bytes(key: int) -> bytes:
+    """A key as 12 big-endian bytes (epoch u32, seq u64): they sort as ids do."""
+    return key.to_bytes(12, "big")
+
+
+def _prefix(subject_key: bytes) -> bytes:
+    # A length byte, so one name's messages never run into a longer name's.
+    return HISTORY + bytes((len(subject_key),)) + subject_key
+
+
+class Replay(NamedTuple):
+    """What a resuming stream is sent, and whether that is provably all it missed."""
+
+    #: (key, subject, body), oldest first
+    messages: list[tuple[int, str, bytes]]
+    recovered: bool
+    #: why not recovered ("" when it is)
+    reason: str
+    #: the newest key handed out when the history was read
+    head: int
+
+
+class History:
+    """Ids and per-subject history in the plyvel database *db* (the store's).
+
+    *size* 0 keeps no history; ids are handed out all the same.
+    """
+
+    def __init__(self, db: plyvel.DB, size: int = 100, ttl: float = 3600.0,
+                 max_bytes: int = 64 * 1024 * 1024,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self.size = size
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self._clock = clock
+        stored = db.get(EPOCH_KEY)
+        #: this opening's epoch: every id it hands out starts with it
+        self.epoch = (int(stored) if stored else 0) + 1
+        if self.epoch >= 1 << 32:  # pragma: no cover - four billion restarts
+            raise OverflowError("message id epochs exhausted")
+        db.put(EPOCH_KEY, b"%d" % self.epoch, sync=True)
+        self._last = self.epoch << SEQ_BITS  # the newest key handed out
+        #: subject key -> messages kept
+        self._counts: dict[bytes, int] = {}
+        self._marks: dict[bytes, int] = {}
+        self._bytes = 0
+        self._oldest = 0.0  # time of the oldest message kept (0: none)
+        self.floor = 0
+        if size:
+            self._load()
+
+    # -- opening -------------------------------------------------------------
+
+    def _load(self) -> None:
+        db = self._db
+        kept = db.get(HISTORY_EPOCH_KEY)
+        floor = db.get(FLOOR_KEY)
+        self.floor = int.from_bytes(floor, "big") if floor else 0
+        if kept is None or int(kept) != self.epoch - 1:
+            # The previous epoch kept nothing: its ids cannot be replayed.
+            self.floor = self.epoch << SEQ_BITS
+        with db.write_batch(sync=True) as batch:
+            batch.put(HISTORY_EPOCH_KEY, b"%d" % self.epoch)
+            batch.put(FLOOR_KEY, id_bytes(self.floor))
+        for value in db.iterator(prefix=TIMELINE, include_key=False):
+            when, size = _T_VALUE.unpack_from(value)
+            subject = value[_T_VALUE.size:]
+            self._counts[subject] = self._counts.get(subject, 0) + 1
+            self._bytes += size
+            if not self._oldest:
+                self._oldest = when
+        for key, value in db.iterator(prefix=MARKS):
+            mark = int.from_bytes(value, "big")
+            if mark > self.floor:
+                self._marks[key[1:]] = mark
+        self._trim_oldest()
+
+    # -- publishing ----------------------------------------------------------
+
+    @property
+    def last(self) -> int:
+        """The newest key handed out."""
+        return self._last
+
+    def record(self, subject: str, body: bytes) -> int:
+        """Give a message of *subject* the next id, keep it; return its key."""
+        self._last = key = self._last + 1
+        if not self.size:
+            return key
+        skey = encode_key(subject)
+        idb = id_bytes(key)
+        now = self._clock()
+        with self._db.write_batch() as batch:
+            batch.put(_prefix(skey) + idb, body)
+            batch.put(TIMELINE + idb, _T_VALUE.pack(now, len(body)) + skey)
+            count = self._counts.get(skey, 0) + 1
+            if count > self.size + max(4, self.size // 4):
+                count = self._trim_subject(batch, skey, count - self.size)
+            self._counts[skey] = count
+        self._bytes += len(body)
+        if not self._oldest:
+            self._oldest = now
+        if self._bytes > self.max_bytes or now - self._oldest > self.ttl:
+            self._trim_oldest()
+        return key
+
+    def _trim_subject(self, batch, skey: bytes, excess: int) -> int:
+        """Delete the oldest *excess* messages of one subject; the count left."""
+        prefix = _prefix(skey)
+        mark = 0
+        removed = 0
+        for hkey, body in self._db.iterator(prefix=prefix):
+            if removed == excess:
+                break
+            idb = hkey[len(prefix):]
+            batch.delete(hkey)
+            batch.delete(TIMELINE + idb)
+            self._bytes -= len(body)
+            mark = int.from_bytes(idb, "big")
+            removed += 1
+        if mark:
+            self._marks[skey] = mark
+            batch.put(MARKS + skey, id_bytes(mark))
+        return self._counts.get(skey, 0) + 1 - removed
+
+    def _trim_oldest(self) -> None:
+        """Drop the oldest messages of all subjects past the age or size bound."""
+        now = self._clock()
+        floor = self.floor
+        with self._db.write_batch() as batch:
+            self._oldest = 0.0
+            for tkey, value in self._db.iterator(prefix=TIMELINE):
+                when, size = _T_VALUE.unpack_from(value)
+                if now - when <= self.ttl and self._bytes <= self.max_bytes:
+                    self._oldest = when
+                    break
+                skey = value[_T_VALUE.size:]
+                idb = tkey[1:]
+                batch.delete(tkey)
+                batch.delete(_prefix(skey) + idb)
+                self._bytes -= size
+                floor = int.from_bytes(idb, "big")
+                left = self._counts.get(skey, 1) - 1
+                if left > 0:
+                    self._counts[skey] = left
+                else:
+                    self._counts.pop(skey, None)
+                    if self._marks.pop(skey, None) is not None:
+                        batch.delete(MARKS + skey)  # implied by the floor now
+            if floor != self.floor:
+                self.floor = floor
+                batch.put(FLOOR_KEY, id_bytes(floor))
+
+    # -- resuming ------------------------------------------------------------
+
+    def replay(self, subjects: Iterable[str], since: str, limit: int = 1000) -> Replay:
+        """The messages of *subjects* after id *since*, newest *limit* of them."""
+        head = self._last
+        key = parse_id(since)
+        if key is None:
+            return Replay([], False, "malformed id", head)
+        if key > head:
+            return Replay([], False, "unknown id", head)
+        if not self.size:
+            return Replay([], False, "no history is kept", head)
+        if self._oldest and self._clock() - self._oldest > self.ttl:
+            self._trim_oldest()
+        reason = "" if key >= self.floor else "the id predates the history"
+        after = id_bytes(key + 1)
+        found: list[tuple[int, str, bytes]] = []
+        for subject in dict.fromkeys(subjects):
+            skey = encode_key(subject)
+            if not reason and key < self._marks.get(skey, 0):
+                reason = f"the history of {subject} no longer reaches back to the id"
+            prefix = _prefix(skey)
+            start = len(prefix)
+            # At most size (and a few) messages per subject; keep the newest limit + 1.
+            newest = deque(self._db.iterator(start=prefix + after, stop=prefix + b"\xff" * 12),
+                           maxlen=limit + 1)
+            found.extend((int.from_bytes(hkey[start:], "big"), subject, body)
+                         for hkey, body in newest)
+        found.sort(key=lambda m: m[0])
+        if len(found) > limit:
+            found = found[-limit:]
+            reason = reason or f"more than {limit} messages to replay"
+        return Replay(found, not reason, reason, head)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """What ``/stats`` shows of the history."""
+        return {"history_messages": sum(self._counts.values()), "history_bytes": self._bytes}
