@@ -437,3 +437,35 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
 def unique_id(prefix: str) -> str:
     """A fresh user id, so tests sharing one server do not see each other's users."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def tcp_queues() -> dict[tuple[str, str], tuple[int, int]]:
+    """Every IPv4 TCP socket's (tx_queue, rx_queue), from one read of /proc/net/tcp.
+
+    Keyed by (local, remote) as ``"ip:port"``. tx_queue is what SIOCOUTQ reports
+    for the socket (written, not yet acknowledged), rx_queue what SIOCINQ does
+    (received, not yet read); /proc shows them for another process's sockets
+    too. One read, so bytes moving from one socket's queue to its peer's are
+    not counted twice.
+    """
+    with open("/proc/net/tcp") as f:
+        lines = f.read().splitlines()[1:]
+    queues = {}
+    for line in lines:
+        fields = line.split()
+        ends = []
+        for addr in fields[1:3]:
+            ip, port = addr.split(":")
+            ends.append(f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(port, 16)}")
+        tx, rx = fields[4].split(":")
+        queues[tuple(ends)] = (int(tx, 16), int(rx, 16))
+    return queues
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
