@@ -45,9 +45,11 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-def start_server(db: str, *args: str, timeout: float = 20) -> ServerProcess:
-    """Start `bin/cometd --port 0 --admin-port 0 --db DB ARGS` and wait until it listens."""
-    cmd = [sys.executable, COMETD, "--port", "0", "--admin-port", "0", "--db", db, *args]
+def start_server(db: str, *args: str, timeout: float = 20,
+                 prefix: tuple[str, ...] | list[str] = ()) -> ServerProcess:
+    """Start `bin/cometd --port 0 --admin-port 0 --db DB ARGS` (after *prefix*, e.g.
+    `strace ...`) and wait until it listens."""
+    cmd = [*prefix, sys.executable, COMETD, "--port", "0", "--admin-port", "0", "--db", db, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     lines: list[str] = []
