@@ -428,7 +428,7 @@ def _heal(edge: Edge, subject: str, delivered: int, deadline: float) -> list[tup
     raise AssertionError(f"no send got through: {probes}")
 
 
-def _assert_counts_true(probes: list[tuple[bytes, Any]], streams: list[Stream],
+def assert_counts_true(probes: list[tuple[bytes, Any]], streams: list[Stream],
                         receivers: list[Stream]) -> None:
     """Each 200 during healing counted exactly the streams that got its body.
 
@@ -478,7 +478,7 @@ def test_redis_restart(cluster, redis_server, kill, outage):
     # 4 (not the stale 3) once the router knows: alice twice, carol and dave.
     probes = _heal(b, "rj", 4, t0 + BACK_WITHIN)
     streams = [alice_a, alice_b, bob_b, carol_a, dave_b]
-    _assert_counts_true(probes, streams, [alice_a, alice_b, carol_a, dave_b])
+    assert_counts_true(probes, streams, [alice_a, alice_b, carol_a, dave_b])
     assert not any(b"while redis is down" in s.messages for s in streams)
     online = lambda: [cluster.online(u) for u in ("alice", "bob", "carol", "dave")]  # noqa: E731
     assert wait_until(lambda: online() == [2, 0, 1, 1], t0 + BACK_WITHIN - time.monotonic())
@@ -544,7 +544,7 @@ def test_router_restart(cluster, kill):
     cluster.start_router()
     t0 = time.monotonic()
     probes = _heal(a, "rj", 3, t0 + BACK_WITHIN)
-    _assert_counts_true(probes, streams, streams)
+    assert_counts_true(probes, streams, streams)
     for stream in streams:
         # ... and what the edges were told had failed (503) is not run late.
         assert b"while down" not in stream.messages, stream.user
