@@ -111,6 +111,8 @@ class RedisServer:
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.workdir = workdir
         self.host = host
+        #: a port of our own choosing may be taken between the pick and the bind
+        self._pick_port = port is None
         self.port = port or free_port(host)
         self.proc: subprocess.Popen | None = None
 
@@ -129,8 +131,24 @@ class RedisServer:
             return False
 
     def start(self, timeout: float = 10) -> None:
-        import time
+        """Start on `.port`; on the first start, on another port if that one was taken."""
+        attempts = 0
+        while attempts < 5:
+            attempts += 1
+            if self._start_once(timeout):
+                self._pick_port = False  # restarts keep this port
+                return
+            if not self._pick_port or not self._port_was_taken():
+                break
+            self.port = free_port(self.host)
+        raise RuntimeError(f"redis-server did not start on port {self.port} "
+                           f"(after {attempts} attempts); see {self.workdir}/redis.log")
 
+    def _port_was_taken(self) -> bool:
+        with open(os.path.join(self.workdir, "redis.log"), errors="replace") as f:
+            return "Address already in use" in f.read()[-2000:]
+
+    def _start_once(self, timeout: float) -> bool:
         cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
                "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no"]
         log = open(os.path.join(self.workdir, "redis.log"), "ab")  # noqa: SIM115
@@ -140,8 +158,9 @@ class RedisServer:
         while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                return False
             time.sleep(0.02)
+        return True
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
