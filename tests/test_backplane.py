@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import CometdProcess, start_cometd
+from conftest import CometdProcess, StreamClient, start_cometd
 
 from cometd.backplane import CALL_TIMEOUT, EDGE_TIMEOUT, decode_batch, encode_batch
 from cometd.connections import Message
@@ -195,9 +195,9 @@ class Cluster:
         self.processes.append(self.router)
         return self.router
 
-    def start_edge(self, mode: str) -> Edge:
+    def start_edge(self, mode: str, *extra: str) -> Edge:
         edge = Edge(start_cometd(["edge", "--redis", self.redis.url, "--port", "0",
-                                  "--mode", mode], EDGE_READY), mode)
+                                  "--mode", mode, *extra], EDGE_READY), mode)
         self.processes.append(edge.process)
         self.edges.append(edge)
         return edge
@@ -725,3 +725,101 @@ def test_four_hosts_in_network_namespaces(namespaces, tmp_path):
                 proc.kill()
             proc.wait(10)
 
+
+
+# -- more scale-out promises (added after the namespace test to ease merges) ------------
+
+
+def test_same_subject_from_two_edges_at_once_arrives_in_one_order(cluster):
+    """Two edges publish one subject concurrently: every stream, on either edge,
+    sees the same order, and each publisher's own sends in the order made."""
+    a, b = cluster.edges
+    users = ["alice", "bob", "carol"]
+    cluster.subscribe(a, [[u, "rj"] for u in users])
+    streams = [cluster.stream(a, "alice"), cluster.stream(b, "alice"), cluster.stream(a, "bob"),
+               cluster.stream(b, "carol")]
+    assert wait_until(lambda: cluster.connections() == len(streams), BACK_WITHIN)
+    per_edge, start = 40, threading.Barrier(4)
+
+    def publish(edge: Edge, worker: int) -> list[tuple[int, Any]]:
+        start.wait()
+        return [edge.send("rj", b"%s-%d-%02d" % (edge.mode.encode(), worker, i))
+                for i in range(per_edge)]
+
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(publish, edge, w) for edge in (a, b) for w in (0, 1)]
+        replies = [r for job in jobs for r in job.result()]
+    assert replies == [(200, {"delivered": len(streams)})] * (4 * per_edge)
+    orders = [stream.wait_messages(4 * per_edge, timeout=15) for stream in streams]
+    assert all(len(order) == 4 * per_edge for order in orders), [len(o) for o in orders]
+    assert all(order == orders[0] for order in orders), "streams disagree on the order"
+    for edge in (a, b):
+        for w in (0, 1):
+            prefix = b"%s-%d-" % (edge.mode.encode(), w)
+            assert [m for m in orders[0] if m.startswith(prefix)] == [
+                prefix + b"%02d" % i for i in range(per_edge)]
+    cluster.assert_healthy()
+
+
+class _At:
+    """What conftest's StreamClient needs to reach an edge."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.host, self.port = edge.addr
+
+
+def test_slow_consumer_on_an_edge_is_dropped_and_the_router_hears(cluster):
+    a, b = cluster.edges
+    max_pending = 64 * 1024
+    c = cluster.start_edge("greenlet", "--max-pending", str(max_pending))
+    cluster.subscribe(a, [["slowpoke", "rj"], ["reader", "rj"]])
+    slow = StreamClient.open(_At(c), "/test/slowpoke", rcvbuf=4096)
+    try:
+        slow.chunk()  # the welcome; then it reads nothing
+        fast = cluster.stream(b, "reader")
+        assert wait_until(lambda: cluster.connections() == 2, BACK_WITHIN)
+        size, bodies, replies = 32 * 1024, [], []
+        for i in range(400):  # the kernels hold ~3 MB first (see test_connections)
+            bodies.append(b"%08d" % i + b"s" * (size - 8))
+            replies.append(a.send("rj", bodies[-1]))
+            if replies[-1] == (200, {"delivered": 1}):
+                break
+        else:
+            raise AssertionError(f"the slow consumer was never dropped: {replies[-5:]}")
+        dropped = time.monotonic()
+        assert all(r in [(200, {"delivered": 2}), (200, {"delivered": 1})] for r in replies)
+        # The edge dropped it and told the router, which no longer counts it.
+        assert wait_until(lambda: cluster.online("slowpoke") == 0, 1.0)
+        assert time.monotonic() - dropped < 1.0 + 0.5
+        assert cluster.connections() == 1
+        # (The router's own slow_consumers_dropped stays 0 in scale-out: only
+        # the edge that dropped it counts it.)
+        status, local = c.http("GET", "/stats")
+        assert (status, local["edge_slow_consumers_dropped"], local["edge_connections"]) == (
+            200, 1, 0)
+        # Nobody else suffered: the reader on another edge got everything, in order.
+        assert fast.wait_messages(len(bodies), timeout=30) == bodies
+        slow.sock.settimeout(30)
+        slow.wait_closed(30)  # the edge closed it: it ends once drained
+    finally:
+        slow.close()
+    cluster.assert_healthy()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_disconnect_through_an_edge_reaches_the_router_within_a_second(cluster, reset):
+    a, b = cluster.edges
+    for edge in (a, b):
+        gone = StreamClient.open(_At(edge), f"/test/gone-{edge.mode}")
+        stays = cluster.stream(edge, f"stays-{edge.mode}")
+        gone.chunk()
+        assert wait_until(lambda e=edge: cluster.online(f"gone-{e.mode}") == 1, BACK_WITHIN)
+        # Nothing is sent to the user: only the hang-up can tell the edge, and
+        # the edge's presence report the router.
+        t0 = time.monotonic()
+        gone.close(reset=reset)
+        assert wait_until(lambda e=edge: cluster.online(f"gone-{e.mode}") == 0, 1.0)
+        assert time.monotonic() - t0 < 1.0
+        assert cluster.online(stays.user) == 1
+    assert cluster.connections() == 2
+    cluster.assert_healthy()
