@@ -9,6 +9,7 @@ wire, not just what msggen says it sent.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import get_stats, http_json, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MSGGEN = ROOT / "bin" / "msggen"
@@ -157,7 +159,6 @@ def test_end_to_end_with_floodtest(tmp_path):
         assert flood.returncode == 0, out
     finally:
         server.close()
-    import json
 
     f = json.loads(ft_json.read_text())
     assert m["errors"] == 0 and m["deliveries"] == m["sent"] >= 190
@@ -175,3 +176,39 @@ def test_make_body_contract():
     assert re.fullmatch(rb"ts=\d+\.\d{6};from=\d+;seq=\d+;", make_body(1, 2))
     sample = SubjectSampler(5, seed=1)
     assert {sample() for _ in range(500)} == {1, 2, 3, 4, 5}
+
+
+def test_end_to_end_with_floodtest_against_real_cometd(tmp_path, mode):
+    """The same pair against `bin/cometd` itself: every user's stream gets its own
+    messages and those of the one user it follows, and all three counts agree."""
+    srv = start_server(str(tmp_path / "db"), "--mode", mode, "--admin-port", "-1")
+    try:
+        n = 30
+        # user i follows user i - 1 (and 1 follows n): two streams per subject
+        pairs = [[str(i), str(i - 1 if i > 1 else n)] for i in range(1, n + 1)]
+        assert http_json(srv, "POST", "/subscriptions", pairs) == (200, {"added": n})
+        ft_json = tmp_path / "ft.json"
+        flood = subprocess.Popen(
+            [sys.executable, str(FLOODTEST), "--port", str(srv.port), "--n", str(n),
+             "--rate", "0", "--duration", "4", "--json", str(ft_json)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_for(lambda: get_stats(srv)["connections"] == n, 10, what="floodtest's streams")
+        m, _ = run_tool(
+            MSGGEN, "--url", srv.url, "--rate", "100", "--duration", "1", "--users", str(n),
+            "--size", "100", tmp_path=tmp_path,
+        )
+        out, _ = flood.communicate(timeout=20)
+        assert flood.returncode == 0, out
+        stats = get_stats(srv)
+    finally:
+        srv.stop()
+    f = json.loads(ft_json.read_text())
+    assert (m["errors"], m["missed"]) == (0, 0), m
+    assert m["sent"] > 0 and m["deliveries"] == 2 * m["sent"], m
+    assert stats["messages_sent"] == m["sent"] and stats["deliveries"] == m["deliveries"]
+    assert (f["opened"], f["welcomed"], f["connect_errors"], f["closed"]) == (n, n, 0, 0), f
+    assert f["messages"] == m["deliveries"]
+    assert f["chunks"] == f["messages"] + n
+    assert f["latency_ms"]["count"] == f["messages"]
+    assert "Traceback" not in "".join(srv.output)
