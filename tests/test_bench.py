@@ -52,7 +52,7 @@ def test_help_lists_every_scenario_and_its_options():
 
 # Regression guards on the idle figures, from this machine's small runs
 # (bin/cometd-bench idle --n 2000 --modes greenlet,pool --quiet-wait 0 --settle 0.5
-# --interval 0.1 --measure 0.5, three runs at 8077bf8: greenlet 6.80-6.81 KiB,
+# --interval 0.1 --measure 0.5, unpaced, three runs at 8077bf8: greenlet 6.80-6.81 KiB,
 # pool 0.44-0.45 KiB, nchan 11.4-11.5 KiB per connection). RSS per held
 # connection is steady from run to run, unlike the system-wide kernel counters.
 IDLE_N = 2000
@@ -62,8 +62,10 @@ MAX_RSS_PER_CONN = {"greenlet": 8.5 * 1024, "pool": 1.5 * 1024}
 def test_idle_small(tmp_path):
     out = tmp_path / "idle"
     nchan = bench.nchan_available() is not None
+    # Paced so the ramp spans several polls: unpaced, 2,000 connections can all
+    # be there by the first, and the server-side ramp rate is then unknown.
     proc = run_bench("idle", "--n", str(IDLE_N), "--modes", "greenlet,pool",
-                     "--quiet-wait", "0", "--settle", "0.5", "--interval", "0.1",
+                     "--ramp-rate", "4000", "--quiet-wait", "0", "--settle", "0.5", "--interval", "0.1",
                      "--measure", "0.5", "--out", str(out))
     assert str(out / "report.md") in proc.stdout
     assert "[bench" in proc.stderr  # progress on stderr
