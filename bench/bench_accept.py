@@ -10,7 +10,8 @@ answers it (cometd.streamhttp); with only ``GET /test`` in the first part it
 is incomplete at accept time and goes to pywsgi and bottle. The client does
 the same thing in both cases; the server's CPU (from /proc/<pid>/schedstat,
 exact rather than tick-sampled) is divided by the streams whose welcome
-arrived. Runs alternate between the two paths; the table shows medians.
+arrived. Runs alternate between the two paths; the table shows medians and
+the spread.
 Loopback only; every loop is bounded.
 """
 
@@ -105,11 +106,12 @@ def main() -> None:
                 results[name].append(run_once(port, server.pid, args.streams, args.batch,
                                               split, first))
                 first += args.streams
-        print(f"| stream opened through (median of {args.runs} runs of {args.streams}) "
-              f"| server CPU µs per stream |")
-        print("|---|---:|")
+        print(f"| stream opened through ({args.runs} runs of {args.streams}) "
+              f"| server CPU µs per stream, median | min–max (each run) |")
+        print("|---|---:|---|")
         for name, values in results.items():
-            print(f"| {name} | {statistics.median(values):.1f} |")
+            print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–"
+                  f"{max(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)}) |")
     finally:
         server.terminate()
         server.wait(10)

@@ -10,7 +10,9 @@
 - server CPU per POST /send with no recipients: bin/cometd driven by
   bin/msggen --rate 0 for 4 s.
 
-Medians of --runs. Loopback only; every loop is bounded.
+Each of --runs rounds measures every cost once, in turn, so machine load hits
+them alike; the table gives the median, the spread and every run. Loopback
+only; every loop is bounded.
 """
 
 from __future__ import annotations
@@ -123,20 +125,27 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=20)
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    rows = []
-    for mode in ("greenlet", "pool"):
-        runs = [delivery_us(mode, args.streams, args.messages) for _ in range(args.runs)]
-        rows.append((f"one delivery, {mode} mode (in-process)", statistics.median(runs)))
-    runs = [bare_send_us(args.streams, args.messages) for _ in range(args.runs)]
-    rows.append(("bare send() on the same kind of socket", statistics.median(runs)))
-    for mode in ("greenlet", "pool"):
-        runs = [post_us(mode) for _ in range(args.runs)]
-        rows.append((f"POST /send with no recipients, {mode} mode (server CPU)",
-                     statistics.median(runs)))
-    print(f"| cost (median of {args.runs}) | CPU µs |")
-    print("|---|---:|")
-    for name, value in rows:
-        print(f"| {name} | {value:.2f} |")
+    costs = {
+        "one delivery, greenlet mode (in-process)":
+            lambda: delivery_us("greenlet", args.streams, args.messages),
+        "one delivery, pool mode (in-process)":
+            lambda: delivery_us("pool", args.streams, args.messages),
+        "bare send() on the same kind of socket": lambda: bare_send_us(args.streams,
+                                                                       args.messages),
+        "POST /send with no recipients, greenlet mode (server CPU)": lambda: post_us("greenlet"),
+        "POST /send with no recipients, pool mode (server CPU)": lambda: post_us("pool"),
+    }
+    runs: dict[str, list[float]] = {name: [] for name in costs}
+    for r in range(args.runs):
+        for name, measure in costs.items():
+            runs[name].append(measure())
+        print(f"round {r + 1}: " + ", ".join(f"{v[-1]:.2f}" for v in runs.values()),
+              file=sys.stderr)
+    print(f"| cost | CPU µs, median of {args.runs} | min–max (each run) |")
+    print("|---|---:|---|")
+    for name, values in runs.items():
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f}–"
+              f"{max(values):.2f} ({' / '.join(f'{v:.2f}' for v in values)}) |")
 
 
 if __name__ == "__main__":

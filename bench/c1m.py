@@ -23,17 +23,22 @@ started (each in its own session) and stops the Redis it started.
 
 Results (Markdown, JSON, two PNGs) go to ``--out`` (default bench/results/c1m):
 
-* server userland memory per connection: (edge + router RSS at full - at start) / connections
+* server userland memory per connection: (edge + router RSS at full - at start) / connections,
+  once before the messages and once after them
 * kernel memory per connection: (Slab + sockstat TCP mem, delta) / connections.
   Both ends of every loopback connection are in this machine's kernel, so this
   is the cost of a client *and* a server socket.
 * total memory used: MemAvailable at start - at full (server, client, kernel, Redis)
-* ramp rate (floodtest), delivery latency p50/p99/max (floodtest, msggen's ts= bodies)
+* ramp rate: first to last connect (floodtest), and floodtest start to all open (this
+  script's own watch); delivery latency p50/p99/max (floodtest, msggen's ts= bodies)
 
 Usage (heavy runs are serialised with other benchmarks)::
 
     flock /tmp/cometd-bench.lock .venv/bin/python bench/c1m.py
     .venv/bin/python bench/c1m.py --connections 20000 --edges 2 --out /tmp/c1m-small
+    # on a shared machine: the net.* sysctls then change only inside the namespace
+    ip netns add c1m && ip netns exec c1m ip link set lo up
+    ip netns exec c1m .venv/bin/python bench/c1m.py --connections 20000 --edges 2
     .venv/bin/python bench/c1m.py --dry-run
 """
 
@@ -121,8 +126,8 @@ def apply_sysctls(saved: dict[str, str]) -> dict[str, str]:
             continue
         try:
             write_sysctl(name, value)
-        except PermissionError as e:  # e.g. read-only in a network namespace
-            log(f"sysctl {name}: cannot be set here ({e.strerror}), skipped")
+        except PermissionError:  # e.g. a global one seen from a network namespace
+            log(f"sysctl {name}: read-only here, skipped")
             continue
         saved[name] = old
         applied[name] = value
@@ -461,9 +466,13 @@ class Run:
         self.commands["msggen"] = shlex.join(msg_cmd)
         msg = self.spawn(msg_cmd, "msggen.log")
         self.watch("msgs", lambda s: msg.poll() is not None, every=3)
-        # The last messages reach floodtest within seconds; its hold is padded
-        # (see flood_hold), so end it then rather than wait the padding out.
-        drain_end = time.monotonic() + 5
+        time.sleep(3)  # as after the ramp: let RSS / slab settle before the sample
+        self.after_msgs = self.sample("after msgs")
+        self.progress(self.after_msgs)
+        # The last messages have reached floodtest by now or within seconds; its
+        # hold is padded (see flood_hold), so end it then rather than wait the
+        # padding out.
+        drain_end = time.monotonic() + 2
         self.watch("drain", lambda s: self.flood.poll() is not None
                    or time.monotonic() >= drain_end, every=1)
         if self.flood.poll() is None:
@@ -484,6 +493,11 @@ class Run:
                         - b["slab_bytes"] - b["tcp_mem_bytes"])
         used = b["mem_available"] - full["mem_available"]
         per = max(conns, 1)
+        # The same figures once messages have flowed: buffers, queues and
+        # caches grown by the deliveries stay in RSS and slab.
+        am = self.after_msgs
+        am_conns = (am["tcp_inuse"] - b["tcp_inuse"]) // 2
+        am_per = max(am_conns, 1)
         return {
             "ramp_cpu_us_per_conn": ramp_cpu(b, full, per),
             "connections_target": a.connections,
@@ -498,6 +512,7 @@ class Run:
             "ramp_rate": flood.get("ramp_rate"),
             "ramp_s": flood.get("ramp_s"),
             "ramp_wall_s": round(ramp_wall, 1),
+            "ramp_rate_wall": round(flood.get("opened", 0) / ramp_wall, 1) if ramp_wall else None,
             "connect_errors": flood.get("connect_errors"),
             "connect_errors_by_errno": flood.get("connect_errors_by_errno"),
             "resets": flood.get("resets"),
@@ -506,6 +521,16 @@ class Run:
             "server_rss_full_bytes": full["server_rss"],
             "server_userland_bytes_per_conn": round(server_delta / per),
             "kernel_bytes_per_conn": round(kernel_delta / per),
+            "connections_after_msgs": am_conns,
+            "server_rss_after_msgs_bytes": am["server_rss"],
+            "server_userland_bytes_per_conn_after_msgs":
+                round((am["server_rss"] - b["server_rss"]) / am_per),
+            "kernel_bytes_per_conn_after_msgs":
+                round((am["slab_bytes"] + am["tcp_mem_bytes"] - b["slab_bytes"]
+                       - b["tcp_mem_bytes"]) / am_per),
+            "client_rss_after_msgs_bytes": am["client_rss"],
+            "total_bytes_per_conn_after_msgs":
+                round((b["mem_available"] - am["mem_available"]) / am_per),
             "slab_delta_bytes": full["slab_bytes"] - b["slab_bytes"],
             "tcp_mem_delta_bytes": full["tcp_mem_bytes"] - b["tcp_mem_bytes"],
             "client_rss_full_bytes": full["client_rss"],
@@ -591,8 +616,10 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| hold | {res['hold_s']} s, then messages for {res['msg_duration_s']} s |",
         f"| edges / client processes | {res['edges']} ({res['mode']} mode) / "
         f"{res['client_processes']} |",
-        f"| ramp rate | {res['ramp_rate']:,} conn/s (target {res['ramp_rate_target']:,}); "
-        f"ramp {res['ramp_s']} s |",
+        f"| ramp rate, first to last connect (floodtest) | {res['ramp_rate']:,} conn/s "
+        f"(target {res['ramp_rate_target']:,}); ramp {res['ramp_s']} s |",
+        f"| ramp rate, floodtest start to all open (this script's watch, 3 s samples) | "
+        f"{res['ramp_rate_wall']:,} conn/s over {res['ramp_wall_s']} s |",
         "| ramp CPU per connection (µs) | "
         + ", ".join(f"{k} {v:,}" for k, v in res["ramp_cpu_us_per_conn"].items()) + " |",
         f"| connect errors | {res['connect_errors']} {res['connect_errors_by_errno'] or ''} |",
@@ -601,6 +628,12 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"{_mib(res['server_rss_full_bytes'])}) |",
         f"| kernel per connection (both loopback ends) | {res['kernel_bytes_per_conn']:,} B "
         f"(Slab +{_mib(res['slab_delta_bytes'])}, TCP mem +{_mib(res['tcp_mem_delta_bytes'])}) |",
+        f"| after the messages ({res['connections_after_msgs']:,} connections): server "
+        f"userland / kernel / total per connection | "
+        f"{res['server_userland_bytes_per_conn_after_msgs']:,} B (edge+router RSS "
+        f"{_mib(res['server_rss_after_msgs_bytes'])}) / "
+        f"{res['kernel_bytes_per_conn_after_msgs']:,} B / "
+        f"{res['total_bytes_per_conn_after_msgs']:,} B |",
         f"| client userland per connection | {res['client_bytes_per_conn']} B "
         f"(floodtest RSS {_mib(res['client_rss_full_bytes'])}) |",
         f"| Redis RSS | {_mib(res['redis_rss_full_bytes'])} |",
@@ -619,9 +652,11 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| wall time | {res['wall_s']} s |",
         "",
         "Userland = (sum of edge + router RSS when all connections are open) - (the same before",
-        "the first connect), divided by the connections. Kernel = delta of /proc/meminfo Slab plus",
-        "/proc/net/sockstat TCP mem pages; it includes both the client and the server socket of",
-        "each loopback connection. Connections are counted as (TCP inuse delta) / 2.",
+        "the first connect), divided by the connections; sampled 3 s after the ramp and again",
+        "3 s after msggen ends, each divided by the connections open at that sample. Kernel =",
+        "delta of /proc/meminfo Slab plus /proc/net/sockstat TCP mem pages; it includes both the",
+        "client and the server socket of each loopback connection. Connections are counted as",
+        "(TCP inuse delta) / 2.",
         "",
         "![connections](connections.png)",
         "",

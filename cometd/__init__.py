@@ -12,7 +12,9 @@ module names in order follows a message from ``POST /send`` to a socket:
 - :mod:`cometd.router` — looks up subscribers and fans a message out.
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
 - :mod:`cometd.admin` — the telnet-style admin console.
-- :mod:`cometd.server` — assembles the pieces into one running server.
+- :mod:`cometd.server` — the HTTP server: pywsgi, handing streams to the table.
+- :mod:`cometd.config` — every server option, its default and its sources.
+- :mod:`cometd.lifecycle` — builds a process in its role, runs it, shuts it down.
 - :mod:`cometd.backplane` — scale-out: a router process and edge processes over Redis.
 - :mod:`cometd.workers` — ``cometd --workers N``: one router and N edges, supervised.
 - :mod:`cometd.cli` — the ``cometd`` command line.

@@ -42,7 +42,7 @@ again within a few seconds, and subscriptions, which live in LevelDB, are
 never at stake.
 
 Both processes run with gevent's monkey patching, so redis-py's blocking
-sockets cooperate with the hub (see :func:`cometd.cli.main`).
+sockets cooperate with the hub (see :mod:`cometd.cli`, which patches by role).
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ kernel figures, and each server waits (``--quiet-wait``) for TIME_WAIT sockets
 of earlier runs to drain.
 
 *Ramp rate.* While floodtest ramps, the bench polls the server's own count
-every 50 ms; the ramp rate is the slope between 10% and 90% of N.
+every 50 ms; the ramp rate is reported first to last (connections held / time
+from the first connection seen to all N) and as the slope between 10% and 90%
+of N, which leaves out a slow start or a slow tail.
 
 *CPU.* The load tools share the machine's cores with the server, so server
 CPU is the server process's own CPU time (psutil), never the machine's.
@@ -790,6 +792,7 @@ def idle_one(server: Server, n: int, ramp_rate: float, settle: float, interval: 
         "held": held,
         "ramp_s": round(t_reached - t_ramp, 2),
         "ramp_rate": _ramp_rate(points, n, base_conns),
+        "ramp_rate_first_last": reached / (t_reached - t_ramp) if t_reached > t_ramp else None,
         "client_ramp_rate": flood.get("ramp_rate"),
         "rss_before": before["rss"],
         "rss_at_n": at["rss"],
@@ -808,7 +811,8 @@ def idle_one(server: Server, n: int, ramp_rate: float, settle: float, interval: 
     }
     log(f"{server.label}: held {held}, RSS/conn {result['rss_per_conn'] / KIB:.2f} KiB, "
         f"kernel/conn {result['kernel_per_conn'] / KIB:.2f} KiB, ramp "
-        f"{_fmt(result['ramp_rate'], 0)} conn/s")
+        f"{_fmt(result['ramp_rate_first_last'], 0)} conn/s first to last, "
+        f"{_fmt(result['ramp_rate'], 0)} at 10-90%")
     return result
 
 
@@ -894,7 +898,8 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
         "",
         "## Results",
         "",
-        "| server | held | ramp (conn/s) | RSS before (MiB) | RSS at N (MiB) | **RSS/conn "
+        "| server | held | ramp first to last / 10-90% (conn/s) | RSS before (MiB) | "
+        "RSS at N (MiB) | **RSS/conn "
         "(KiB)** | target | kernel/conn (KiB) | of which Slab | of which TCP buffers | "
         "SUnreclaim/conn | TCP sockets + |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -906,7 +911,8 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
             ok = r["rss_per_conn"] / KIB <= target
             verdict = f"<= {target:g} {'met' if ok else '**missed**'}"
         L.append(
-            f"| {r['label']} | {r['held']:,} | {_fmt(r['ramp_rate'], 0)} | "
+            f"| {r['label']} | {r['held']:,} | {_fmt(r.get('ramp_rate_first_last'), 0)} / "
+            f"{_fmt(r['ramp_rate'], 0)} | "
             f"{r['rss_before'] / 2**20:.1f} | {r['rss_at_n'] / 2**20:.1f} | "
             f"**{r['rss_per_conn'] / KIB:.2f}** | {verdict} | {r['kernel_per_conn'] / KIB:.2f} | "
             f"{r['slab_per_conn'] / KIB:.2f} | {r['sockmem_per_conn'] / KIB:.2f} | "
@@ -925,10 +931,11 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
         L.append(f"| {r['label']} | {f.get('opened')} | {errs}{' ' + str(by) if by else ''} | "
                  f"{f.get('http_errors')} | {f.get('closed')} | {_fmt(f.get('ramp_rate'), 0)} | "
                  f"{f.get('rss_bytes_per_conn') or 'n/a'} |")
-    L += ["", "Server ramp rate: connections/s while the server's own count went from 10% to "
-          "90% of N (interpolated between samples). Client ramp rate: floodtest's connects/s "
-          "(completed TCP handshakes, which the kernel's listen backlog can absorb before the "
-          "server accepts them).", ""]
+    L += ["", "Server ramp rate: connections held / seconds from the server's first to its "
+          "last connection (polled every 50 ms), and connections/s while the server's own count "
+          "went from 10% to 90% of N (interpolated between samples). Client ramp rate: "
+          "floodtest's connects/s (completed TCP handshakes, which the kernel's listen backlog "
+          "can absorb before the server accepts them).", ""]
     return _write_report(out, L, graphs, notes)
 
 
@@ -1004,7 +1011,8 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
 
     For each server: RSS per connection ((RSS at N - RSS before the ramp) / N),
     kernel memory per connection (Slab and sockstat TCP buffer deltas / N, both
-    ends of the loopback connections), and the ramp rate. Graphs memory against
+    ends of the loopback connections), and the ramp rate (first to last
+    connection, and the 10-90% slope). Graphs memory against
     connections (one line per server) and connections over time. Baselines and
     targets are printed next to the results.
     """

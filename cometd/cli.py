@@ -1,23 +1,25 @@
 """The ``cometd`` command line: the server and its database tools.
 
 ``cometd`` with no subcommand runs the whole server in one process;
-``cometd load FILE`` bulk-loads a friends file into the subscription store.
+``cometd router`` and ``cometd edge`` run the scale-out parts, ``cometd
+--workers N`` a router and N edges; ``cometd config`` prints the effective
+configuration and ``cometd load FILE`` bulk-loads a friends file. Every
+server flag is generated from :data:`cometd.config.OPTIONS`, so its default,
+range, help and ``COMETD_*`` variable are written once, there.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import os
 import sys
 
 import click
 
-from cometd.connections import MODES
+from cometd.config import OPTIONS, Config, ConfigError, load, to_toml
 from cometd.loader import LoadError, load_friends
 from cometd.store import StoreError, SubscriptionStore
 
 __all__ = ["main", "cli"]
-
-DEFAULT_DB = "data/subscriptions"
 
 
 class _StageProgress:
@@ -46,74 +48,84 @@ class _StageProgress:
             self._bar = None
 
 
+class Failure(click.ClickException):
+    """A one-line ``cometd: error: ...`` and a non-zero exit."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"cometd: error: {self.message}", err=True)
+
+
 def open_store(db: str) -> SubscriptionStore:
     """Open the store or exit with a one-line error."""
     try:
         return SubscriptionStore(db)
     except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failure(str(exc)) from None
 
 
-def _options(*decorators):
-    """Apply a shared list of click options (the server and its subcommands share them)."""
+def _flags(*keys: str):
+    """The click options of these configuration keys; each arrives as None when not given."""
     def apply(fn):
-        for decorator in reversed(decorators):
+        for key in reversed(keys):
+            opt = OPTIONS[key]
+            facts = [] if opt.default is None or opt.secret else [f"default: {opt.default}"]
+            if opt.range:
+                facts.append(opt.range)
+            helptext = f"{opt.help}  [{'; '.join([*facts, 'env ' + opt.env])}]"
+            if opt.kind is bool:
+                decorator = click.option(opt.flag, key, is_flag=True, default=None, help=helptext)
+            else:
+                metavar = opt.metavar or (f"[{'|'.join(opt.choices)}]" if opt.choices else
+                                          {int: "INTEGER", float: "NUMBER"}.get(opt.kind, "TEXT"))
+                decorator = click.option(opt.flag, key, default=None, metavar=metavar,
+                                         help=helptext)
             fn = decorator(fn)
-        return fn
-
+        return click.option("--config", "config_file", metavar="FILE",
+                            help="read options from this TOML file (see cometd config)  "
+                                 "[env COMETD_CONFIG]")(fn)
     return apply
 
 
-_admin_options = _options(
-    click.option("--admin-host", default="127.0.0.1", show_default=True,
-                 help="admin console address; a non-loopback one requires --admin-password"),
-    click.option("--admin-port", default=8001, show_default=True,
-                 help="admin console port (0: any free port, -1: no console)"),
-    click.option("--admin-password", envvar="COMETD_ADMIN_PASSWORD",
-                 help="password the admin console asks for first (env COMETD_ADMIN_PASSWORD)"),
-)
-_db_option = click.option("--db", default=DEFAULT_DB, show_default=True,
-                          help="subscription database directory (created if missing)")
-_http_options = _options(
-    click.option("--host", default="127.0.0.1", show_default=True,
-                 help="HTTP address to listen on"),
-    click.option("--port", default=8000, show_default=True, help="HTTP port (0: any free port)"),
-    click.option("--mode", type=click.Choice(MODES), default="greenlet", show_default=True,
-                 help="greenlet: one parked greenlet per connection; "
-                      "pool: no greenlet per connection, writes straight from the router"),
-    click.option("--keepalive", default=25.0, show_default=True,
-                 help="seconds between SSE keep-alive comments"),
-    click.option("--max-pending", default=256 * 1024, show_default=True,
-                 help="bytes of unsent output a connection may hold before it is dropped"),
-    click.option("--request-timeout", default=10.0, show_default=True,
-                 help="seconds a client may take to send a whole request before it is closed "
-                      "(one that sends nothing waits in the kernel first, at no cost to the "
-                      "server, for about as long again)"),
-)
-_redis_option = click.option("--redis", "redis_url", metavar="URL",
-                             help="Redis backplane, e.g. redis://127.0.0.1:6379/0")
+_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout")
+_ADMIN = ("admin_host", "admin_port", "admin_password")
 
 
-def _admin_port(admin_host: str, admin_port: int, admin_password: str | None) -> int | None:
-    if admin_port < 0:
-        return None
-    if not _is_loopback(admin_host) and not admin_password:
-        raise click.UsageError(
-            f"the admin console on non-loopback address {admin_host} needs --admin-password")
-    return admin_port
+def _config(role: str | None, flags: dict) -> Config:
+    """The effective configuration: the group's flags, then the subcommand's, over the rest."""
+    ctx = click.get_current_context()
+    merged = dict((ctx.obj or {}).get("flags", {}))
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    path = merged.pop("config_file", None)
+    try:
+        return load(role, merged, os.environ, path)
+    except ConfigError as exc:
+        raise Failure(str(exc), exit_code=2) from None
+
+
+def _serve(config: Config, role: str) -> None:
+    """Run one server process in *role*; a port or store it cannot use is a one-line error."""
+    if role in ("router", "edge"):
+        # redis-py's blocking sockets must cooperate with gevent: patch
+        # before anything imports redis (cometd.lifecycle imports it lazily).
+        from gevent import monkey
+
+        monkey.patch_all(select=False)  # keep select.epoll: the connection table uses it
+    from cometd.lifecycle import ListenError, Server
+
+    try:
+        Server(config, role).serve()
+    except (ListenError, StoreError) as exc:
+        raise Failure(str(exc)) from None
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_http_options
-@_admin_options
-@_db_option
-@click.option("--workers", type=click.IntRange(min=1),
-              help="run one router and this many edge processes sharing --port (needs --redis)")
-@_redis_option
+@_flags(*_HTTP, *_ADMIN, "db", "workers", "redis")
 @click.pass_context
-def cli(ctx: click.Context, host: str, port: int, mode: str, keepalive: float, max_pending: int,
-        request_timeout: float, admin_host: str, admin_port: int, admin_password: str | None,
-        db: str, workers: int | None, redis_url: str | None) -> None:
+def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
 
     With no subcommand, runs the whole server in one process: HTTP streams,
@@ -121,84 +133,65 @@ def cli(ctx: click.Context, host: str, port: int, mode: str, keepalive: float, m
     and --redis, runs one router and N edge processes on this machine instead
     (see the router and edge subcommands).
 
+    Options come from, in increasing priority: their defaults, a TOML file
+    (--config), COMETD_<OPTION> variables and these flags. Options given
+    before a subcommand apply to it as well.
+
     Clients hold GET /test/<id> (chunked) or GET /events/<id> (Server-Sent
     Events) open; POST /send/<subject> pushes the request body to the
     subject's own connections and to everyone subscribed to the subject.
     SIGINT or SIGTERM stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
+        ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
         return
-    admin = _admin_port(admin_host, admin_port, admin_password)
-    open_store(db).close()  # fail early, with a one-line error, if the db is unusable
-    if workers is not None:
-        if not redis_url:
-            raise click.UsageError("--workers needs --redis URL")
-        from cometd.workers import supervise
-
-        supervise(workers, redis_url, db=db, host=host, port=port, mode=mode,
-                  admin_host=admin_host, admin_port=admin, admin_password=admin_password,
-                  extra=["--keepalive", str(keepalive), "--max-pending", str(max_pending),
-                         "--request-timeout", str(request_timeout)])
+    config = _config("cometd", flags)
+    if config.backplane.workers is None:
+        _serve(config, "single")
         return
-    from cometd.server import serve
+    from cometd.workers import supervise
 
-    _serving(serve, db, host=host, port=port, admin_host=admin_host, admin_port=admin,
-          admin_password=admin_password, mode=mode, keepalive=keepalive,
-          max_pending=max_pending, request_timeout=request_timeout)
+    sys.exit(supervise(config))
 
 
 @cli.command("router")
-@_redis_option
-@_db_option
-@_admin_options
-def router_command(redis_url: str | None, db: str, admin_host: str, admin_port: int,
-                   admin_password: str | None) -> None:
+@_flags("redis", "db", *_ADMIN)
+def router_command(**flags) -> None:
     """Run the scale-out router: the store, presence, the admin console and sends.
 
     Edges (cometd edge) hold the connections; they reach the router through
     Redis. Only one router may run per database.
     """
-    if not redis_url:
-        raise click.UsageError("router needs --redis URL")
-    admin = _admin_port(admin_host, admin_port, admin_password)
-    open_store(db).close()
-    from cometd.server import serve_router
-
-    _serving(serve_router, db, redis_url, admin_host=admin_host, admin_port=admin,
-                 admin_password=admin_password)
+    _serve(_config("router", flags), "router")
 
 
 @cli.command("edge")
-@_redis_option
-@_http_options
-@click.option("--reuse-port", is_flag=True,
-              help="share --port with other edges on this machine (SO_REUSEPORT)")
-def edge_command(redis_url: str | None, host: str, port: int, mode: str, keepalive: float,
-                 max_pending: int, request_timeout: float, reuse_port: bool) -> None:
+@_flags("redis", *_HTTP, "reuse_port")
+def edge_command(**flags) -> None:
     """Run an edge: hold connections and serve HTTP; the router does the rest.
 
     POST /send and the subscription calls are passed to the router through
     Redis (503 if it does not answer within 5 s); logins and logouts are
     reported to it in batches.
     """
-    if not redis_url:
-        raise click.UsageError("edge needs --redis URL")
-    from cometd.server import serve_edge
-
-    _serving(serve_edge, redis_url, host=host, port=port, mode=mode, reuse_port=reuse_port,
-               keepalive=keepalive, max_pending=max_pending, request_timeout=request_timeout)
+    _serve(_config("edge", flags), "edge")
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+@cli.command("config")
+def config_command() -> None:
+    """Print the effective configuration as TOML, ready for --config.
+
+    Give options before the subcommand (cometd --port 9000 config) to see
+    them applied; a secret such as the admin password is not printed.
+    """
+    click.echo(to_toml(_config(None, {})), nl=False)
 
 
 @cli.command("load")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--db", default=DEFAULT_DB, show_default=True, help="subscription database directory")
+@click.option("--db", default=None, metavar="DIR",
+              help=f"subscription database directory  [default: {OPTIONS['db'].default}; "
+                   f"env {OPTIONS['db'].env}]")
 @click.option(
     "--directed",
     is_flag=True,
@@ -212,34 +205,19 @@ def load_command(file: str, db: str, directed: bool) -> None:
     line number and nothing is stored. Loading the same file twice stores
     nothing new.
     """
+    db = _config(None, {"db": db}).store.db
     store = open_store(db)
     progress = _StageProgress()
     try:
         result = load_friends(store, file, directed=directed, progress=progress)
     except LoadError as exc:
         progress.close()
-        raise click.ClickException(str(exc)) from None
+        raise Failure(str(exc)) from None
     finally:
         progress.close()
         store.close()
     click.echo(f"{file} -> {db}: {result.summary()}")
 
 
-def _serving(fn, *args, **kwargs) -> None:
-    """Run a serve function; a port that cannot be bound is a one-line error."""
-    from cometd.server import ListenError
-
-    try:
-        fn(*args, **kwargs)
-    except ListenError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
 def main() -> None:
-    # The scale-out processes talk to Redis through redis-py's blocking
-    # sockets: patch them to cooperate with gevent before anything imports them.
-    if {"router", "edge", "--workers"} & set(sys.argv[1:]):
-        from gevent import monkey
-
-        monkey.patch_all(select=False)  # keep select.epoll: the connection table uses it
     cli(prog_name="cometd")

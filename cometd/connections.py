@@ -26,6 +26,14 @@ Either way, output not yet accepted by the kernel is bounded by
 ``max_pending``: past it the connection is closed and counted as a slow
 consumer, so one stalled reader cannot grow the server's memory.
 
+A clean shutdown (:meth:`ConnectionTable.close`) ends each chunked stream
+with its last chunk, ``0\r\n\r\n``, after the output it still holds, so a
+client tells a server that stopped on purpose from a crash; it waits at most
+a second for clients to take those bytes, and one that does not gets closed
+mid-stream as before. A slow consumer dropped for ``max_pending`` is closed
+without one: its last chunk may be cut short, and a last chunk after it would
+claim the stream was complete.
+
 Disconnects are noticed without any per-connection watcher: every stream's
 descriptor is registered (EPOLLIN | EPOLLRDHUP) in one epoll set, and a single
 gevent watcher on that epoll descriptor wakes when any client hangs up or
@@ -38,6 +46,7 @@ import errno
 import json
 import select
 import socket
+import time
 from collections.abc import Iterable
 from itertools import count
 
@@ -61,6 +70,10 @@ __all__ = [
 CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
 MODES = ("greenlet", "pool")
 KEEPALIVE = b": keepalive\n\n"
+#: the zero-length chunk that ends a chunked response (with no trailers)
+LAST_CHUNK = b"0\r\n\r\n"
+#: how long a clean shutdown waits for clients to take their last bytes
+CLOSE_GRACE = 1.0
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
 _GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -280,6 +293,7 @@ class ConnectionTable:
         self.slow_consumers_dropped = 0
         #: called with the user id after each login and logout (the backplane's presence)
         self.on_presence = None
+        self._ending = False
         self.loop = get_hub().loop
         self._epoll = select.epoll()
         self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
@@ -344,6 +358,8 @@ class ConnectionTable:
 
     def keepalive(self) -> int:
         """Write an SSE comment to every SSE stream; return how many."""
+        if self._ending:
+            return 0  # nothing after a stream's last chunk
         sse = [c for c in self._by_fd.values() if c.kind in (SSE_CHUNKED, SSE_RAW)]
         for conn in sse:
             conn.deliver(frame_bytes(conn.kind, KEEPALIVE))
@@ -364,12 +380,24 @@ class ConnectionTable:
             if not data or events & _GONE:
                 conn.close()
 
-    def close_all(self) -> None:
-        for conn in list(self._by_fd.values()):
+    def end_all(self, grace: float = CLOSE_GRACE) -> None:
+        """End every stream: chunked ones with their last chunk, within *grace* seconds."""
+        conns = list(self._by_fd.values())
+        # Nothing may be routed to a stream after its last chunk.
+        self._ending = True
+        self.users.clear()
+        for conn in conns:
+            if conn.kind in (CHUNKED, SSE_CHUNKED):
+                conn.deliver(LAST_CHUNK)
+        deadline = time.monotonic() + grace
+        while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        for conn in conns:
             conn.close()
 
     def close(self) -> None:
-        self.close_all()
+        """End every stream (see :meth:`end_all`) and stop watching for disconnects."""
+        self.end_all()
         self._epoll_watcher.stop()
         self._epoll_watcher.close()
         self._epoll.close()

@@ -1,4 +1,4 @@
-"""Server assembly: pywsgi serving the web app, handing streams to the table.
+"""The HTTP server: pywsgi serving the web app, handing streams to the table.
 
 :class:`CometServer` is gevent's ``WSGIServer`` with two changes. Plain stream
 requests are answered in the accept callback, without pywsgi (see
@@ -8,9 +8,12 @@ pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
 the connection (and, in greenlet mode, a parked greenlet with a shallow stack)
 stays; no handler, WSGI environ or read buffer does.
 
-The handler also bounds what a client can make the server hold while reading
-a request: headers over 64 KiB get 431, and a request that has not arrived
-within ``request_timeout`` seconds (slowloris) is closed.
+The handler holds every request to a strict HTTP/1.1 grammar
+(:mod:`cometd.httprequest`, against request smuggling): an error closes the
+connection, and so does a body not read to its end, so nothing after it is
+ever taken for a request. It also bounds what a client can make the server
+hold while reading a request: headers over 64 KiB get 431, and a request that
+has not arrived within ``request_timeout`` seconds (slowloris) is closed.
 
 :class:`LocalBackend` is what the web app and the admin console call in a
 single-process server: the router for sends, the store for subscriptions.
@@ -22,36 +25,26 @@ import _socket
 import io
 import json
 import math
-import re
 import resource
-import signal
 import socket
-import sys
 import time
 from typing import Any
 
 import gevent
 import psutil
 from gevent import socket as gsocket
-from gevent.event import Event
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
-from cometd.connections import ConnectionTable
+from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
-from cometd.webapp import STREAM_KEY, make_app
+from cometd.webapp import STREAM_KEY
 
-__all__ = [
-    "CometServer", "CometHandler", "LocalBackend", "ListenError", "listener", "serve",
-    "serve_router", "serve_edge",
-]
-
-MAX_HEADER_BYTES = 64 * 1024
-_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # an RFC 9110 token
-
+__all__ = ["CometServer", "CometHandler", "LocalBackend"]
 
 def _response(status: str, payload: dict[str, str]) -> bytes:
     body = json.dumps(payload).encode()
@@ -61,16 +54,8 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
     ).encode() + body
 
 
-_431 = _response("431 Request Header Fields Too Large", {"error": "request headers over 64 KiB"})
-_400 = _response("400 Bad Request", {"error": "malformed HTTP request"})
-
-
-class ListenError(OSError):
-    """A listening address could not be bound (in use, not local, ...)."""
-
-
-class HeadersTooLarge(ValueError):
-    """The request's header block is over :data:`MAX_HEADER_BYTES`."""
+_REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
+            501: "Not Implemented"}
 
 
 class _DeadlineInput(io.RawIOBase):
@@ -122,48 +107,72 @@ class CometHandler(WSGIHandler):
     def read_requestline(self) -> str:
         # Each request (and the idle wait before it) gets request_timeout in all.
         self._input.deadline = time.monotonic() + self.server.request_timeout
-        return super().read_requestline()
+        line = super().read_requestline()
+        if line == "\r\n":
+            # RFC 9112 2.2: one empty line before a request is ignored (some
+            # clients end a POST body with an extra CRLF).
+            line = super().read_requestline()
+        return line
 
-    def read_request(self, raw_requestline: str):
-        # pywsgi takes any word for a method, so "G@T /stats" got bottle's 405.
-        result = super().read_request(raw_requestline)
-        if not _METHOD.match(self.command or ""):
-            raise ValueError("malformed request method")
+    def read_request(self, raw_requestline: str) -> bool:
+        head = read_head(raw_requestline, self.rfile)
+        self.requestline = raw_requestline.rstrip("\r\n")
+        self.command, self.path, self.request_version = head.method, head.path, head.version
+        self.headers = OldMessage()
+        self.headers._headers = head.fields
+        self.content_length = head.content_length
+        self.close_connection = head.close
+        return True
+
+    def get_environ(self) -> dict[str, Any]:
+        env = super().get_environ()
+        # pywsgi's body reader, swapped for one with the strict chunk grammar
+        # that can also tell whether the body was read to its end.
+        plain = self.wsgi_input
+        self.wsgi_input = env["wsgi.input"] = RequestBody(
+            self.rfile, plain.content_length, plain.socket, plain.chunked_input)
+        return env
+
+    def _connection_upgrade_requested(self) -> bool:
+        return False  # no upgrades: the body is always framed by its own length
+
+    def handle_one_request(self):
+        result = super().handle_one_request()
+        if isinstance(result, tuple):
+            # An error response: sent here, where a client already gone is no
+            # traceback, and then the connection closes.
+            try:
+                self.socket.sendall(result[1])
+            except OSError:
+                pass
+            return None
         return result
 
-    def MessageClass(self, fp, *args):  # noqa: N802 - pywsgi's hook name
-        # pywsgi parses headers with the email package, about a fifth of a
-        # small request's cost; a header block is simple enough to split here.
-        headers: list[tuple[str, str]] = []
-        total = 0
-        while True:
-            line = fp.readline(MAX_HEADER_BYTES + 1)
-            total += len(line)
-            if total > MAX_HEADER_BYTES:
-                raise HeadersTooLarge("request headers over 64 KiB")
-            if line in (b"\r\n", b"\n", b""):
-                break
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t") and headers:  # obsolete line folding
-                name, value = headers[-1]
-                headers[-1] = (name, f"{value} {text.strip()}")
-                continue
-            name, colon, value = text.partition(":")
-            if not colon or not name or name != name.strip():
-                raise ValueError(f"malformed header line {text[:80]!r}")
-            headers.append((name, value.strip()))
-        message = OldMessage()
-        message._headers = headers
-        return message
+    def handle_one_response(self) -> None:
+        super().handle_one_response()
+        if not self.wsgi_input.complete():
+            # The body was cut short, malformed or left unread (the request
+            # timeout ran out while discarding it): where the next request
+            # would begin is unknown, so there is none.
+            self.close_connection = True
+
+    def start_response(self, status, headers, exc_info=None):
+        write = super().start_response(status, headers, exc_info)
+        if self.wsgi_input.broken:
+            self.close_connection = True  # see handle_one_response
+        if self.close_connection and self.request_version != "HTTP/1.0" and not any(
+                name.lower() == "connection" for name, _ in headers):
+            self.response_headers.append((b"Connection", b"close"))
+        return write
 
     def _handle_client_error(self, ex: Exception):
         # A client's mistake: answer briefly, log nothing, never a traceback.
         self.close_connection = True
-        if isinstance(ex, HeadersTooLarge):
-            return ("431", _431)
         if isinstance(ex, TimeoutError):
             return None  # slowloris: just close, it gets no more of our time
-        return ("400", _400)
+        status, message = (ex.status, ex.message) if isinstance(ex, RequestError) else (
+            400, "malformed HTTP request")
+        return (str(status), _response(f"{status} {_REASONS[status]}", {"error": message}))
 
     def _write_with_headers(self, data: bytes) -> None:
         # One send for status line, headers and body instead of two.
@@ -192,7 +201,14 @@ class CometHandler(WSGIHandler):
                 self.result = None
             return
         user, kind, path = target
-        self.socket.sendall(stream_head(user, kind, path))
+        head = stream_head(user, kind, path)
+        if self.command == "HEAD":
+            # The stream's status line and headers, no content (RFC 9110 9.3.2),
+            # and no stream: a raw one's head says the connection closes.
+            self.socket.sendall(head[:head.index(b"\r\n\r\n") + 4])
+            self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
+            return
+        self.socket.sendall(head)
         self.stream = (self.socket, user, kind)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
@@ -345,138 +361,3 @@ class LocalBackend:
             "rss_bytes": self._process.memory_info().rss,
             "mode": getattr(self.table, "mode", "router"),
         }
-
-
-def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
-    """A listening socket; with *reuse_port*, several processes share the port."""
-    sock = gsocket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(4096)
-    except OSError as exc:
-        sock.close()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
-
-
-def _until_signal(banner: str, cleanup: list) -> None:
-    stopping = Event()
-    gevent.signal_handler(signal.SIGTERM, stopping.set)
-    gevent.signal_handler(signal.SIGINT, stopping.set)
-    print(banner, flush=True)
-    try:
-        stopping.wait()
-    finally:
-        print("cometd: stopping", file=sys.stderr, flush=True)
-        for step in cleanup:
-            step()
-
-
-def _keepalives(table: ConnectionTable, every: float) -> gevent.Greenlet:
-    def loop() -> None:
-        while True:
-            gevent.sleep(every)
-            table.keepalive()
-
-    return gevent.spawn(loop)
-
-
-def _admin(backend: Any, host: str, port: int | None, password: str | None):
-    if port is None:
-        return None
-    from cometd.admin import AdminConsole
-
-    admin = AdminConsole(backend, host, port, password=password)
-    try:
-        admin.start()
-    except OSError as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return admin
-
-
-def serve(
-    db: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    admin_host: str = "127.0.0.1",
-    admin_port: int | None = 8001,
-    admin_password: str | None = None,
-    mode: str = "greenlet",
-    keepalive: float = 25.0,
-    max_pending: int = 256 * 1024,
-    request_timeout: float = 10.0,
-) -> None:
-    """Run the single-process server until SIGINT or SIGTERM."""
-    store = SubscriptionStore(db)
-    table = ConnectionTable(mode, max_pending=max_pending)
-    router = Router(store, table)
-    backend = LocalBackend(store, router, table)
-    http = CometServer(listener(host, port), make_app(backend), table,
-                       request_timeout=request_timeout)
-    http.start()
-    admin = _admin(backend, admin_host, admin_port, admin_password)
-    ticker = _keepalives(table, keepalive)
-    banner = f"cometd: listening on http://{host}:{http.server_port}/"
-    if admin is not None:
-        banner += f" admin {admin_host}:{admin.server_port}"
-    cleanup = [ticker.kill, lambda: http.stop(timeout=1)]
-    if admin is not None:
-        cleanup.append(lambda: admin.stop(timeout=1))
-    _until_signal(f"{banner} mode={mode} db={db}", cleanup + [table.close, store.close])
-
-
-def serve_router(
-    db: str,
-    redis_url: str,
-    admin_host: str = "127.0.0.1",
-    admin_port: int | None = 8001,
-    admin_password: str | None = None,
-) -> None:
-    """Run the scale-out router (store, presence, sends) until a signal."""
-    import redis
-
-    from cometd.backplane import Presence, RouterLink
-
-    store = SubscriptionStore(db)
-    presence = Presence(redis.Redis.from_url(redis_url))
-    router = Router(store, presence)
-    backend = LocalBackend(store, router, presence)
-    link = RouterLink(redis_url, backend, presence)
-    link.start()
-    admin = _admin(backend, admin_host, admin_port, admin_password)
-    banner = f"cometd router: redis {redis_url} db={db}"
-    cleanup = [link.stop]
-    if admin is not None:
-        banner += f" admin {admin_host}:{admin.server_port}"
-        cleanup.append(lambda: admin.stop(timeout=1))
-    _until_signal(banner, cleanup + [store.close])
-
-
-def serve_edge(
-    redis_url: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    mode: str = "greenlet",
-    reuse_port: bool = False,
-    keepalive: float = 25.0,
-    max_pending: int = 256 * 1024,
-    request_timeout: float = 10.0,
-) -> None:
-    """Run an edge: connections and HTTP here, everything else at the router."""
-    from cometd.backplane import EdgeBackend, EdgeLink
-
-    table = ConnectionTable(mode, max_pending=max_pending)
-    link = EdgeLink(redis_url, table)
-    http = CometServer(listener(host, port, reuse_port), make_app(EdgeBackend(link)), table,
-                       request_timeout=request_timeout)
-    http.start()
-    link.start()
-    ticker = _keepalives(table, keepalive)
-    _until_signal(
-        f"cometd edge {link.edge_id}: listening on http://{host}:{http.server_port}/ "
-        f"mode={mode} redis {redis_url}",
-        [ticker.kill, lambda: http.stop(timeout=1), link.stop, table.close],
-    )

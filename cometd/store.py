@@ -122,6 +122,31 @@ def _split(ids: Iterable[str]) -> IdSet:
     return out
 
 
+def _check_directory(path: str) -> None:
+    """A clear error when *path*, or a parent it would be created under, is not a directory."""
+    at = os.path.abspath(path)
+    while not os.path.exists(at):
+        parent = os.path.dirname(at)
+        if parent == at:
+            return
+        at = parent
+    if not os.path.isdir(at):
+        where = "is" if at == os.path.abspath(path) else f"would be under {at}, which is"
+        raise StoreError(f"subscription database {path} {where} not a directory")
+
+
+def _open_error(path: str, exc: plyvel.Error) -> StoreError:
+    # LevelDB's messages are bytes such as b"IO error: lock <path>/LOCK:
+    # Resource temporarily unavailable" (held by another process) or
+    # b"IO error: <path>/LOCK: Permission denied": only the first is "locked".
+    text = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) \
+        else str(exc)
+    if isinstance(exc, plyvel.IOError) and text.startswith("IO error: lock ") and (
+            "temporarily unavailable" in text or "already held" in text):
+        return StoreLockedError(f"subscription database {path} is already open in another process")
+    return StoreError(f"cannot open subscription database {path}: {text}")
+
+
 class SubscriptionStore:
     """Subscriptions held in a LevelDB database at *path* (created if missing).
 
@@ -144,16 +169,11 @@ class SubscriptionStore:
                 raise StoreLockedError(
                     f"subscription database {self.path} is already open in this process"
                 )
+            _check_directory(self.path)
             try:
                 self._db = plyvel.DB(self.path, create_if_missing=True)
-            except plyvel.IOError as exc:
-                if "lock" in str(exc).lower():
-                    raise StoreLockedError(
-                        f"subscription database {self.path} is already open in another process"
-                    ) from None
-                raise StoreError(f"cannot open subscription database {self.path}: {exc}") from None
             except plyvel.Error as exc:
-                raise StoreError(f"cannot open subscription database {self.path}: {exc}") from None
+                raise _open_error(self.path, exc) from None
             _open_paths.add(self._real)
         self._subscribers = self._db.prefixed_db(SUBSCRIBERS)
         self._subscriptions = self._db.prefixed_db(SUBSCRIPTIONS)

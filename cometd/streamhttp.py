@@ -22,8 +22,11 @@ plain stream request -- ``GET``, HTTP/1.0 or 1.1, a valid id with no escapes,
 well-formed header lines, the whole header block -- and the server sends
 :func:`stream_head` and adopts the socket, with no greenlet and no parser
 object. Anything else (other routes, a partial request, an invalid id,
-``HEAD``, folded headers) goes on to pywsgi and bottle with the bytes already
-read, so this path never has to produce an error of its own.
+``HEAD``, folded headers, an absolute-form target, a body's ``Content-Length``
+or ``Transfer-Encoding``, a missing ``Host``) goes on to pywsgi and bottle
+with the bytes already read, so this path never has to produce an error of its
+own. Its header grammar is :mod:`cometd.httprequest`'s, so it never takes a
+request that pywsgi would refuse.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from email.utils import formatdate
 
 from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, frame_bytes
+from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
 __all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_head", "stream_kind"]
@@ -41,8 +45,8 @@ __all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_head", "stream_ki
 FIRST_READ_BYTES = 8192
 
 _STREAM_REQUEST = re.compile(
-    rb"GET (/(test|events)/(" + ID_PATTERN.encode() + rb"))(?:\?[!-~]*)? HTTP/1\.([01])\r\n"
-    rb"(?:[!-9;-~]+:[^\r\n]*\r\n)*\r\n"
+    rb"GET (/(test|events)/(" + ID_PATTERN.encode() + rb"))(?:\?[!-~]*)? HTTP/1\.([01])\r"
+    rb"(\n(?:" + TCHAR.encode() + rb"+:" + FIELD_VALUE.encode() + rb"*\r\n)*)\r\n"
 )
 
 _CONTENT_TYPE = {
@@ -64,7 +68,14 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     match = _STREAM_REQUEST.match(data)
     if match is None:
         return None
-    path, route, user, minor = match.groups()
+    path, route, user, minor, fields = match.groups()
+    # pywsgi judges a body, and a Host missing (HTTP/1.1) or doubled; *fields*
+    # starts with the request line's LF, so every name follows one.
+    fields = fields.lower()
+    hosts = fields.count(b"\nhost:")
+    if (hosts != 1 and (hosts or minor == b"1")) or b"\ncontent-length:" in fields or (
+            b"\ntransfer-encoding:" in fields):
+        return None
     return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
 
 

@@ -36,7 +36,8 @@ __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "ST
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_JSON_BYTES = 16 * 1024 * 1024
 STREAM_KEY = "cometd.stream"
-NOT_FOUND_USER = "User id not found, try /test/123 instead"
+#: the seed's answer to an invalid id on /test, kept word for word; /events names its own path
+NOT_FOUND_USER = "User id not found, try {route}123 instead"
 
 
 class Backend(Protocol):
@@ -122,11 +123,16 @@ def make_app(backend: Backend) -> bottle.Bottle:
         try:
             user = check_id(user)
         except InvalidId:
+            hint = NOT_FOUND_USER.format(route="/events/" if sse else "/test/")
             raise bottle.HTTPResponse(
-                NOT_FOUND_USER, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
+                hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
             ) from None
-        http10 = bottle.request.environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
-        bottle.request.environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
+        environ = bottle.request.environ
+        if environ.get("HTTP_TRANSFER_ENCODING") or int(environ.get("CONTENT_LENGTH") or 0):
+            # The socket leaves pywsgi with the head sent: no body may follow.
+            raise _error(400, "a stream request has no body")
+        http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
+        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
         return ""
 
     # Anything after the prefix, even empty or with a slash, is the id: an

@@ -4,10 +4,20 @@ The edges share the HTTP port with SO_REUSEPORT, so the kernel spreads new
 connections over them; each edge holds up to ~19,800 connections (this
 machine allows 20,000 open files per process). The supervisor restarts a
 process that dies and stops them all on SIGINT or SIGTERM.
+
+Each child is ``python -m cometd router`` or ``python -m cometd edge`` and
+gets the supervisor's configuration whole, as JSON in ``COMETD_CONFIG_JSON``
+(see :mod:`cometd.config`), with the ports the supervisor chose. A child is
+ready when it prints its banner; the supervisor says "listening" only once
+every child has. If Redis does not answer, or a child exits before it is
+ready (the port is taken), the supervisor stops the others and exits
+non-zero, leaving one line on stderr that says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -15,72 +25,101 @@ import subprocess
 import sys
 import time
 
-__all__ = ["supervise"]
+import cometd
+from cometd.config import CHILD_ENV, Config, redacted, to_json, url_host
+from cometd.lifecycle import redis_problem
 
-COMETD = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                       "bin", "cometd")]
+__all__ = ["supervise"]
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen(COMETD + args, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # the child's banner: it is serving
+def _child_env(config: Config) -> dict[str, str]:
+    env = dict(os.environ, **{CHILD_ENV: to_json(config)})
+    # The children import this very package, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cometd.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class _NotReady(Exception):
+    def __init__(self, role: str, code: int) -> None:
+        super().__init__(role, code)
+        self.role, self.code = role, code
+
+
+def _start(role: str, env: dict[str, str]) -> subprocess.Popen:
+    """Start one child and wait for its banner; _NotReady if it exits first."""
+    proc = subprocess.Popen([sys.executable, "-m", "cometd", role], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    line = proc.stdout.readline()
+    if not line:  # it exited; its own error line went to our stderr
+        raise _NotReady(role, proc.wait())
     sys.stdout.write(line)
     sys.stdout.flush()
     return proc
 
 
-def supervise(workers: int, redis_url: str, db: str, host: str, port: int, mode: str,
-              admin_host: str, admin_port: int | None, admin_password: str | None,
-              extra: list[str]) -> None:
-    """Run the router and *workers* edges until a signal; restart any that die."""
-    if port == 0:
-        port = _free_port(host)
-    if admin_port == 0:
-        admin_port = _free_port(admin_host)
-    router_args = ["router", "--redis", redis_url, "--db", db, "--admin-host", admin_host,
-                   "--admin-port", str(-1 if admin_port is None else admin_port)]
-    if admin_password:
-        router_args += ["--admin-password", admin_password]
-    edge_args = ["edge", "--redis", redis_url, "--host", host, "--port", str(port),
-                 "--mode", mode, "--reuse-port", *extra]
-    specs = [router_args] + [edge_args] * workers
+def supervise(config: Config) -> int:
+    """Run the router and the edges until a signal; restart any that die. The exit status."""
+    http, admin, backplane = config.http, config.admin, config.backplane
+    problem = redis_problem(backplane.redis)
+    if problem:
+        print(f"cometd: error: Redis at {redacted(backplane.redis)} does not answer ({problem}); "
+              "not starting", file=sys.stderr, flush=True)
+        return 1
+    port = http.port or _free_port(http.host)
+    admin_port = admin.port or _free_port(admin.host)
+    config = dataclasses.replace(
+        config, http=dataclasses.replace(http, port=port, reuse_port=True),
+        admin=dataclasses.replace(admin, port=admin_port))
+    env = _child_env(config)
+    roles = ["router"] + ["edge"] * backplane.workers
     stopping = []
     # Before the first child: a signal during startup must stop the children
     # started so far, not kill the supervisor and leave them running.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.append(True))
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen | None] = []  # None: its restart failed, try again
     try:
-        for args in specs:
+        for role in roles:
             if stopping:
                 break
-            procs.append(_start(args))
-        banner = f"cometd: listening on http://{host}:{port}/"
-        if admin_port is not None:
-            banner += f" admin {admin_host}:{admin_port}"
+            procs.append(_start(role, env))
+        banner = f"cometd: listening on http://{url_host(http.host)}:{port}/"
+        if config.admin_port is not None:
+            banner += f" admin {url_host(admin.host)}:{admin_port}"
         if not stopping:
-            print(f"{banner} mode={mode} db={db} workers={workers} redis {redis_url}",
-                  flush=True)
+            print(f"{banner} mode={http.mode} db={config.store.db} workers={backplane.workers} "
+                  f"redis {redacted(backplane.redis)}", flush=True)
         while not stopping:
             time.sleep(0.2)
             for i, proc in enumerate(procs):
-                if proc.poll() is not None and not stopping:
+                if (proc is None or proc.poll() is not None) and not stopping:
                     time.sleep(1)  # no tight loop if it cannot start at all
-                    print(f"cometd: {specs[i][0]} exited with {proc.returncode}; restarting",
-                          file=sys.stderr, flush=True)
-                    procs[i] = _start(specs[i])
+                    what = "did not start" if proc is None else f"exited with {proc.returncode}"
+                    print(f"cometd: {roles[i]} {what}; restarting", file=sys.stderr, flush=True)
+                    procs[i] = None
+                    with contextlib.suppress(_NotReady):
+                        procs[i] = _start(roles[i], env)
+    except _NotReady as exc:
+        if exc.code != 1:  # 1: the child printed its own one-line error
+            print(f"cometd: error: the {exc.role} exited with {exc.code} before it was ready",
+                  file=sys.stderr, flush=True)
+        return 1
     finally:
-        for proc in procs:
+        live = [proc for proc in procs if proc is not None]
+        for proc in live:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
+        for proc in live:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    return 0
+

@@ -21,7 +21,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMETD = os.path.join(ROOT, "bin", "cometd")
-_READY = re.compile(r"listening on http://([\d.]+):(\d+)/(?: admin ([\d.]+):(\d+))?")
+# IPv6 addresses come in brackets (http://[::1]:8000/); the groups hold them without.
+_READY = re.compile(r"listening on http://\[?([\d.]+|[0-9a-f:]+)\]?:(\d+)/"
+                    r"(?: admin \[?([\d.]+|[0-9a-f:]+)\]?:(\d+))?")
 
 
 @dataclass

@@ -507,6 +507,20 @@ def test_edge_killed(cluster):
     cluster.assert_healthy(b.process)
 
 
+def test_edge_sigterm_ends_its_streams_with_the_last_chunk(cluster):
+    """An edge stopped on purpose ends its chunked streams properly, unlike a kill."""
+    streams = [cluster.stream(edge, "carol") for edge in cluster.edges]
+    assert wait_until(lambda: cluster.online("carol") == 2, BACK_WITHIN)
+    assert cluster.edges[0].send("carol", b"before the stop")[0] == 200
+    for edge, stream in zip(cluster.edges, streams, strict=True):
+        assert stream.wait_messages(1) == [b"before the stop"]
+        assert edge.process.stop(signal.SIGTERM) == 0
+        assert stream.wait(lambda s=stream: s.eof, 10)
+        # the parser keeps the zero-length last chunk as an empty one
+        assert stream.messages == [b"before the stop", b""], (edge.mode, stream.messages)
+    cluster.assert_healthy(*(edge.process for edge in cluster.edges))
+
+
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_router_restart(cluster, kill):
     a, b = cluster.edges

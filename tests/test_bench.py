@@ -65,8 +65,8 @@ def test_idle_small(tmp_path):
     # Paced so the ramp spans several polls: unpaced, 2,000 connections can all
     # be there by the first, and the server-side ramp rate is then unknown.
     proc = run_bench("idle", "--n", str(IDLE_N), "--modes", "greenlet,pool",
-                     "--ramp-rate", "4000", "--quiet-wait", "0", "--settle", "0.5", "--interval", "0.1",
-                     "--measure", "0.5", "--out", str(out))
+                     "--ramp-rate", "4000", "--quiet-wait", "0", "--settle", "0.5",
+                     "--interval", "0.1", "--measure", "0.5", "--out", str(out))
     assert str(out / "report.md") in proc.stdout
     assert "[bench" in proc.stderr  # progress on stderr
 
@@ -83,6 +83,10 @@ def test_idle_small(tmp_path):
         # (other test runs here): only check that they were read.
         assert math.isfinite(r["kernel_per_conn"])
         assert r["ramp_s"] > 0 and r["ramp_rate"] > 0, server
+        # first to last: every connection over the whole ramp, not a slope
+        # (ramp_s is rounded to 10 ms)
+        rate = r["ramp_rate_first_last"]
+        assert rate > 0 and abs(rate * r["ramp_s"] - r["held"]) <= rate * 0.005 + 1, server
     for mode, limit in MAX_RSS_PER_CONN.items():
         assert results[mode]["rss_per_conn"] < limit, (mode, results[mode]["rss_per_conn"])
 
@@ -93,6 +97,7 @@ def test_idle_small(tmp_path):
         assert "nchan skipped: not installed" in report
     for server, r in results.items():
         assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, server
+        assert f"| {bench._fmt(r['ramp_rate_first_last'], 0)} / " in report, server
     graphs = ["idle-rss.png", "idle-kernel.png", "idle-ramp.png"]
     for g in graphs:
         assert f"]({g})" in report

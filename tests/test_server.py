@@ -2,8 +2,11 @@
 
 Malformed requests, oversized headers, unknown paths and methods, slowloris
 clients and binary garbage each get a short answer (or a close) and never a
-traceback, and the server goes on serving. SIGINT and SIGTERM stop it cleanly:
-exit code 0, every stream closed, the database closed and reusable.
+traceback, and the server goes on serving. A request-smuggling corpus, each
+case with a pipelined request behind it, gets exactly the answers RFC 9112
+allows and nothing after them. SIGINT and SIGTERM stop it cleanly: exit code
+0, chunked streams ended with their last chunk, every stream closed, the
+database closed and reusable.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import random
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -95,17 +99,18 @@ def watcher(srv):
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
     (b"G@T /stats HTTP/1.1\r\n\r\n", 400),  # a method must be a token
     (b"\x01\x02 /stats HTTP/1.1\r\n\r\n", 400),
-    (b"GET /stats HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
-    (b"POST /send/x HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400),
-    (b"POST /send/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-     b"zz\r\n", 400),
+    (b"GET /stats HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /send/x HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /send/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+     b"\r\nzz\r\n", 400),
     (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\n\r\n", 414),
-    (b"GET /no/such/path HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
-    (b"GET /send HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
-    (b"POST /stats HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405),
-    (b"GET /send/x HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
-    (b"DELETE /test/x HTTP/1.1\r\nConnection: close\r\n\r\n", 405),
-    (b"PUT /subscriptions HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n[]", 405),
+    (b"GET /no/such/path HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
+    (b"GET /send HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
+    (b"POST /stats HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405),
+    (b"GET /send/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"DELETE /test/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"PUT /subscriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n"
+     b"\r\n[]", 405),
 ])
 def test_bad_requests_get_short_answers(srv, watcher, request_bytes, status):
     response, _ = _exchange(srv, request_bytes)
@@ -276,6 +281,57 @@ def test_signal_stops_cleanly(tmp_path, mode, sig):
         assert again.stop(signal.SIGTERM) == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_clean_shutdown_ends_chunked_streams_with_the_last_chunk(tmp_path, mode, sig):
+    """What a stream was sent arrives whole, then the last chunk: unlike after a crash."""
+    # max-pending above the kernel's buffers (tcp_wmem's 4 MiB maximum) leaves
+    # output in the server's own outbox for the late reader below
+    server = start_server(str(tmp_path / "db"), "--mode", mode, "--admin-port", "-1",
+                          "--max-pending", str(16 << 20))
+    user = unique_id("end")
+    streams = [StreamClient.open(server, f"/test/{user}"),
+               StreamClient.open(server, f"/events/{user}")]
+    old = StreamClient.open(server, f"/test/{user}", http10=True)
+    # Output held in the server's outbox when the signal comes: this reader
+    # starts reading only after it, and gets all of it, then the last chunk.
+    late_user = unique_id("late")
+    late = StreamClient.open(server, f"/test/{late_user}", rcvbuf=4096)
+    # and this one never reads
+    stalled = StreamClient.open(server, f"/test/{unique_id('stalled')}", rcvbuf=4096)
+    try:
+        for c in [*streams, late]:
+            c.chunk()
+        body = b"last words " * 5000
+        assert send(server, user, body) == 3
+        backlog = [bytes([65 + i % 26]) * 60000 for i in range(100)]
+        for message in backlog:
+            assert send(server, late_user, message) == 1
+        reader = threading.Thread(target=lambda: (time.sleep(0.2), late.wait_closed(10)))
+        started = time.monotonic()
+        server.proc.send_signal(sig)
+        reader.start()
+        assert server.proc.wait(15) == 0
+        reader.join(15)
+        assert late.eof and late.parser.ended
+        assert list(late.parser.chunks) == backlog  # all of it, and then the last chunk
+        # A client that takes nothing does not hold up the shutdown for long.
+        assert time.monotonic() - started < 8
+        for c in streams:
+            c.wait_closed(5)
+            assert c.eof and c.parser.ended, c.status_line
+        assert streams[0].parser.chunks[-1] == body
+        assert b"last words" in streams[1].parser.chunks[-1]
+        old.wait_closed(5)  # HTTP/1.0: the close is the end
+        assert old.eof and old.raw.endswith(body)
+        stalled.wait_closed(5)
+        assert stalled.eof
+    finally:
+        for c in [*streams, old, late, stalled]:
+            c.close()
+        server.stop(signal.SIGKILL)
+    assert "Traceback" not in "".join(server.output)
+
+
 def test_unknown_paths_and_methods_over_http_client(srv, watcher):
     for method, path, status in [("GET", "/", 404), ("GET", "/favicon.ico", 404),
                                  ("GET", "/test", 404), ("HEAD", "/send/x", 405),
@@ -285,4 +341,210 @@ def test_unknown_paths_and_methods_over_http_client(srv, watcher):
         assert got == status, (method, path, got, body)
         if method != "HEAD":
             assert json.loads(body)["error"]
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+# -- request smuggling: every request ends where exactly one reading says ----------------
+
+PIPELINED = b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split what the server sent into responses; anything left over fails."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, f"stray bytes after {len(out)} responses: {data[:200]!r}"
+        lines = head.decode("latin-1").split("\r\n")
+        fields = (line.partition(":") for line in lines[1:])
+        headers = {k.strip().lower(): v.strip() for k, _, v in fields}
+        length = int(headers["content-length"])  # every answer here has one
+        out.append((_status(data), headers, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def _post(user: str, fields: bytes, body: bytes) -> bytes:
+    return b"POST /send/%s HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (user.encode(), fields, body)
+
+
+# Each request publishes to the watcher, then a pipelined GET /stats follows; the
+# expected statuses are all the answers there may be, and then the server closes.
+# A refused request delivers nothing: the watcher's next chunk is _still_serving's.
+SMUGGLING = {
+    "duplicate-content-length": (b"Content-Length: 2\r\nContent-Length: 3\r\n", b"hiX", [400]),
+    "identical-duplicate-content-length": (
+        b"Content-Length: 3\r\nContent-Length: 3\r\n", b"hiX", [400]),
+    "content-length-list": (b"Content-Length: 3, 3\r\n", b"hiX", [400]),
+    "content-length-differing-list": (b"Content-Length: 2, 3\r\n", b"hiX", [400]),
+    "content-length-plus": (b"Content-Length: +3\r\n", b"hiX", [400]),
+    "content-length-underscore": (b"Content-Length: 1_0\r\n", b"hiXhiXhiXh", [400]),
+    "content-length-hex": (b"Content-Length: 0x3\r\n", b"hiX", [400]),
+    "space-before-colon": (b"Content-Length : 3\r\n", b"hiX", [400]),
+    "tab-before-colon": (b"Transfer-Encoding\t: chunked\r\n", b"3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "chunked-then-identity": (
+        b"Transfer-Encoding: chunked, identity\r\n", b"3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "chunked-twice": (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+                      b"3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "unknown-coding": (b"Transfer-Encoding: gzip, chunked\r\n", b"3\r\nhiX\r\n0\r\n\r\n", [501]),
+    "not-chunked": (b"Transfer-Encoding: xchunked\r\n", b"3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "obs-fold-in-te": (b"Transfer-Encoding:\r\n chunked\r\n", b"3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "obs-fold-elsewhere": (b"X-A: 1\r\n\t2\r\nContent-Length: 3\r\n", b"hiX", [400]),
+    "chunk-size-garbage": (b"Transfer-Encoding: chunked\r\n", b"3x\r\nhiX\r\n0\r\n\r\n", [400]),
+    "chunk-size-0x": (b"Transfer-Encoding: chunked\r\n", b"0x3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "chunk-size-negative": (b"Transfer-Encoding: chunked\r\n", b"-3\r\nhiX\r\n0\r\n\r\n", [400]),
+    "chunk-size-bare-lf": (b"Transfer-Encoding: chunked\r\n", b"3\nhiX\r\n0\r\n\r\n", [400]),
+    "chunk-ext-bare-lf": (b"Transfer-Encoding: chunked\r\n", b"3;a\nhiX\r\n0\r\n\r\n", [400]),
+    "chunk-ext-garbage": (b"Transfer-Encoding: chunked\r\n", b"3;a b\r\nhiX\r\n0\r\n\r\n", [400]),
+    "chunk-data-overrun": (b"Transfer-Encoding: chunked\r\n", b"2\r\nhiX\r\n0\r\n\r\n", [400]),
+    "trailer-obs-fold": (
+        b"Transfer-Encoding: chunked\r\n", b"3\r\nhiX\r\n0\r\nX-T: 1\r\n 2\r\n\r\n", [400]),
+    "trailer-bare-lf": (b"Transfer-Encoding: chunked\r\n", b"3\r\nhiX\r\n0\r\nX-T: 1\n\r\n", [400]),
+    "header-bare-lf": (b"X-A: 1\nContent-Length: 3\r\n", b"hiX", [400]),
+    "header-bare-cr": (b"X-A: 1\rContent-Length: 3\r\n", b"hiX", [400]),
+    "header-nul": (b"X-A: 1\x00\r\nContent-Length: 3\r\n", b"hiX", [400]),
+    "header-name-not-a-token": (b"X(A): 1\r\nContent-Length: 3\r\n", b"hiX", [400]),
+    "headers-end-bare-lf": (b"Content-Length: 3\r\n\n", b"hiX", [400]),
+}
+
+
+def _smuggle(srv, request: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    response, _ = _exchange(srv, request + PIPELINED)
+    return _responses(response)
+
+
+@pytest.mark.parametrize("case", SMUGGLING)
+def test_smuggling_corpus_is_refused_and_the_rest_never_read(srv, watcher, case):
+    fields, body, statuses = SMUGGLING[case]
+    answers = _smuggle(srv, _post(watcher[1], fields, body))
+    assert [status for status, _, _ in answers] == statuses, answers
+    assert answers[0][1]["connection"] == "close"
+    assert set(json.loads(answers[0][2])) == {"error"}
+    _still_serving(srv, watcher[0], watcher[1])  # nothing was delivered
+
+
+def test_bare_lf_request_line_is_refused(srv, watcher):
+    answers = _smuggle(srv, b"POST /send/%s HTTP/1.1\nHost: x\r\nContent-Length: 3\r\n\r\nhiX"
+                       % watcher[1].encode())
+    assert [a[0] for a in answers] == [400]
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("fields, body, message", [
+    (b"Transfer-Encoding: chunked\r\n", b"3;name=value\r\nhiX\r\n0\r\n\r\n", b"hiX"),
+    (b"Transfer-Encoding: chunked\r\n", b'2 ; a = "b; c" ;d\r\nhi\r\n1\r\nX\r\n0\r\n\r\n', b"hiX"),
+    (b"Transfer-Encoding: Chunked\r\n", b"3\r\nhiX\r\n0\r\nX-Trailer: t\r\n\r\n", b"hiX"),
+    (b"Content-Length: 3\r\n", b"hiX", b"hiX"),
+    (b"Content-Length: 3\r\n", b"hiX\r\n", b"hiX"),  # RFC 9112 2.2: one CRLF is ignored
+], ids=["chunk-extension", "quoted-extension", "trailer", "content-length", "extra-crlf"])
+def test_well_framed_bodies_keep_the_connection(srv, watcher, fields, body, message):
+    """Chunk extensions and trailers are legal and ignored; the next request is read."""
+    answers = _smuggle(srv, _post(watcher[1], fields, body + PIPELINED[:-2]
+                                  + b"Connection: close\r\n\r\n"))
+    assert [a[0] for a in answers] == [200, 200], answers
+    assert json.loads(answers[0][2]) == {"delivered": 1}
+    assert "connections" in json.loads(answers[1][2])
+    assert watcher[0].chunk() == message
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+def test_chunked_with_content_length_reads_chunked_then_closes(srv, watcher):
+    """RFC 9112 6.3: Transfer-Encoding overrides Content-Length; close after the answer."""
+    fields = b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n"
+    answers = _smuggle(srv, _post(watcher[1], fields, b"5\r\nhello\r\n0\r\n\r\n"))
+    assert [a[0] for a in answers] == [200], answers
+    assert json.loads(answers[0][2]) == {"delivered": 1}
+    assert answers[0][1]["connection"] == "close"
+    assert watcher[0].chunk() == b"hello"
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("request_bytes, statuses", [
+    (b"POST /send/{u} HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhiX\r\n0\r\n\r\n", [400]),
+    (b"POST /send/{u} HTTP/1.1\r\nContent-Length: 3\r\n\r\nhiX", [400]),  # no Host
+    (b"POST /send/{u} HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 3\r\n\r\nhiX", [400]),
+    # the app refuses a stream with a body, which is well framed: the next request is read
+    (b"GET /test/{u} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nhiX", [400, 200]),
+    (b"GET /test/{u} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n", [400]),
+    (b"GET /events/{u} HTTP/1.1\r\n\r\n", [400]),
+    (b"post /send/{u} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nhiX", [501]),
+    (b"get /test/{u} HTTP/1.1\r\nHost: x\r\n\r\n", [501]),
+    (b"Get /stats HTTP/1.1\r\nHost: x\r\n\r\n", [501]),
+    (b"FOO /stats HTTP/1.1\r\nHost: x\r\n\r\n", [501]),
+], ids=["http10-chunked", "no-host", "two-hosts", "stream-with-body", "stream-two-lengths",
+        "stream-no-host", "lower-case-post", "lower-case-get", "mixed-case", "unknown-method"])
+def test_requests_refused_outright(srv, watcher, request_bytes, statuses):
+    answers = _smuggle(srv, request_bytes.replace(b"{u}", watcher[1].encode()))
+    assert [a[0] for a in answers] == statuses, answers
+    assert set(json.loads(answers[0][2])) == {"error"}
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("target", ["http://x", "HTTP://127.0.0.1:9", "https://x"])
+def test_absolute_form_targets_are_routed_by_their_path(srv, watcher, target):
+    user = watcher[1]
+    request = b"POST %s/send/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab" % (
+        target.encode(), user.encode())
+    answers = _smuggle(srv, request + PIPELINED[:-2] + b"Connection: close\r\n\r\n")
+    assert [(a[0], json.loads(a[2]).get("delivered")) for a in answers] == [(200, 1), (200, None)]
+    assert watcher[0].chunk() == b"ab"
+    for path in (f"/test/{user}", f"/events/{user}"):
+        with StreamClient.open(srv, target + path) as c:
+            assert c.status == 200 and c.chunked
+            assert f"Url: '{path}' Id: {user}".encode() in c.chunk()
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("route, status", [("POST /send/{u}", 400), ("GET /stats", 200)],
+                         ids=["read-by-the-app", "discarded"])
+def test_a_body_cut_short_by_the_timeout_is_no_next_request(srv, watcher, route, status):
+    """A body the request timeout cut off leaves no place a next request could start."""
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    try:
+        line = route.replace("{u}", watcher[1]).encode()
+        sock.sendall(line + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\npartial")
+        head = b""
+        while b"}" not in head:
+            head += sock.recv(65536)
+        assert _status(head) == status
+        # (the 200 came before the body: the timeout runs out while it is discarded)
+        time.sleep(REQUEST_TIMEOUT * 1.5)  # the point is the time passing
+        sock.sendall(b"x" * 93 + PIPELINED)  # the rest of the body, then a request
+        sock.settimeout(5)
+        rest = b""
+        try:
+            while data := sock.recv(65536):
+                rest += data
+        except ConnectionResetError:
+            pass
+        assert rest == b"", rest
+    finally:
+        sock.close()
+    _still_serving(srv, watcher[0], watcher[1])
+
+
+@pytest.mark.parametrize("route", ["test", "events"])
+def test_head_of_a_stream_is_its_head_alone(srv, watcher, route):
+    """HEAD gets the stream's status and headers, no content, and opens no stream."""
+    user = unique_id("head")
+    with StreamClient.open(srv, f"/{route}/{user}") as stream:
+        sock = socket.create_connection((srv.host, srv.port), timeout=10)
+        try:
+            sock.sendall(f"HEAD /{route}/{user} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                         + PIPELINED[:-2] + b"Connection: close\r\n\r\n")
+            out = b""
+            while data := sock.recv(65536):
+                out += data
+        finally:
+            sock.close()
+        head, _, rest = out.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        assert (lines[0], stream.status_line) == ("HTTP/1.1 200 OK", "HTTP/1.1 200 OK")
+        headers.pop("date"), stream.headers.pop("date")
+        assert headers == stream.headers
+        # no content: what follows is the answer to the pipelined GET /stats
+        stats = _responses(rest)
+        assert [s[0] for s in stats] == [200]
+        assert json.loads(stats[0][2])["connections"] == 2  # the watcher and `stream`
     _still_serving(srv, watcher[0], watcher[1])

@@ -12,7 +12,7 @@ import pytest
 from conftest import http_json, start_server
 
 from cometd.ids import InvalidId
-from cometd.store import StoreLockedError, SubscriptionStore
+from cometd.store import StoreError, StoreLockedError, SubscriptionStore
 
 
 @pytest.fixture
@@ -162,3 +162,16 @@ def test_subscription_change_is_synced_before_it_is_acknowledged(tmp_path):
                   and m.group(2) == log]
         assert synced, lines[written[-1]:answer + 1]
         start = answer + 1
+
+
+@pytest.mark.parametrize("under", ["", "sub/db"])
+def test_db_on_a_regular_file_says_not_a_directory(tmp_path, under):
+    plain = tmp_path / "f"
+    plain.write_text("not a database\n")
+    path = plain / under if under else plain
+    with pytest.raises(StoreError) as info:
+        SubscriptionStore(path)
+    assert not isinstance(info.value, StoreLockedError)
+    assert "not a directory" in str(info.value)
+    assert "already open" not in str(info.value)
+    assert plain.read_text() == "not a database\n"  # and nothing was created or changed

@@ -54,10 +54,15 @@ def gone(pid: int) -> bool:
 
 
 def strays(redis_url: str) -> list[int]:
-    """Live processes (bar zombies) started with this test's Redis URL: cometd's."""
+    """Live processes (bar zombies) started with this test's Redis URL: cometd's.
+
+    The URL is in a supervisor's argv, and in its children's COMETD_CONFIG_JSON.
+    """
     found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        if redis_url in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE:
+    for p in psutil.process_iter(["cmdline", "status", "environ"]):
+        config = (p.info["environ"] or {}).get("COMETD_CONFIG_JSON", "")
+        if (redis_url in (p.info["cmdline"] or []) or f'"{redis_url}"' in config) and (
+                p.info["status"] != psutil.STATUS_ZOMBIE):
             found.append(p.pid)
     return found
 

@@ -1,0 +1,402 @@
+"""The server's configuration: every option, its default, type, range and help, once.
+
+A :class:`Config` is a frozen tree of four sections (``http``, ``admin``,
+``store``, ``backplane``). Each field carries its own description (see
+:func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
+TOML file, ``cometd config`` and the README all read it from here.
+
+Theory of operation
+-------------------
+:func:`load` merges the sources, in increasing priority: the defaults, a TOML
+file (``--config FILE`` or ``COMETD_CONFIG``), ``COMETD_<OPTION>`` variables
+and the command-line flags. Every value, whatever its source, goes through
+one converter (:func:`_convert`), so a bad one is the same one-line
+:class:`ConfigError` naming the option and the source, e.g.
+``--keepalive: 0 is not in the range 0.1..3600 (from COMETD_KEEPALIVE)``.
+Checks between options that depend on the role (a router needs ``--redis``)
+come after the merge and name the source of the value they reject.
+
+``cometd --workers N`` hands its children the effective configuration whole,
+as JSON in ``COMETD_CONFIG_JSON`` (:func:`to_json`); a process that finds it
+there takes it as its entire configuration and reads no other source, so a
+child cannot drift from its supervisor through its inherited environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from cometd.connections import MODES
+
+# cometd.webapp.MAX_MESSAGE_BYTES (tests/test_config.py checks they agree):
+# importing the web app here would import bottle, and with it ssl, before the
+# scale-out roles monkey-patch.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+__all__ = [
+    "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "ConfigError",
+    "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load", "from_json", "to_json",
+    "to_toml", "redacted", "url_host",
+]
+
+#: the variable holding a supervisor's configuration for its children
+CHILD_ENV = "COMETD_CONFIG_JSON"
+#: the variable naming a TOML file, like --config
+CONFIG_ENV = "COMETD_CONFIG"
+
+
+class ConfigError(Exception):
+    """A bad option value or combination; the message is one line naming option and source."""
+
+
+def _option(default: Any, help: str, *, flag: str, kind: type, low: float | None = None,
+            high: float | None = None, choices: tuple[str, ...] = (), metavar: str | None = None,
+            secret: bool = False) -> Any:
+    """A dataclass field whose metadata says how to set, check and show it."""
+    meta = {"help": help, "flag": flag, "kind": kind, "low": low, "high": high,
+            "choices": choices, "metavar": metavar, "secret": secret}
+    return field(default=default, metadata=meta, repr=not secret)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP listener and the streams it holds."""
+
+    host: str = _option("127.0.0.1", "HTTP address to listen on", flag="--host", kind=str,
+                        metavar="ADDRESS")
+    port: int = _option(8000, "HTTP port (0: any free port)", flag="--port", kind=int,
+                        low=0, high=65535)
+    mode: str = _option("greenlet", "greenlet: one parked greenlet per connection; pool: no "
+                        "greenlet per connection, writes straight from the router",
+                        flag="--mode", kind=str, choices=MODES)
+    keepalive: float = _option(25.0, "seconds between SSE keep-alive comments",
+                               flag="--keepalive", kind=float, low=0.1, high=3600,
+                               metavar="SECONDS")
+    max_pending: int = _option(256 * 1024, "bytes of unsent output a connection may hold "
+                               "before it is dropped (at least one largest message)",
+                               flag="--max-pending", kind=int, low=MAX_MESSAGE_BYTES,
+                               high=1 << 30, metavar="BYTES")
+    request_timeout: float = _option(
+        10.0, "seconds a client may take to send a whole request before it is closed (one that "
+        "sends nothing waits in the kernel first, at no cost to the server, for about as long "
+        "again)", flag="--request-timeout", kind=float, low=0.1, high=3600, metavar="SECONDS")
+    reuse_port: bool = _option(False, "share --port with other edges on this machine "
+                               "(SO_REUSEPORT)", flag="--reuse-port", kind=bool)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The telnet-style admin console."""
+
+    host: str = _option("127.0.0.1", "admin console address; a non-loopback one requires "
+                        "--admin-password", flag="--admin-host", kind=str, metavar="ADDRESS")
+    port: int = _option(8001, "admin console port (0: any free port, -1: no console)",
+                        flag="--admin-port", kind=int, low=-1, high=65535)
+    password: str | None = _option(None, "password the admin console asks for first",
+                                   flag="--admin-password", kind=str, secret=True)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The subscription store."""
+
+    db: str = _option("data/subscriptions", "subscription database directory (created if "
+                      "missing)", flag="--db", kind=str, metavar="DIR")
+
+
+@dataclass(frozen=True)
+class BackplaneConfig:
+    """Scale-out over Redis."""
+
+    redis: str | None = _option(None, "Redis backplane, e.g. redis://127.0.0.1:6379/0 (for "
+                                "--workers, router and edge)", flag="--redis", kind=str,
+                                metavar="URL")
+    workers: int | None = _option(None, "run one router and this many edge processes sharing "
+                                  "--port (needs --redis)", flag="--workers", kind=int, low=1,
+                                  high=1024, metavar="N")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every server option, by section."""
+
+    http: HttpConfig = field(default_factory=HttpConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
+
+    @property
+    def admin_port(self) -> int | None:
+        """The console's port, None for no console."""
+        return None if self.admin.port < 0 else self.admin.port
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the sources see it."""
+
+    section: str
+    name: str
+    flag: str
+    kind: type
+    default: Any
+    help: str
+    low: float | None
+    high: float | None
+    choices: tuple[str, ...]
+    metavar: str | None
+    secret: bool
+
+    @property
+    def key(self) -> str:
+        """The option's name in Python (``admin_port``) and, upper-cased, in the environment."""
+        return self.flag[2:].replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "COMETD_" + self.key.upper()
+
+    @property
+    def optional(self) -> bool:
+        return self.default is None
+
+    @property
+    def range(self) -> str:
+        """``low..high`` as help and errors show it ("" when unbounded)."""
+        if self.low is None:
+            return ""
+        return f"{_num(self.low)}..{_num(self.high)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+#: every option, by its key (``admin_port``)
+OPTIONS: dict[str, Option] = {
+    opt.key: opt for opt in (Option(section, f.name, default=f.default, **f.metadata)
+                             for section, cls in _SECTIONS.items()
+                             for f in dataclasses.fields(cls))
+}
+
+
+def _number(value: Any, kind: type) -> int | float:
+    """*value* (text, or a TOML/JSON number) as an int or float; bools are not numbers."""
+    if isinstance(value, str):
+        try:
+            return kind(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, int | float) and not isinstance(value, bool) and (
+            kind is float or isinstance(value, int)):
+        return kind(value)
+    raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}")
+
+
+def _convert(opt: Option, value: Any) -> Any:
+    """*value* (a string from flags or the environment, or a TOML/JSON value) as opt's type."""
+    if value is None and opt.optional:
+        return None
+    if opt.kind is bool:
+        if isinstance(value, bool):
+            return value
+        words = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
+        if isinstance(value, str) and value.strip().lower() in words:
+            return words[value.strip().lower()]
+        raise ValueError(f"{value!r} is not true or false")
+    if opt.kind in (int, float):
+        value = _number(value, opt.kind)
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a finite number")
+        if (opt.low is not None and value < opt.low) or (opt.high is not None
+                                                         and value > opt.high):
+            raise ValueError(f"{_num(value)} is not in the range {opt.range}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    if opt.choices and value not in opt.choices:
+        raise ValueError(f"{value!r} is not one of {', '.join(opt.choices)}")
+    if not value and not opt.secret:
+        raise ValueError("the value is empty")
+    if opt.key == "redis" and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{redacted(value)!r} is not a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _toml_values(path: str) -> dict[str, tuple[Any, str]]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    by_place = {(o.section, o.name): o for o in OPTIONS.values()}
+    values: dict[str, tuple[Any, str]] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (known: "
+                              f"{', '.join(_SECTIONS)})")
+        for name, value in table.items():
+            opt = by_place.get((section, name))
+            if opt is None:
+                raise ConfigError(f"{path}: unknown key [{section}] {name}")
+            values[opt.key] = (value, f"{path}: [{section}] {name}")
+    return values
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, tuple[Any, str]]:
+    values = {}
+    for opt in OPTIONS.values():
+        text = env.get(opt.env)
+        if text is None or (text == "" and opt.optional):
+            continue
+        values[opt.key] = (text, opt.env)
+    return values
+
+
+def _build(values: dict[str, tuple[Any, str]]) -> Config:
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, (value, source) in values.items():
+        opt = OPTIONS[key]
+        try:
+            sections[opt.section][opt.name] = _convert(opt, value)
+        except ValueError as exc:
+            raise ConfigError(f"{opt.flag}: {exc} (from {source})") from None
+    return Config(**{name: _SECTIONS[name](**kw) for name, kw in sections.items()})
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check(config: Config, role: str, sources: dict[str, str]) -> None:
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{OPTIONS[key].flag}: {problem} (from {sources.get(key, 'default')})")
+
+    bp = config.backplane
+    if role == "supervisor" and not bp.redis:
+        raise fail("workers", "needs --redis URL")
+    if role in ("router", "edge") and not bp.redis:
+        raise ConfigError(f"{role} needs --redis URL")
+    if role == "single" and bp.redis:
+        raise fail("redis", "needs --workers N, or the router or edge subcommand")
+    if role in ("single", "supervisor", "router") and config.admin_port is not None and (
+            not _is_loopback(config.admin.host) and not config.admin.password):
+        raise fail("admin_host", f"the admin console on non-loopback address "
+                                 f"{config.admin.host} needs --admin-password")
+
+
+def load(role: str | None, flags: Mapping[str, Any], env: Mapping[str, str],
+         path: str | None = None) -> Config:
+    """The effective configuration for *role* from all sources.
+
+    *role* is what the process runs as: ``single`` (the whole server),
+    ``supervisor`` (of ``--workers``), ``router`` or ``edge``; ``cometd`` is
+    single or supervisor as ``workers`` says; None checks the values only
+    (``cometd config``, ``cometd load``).
+
+    *flags* maps option keys (``admin_port``) to the command line's values
+    (strings, True for a given boolean flag); *path* is the TOML file, if
+    any, else ``COMETD_CONFIG`` names one. For a router or an edge with
+    ``COMETD_CONFIG_JSON`` in *env*, that is the whole configuration.
+    """
+    if CHILD_ENV in env and role in ("router", "edge"):  # what a supervisor's children are
+        config = from_json(env[CHILD_ENV])
+        _check(config, role, {})
+        return config
+    values: dict[str, tuple[Any, str]] = {}
+    path = path or env.get(CONFIG_ENV) or None
+    if path:
+        values.update(_toml_values(path))
+    values.update(_env_values(env))
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = (value, "the command line")
+    config = _build(values)
+    if role == "cometd":
+        role = "single" if config.backplane.workers is None else "supervisor"
+    if role is not None:
+        _check(config, role, {key: source for key, (_, source) in values.items()})
+    return config
+
+
+def to_json(config: Config) -> str:
+    """The whole configuration, secrets included, for a child process (see CHILD_ENV)."""
+    return json.dumps(dataclasses.asdict(config))
+
+
+def from_json(text: str) -> Config:
+    """The inverse of :func:`to_json`, checked like any other source."""
+    try:
+        data = json.loads(text)
+        values = {opt.key: (data[opt.section][opt.name], CHILD_ENV) for opt in OPTIONS.values()}
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{CHILD_ENV} does not hold a whole configuration") from None
+    return _build(values)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a TOML basic string
+
+
+def to_toml(config: Config) -> str:
+    """The configuration as a commented TOML file that :func:`load` reads back.
+
+    Unset options are shown commented out; a secret (the admin password, a
+    password in the Redis URL) is never written.
+    """
+    lines = ["# cometd configuration: cometd --config FILE (or COMETD_CONFIG=FILE).",
+             "# Each option can also be set with its COMETD_<OPTION> variable or its flag;",
+             "# flags win over variables, variables over this file."]
+    for section in _SECTIONS:
+        lines += ["", f"[{section}]"]
+        for opt in OPTIONS.values():
+            if opt.section != section:
+                continue
+            lines.append(f"# {opt.help} ({opt.flag}, {opt.env})")
+            value = getattr(getattr(config, section), opt.name)
+            if opt.secret and value:
+                lines.append(f"# {opt.name} = (set, not shown)")
+            elif opt.key == "redis" and value and redacted(value) != value:
+                lines.append(f"# {opt.name} = {_toml_value(redacted(value))}  "
+                             "(its password is not shown)")
+            elif value is None:
+                lines.append(f"# {opt.name} = (unset)")
+            else:
+                lines.append(f"{opt.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def redacted(url: str) -> str:
+    """*url* with any password replaced, fit for a banner or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+def url_host(host: str) -> str:
+    """*host* as it goes in a URL or ``host:port``: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+

@@ -1,0 +1,244 @@
+"""One server lifecycle for the three assemblies: single process, router and edge.
+
+``Server(config, role).serve()`` builds the role's parts from the
+:class:`~cometd.config.Config`, prints the one-line banner that says it is
+ready, waits for SIGINT or SIGTERM and shuts down.
+
+Theory of operation
+-------------------
+:meth:`Server.startup` starts the parts one by one and registers each part's
+stop on an ``ExitStack`` as soon as the part is running; :meth:`Server.shutdown`
+closes the stack, so every part that started is stopped exactly once, in the
+reverse order: first what takes new work (keep-alives, the HTTP listener, the
+admin console), then the Redis link, then the state (connection table, store).
+A startup that fails half way (the admin port is taken) runs the same
+shutdown for the parts already up, and the caller gets a :class:`ListenError`
+or :class:`~cometd.store.StoreError` with a one-line message.
+
+The scale-out roles need gevent's monkey patching for redis-py; the caller
+(:mod:`cometd.cli`) applies it for them before this module is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errnos
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+
+from cometd.config import Config, redacted, url_host
+
+__all__ = ["Server", "ListenError", "listener", "redis_problem"]
+
+
+class ListenError(Exception):
+    """A port could not be bound; the message is one line."""
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> ListenError:
+    # gevent's StreamServer puts the address into strerror; say it our way.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return ListenError(f"cannot listen on {url_host(host)}:{port}: {reason}")
+
+
+def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
+    """A listening socket; with *reuse_port*, several processes share the port."""
+    sock = gsocket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise _cannot_listen(host, port, exc) from None
+    return sock
+
+
+class Server:
+    """One cometd process in one role: ``single``, ``router`` or ``edge``."""
+
+    def __init__(self, config: Config, role: str = "single") -> None:
+        if role not in ("single", "router", "edge"):
+            raise ValueError(f"no server role {role!r}")
+        self.config = config
+        self.role = role
+        self.banner = ""
+        self._stops = contextlib.ExitStack()
+
+    # -- parts ---------------------------------------------------------------
+
+    def _store(self):
+        from cometd.store import SubscriptionStore
+
+        store = SubscriptionStore(self.config.store.db)
+        self._stops.callback(store.close)
+        return store
+
+    def _table(self):
+        from cometd.connections import ConnectionTable
+
+        table = ConnectionTable(self.config.http.mode, max_pending=self.config.http.max_pending)
+        self._stops.callback(table.close)
+        return table
+
+    def _http(self, backend: Any, table: Any):
+        from cometd.server import CometServer
+        from cometd.webapp import make_app
+
+        http = self.config.http
+        sock = listener(http.host, http.port, http.reuse_port)
+        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout)
+        server.start()
+        self._stops.callback(server.stop, timeout=1)
+        every = http.keepalive
+
+        def keepalives() -> None:
+            while True:
+                gevent.sleep(every)
+                table.keepalive()
+
+        self._stops.callback(gevent.spawn(keepalives).kill)
+        return f"http://{url_host(http.host)}:{server.server_port}/"
+
+    def _admin(self, backend: Any) -> str:
+        admin = self.config.admin
+        if self.config.admin_port is None:
+            return ""
+        from cometd.admin import AdminConsole
+
+        console = AdminConsole(backend, admin.host, admin.port, password=admin.password)
+        try:
+            console.start()
+        except OSError as exc:
+            raise _cannot_listen(admin.host, admin.port, exc) from None
+        self._stops.callback(console.stop, timeout=1)
+        return f" admin {url_host(admin.host)}:{console.server_port}"
+
+    def _check_redis(self) -> None:
+        """Say plainly when Redis, or an edge's router, does not answer; the links keep retrying."""
+        url = self.config.backplane.redis
+        problem = redis_problem(url)
+        if problem:
+            print(f"cometd {self.role}: warning: Redis at {redacted(url)} does not answer "
+                  f"({problem}); retrying until it does", file=sys.stderr, flush=True)
+        elif self.role == "edge" and not _router_listening(url):
+            print(f"cometd edge: warning: no router is listening on Redis at {redacted(url)}; "
+                  "sends and subscription calls get 503 until one does",
+                  file=sys.stderr, flush=True)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def startup(self) -> None:
+        """Start every part; on failure, stop those already started and re-raise."""
+        try:
+            getattr(self, f"_start_{self.role}")()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start_single(self) -> None:
+        from cometd.router import Router
+        from cometd.server import LocalBackend
+
+        store = self._store()
+        table = self._table()
+        backend = LocalBackend(store, Router(store, table), table)
+        url = self._http(backend, table)
+        admin = self._admin(backend)
+        self.banner = (f"cometd: listening on {url}{admin} mode={self.config.http.mode} "
+                       f"db={self.config.store.db}")
+
+    def _start_router(self) -> None:
+        import redis
+
+        from cometd.backplane import Presence, RouterLink
+        from cometd.router import Router
+        from cometd.server import LocalBackend
+
+        url = self.config.backplane.redis
+        self._check_redis()
+        store = self._store()
+        presence = Presence(redis.Redis.from_url(url))
+        backend = LocalBackend(store, Router(store, presence), presence)
+        link = RouterLink(url, backend, presence)
+        link.start()
+        self._stops.callback(link.stop)
+        # Ready means edges can reach it: wait (briefly) for its subscription.
+        for _ in range(200):
+            if _router_listening(url):
+                break
+            gevent.sleep(0.01)
+        admin = self._admin(backend)
+        self.banner = f"cometd router: redis {redacted(url)} db={self.config.store.db}{admin}"
+
+    def _start_edge(self) -> None:
+        from cometd.backplane import EdgeBackend, EdgeLink
+
+        url = self.config.backplane.redis
+        self._check_redis()
+        table = self._table()
+        link = EdgeLink(url, table)
+        link.start()
+        self._stops.callback(link.stop)
+        http = self._http(EdgeBackend(link), table)
+        self.banner = (f"cometd edge {link.edge_id}: listening on {http} "
+                       f"mode={self.config.http.mode} redis {redacted(url)}")
+
+    def run(self) -> None:
+        """Print the banner (the process is ready) and wait for SIGINT or SIGTERM."""
+        stopping = Event()
+        gevent.signal_handler(signal.SIGTERM, stopping.set)
+        gevent.signal_handler(signal.SIGINT, stopping.set)
+        print(self.banner, flush=True)
+        stopping.wait()
+        print("cometd: stopping", file=sys.stderr, flush=True)
+
+    def shutdown(self) -> None:
+        """Stop every started part once, newest first."""
+        self._stops.close()
+
+    def serve(self) -> None:
+        """startup, run, shutdown."""
+        self.startup()
+        try:
+            self.run()
+        finally:
+            self.shutdown()
+
+
+def _router_listening(url: str) -> bool:
+    """Whether a router holds the presence channel (it subscribes as it starts)."""
+    import redis
+
+    from cometd.backplane import PRESENCE
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        return any(n for _, n in client.pubsub_numsub(PRESENCE))
+    except (redis.RedisError, OSError):
+        return True  # Redis itself is the problem, and was reported as such
+
+
+def redis_problem(url: str) -> str | None:
+    """Why Redis at *url* does not answer a PING (e.g. "Connection refused"), or None."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except (redis.RedisError, OSError) as exc:
+        cause: BaseException = exc
+        while cause.__cause__ or cause.__context__:
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError) and cause.errno in errnos.errorcode:
+            return os.strerror(cause.errno)
+        return str(exc).split("\n")[0] or type(exc).__name__
+    return None
