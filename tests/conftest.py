@@ -462,24 +462,27 @@ def unique_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
-def tcp_queues() -> dict[tuple[str, str], tuple[int, int]]:
-    """Every IPv4 TCP socket's (tx_queue, rx_queue), from one read of /proc/net/tcp.
+def tcp_queues(port: int | None = None) -> dict[tuple[str, str], tuple[int, int]]:
+    """IPv4 TCP sockets' (tx_queue, rx_queue), from one read of /proc/net/tcp.
 
-    Keyed by (local, remote) as ``"ip:port"``. tx_queue is what SIOCOUTQ reports
-    for the socket (written, not yet acknowledged), rx_queue what SIOCINQ does
-    (received, not yet read); /proc shows them for another process's sockets
-    too. One read, so bytes moving from one socket's queue to its peer's are
-    not counted twice.
+    Keyed by (local, remote) as ``"ip:port"``; with *port*, only sockets with
+    that port at either end. tx_queue is what SIOCOUTQ reports for the socket
+    (written, not yet acknowledged), rx_queue what SIOCINQ does (received, not
+    yet read); /proc shows them for another process's sockets too. One read,
+    so bytes moving from one socket's queue to its peer's are not counted twice.
     """
     with open("/proc/net/tcp") as f:
-        lines = f.read().splitlines()[1:]
+        text = f.read()
+    mark = f":{port:04X} " if port is not None else ""
     queues = {}
-    for line in lines:
+    for line in text.splitlines()[1:]:
+        if mark not in line:  # cheap: the machine may have tens of thousands of sockets
+            continue
         fields = line.split()
         ends = []
         for addr in fields[1:3]:
-            ip, port = addr.split(":")
-            ends.append(f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(port, 16)}")
+            ip, hexport = addr.split(":")
+            ends.append(f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(hexport, 16)}")
         tx, rx = fields[4].split(":")
         queues[tuple(ends)] = (int(tx, 16), int(rx, 16))
     return queues
