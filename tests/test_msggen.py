@@ -115,14 +115,14 @@ def test_oversized_messages_are_errors(server, tmp_path):
 
 
 def test_dead_server_is_counted_not_raised(tmp_path):
-    with socket.socket() as sock:
+    with socket.socket() as sock:  # bound, not listening: refused, and ours meanwhile
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    t = time.monotonic()
-    s, _ = run_tool(
-        MSGGEN, "--url", f"http://127.0.0.1:{port}", "--rate", "100", "--duration", "0.5",
-        tmp_path=tmp_path,
-    )
+        t = time.monotonic()
+        s, _ = run_tool(
+            MSGGEN, "--url", f"http://127.0.0.1:{port}", "--rate", "100", "--duration", "0.5",
+            tmp_path=tmp_path,
+        )
     assert s["sent"] == 0 and s["errors"] > 0
     assert set(s["errors_by_kind"]) == {"connect:ConnectionRefusedError"}
     assert time.monotonic() - t < 5
