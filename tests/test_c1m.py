@@ -65,8 +65,10 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
         ["unshare", "-n", sys.executable, "-c", IN_NAMESPACE, "--connections", "300",
          "--edges", "1", "--client-processes", "1", "--hold", "1", "--msg-rate", "50",
          "--msg-duration", "1", "--timeout", "90", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=180)
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+        env={**os.environ, "TMPDIR": str(tmp_path)})  # c1m's logs dir: ours, cleaned up
     assert proc.returncode == 0 and proc.stdout, proc.stderr
+    assert [p.name[:4] for p in tmp_path.glob("c1m-*")] == ["c1m-"]
     got = json.loads(proc.stdout)
     log = (out.parent / "out.log").read_text()
     assert got["rc"] == 0, log
