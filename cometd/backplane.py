@@ -30,8 +30,12 @@ subject and Redis keeps a list's and a channel's order.
 
 Presence is soft state, rebuilt rather than persisted. Edges publish the
 connection counts of users that changed (batched over 100 ms) and a heartbeat
-every second. The router forgets an edge it has not heard from in 3 s (a dead
-edge's users leave presence) and asks for full snapshots when it starts, when
+every second. An edge that stops says goodbye; one that dies cannot, but its
+Redis connections close with it, so the router, which asks Redis every
+``EXPIRE_EVERY`` which edges still listen on their delivery channel, forgets
+it within a second. One that is cut off (a partition, a hung host) is
+forgotten once the router has not heard from it in 3 s. Either way its users
+leave presence. The router asks for full snapshots when it starts, when
 its Redis connection comes back, and when it hears from an edge it does not
 know (a router restart). Edges re-send a snapshot after their own Redis
 reconnects. A starting router answers calls only after ``SYNC_GRACE``, once
@@ -57,6 +61,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
+import psutil
 import redis
 from gevent.event import AsyncResult, Event
 
@@ -72,6 +77,7 @@ PRESENCE = "cometd:presence"
 CONTROL = "cometd:control"
 
 EDGE_TIMEOUT = 3.0
+EXPIRE_EVERY = 0.5  # how often the router looks for dead and silent edges
 HEARTBEAT = 1.0
 PRESENCE_BATCH = 0.1
 CALL_TIMEOUT = 5.0
@@ -317,8 +323,29 @@ class RouterLink:
 
     def _expire(self) -> None:
         while True:
-            gevent.sleep(0.5)
+            gevent.sleep(EXPIRE_EVERY)
             self.presence.expire()
+            self._forget_unsubscribed()
+
+    def _forget_unsubscribed(self) -> None:
+        # A killed edge sends no goodbye, and waiting out EDGE_TIMEOUT left its
+        # closed streams counted (and their users online) for ~3 s. Its Redis
+        # connection closed with it, though, taking its subscription along: an
+        # edge nobody listens for is gone. One that is only re-subscribing
+        # (Redis came back) is forgotten too, and re-learnt from the snapshot
+        # it sends once subscribed; one heard from since the question was
+        # asked has subscribed meanwhile, so it is kept.
+        edges = list(self.presence.edges)
+        if not edges:
+            return
+        asked = time.monotonic()
+        try:
+            listening = self._client.pubsub_numsub(*(EDGE.format(e) for e in edges))
+        except redis.RedisError:
+            return  # Redis is away: EDGE_TIMEOUT still applies
+        for edge, (_, n) in zip(edges, listening, strict=True):
+            if n == 0 and self.presence.edges.get(edge, asked) < asked:
+                self.presence.forget_edge(edge)
 
     # Calls come in and replies go out in batches: under load, a Redis round
     # trip per call and another per reply were three quarters of the router's
@@ -398,7 +425,7 @@ class EdgeLink:
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
         self._requests = _Batches(self._push_requests)
-        #: subscribed to this edge's reply channel: a call pushed before would lose its reply
+        #: set while this edge listens for replies (and deliveries)
         self._listening = Event()
         table.on_presence = self._presence_changed
 
@@ -427,27 +454,24 @@ class EdgeLink:
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
-        self._snapshot()  # (re)connected: the router may have missed changes
-        self._listening.set()
         try:
-            self._dispatch(pubsub)
+            pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
+            self._snapshot()  # (re)connected: the router may have missed changes
+            self._listening.set()
+            for item in pubsub.listen():
+                channel = item["channel"].decode()
+                if channel == CONTROL:
+                    self._snapshot()
+                elif channel.startswith("cometd:reply:"):
+                    reply = json.loads(item["data"])
+                    waiter = self._pending.pop(reply["id"], None)
+                    if waiter is not None:
+                        waiter.set(reply)
+                else:
+                    for message, users in decode_batch(item["data"]):
+                        self.table.deliver(users, message)
         finally:
             self._listening.clear()
-
-    def _dispatch(self, pubsub) -> None:
-        for item in pubsub.listen():
-            channel = item["channel"].decode()
-            if channel == CONTROL:
-                self._snapshot()
-            elif channel.startswith("cometd:reply:"):
-                reply = json.loads(item["data"])
-                waiter = self._pending.pop(reply["id"], None)
-                if waiter is not None:
-                    waiter.set(reply)
-            else:
-                for message, users in decode_batch(item["data"]):
-                    self.table.deliver(users, message)
 
     # Presence goes out on demand, not on a polling tick: a wakeup costs an
     # edge ~0.2 ms of CPU (cold caches, with a hundred processes on two
@@ -488,13 +512,19 @@ class EdgeLink:
 
     def call(self, op: str, *args: Any) -> Any:
         """Ask the router; raise :class:`BackplaneUnavailable` after a timeout."""
+        # A call pushed while the reply channel is not subscribed (the half
+        # second after Redis comes back, before the listener's retry) has its
+        # reply published to nobody: the client waited CALL_TIMEOUT for a 503.
+        deadline = time.monotonic() + CALL_TIMEOUT
+        if not self._listening.wait(CALL_TIMEOUT):
+            raise BackplaneUnavailable("the router is not reachable; try again")
         call_id = next(self._ids)
         waiter = AsyncResult()
         self._pending[call_id] = waiter
         request = json.dumps({"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)})
         self._requests.add((request, waiter))
         try:
-            reply = waiter.get(timeout=CALL_TIMEOUT)
+            reply = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
             self._withdraw(request)
             raise BackplaneUnavailable("the router is not reachable; try again") from None
@@ -505,10 +535,6 @@ class EdgeLink:
         return reply["result"]
 
     def _push_requests(self, batch: list[tuple[str, AsyncResult]]) -> None:
-        # After Redis came back, this client reconnects at once, _listen within
-        # RETRY: hold the calls until their replies can be heard (while Redis
-        # is down, that costs them 2 * RETRY before the push fails).
-        self._listening.wait(2 * RETRY)
         try:
             self.client.rpush(REQUESTS, *(request for request, _ in batch))
         except redis.RedisError:
@@ -530,6 +556,7 @@ class EdgeBackend:
 
     def __init__(self, link: EdgeLink) -> None:
         self.link = link
+        self._process = psutil.Process()
 
     def send(self, subject: str, body: bytes) -> int:
         return self.link.call("send", subject, body.decode("latin-1"))
@@ -547,15 +574,30 @@ class EdgeBackend:
         return self.link.call("remove", pairs)
 
     def stats(self) -> dict[str, Any]:
+        """The router's figures for the whole service, and this edge's own under ``edge``.
+
+        Only an edge knows its slow consumers, so the router's count (always 0)
+        is left out; when the router does not answer, ``router_error`` says so.
+        """
         table = self.link.table
-        local = {
-            "edge": self.link.edge_id,
-            "edge_connections": table.connections,
-            "edge_users_online": table.users_online,
-            "edge_deliveries": table.deliveries,
-            "edge_slow_consumers_dropped": table.slow_consumers_dropped,
+        own = {
+            "id": self.link.edge_id,
+            "mode": table.mode,
+            "connections": table.connections,
+            "users_online": table.users_online,
+            "deliveries": table.deliveries,
+            "slow_consumers_dropped": table.slow_consumers_dropped,
+            "rss_bytes": self._process.memory_info().rss,
         }
         try:
-            return {**self.link.call("stats"), **local}
-        except BackplaneUnavailable:
-            return local
+            router = self.link.call("stats")
+        except BackplaneUnavailable as exc:
+            return {"router_error": str(exc), "edge": own}
+        return {
+            "connections": router["connections"],
+            "users_online": router["users_online"],
+            "messages_sent": router["messages_sent"],
+            "deliveries": router["deliveries"],
+            "router_rss_bytes": router["rss_bytes"],
+            "edge": own,
+        }

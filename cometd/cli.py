@@ -172,7 +172,8 @@ def edge_command(**flags) -> None:
 
     POST /send and the subscription calls are passed to the router through
     Redis (503 if it does not answer within 5 s); logins and logouts are
-    reported to it in batches.
+    reported to it in batches. GET /stats answers the router's figures for
+    the whole service, and this edge's own under "edge".
     """
     _serve(_config("edge", flags), "edge")
 

@@ -143,7 +143,9 @@ def _open_error(path: str, exc: plyvel.Error) -> StoreError:
         else str(exc)
     if isinstance(exc, plyvel.IOError) and text.startswith("IO error: lock ") and (
             "temporarily unavailable" in text or "already held" in text):
-        return StoreLockedError(f"subscription database {path} is already open in another process")
+        return StoreLockedError(
+            f"subscription database {path} is already open in another process (is another"
+            " cometd running on this database? stop it, or pass --db another/path)")
     return StoreError(f"cannot open subscription database {path}: {text}")
 
 

@@ -171,3 +171,23 @@ def test_kernel_counters_are_read():
     k = bench.kernel_counters()
     assert k["slab"] > 0
     assert k["tcp_inuse"] >= 0 and k["tcp_mem"] >= 0
+
+
+def test_report_names_nginx_only_when_nchan_ran_and_says_where_baselines_come_from(tmp_path):
+    out = tmp_path / "idle"
+    run_bench("idle", "--n", "100", "--modes", "pool", "--no-nchan", "--quiet-wait", "0",
+              "--settle", "0.2", "--interval", "0.1", "--measure", "0.3", "--out", str(out))
+    report = (out / "report.md").read_text()
+    versions = next(line for line in report.splitlines() if line.startswith("- Python "))
+    assert "gevent" in versions and "nginx" not in versions, versions
+    assert "nginx" not in json.loads((out / "summary.json").read_text())["machine"]
+    assert "from the issue" not in report
+    assert "Baselines for comparison, measured earlier on this machine and not by this run" \
+        in report
+
+    # A run that does measure nginx + nchan names the version it ran.
+    nginx = tmp_path / "nginx"
+    nginx.write_text("#!/bin/sh\necho 'nginx version: nginx/1.99.9' >&2\n")
+    nginx.chmod(0o755)
+    lines = bench.machine_lines(bench.machine_info(str(nginx)))
+    assert "- Python " in lines[2] and lines[2].endswith(", nginx nginx/1.99.9"), lines

@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import http_json, start_server
+from conftest import COMETD, http_json, start_server
 
 from cometd.ids import InvalidId
 from cometd.store import StoreError, StoreLockedError, SubscriptionStore
@@ -162,6 +162,21 @@ def test_subscription_change_is_synced_before_it_is_acknowledged(tmp_path):
                   and m.group(2) == log]
         assert synced, lines[written[-1]:answer + 1]
         start = answer + 1
+
+
+def test_a_second_server_on_a_database_in_use_says_what_to_do(tmp_path):
+    db = str(tmp_path / "db")
+    first = start_server(db)
+    try:
+        second = subprocess.run([sys.executable, COMETD, "--db", db, "--port", "0",
+                                 "--admin-port", "-1"], capture_output=True, text=True, timeout=30)
+    finally:
+        first.stop()
+    assert second.returncode == 1, second
+    assert second.stderr == (
+        f"cometd: error: subscription database {db} is already open in another process (is"
+        " another cometd running on this database? stop it, or pass --db another/path)\n"
+    ), second.stderr
 
 
 @pytest.mark.parametrize("under", ["", "sub/db"])

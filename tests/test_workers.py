@@ -134,7 +134,7 @@ def test_edges_share_the_port_and_connections_spread(workers):
         for _ in range(200):
             status, stats = request(workers.addr, "GET", "/stats")
             assert status == 200, stats
-            per_edge[stats["edge"]] = stats["edge_connections"]
+            per_edge[stats["edge"]["id"]] = stats["edge"]["connections"]
             if len(per_edge) == 2:
                 break
         assert len(per_edge) == 2, per_edge
