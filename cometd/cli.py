@@ -201,8 +201,9 @@ def config_command() -> None:
 def load_command(file: str, db: str, directed: bool) -> None:
     """Bulk-load FILE, one friendship "A B" per line, into the database.
 
-    Each line holds two ids separated by white space; blank lines are allowed.
-    The whole file is checked first: a malformed line stops the load with its
+    Each line holds two different ids separated by white space ("A A" is an
+    error: nobody subscribes to themselves); blank lines are allowed. The whole
+    file is checked first: a malformed line stops the load with its
     line number and nothing is stored. Loading the same file twice stores
     nothing new.
     """

@@ -289,6 +289,17 @@ def test_send_on_either_edge_reaches_streams_on_both(cluster):
     cluster.assert_healthy()
 
 
+def test_router_console_who_lists_users_on_every_edge(cluster):
+    a, b = cluster.edges
+    cluster.stream(a, "alice"), cluster.stream(b, "bob"), cluster.stream(b, "alice")
+    assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
+    reply = cluster.admin("who")
+    assert sorted(reply[:-1]) == ["alice", "bob"] and reply[-1] == "OK 2 of 2 online"
+    assert cluster.admin("who 1")[-1] == "OK 1 of 2 online"
+    assert cluster.admin("help who")[0].startswith("who [N]  ")
+    cluster.assert_healthy()
+
+
 def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
     a, b = cluster.edges
     users = {a.id: ["alice", "bob", "carol"], b.id: ["alice", "dave"]}
@@ -393,6 +404,7 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
         ("POST", "/send/rj", b"x" * (64 * 1024 + 1), 413),
         ("POST", "/subscriptions", b"not json", 400),
         ("POST", "/subscriptions", [["alice"]], 400),
+        ("POST", "/subscriptions", [["dave", "rj"], ["dave", "dave"]], 400),
         ("DELETE", "/subscriptions", [["alice", "bad id"]], 400),
         ("GET", "/nowhere", None, 404),
         ("PUT", "/send/rj", b"hi", 405),
@@ -405,8 +417,11 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
             assert "Traceback" not in json.dumps(reply)
         status, reply = edge.http("GET", "/test/bad%20id")
         assert status == 404 and reply.startswith(b"User id not found"), reply
-    # The edges turned all of that away themselves: the router never saw a send.
+    # The edges turned all of that away themselves: the router never saw a send,
+    # nor dave's pairs; its console refuses a self-subscription as well.
     assert cluster.stats()["messages_sent"] == "0"
+    assert cluster.admin("subscriptions dave") == ["OK"]
+    assert cluster.admin("subscribe dave dave")[0].startswith("ERR 'dave' cannot subscribe")
     cluster.assert_healthy()
 
 

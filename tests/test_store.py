@@ -1,18 +1,26 @@
 """SubscriptionStore on a real LevelDB in a temporary directory."""
 
 import os
+import random
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 from conftest import COMETD, http_json, start_server
 
-from cometd.ids import InvalidId
-from cometd.store import StoreError, StoreLockedError, SubscriptionStore
+from cometd.ids import InvalidId, int_value
+from cometd.store import (
+    SelfSubscription,
+    StoreError,
+    StoreLockedError,
+    SubscriptionStore,
+    encode_set,
+)
 
 
 @pytest.fixture
@@ -65,6 +73,117 @@ def test_bad_id_raises_and_changes_nothing(store, bad):
     if isinstance(bad, str):
         with pytest.raises(InvalidId):
             store.get_subscribers(bad)
+
+
+def test_self_subscription_raises_and_changes_nothing(store):
+    store.add_subscriptions([("a", "b")])
+    for pair in (("c", "c"), (5, "5")):
+        with pytest.raises(SelfSubscription, match="cannot subscribe to itself"):
+            store.add_subscriptions([("c", "d"), pair])
+    assert store.get_subscriptions("c") == [] and store.get_subscribers("c") == []
+    assert store.get_subscribers("5") == []
+    assert store.count() == (1, 1)
+    # Removing one is fine (and cleans up a self-loop stored before the rule).
+    assert store.remove_subscriptions([("a", "a")]) == 0
+
+
+def test_changes_to_a_large_set_match_set_arithmetic(store):
+    rng = random.Random(3)
+
+    def ints(k: int) -> set[str]:
+        return {str(n) for n in rng.sample(range(2**32), k)} | {"0", str(2**32 - 1)}
+
+    model = ints(20_000) | {f"u:{n}" for n in range(300)}
+    store.add_subscriptions([(u, "star") for u in model])
+    for _ in range(30):
+        known = rng.sample(sorted(model), 40) if model else []
+        fresh = rng.sample(sorted(ints(30) | {f"u:{rng.randrange(600)}" for _ in range(5)}), 20)
+        batch = set(known[:20] + fresh)
+        if rng.random() < 0.5:
+            assert store.add_subscriptions([(u, "star") for u in batch]) == len(batch - model)
+            model |= batch
+        else:
+            assert store.remove_subscriptions([(u, "star") for u in batch]) == len(
+                batch & model)
+            model -= batch
+    listed = store.get_subscribers("star")
+    assert listed == sorted(model, key=lambda u: (int_value(u) is None, int_value(u) or 0, u))
+    for user in rng.sample(sorted(model), 50):
+        assert store.get_subscriptions(user) == ["star"]
+    # Everyone leaves: the key goes, as for a small set.
+    assert store.remove_subscriptions([(u, "star") for u in model]) == len(model)
+    assert store.get_subscribers("star") == [] and store.count() == (0, 0)
+
+
+BIG = [str(n) for n in range(1, 70_001)]  # 280 KB: over CACHE_MIN_BYTES
+
+
+def test_large_sets_are_kept_and_every_write_shows(store):
+    store.add_subscriptions([(u, "star") for u in BIG])
+    first = store.subscriber_view("star")
+    assert store.subscriber_view("star").ints.obj is first.ints.obj  # kept, not re-read
+    assert store.add_subscriptions([("70001", "star"), ("n", "star")]) == 2
+    view = store.subscriber_view("star")
+    assert len(view) == 70_002 and "70001" in view and "n" in view
+    assert store.remove_subscriptions([("1", "star")]) == 1
+    view = store.subscriber_view("star")
+    assert len(view) == 70_001 and "1" not in view
+    extra = (1).to_bytes(4, "little") + (99_999).to_bytes(4, "little")
+    store.bulk_merge("subscribers", [(b"\x02star", extra)])
+    assert "99999" in store.subscriber_view("star")
+    assert store.remove_subscriptions([(u, "star") for u in store.get_subscribers("star")])
+    assert len(store.subscriber_view("star")) == 0
+
+
+def test_a_value_read_before_a_write_is_not_kept(store):
+    store.add_subscriptions([(u, "star") for u in BIG])
+    real = store._subscribers
+
+    class WriteDuringGet:  # another thread's write lands between the get and the keep
+        done = False
+
+        def get(self, key):
+            value = real.get(key)
+            if not self.done:  # once: the write itself reads through here too
+                self.done = True
+                writer = threading.Thread(
+                    target=store.add_subscriptions, args=([("late", "star")],))
+                writer.start()
+                writer.join(10)
+            return value
+
+    store._subscribers = WriteDuringGet()
+    assert "late" not in store.subscriber_view("star")  # what was read, before the write
+    store._subscribers = real
+    assert "late" in store.subscriber_view("star")  # and not kept: the write shows
+
+
+def test_kept_sets_are_bounded(store, monkeypatch):
+    monkeypatch.setattr("cometd.store.CACHE_BYTES", 600 * 1024)
+    for subject in ("a", "b", "c"):
+        store.add_subscriptions([(u, subject) for u in BIG])
+    for subject in ("a", "b", "a", "c"):
+        store.subscriber_view(subject)
+    assert store._cache_bytes == sum(map(len, store._cache.values())) <= 600 * 1024
+    assert list(store._cache) == [b"\x02a", b"\x02c"]  # the least recently used went
+
+
+def test_subscriber_view_answers_membership_like_the_list(store):
+    pairs = [(str(n), "star") for n in range(0, 3000, 3)]
+    pairs += [(f"user:{n}", "star") for n in range(0, 900, 3)]
+    pairs += [("007", "star"), (str(2**32 - 1), "star"), (str(2**32), "star")]
+    store.add_subscriptions(pairs)
+    listed = store.get_subscribers("star")
+    subscribers = store.subscriber_view("star")
+    assert len(subscribers) == len(listed) == len(pairs)
+    ints = [int_value(u) for u in listed if int_value(u) is not None]
+    names = [u for u in listed if int_value(u) is None]
+    assert subscribers.nbytes == len(encode_set(ints, names))
+    probes = [str(n) for n in range(-1, 3001)] + [f"user:{n}" for n in range(901)]
+    probes += ["007", "7", str(2**32 - 1), str(2**32), "user:", "user:3000", "a", "zzz"]
+    assert [p for p in probes if p in subscribers] == [p for p in probes if p in listed]
+    empty = store.subscriber_view("nobody")
+    assert len(empty) == 0 and "1" not in empty and "a" not in empty
 
 
 def test_second_opener_gets_clear_error(tmp_path, store):

@@ -277,6 +277,19 @@ def test_bad_subscription_requests_change_nothing(srv, method):
         assert status == 400 and set(answer) == {"error"}
 
 
+def test_self_subscription_is_refused_and_changes_nothing(srv):
+    a, fresh = unique_id("a"), unique_id("fresh")
+    for pair in ([a, a], [7, "7"]):
+        status, answer = http_json(srv, "POST", "/subscriptions", [[fresh, a], pair])
+        assert status == 400, answer
+        assert answer["error"].startswith("item 1: ") and "cannot subscribe to itself" in (
+            answer["error"])
+    assert http_json(srv, "GET", f"/subscriptions/{fresh}") == (200, {"subscriptions": []})
+    assert http_json(srv, "GET", f"/subscribers/{a}") == (200, {"subscribers": []})
+    # Removing one is allowed (nothing to remove here): a stored self-loop can be cleaned up.
+    assert http_json(srv, "DELETE", "/subscriptions", [[a, a]]) == (200, {"removed": 0})
+
+
 def test_stats_counts_what_happened(srv):
     user = unique_id("st")
     before = get_stats(srv)
