@@ -282,6 +282,9 @@ class RouterLink:
         self.presence = presence
         self._last_resync = 0.0
         self._synced = Event()
+        #: monotonic times: _listen last (re)subscribed; _serve_calls last lost Redis
+        self._subscribed = 0.0
+        self._calls_failed = 0.0
         self._greenlets: list[gevent.Greenlet] = []
         self._client = redis.Redis.from_url(url)
         self._replies = _Batches(self._publish_replies)
@@ -308,6 +311,7 @@ class RouterLink:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(PRESENCE)
         self._resync(force=True)  # (re)connected: presence may be stale
+        self._subscribed = time.monotonic()
         if not self._synced.is_set():
             gevent.spawn_later(SYNC_GRACE, self._synced.set)
         for item in pubsub.listen():
@@ -358,14 +362,27 @@ class RouterLink:
         # A fresh router knows no user yet: a send routed now (one queued while
         # it was down) would reach nobody, so let the edges' snapshots in first.
         self._synced.wait()
+        if self._calls_failed:
+            # Back after losing Redis: so is presence, which changed meanwhile.
+            # Wait for _listen to resubscribe (and ask for snapshots) since,
+            # then for the snapshots, as a starting router does; bounded, in
+            # case only this connection had dropped.
+            deadline = time.monotonic() + EDGE_TIMEOUT
+            while self._subscribed < self._calls_failed and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+            gevent.sleep(SYNC_GRACE)
         client = redis.Redis.from_url(self.url)
-        while True:
-            item = client.blpop([REQUESTS], timeout=1)
-            if item is None:
-                continue
-            calls = [item[1], *(client.lpop(REQUESTS, CALL_BATCH - 1) or ())]
-            for call in calls:
-                gevent.spawn(self._answer, json.loads(call))
+        try:
+            while True:
+                item = client.blpop([REQUESTS], timeout=1)
+                if item is None:
+                    continue
+                calls = [item[1], *(client.lpop(REQUESTS, CALL_BATCH - 1) or ())]
+                for call in calls:
+                    gevent.spawn(self._answer, json.loads(call))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._calls_failed = time.monotonic()
+            raise
 
     def _answer(self, call: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"id": call["id"]}

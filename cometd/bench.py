@@ -357,22 +357,26 @@ class NchanServer(Server):
         self.logdir = logdir
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "client_body").mkdir(exist_ok=True)
-        self.port = free_port()
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        conf = NCHAN_TEMPLATE.read_text().format(
-            module=NCHAN_MODULE, nofile=nofile, prefix=workdir, host=self.host, port=self.port,
-            worker_connections=max(nofile - 100, 1024))
-        (workdir / "nginx.conf").write_text(conf)
-        argv = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
-                "-e", str(workdir / "error.log")]
-        self.proc = spawn(argv, logdir / "server-nchan.log")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if self._get("/stats", timeout=1.0) is not None:
-                return
-            time.sleep(0.1)
-        err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
-        stop(self.proc)
+        for _attempt in range(5):  # the free port may be taken before nginx binds it
+            self.port = free_port()
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            conf = NCHAN_TEMPLATE.read_text().format(
+                module=NCHAN_MODULE, nofile=nofile, prefix=workdir, host=self.host,
+                port=self.port, worker_connections=max(nofile - 100, 1024))
+            (workdir / "nginx.conf").write_text(conf)
+            (workdir / "error.log").unlink(missing_ok=True)
+            argv = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
+                    "-e", str(workdir / "error.log")]
+            self.proc = spawn(argv, logdir / "server-nchan.log")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if self._get("/stats", timeout=1.0) is not None:
+                    return
+                time.sleep(0.1)
+            err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
+            stop(self.proc)
+            if "Address already in use" not in err:
+                break
         raise click.ClickException(f"nginx + nchan did not start:\n{err}")
 
     def stop(self) -> None:
