@@ -14,6 +14,7 @@ Commands
 ``subscriptions <id>``                      likewise
 ``send <subject> <message text...>``        ``OK delivered <N> id <message id>``
 ``online <id>``                             ``OK <connections of id>``
+``kick <id>``                               ``OK kicked <N>``: ends all streams of id
 ``who [N]``                                 up to N (default 100, at most 10,000)
                                             online ids, one a line, unsorted;
                                             ``OK <shown> of <total> online``
@@ -77,6 +78,7 @@ HELP = {
     "send": ("send <subject> <message text...>",
              "send the text from subject; replies OK delivered N id <message id>"),
     "online": ("online <id>", "number of open streams of id"),
+    "kick": ("kick <id>", "end every stream of id (chunked ones cleanly); replies OK kicked N"),
     "who": ("who [N]", f"up to N (default {WHO_DEFAULT}, at most {WHO_MAX:,}) online ids, "
                        "one a line, unsorted; replies OK <shown> of <total> online"),
     "stats": ("stats", "server counters"),
@@ -96,6 +98,7 @@ class AdminBackend(Protocol):
     def subscriptions(self, user: str) -> list[str]: ...
     def send(self, subject: str, body: bytes) -> tuple[int, str]: ...
     def online(self, user: str) -> int: ...
+    def kick(self, user: str) -> int: ...
     def who(self, limit: int) -> tuple[list[str], int]: ...
     def stats(self) -> dict[str, Any]: ...
     def load(self, path: str, directed: bool = False) -> int: ...
@@ -223,6 +226,7 @@ class AdminConsole(StreamServer):
             "subscriptions": self._subscriptions,
             "send": self._send,
             "online": self._online,
+            "kick": self._kick,
             "who": self._who,
             "stats": self._stats,
             "load": self._load,
@@ -316,6 +320,10 @@ class AdminConsole(StreamServer):
     def _online(self, args: list[str], rest: str) -> list[str]:
         (user,) = self._args(args, "id")
         return [f"OK {self.backend.online(user)}"]
+
+    def _kick(self, args: list[str], rest: str) -> list[str]:
+        (user,) = self._args(args, "id")
+        return [f"OK kicked {self.backend.kick(user)}"]
 
     def _who(self, args: list[str], rest: str) -> list[str]:
         if len(args) > 1 or args and not (

@@ -15,7 +15,8 @@ Redis keys and channels
 ``cometd:reply:<edge>``    channel: router -> one edge, call results
 ``cometd:edge:<edge>``     channel: router -> one edge, delivery batches
 ``cometd:presence``        channel: edges -> router, presence changes and heartbeats
-``cometd:control``         channel: router -> all edges, "send me a full snapshot"
+``cometd:control``         channel: router -> all edges, "send me a full snapshot", or
+                           ``{"kick": user}``: end that user's streams
 
 Theory of operation
 -------------------
@@ -219,6 +220,15 @@ class Presence:
 
     def online(self, user: str) -> int:
         return sum(self.users.get(user, {}).values())
+
+    def kick(self, user: str) -> int:
+        """Ask every edge to end *user*'s streams; how many presence counts."""
+        n = self.online(user)
+        try:
+            self.client.publish(CONTROL, json.dumps({"kick": user}))
+        except redis.RedisError:
+            raise BackplaneUnavailable("Redis is not reachable; try again") from None
+        return n
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
         per_edge: dict[str, list[str]] = defaultdict(list)
@@ -468,7 +478,10 @@ class EdgeLink:
             for item in pubsub.listen():
                 channel = item["channel"].decode()
                 if channel == CONTROL:
-                    self._snapshot()
+                    if item["data"] == b"resync":
+                        self._snapshot()
+                    else:
+                        self.table.kick(json.loads(item["data"])["kick"])
                 elif channel.startswith("cometd:reply:"):
                     reply = json.loads(item["data"])
                     waiter = self._pending.pop(reply["id"], None)

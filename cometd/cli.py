@@ -90,7 +90,8 @@ def _flags(*keys: str):
     return apply
 
 
-_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout")
+_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout", "drain_seconds",
+         "sse_retry_min", "sse_retry_max")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 _HISTORY = ("history_size", "history_ttl", "history_bytes", "replay_max")
 

@@ -88,6 +88,17 @@ class HttpConfig:
         10.0, "seconds a client may take to send a whole request before it is closed (one that "
         "sends nothing waits in the kernel first, at no cost to the server, for about as long "
         "again)", flag="--request-timeout", kind=float, low=0.1, high=3600, metavar="SECONDS")
+    drain_seconds: float = _option(10.0, "on SIGTERM, end the streams spread over at most this "
+                                   "long (at least 2,000 a second), so clients do not all "
+                                   "come back at once", flag="--drain-seconds", kind=float,
+                                   low=0, high=3600, metavar="SECONDS")
+    sse_retry_min: float = _option(1.0, "least SSE reconnection delay (retry:) a stream is "
+                                   "given; each gets its own, up to --sse-retry-max",
+                                   flag="--sse-retry-min", kind=float, low=0, high=3600,
+                                   metavar="SECONDS")
+    sse_retry_max: float = _option(5.0, "most SSE reconnection delay (retry:) a stream is given",
+                                   flag="--sse-retry-max", kind=float, low=0, high=3600,
+                                   metavar="SECONDS")
     reuse_port: bool = _option(False, "share --port with other edges on this machine "
                                "(SO_REUSEPORT)", flag="--reuse-port", kind=bool)
 
@@ -310,6 +321,9 @@ def _check(config: Config, role: str, sources: dict[str, str]) -> None:
         return ConfigError(f"{OPTIONS[key].flag}: {problem} (from {sources.get(key, 'default')})")
 
     bp = config.backplane
+    if config.http.sse_retry_min > config.http.sse_retry_max:
+        raise fail("sse_retry_min", f"{_num(config.http.sse_retry_min)} is more than "
+                                    f"--sse-retry-max {_num(config.http.sse_retry_max)}")
     if role == "supervisor" and not bp.redis:
         raise fail("workers", "needs --redis URL")
     if role in ("router", "edge") and not bp.redis:

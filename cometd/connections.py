@@ -27,9 +27,12 @@ Either way, output not yet accepted by the kernel is bounded by
 ``max_pending``: past it the connection is closed and counted as a slow
 consumer, so one stalled reader cannot grow the server's memory.
 
-A clean shutdown (:meth:`ConnectionTable.close`) ends each chunked stream
-with its last chunk, ``0\r\n\r\n``, after the output it still holds, so a
-client tells a server that stopped on purpose from a crash; it waits at most
+A clean shutdown (:meth:`ConnectionTable.drain`, then
+:meth:`ConnectionTable.close`) ends each chunked stream with its last chunk,
+``0\r\n\r\n``, after the output it still holds, so a client tells a server
+that stopped on purpose from a crash (so does :meth:`ConnectionTable.kick`,
+the admin's ``kick``). A drain spreads the ends over ``--drain-seconds``, so
+the clients do not all come back in the same second; it waits at most
 a second for clients to take those bytes, and one that does not gets closed
 mid-stream as before. A slow consumer dropped for ``max_pending`` is closed
 without one: its last chunk may be cut short, and a last chunk after it would
@@ -77,6 +80,10 @@ KEEPALIVE = b": keepalive\n\n"
 LAST_CHUNK = b"0\r\n\r\n"
 #: how long a clean shutdown waits for clients to take their last bytes
 CLOSE_GRACE = 1.0
+#: a drain ends at least this many streams a second, however long it may take:
+#: a few streams need not wait, and a server takes reconnects at about this rate
+DRAIN_MIN_RATE = 2000.0
+DRAIN_STEP = 0.02  # seconds between a drain's batches
 
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
 _GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -419,6 +426,42 @@ class ConnectionTable:
         self._ending = True
         self.users.clear()
         self._index = None  # rebuilt from users (empty) if asked again
+        self._end(conns, grace)
+
+    def kick(self, user: str) -> int:
+        """End every stream of *user* (as :meth:`end_all` does); return how many."""
+        conns = list(self.users.get(user, ()))
+        for conn in conns:
+            self._forget(conn)  # nothing more is routed to it; the user logs out
+        if conns:
+            gevent.spawn(self._end, conns, CLOSE_GRACE)
+        return len(conns)
+
+    def drain(self, seconds: float, min_rate: float = DRAIN_MIN_RATE) -> None:
+        """End every stream, spread evenly over *seconds* (see :data:`DRAIN_MIN_RATE`).
+
+        Streams still open meanwhile go on getting their messages.
+        """
+        conns = list(self._by_fd.values())
+        if not conns:
+            return
+        span = min(seconds, len(conns) / min_rate)
+        start = time.monotonic()
+        enders = []
+        done = 0
+        while done < len(conns):
+            due = len(conns) if span <= 0 else min(
+                len(conns), int((time.monotonic() - start) / span * len(conns)) + 1)
+            batch = conns[done:due]
+            done = due
+            for conn in batch:
+                self._forget(conn)
+            enders.append(gevent.spawn(self._end, batch, CLOSE_GRACE))
+            if done < len(conns):
+                gevent.sleep(DRAIN_STEP)
+        gevent.joinall(enders)
+
+    def _end(self, conns: list[Connection], grace: float) -> None:
         for conn in conns:
             if conn.kind in (CHUNKED, SSE_CHUNKED):
                 conn.deliver(LAST_CHUNK)

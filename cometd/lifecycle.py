@@ -102,9 +102,13 @@ class Server:
 
         http = self.config.http
         sock = listener(http.host, http.port, http.reuse_port)
+        retry = (round(http.sse_retry_min * 1000), round(http.sse_retry_max * 1000))
         server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout,
-                             replay=replay)
+                             replay=replay, retry=retry)
         server.start()
+        # Stopping: no new connections, the requests under way (sends) finish,
+        # then the streams end, spread out (see ConnectionTable.drain).
+        self._stops.callback(table.drain, http.drain_seconds)
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive
 

@@ -53,7 +53,13 @@ from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router, Sent
 from cometd.store import SubscriptionStore
-from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, resumed_head, stream_head
+from cometd.streamhttp import (
+    DEFAULT_RETRY_MS,
+    FIRST_READ_BYTES,
+    parse_stream_request,
+    resumed_head,
+    stream_head,
+)
 from cometd.webapp import STREAM_KEY
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
@@ -220,9 +226,10 @@ class CometHandler(WSGIHandler):
             self.close_connection = True
             return
         if since is None:
-            head = stream_head(user, kind, path)
+            head = stream_head(user, kind, path, retry=self.server.retry)
         else:
-            head = resumed_head(user, kind, path, since, self.server.replay(user, since))
+            head = resumed_head(user, kind, path, since, self.server.replay(user, since),
+                                self.server.retry)
         if self.command == "HEAD":
             # The stream's status line and headers, no content (RFC 9110 9.3.2),
             # and no stream: a raw one's head says the connection closes.
@@ -242,12 +249,15 @@ class CometServer(WSGIServer):
 
     def __init__(self, listener, application, table: ConnectionTable,
                  request_timeout: float = 10.0,
-                 replay: Callable[[str, str], Replay] | None = None, **kwargs: Any) -> None:
+                 replay: Callable[[str, str], Replay] | None = None,
+                 retry: tuple[int, int] = DEFAULT_RETRY_MS, **kwargs: Any) -> None:
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
         #: (user, since) -> what a resuming stream of user gets; None: no history here
         self._replay = replay
+        #: the SSE ``retry:`` range, milliseconds
+        self.retry = retry
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
         # (cometd.streamhttp), and a client that says nothing costs no
@@ -300,7 +310,7 @@ class CometServer(WSGIServer):
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, first
             user, kind, path = stream
-            head = stream_head(user, kind, path)
+            head = stream_head(user, kind, path, retry=self.retry)
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -332,7 +342,7 @@ class CometServer(WSGIServer):
         replay = self.replay(user, since)
         conn = self._adopt(raw, user, kind)
         conn.after = replay.head
-        conn.deliver_first(resumed_head(user, kind, path, since, replay))
+        conn.deliver_first(resumed_head(user, kind, path, since, replay, self.retry))
 
     def replay(self, user: str, since: str) -> Replay:
         """What a stream of *user* resuming after *since* is sent first."""
@@ -392,6 +402,10 @@ class LocalBackend:
 
     def online(self, user: str) -> int:
         return self.table.online(user)
+
+    def kick(self, user: str) -> int:
+        """End every stream of *user*; how many there were."""
+        return self.table.kick(user)
 
     def who(self, limit: int) -> tuple[list[str], int]:
         """Up to *limit* online ids, unsorted, and how many are online."""

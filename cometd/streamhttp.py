@@ -35,6 +35,7 @@ rare, and the server opens them with :func:`resumed_head` (see
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from email.utils import formatdate
@@ -62,6 +63,8 @@ _CONTENT_TYPE = {
     True: "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n",
 }
 _date = (0, "")
+#: the SSE reconnection delay range, milliseconds (--sse-retry-min/max)
+DEFAULT_RETRY_MS = (1000, 5000)
 #: the response header of a resumed stream: true when the replay is complete
 RECOVERED_HEADER = "Cometd-Recovered"
 #: a query parameter that makes a request a resume (see cometd.webapp)
@@ -101,14 +104,18 @@ def _http_date() -> str:
     return _date[1]
 
 
-def stream_head(user: str, kind: int, path: str, headers: str = "") -> bytes:
+def stream_head(user: str, kind: int, path: str, headers: str = "",
+                retry: tuple[int, int] = DEFAULT_RETRY_MS) -> bytes:
     """Status line, headers and welcome of a stream of *kind* for *user* at *path*.
 
-    *headers* are more header lines, each ending in CRLF.
+    *headers* are more header lines, each ending in CRLF. An SSE welcome
+    carries a ``retry:`` drawn from *retry* (milliseconds, low and high) for
+    each stream, so that clients cut off together do not all come back in
+    the same second.
     """
     sse = kind in (SSE_CHUNKED, SSE_RAW)
     if sse:
-        welcome = f": Welcome, Url: '{path}' Id: {user}\n\n"
+        welcome = f": Welcome, Url: '{path}' Id: {user}\nretry: {random.randint(*retry)}\n\n"
     else:
         welcome = f"Welcome, Url: '{path}' Id: {user}\n"
     chunked = kind in (CHUNKED, SSE_CHUNKED)
@@ -118,7 +125,8 @@ def stream_head(user: str, kind: int, path: str, headers: str = "") -> bytes:
     return head.encode() + frame_bytes(kind, welcome.encode())
 
 
-def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay) -> bytes:
+def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay,
+                 retry: tuple[int, int] = DEFAULT_RETRY_MS) -> bytes:
     """What a resumed stream starts with: its head, a gap event if due, the replay.
 
     The head says whether the replay is complete (``Cometd-Recovered``); an
@@ -126,7 +134,7 @@ def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay) ->
     replay, naming the id asked for and why, so a page knows to reload.
     """
     recovered = "true" if replay.recovered else "false"
-    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n")]
+    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n", retry)]
     if not replay.recovered and kind in (SSE_CHUNKED, SSE_RAW):
         gap = json.dumps({"last_event_id": since[:100], "reason": replay.reason})
         parts.append(frame_bytes(kind, b"event: gap\ndata: %s\n\n" % gap.encode()))

@@ -12,7 +12,7 @@ from typing import Any
 
 import gevent
 import pytest
-from conftest import start_server
+from conftest import StreamClient, start_server
 
 from cometd.admin import MAX_LINE, PROMPT, AdminConsole
 
@@ -458,3 +458,29 @@ def test_who_is_bounded(local_console):
     assert c.cmd("who 10001")[0].startswith("ERR usage: who [N]")
     assert backend.calls[-1] == ("who", 10_000)  # the backend was not asked
     c.close()
+
+
+def test_kick_ends_every_stream_of_one_user(server):
+    c = Console(server.admin_port)
+    c.start()
+    alice = [StreamClient.open(server, "/test/alice") for _ in range(2)]
+    alice.append(StreamClient.open(server, "/events/alice"))
+    bob = StreamClient.open(server, "/test/bob")
+    try:
+        for s in [*alice, bob]:
+            s.chunk()
+        wait_online(c, "alice", 3)
+        assert c.cmd("kick alice") == ["OK kicked 3"]
+        for s in alice:
+            s.wait_closed(5)
+            assert s.parser.ended  # chunked: a clean end, with the last chunk
+        assert c.cmd("online alice") == ["OK 0"]
+        assert c.cmd("kick alice") == ["OK kicked 0"]
+        assert c.cmd("kick a/b")[0].startswith("ERR invalid id")
+        assert c.cmd("kick")[0].startswith("ERR expected 1 argument")
+        assert c.cmd("send bob still here")[0].startswith("OK delivered 1 ")
+        assert bob.chunk() == b"still here"
+    finally:
+        for s in [*alice, bob]:
+            s.close()
+        c.close()

@@ -67,6 +67,9 @@ def test_flags_beat_environment_beat_file(tmp_path):
     ("workers", "0", "0 is not in the range 1..1024"),
     ("reuse_port", "maybe", "'maybe' is not true or false"),
     ("redis", "http://x", "'http://x' is not a redis://, rediss:// or unix:// URL"),
+    ("history_size", "-1", "-1 is not in the range 0..1000000"),
+    ("replay_max", "0", "0 is not in the range 1..1000000"),
+    ("drain_seconds", "-1", "-1 is not in the range 0..3600"),
 ])
 def test_a_bad_value_names_option_and_source(tmp_path, key, bad, problem):
     flag = OPTIONS[key].flag
@@ -83,6 +86,15 @@ def test_a_bad_value_names_option_and_source(tmp_path, key, bad, problem):
         with pytest.raises(ConfigError, match=rf"^{flag}: .* \(from {toml}: "
                                               rf"\[{opt.section}\] {opt.name}\)$"):
             load(None, {}, {}, str(toml))
+
+
+def test_the_sse_retry_range_must_not_be_upside_down():
+    with pytest.raises(ConfigError) as err:
+        load("single", {"sse_retry_min": "6"}, {})
+    assert str(err.value) == (
+        "--sse-retry-min: 6 is more than --sse-retry-max 5 (from the command line)")
+    http = load("single", {"sse_retry_min": "2", "sse_retry_max": "2"}, {}).http
+    assert (http.sse_retry_min, http.sse_retry_max) == (2.0, 2.0)
 
 
 def test_toml_types_are_checked_and_unknown_keys_are_errors(tmp_path):

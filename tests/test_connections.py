@@ -229,3 +229,54 @@ def test_rss_stays_bounded_with_many_stalled_readers(srv):
     finally:
         for c in stalled:
             c.close()
+
+
+def test_sigterm_drains_streams_spread_over_drain_seconds(tmp_path, srv):
+    """2,000 streams, --drain-seconds 1: each ends with its last chunk, spread over ~1 s."""
+    import selectors
+    import signal
+    import socket
+
+    mode = get_stats(srv)["mode"]
+    drained = start_server(str(tmp_path / "db"), "--mode", mode, "--admin-port", "-1",
+                           "--drain-seconds", "1")
+    n = 2000
+    clients = StreamClient.open_many(drained, [f"/test/d{i}" for i in range(n)])
+    try:
+        for c in clients:
+            assert c.chunk().startswith(b"Welcome")
+        wait_for(lambda: get_stats(drained)["connections"] == n, 10, what="all streams open")
+        sel = selectors.DefaultSelector()
+        for c in clients:
+            c.sock.setblocking(False)
+            sel.register(c.sock, selectors.EVENT_READ, c)
+        ended: dict[StreamClient, float] = {}
+        drained.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        refused = None
+        deadline = stopped + 15
+        while len(ended) < n and time.monotonic() < deadline:
+            for key, _ in sel.select(0.05):
+                c = key.data
+                data = c.sock.recv(65536)
+                c._feed(data)
+                if not data or c.parser.ended:
+                    ended.setdefault(c, time.monotonic())
+                    sel.unregister(c.sock)
+            if refused is None and len(ended) < n / 2:
+                try:  # no new stream while draining
+                    socket.create_connection((drained.host, drained.port), timeout=1).close()
+                except ConnectionRefusedError:
+                    refused = True
+        assert len(ended) == n
+        assert all(c.parser.ended for c in clients)  # the last chunk, not a cut
+        assert refused
+        times = sorted(ended.values())
+        assert times[-1] - times[0] > 0.7, times[-1] - times[0]
+        # Spread, not bunched: the middle half takes about half the time.
+        assert times[3 * n // 4] - times[n // 4] > 0.3
+        assert drained.proc.wait(10) == 0
+    finally:
+        for c in clients:
+            c.close()
+        drained.stop()

@@ -7,6 +7,7 @@ absolute-form target) gets the very same stream from pywsgi and bottle.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -83,11 +84,18 @@ def test_stream_heads():
     assert b"\r\nTransfer-Encoding: chunked\r\nDate: " in head
     assert body == b"20\r\nWelcome, Url: '/test/42' Id: 42\n\r\n"
 
-    raw = stream_head("42", SSE_RAW, "/events/42")
+    raw = stream_head("42", SSE_RAW, "/events/42", retry=(2500, 2500))
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n" in head
     assert b"Connection: close" in head and b"Transfer-Encoding" not in head
-    assert body == b": Welcome, Url: '/events/42' Id: 42\n\n"
+    assert body == b": Welcome, Url: '/events/42' Id: 42\nretry: 2500\n\n"
+
+
+def test_each_sse_stream_gets_its_own_retry_within_the_range():
+    retries = [int(stream_head("42", SSE_CHUNKED, "/events/42", retry=(1000, 5000))
+                   .split(b"retry: ")[1].split(b"\n")[0]) for _ in range(200)]
+    assert all(1000 <= r <= 5000 for r in retries) and len(set(retries)) > 100
+    assert b"retry:" not in stream_head("42", CHUNKED, "/test/42", retry=(1000, 5000))
 
 
 # -- both ways into a stream, on a real server ------------------------------------------
@@ -137,9 +145,22 @@ def test_a_declined_request_gets_the_same_stream(srv, path, version):
             else:
                 firsts.append(c.read_until(b"\n\n" if "events" in path else b"\n"))
                 assert c.read_until(b"ping")
+        # The same welcome, but for each stream's own SSE retry (see stream_head).
+        firsts = [re.sub(rb"retry: \d+\n", b"retry: N\n", first) for first in firsts]
         assert firsts[0] == firsts[1] == firsts[2]
         assert f"Url: '{target}' Id: {user}".encode() in firsts[0]
     finally:
         for c in streams:
             c.close()
     wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="streams closed")
+
+
+def test_the_configured_retry_reaches_both_ways_into_a_stream(tmp_path):
+    s = start_server(str(tmp_path / "db"), "--admin-port", "-1", "--sse-retry-min", "2.5",
+                     "--sse-retry-max", "2.5")
+    try:
+        for path in ("/events/r", "/events/r?last_event_id=1-0", "/events/r?x=%20"):
+            with StreamClient.open(s, path) as c:
+                assert c.chunk().endswith(b"\nretry: 2500\n\n"), path
+    finally:
+        s.stop()

@@ -121,7 +121,9 @@ def test_sse_events_carry_id_sender_and_body(srv):
         assert c.status == 200
         assert c.headers["content-type"].startswith("text/event-stream")
         assert c.headers["transfer-encoding"] == "chunked"
-        assert c.chunk().decode() == f": Welcome, Url: '/events/{user}' Id: {user}\n\n"
+        welcome, retry = c.chunk().decode().split("\nretry: ")
+        assert welcome == f": Welcome, Url: '/events/{user}' Id: {user}"
+        assert retry.endswith("\n\n") and 1000 <= int(retry) <= 5000  # the defaults, 1-5 s
         bodies = ["plain", "two\nlines", 'quotes " and \\ and \u00e9']
         for body in bodies:
             assert send(srv, sender, body) == 1
@@ -171,8 +173,9 @@ def test_sse_over_http10_is_unframed(srv):
     user = unique_id("sse10")
     c = StreamClient.open(srv, f"/events/{user}", http10=True)
     try:
-        welcome = f": Welcome, Url: '/events/{user}' Id: {user}\n\n".encode()
+        welcome = f": Welcome, Url: '/events/{user}' Id: {user}\nretry: ".encode()
         assert c.read_raw(len(welcome)) == welcome
+        assert 1000 <= int(c.read_until(b"\n\n")) <= 5000
         assert send(srv, user, "hi") == 1
         # skip keep-alives, then exactly one event: id line, data line, blank line
         while True:
