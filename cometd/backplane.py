@@ -46,6 +46,13 @@ after a Redis restart, an edge kill or a router restart, presence is whole
 again within a few seconds, and subscriptions, which live in LevelDB, are
 never at stake.
 
+The router also hands out message ids and keeps the history (see
+:mod:`cometd.history`); an edge asks it for a resuming stream's replay
+(call ``replay``) once the stream is in its table, holding what is routed to
+the stream meanwhile (see :mod:`cometd.server`). The router counts the user
+online on that edge before it reads the replay (:meth:`Presence.resumed`), so
+no message routed after the replay misses the stream.
+
 Both processes run with gevent's monkey patching, so redis-py's blocking
 sockets cooperate with the hub (see :mod:`cometd.cli`, which patches by role).
 """
@@ -67,6 +74,7 @@ import redis
 from gevent.event import AsyncResult, Event
 
 from cometd.connections import ConnectionTable, Message
+from cometd.history import Replay
 from cometd.online import OnlineIndex, yield_to_hub
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
 
@@ -184,6 +192,8 @@ class Presence:
         self.deliveries = 0
         #: slow consumers are dropped, and counted, by the edges
         self.slow_consumers_dropped = 0
+        #: (edge, user) -> the edge's presence stamp when a stream of user resumed there
+        self._resumed: dict[tuple[str, str], int] = {}
 
     def _set(self, edge: str, user: str, n: int) -> None:
         where = self.users.get(user)
@@ -198,18 +208,42 @@ class Presence:
                 del self.users[user]
                 self.index.discard(user)
 
-    def update(self, edge: str, counts: dict[str, int], snapshot: bool = False) -> None:
+    def update(self, edge: str, counts: dict[str, int], snapshot: bool = False,
+               stamp: int | None = None) -> None:
+        """Apply an edge's report; *stamp* is its presence stamp when it counted."""
         self.edges[edge] = time.monotonic()
         if snapshot:
             self.forget_edge(edge, keep=True)
         for user, n in counts.items():
             self._set(edge, user, n)
+        for key, mark in list(self._resumed.items()):
+            if key[0] != edge:
+                continue
+            if stamp is not None and stamp >= mark:
+                del self._resumed[key]  # the edge counted after the resume: it knows
+            elif not self.users.get(key[1], {}).get(edge):
+                self._set(edge, key[1], 1)  # counted before the resume: still online
+
+    def resumed(self, edge: str, user: str, stamp: int) -> None:
+        """A stream of *user* resumes on *edge*: route to it there from now on.
+
+        Theory: the edge reports its streams in batches (PRESENCE_BATCH), so
+        the router could route a message to nobody between the replay it
+        reads and the report of the stream. So the replay call counts the user
+        online on its edge first, and a report the edge made before the resume
+        (stamped earlier: presence and calls travel apart) does not undo it.
+        """
+        if not self.users.get(user, {}).get(edge):
+            self._set(edge, user, 1)
+        self._resumed[(edge, user)] = stamp
 
     def forget_edge(self, edge: str, keep: bool = False) -> None:
         for user in [u for u, where in self.users.items() if edge in where]:
             self._set(edge, user, 0)
         if not keep:
             self.edges.pop(edge, None)
+            for key in [k for k in self._resumed if k[0] == edge]:
+                del self._resumed[key]
 
     def expire(self) -> list[str]:
         now = time.monotonic()
@@ -332,9 +366,10 @@ class RouterLink:
                 continue
             known = edge in self.presence.edges
             if "snapshot" in update:
-                self.presence.update(edge, update["snapshot"], snapshot=True)
+                self.presence.update(edge, update["snapshot"], snapshot=True,
+                                     stamp=update.get("stamp"))
             else:
-                self.presence.update(edge, update.get("counts", {}))
+                self.presence.update(edge, update.get("counts", {}), stamp=update.get("stamp"))
                 if not known:
                     self._resync()
 
@@ -397,7 +432,14 @@ class RouterLink:
     def _answer(self, call: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"id": call["id"]}
         try:
-            reply["result"] = self._call(call["op"], call["args"])
+            if call["op"] == "replay":
+                user, since, stamp = call["args"]
+                self.presence.resumed(call["edge"], user, stamp)
+                replay = self.backend.replay(user, since)  # in the same loop turn
+                reply["result"] = [[[k, s, b.decode("latin-1")] for k, s, b in replay.messages],
+                                   replay.recovered, replay.reason, replay.head]
+            else:
+                reply["result"] = self._call(call["op"], call["args"])
         except Exception as exc:  # the edge turns this into a clear HTTP error
             reply["error"] = f"{type(exc).__name__}: {exc}"
         self._replies.add((REPLY.format(call["edge"]), json.dumps(reply)))
@@ -444,6 +486,8 @@ class EdgeLink:
         self._requests = _Batches(self._push_requests)
         #: set while this edge listens for replies (and deliveries)
         self._listening = Event()
+        #: counts presence changes; reports carry it (see Presence.resumed)
+        self.stamp = 0
         table.on_presence = self._presence_changed
 
     def start(self) -> None:
@@ -463,8 +507,8 @@ class EdgeLink:
     def _snapshot(self) -> None:
         counts = {u: len(c) for u, c in self.table.users.items()}
         self._changed.clear()
-        heard = self.client.publish(
-            PRESENCE, json.dumps({"edge": self.edge_id, "snapshot": counts}))
+        heard = self.client.publish(PRESENCE, json.dumps(
+            {"edge": self.edge_id, "snapshot": counts, "stamp": self.stamp}))
         if not heard:
             self._changed.update(counts)  # no router listening yet: report them as changes
 
@@ -498,6 +542,7 @@ class EdgeLink:
     # cores), so fifty edges polling every 50 ms burnt a fifth of a core idle.
 
     def _presence_changed(self, user: str) -> None:
+        self.stamp += 1
         self._changed.add(user)
         if self._flush is None:
             # The first change after a quiet spell starts a batch: one report,
@@ -518,8 +563,8 @@ class EdgeLink:
         changed, self._changed = self._changed, set()
         counts = {u: self.table.online(u) for u in changed}
         try:
-            heard = self.client.publish(
-                PRESENCE, json.dumps({"edge": self.edge_id, "counts": counts}))
+            heard = self.client.publish(PRESENCE, json.dumps(
+                {"edge": self.edge_id, "counts": counts, "stamp": self.stamp}))
         except (redis.ConnectionError, redis.TimeoutError):
             heard = 0
         if heard:
@@ -584,6 +629,21 @@ class EdgeBackend:
 
     def subscribers(self, user: str) -> list[str]:
         return self.link.call("subscribers", user)
+
+    def replay(self, user: str, since: str) -> Replay:
+        """What a stream of *user* resuming after *since* gets, from the router's history.
+
+        Call it once the stream is in the table (see :meth:`Presence.resumed`).
+        """
+        try:
+            messages, recovered, reason, head = self.link.call(
+                "replay", user, since, self.link.stamp)
+        finally:
+            # The router counted user online here: report the true count after
+            # (a HEAD request, or a stream already gone, has none).
+            self.link._presence_changed(user)
+        return Replay([(k, s, b.encode("latin-1")) for k, s, b in messages], recovered, reason,
+                      head)
 
     def subscriptions(self, user: str) -> list[str]:
         return self.link.call("subscriptions", user)

@@ -141,7 +141,7 @@ class Connection:
 
     __slots__ = (
         "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
-        "after", "_allowance",
+        "after", "held", "_allowance",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -160,6 +160,8 @@ class Connection:
         self.closed = False
         #: a resumed stream's replay head: messages with keys up to it are not sent
         self.after = 0
+        #: while a resumed stream's replay is read: (key, bytes) routed meanwhile
+        self.held: list[tuple[int, bytes]] | None = None
         #: bytes of a replay held beyond max_pending until the outbox first drains
         self._allowance = 0
 
@@ -169,6 +171,9 @@ class Connection:
         """Send or queue *data*; False when the connection is (now) closed."""
         if self.closed:
             return False
+        if self.held is not None:
+            self.held.append((0, data))  # a keep-alive: nothing goes before the head
+            return True
         if self.table.mode == "pool" and self._waiter is None:
             # The hot path: nothing queued, so send straight from the router.
             sent = self._send(data)
@@ -189,12 +194,21 @@ class Connection:
             self.table.loop.run_callback(self._waiter.switch)
         return True
 
-    def deliver_first(self, data: bytes) -> bool:
-        """:meth:`deliver` a resumed stream's head and replay, however long.
+    def hold(self) -> None:
+        """Keep what is routed to this stream until :meth:`release` (a resume)."""
+        self.held = []
+        self.after = -1  # truthy: ConnectionTable.deliver looks at it
 
-        A replay may hold up to ``replay_max`` messages, more than
-        ``max_pending``: the bound applies again once it is sent.
+    def release(self, first: bytes, head: int) -> bool:
+        """Write *first* (head and replay), then what was held with keys above *head*.
+
+        From then on, messages with keys up to *head* are dropped (they were
+        in the replay). A replay may hold up to ``replay_max`` messages, more
+        than ``max_pending``: the bound applies again once it is sent.
         """
+        held, self.held = self.held or [], None
+        self.after = head
+        data = b"".join([first, *(frame for key, frame in held if not key or key > head)])
         self._allowance = len(data)
         return self.deliver(data)
 
@@ -386,8 +400,13 @@ class ConnectionTable:
             if conns is None:
                 continue
             for conn in tuple(conns) if len(conns) > 1 else conns:
-                if conn.after and message.key <= conn.after:
-                    continue  # already in its replay (see cometd.server)
+                if conn.after:  # a resumed stream (see cometd.server)
+                    if conn.held is not None:
+                        conn.held.append((message.key, message.frame(conn.kind)))
+                        delivered += 1
+                        continue
+                    if message.key <= conn.after:
+                        continue  # in its replay
                 delivered += conn.deliver(message.frame(conn.kind))
                 attempts += 1
                 if attempts % _YIELD_EVERY == 0:

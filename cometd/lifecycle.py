@@ -202,7 +202,8 @@ class Server:
         link = EdgeLink(url, table)
         link.start()
         self._stops.callback(link.stop)
-        http = self._http(EdgeBackend(link), table)
+        backend = EdgeBackend(link)
+        http = self._http(backend, table, backend.replay)
         self.banner = (f"cometd edge {link.edge_id}: listening on {http} "
                        f"mode={self.config.http.mode} redis {redacted(url)}")
 

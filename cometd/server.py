@@ -8,14 +8,16 @@ pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
 the connection (and, in greenlet mode, a parked greenlet with a shallow stack)
 stays; no handler, WSGI environ or read buffer does.
 
-A resuming stream (see :mod:`cometd.history`) is opened in one loop turn,
-after its handler is done: the replay is read, the socket adopted (so live
-messages from then on queue behind the replay) and the head and the replay
-written, with no yield in between. The connection then drops live messages
-with an id up to the replay's *head*, the newest id handed out when it was
-read: each was replayed (or is reported lost), and only a fan-out that was
-already under way can still bring one. So the seam has no gap and no
-duplicate.
+A resuming stream (see :mod:`cometd.history`) is opened after its handler
+is done. The socket is adopted first, holding what is routed to it, then the
+replay is read (in this process, in the same loop turn; on an edge, from the
+router, which counts the user online on this edge before it reads), then the
+head, the replay and what was held with an id above the replay's *head* (the
+newest id handed out when it was read) are written. From then on the
+connection drops messages with an id up to *head*: each was replayed (or is
+reported lost), and only a fan-out already under way can still bring one.
+Every message with a later id is routed to the stream. So the seam has no
+gap and no duplicate.
 
 The handler holds every request to a strict HTTP/1.1 grammar
 (:mod:`cometd.httprequest`, against request smuggling): an error closes the
@@ -60,7 +62,7 @@ from cometd.streamhttp import (
     resumed_head,
     stream_head,
 )
-from cometd.webapp import STREAM_KEY
+from cometd.webapp import STREAM_KEY, BackendUnavailable
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
 
@@ -338,17 +340,22 @@ class CometServer(WSGIServer):
         if since is None:
             self._adopt(raw, user, kind)
             return
-        # One loop turn from the read to the adoption (see the module docstring).
-        replay = self.replay(user, since)
+        # The stream holds what is routed to it from before the replay is
+        # read until it is written (see the module docstring).
         conn = self._adopt(raw, user, kind)
-        conn.after = replay.head
-        conn.deliver_first(resumed_head(user, kind, path, since, replay, self.retry))
+        conn.hold()
+        replay = self.replay(user, since)
+        if not conn.closed:
+            conn.release(resumed_head(user, kind, path, since, replay, self.retry), replay.head)
 
     def replay(self, user: str, since: str) -> Replay:
         """What a stream of *user* resuming after *since* is sent first."""
         if self._replay is None:
             return Replay([], False, "no history is kept here", 0)
-        return self._replay(user, since)
+        try:
+            return self._replay(user, since)
+        except BackendUnavailable as exc:
+            return Replay([], False, str(exc), 0)
 
     def _adopt(self, sock: _socket.socket, user: str, kind: int):
         conn = self.table.adopt(sock, user, kind)

@@ -197,7 +197,7 @@ def test_help_lists_every_command(console):
     assert lines[-1] == "OK"
     names = [line.split()[0] for line in lines[:-1]]
     assert names == ["subscribe", "unsubscribe", "subscribers", "subscriptions", "send",
-                     "online", "who", "stats", "load", "help", "quit"]
+                     "online", "kick", "who", "stats", "load", "help", "quit"]
     assert all(len(line.split(None, 1)) == 2 for line in lines[:-1])  # each has a description
 
 

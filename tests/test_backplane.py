@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -941,3 +942,107 @@ def test_disconnect_through_an_edge_reaches_the_router_within_a_second(cluster, 
         assert cluster.online(stays.user) == 1
     assert cluster.connections() == 2
     cluster.assert_healthy()
+
+
+# -- resuming across edges (the router keeps the history) ---------------------------
+
+
+def _resume(edge: Edge, path: str, last_id: str) -> StreamClient:
+    sock = socket.create_connection(edge.addr, timeout=10)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\nLast-Event-ID: {last_id}\r\n\r\n".encode())
+    return StreamClient(sock)
+
+
+def _events(client: StreamClient, n: int) -> list[tuple[str, str, str]]:
+    """The next *n* SSE message events as (id, from, body)."""
+    out = []
+    while len(out) < n:
+        chunk = client.chunk().decode()
+        if chunk.startswith("id: "):
+            id_line, data_line = chunk.strip("\n").split("\n")
+            data = json.loads(data_line[len("data: "):])
+            out.append((id_line[4:], data["from"], data["body"]))
+    return out
+
+
+def test_a_client_whose_edge_is_killed_resumes_on_another(cluster):
+    a, b = cluster.edges
+    friends = ["f1", "f2", "f3"]
+    cluster.subscribe(a, [["me", f] for f in friends])
+    sock = socket.create_connection(a.addr, timeout=10)
+    sock.sendall(b"GET /events/me HTTP/1.1\r\nHost: t\r\n\r\n")
+    with StreamClient(sock) as first:
+        first.chunk()
+        assert wait_until(lambda: cluster.online("me") == 1, BACK_WITHIN)
+        status, reply = b.http("POST", "/send/f1", b"seen")
+        (seen,) = _events(first, 1)
+        assert seen == (reply["id"], "f1", "seen")
+        a.process.stop(signal.SIGKILL)
+    missed = []
+    for i in range(3):
+        for subject in [*friends, "me", "stranger"]:
+            status, reply = b.http("POST", f"/send/{subject}", f"{subject} {i}".encode())
+            assert status == 200, reply
+            if subject != "stranger":
+                missed.append((reply["id"], subject, f"{subject} {i}"))
+    with _resume(b, "/events/me", seen[0]) as again:
+        assert again.headers["cometd-recovered"] == "true"
+        again.chunk()
+        assert _events(again, len(missed)) == missed
+        status, reply = b.http("POST", "/send/f2", b"live")
+        assert _events(again, 1) == [(reply["id"], "f2", "live")]
+    cluster.assert_healthy(a.process)
+
+
+def test_a_router_restart_keeps_the_history(cluster):
+    a, b = cluster.edges
+    cluster.subscribe(a, [["me", "f"]])
+    ids = [a.http("POST", "/send/f", b"m%d" % i)[1]["id"] for i in range(3)]
+    cluster.router.stop(signal.SIGKILL)
+    cluster.start_router()
+    assert wait_until(lambda: "router_error" not in b.http("GET", "/stats")[1], BACK_WITHIN)
+    with _resume(b, "/events/me", ids[0]) as c:
+        assert c.headers["cometd-recovered"] == "true"
+        c.chunk()
+        assert _events(c, 2) == [(ids[1], "f", "m1"), (ids[2], "f", "m2")]
+        status, reply = a.http("POST", "/send/f", b"after")
+        assert status == 200 and parse_id(reply["id"]) > parse_id(ids[-1])  # a new epoch
+        assert int(reply["id"].split("-")[0]) == int(ids[0].split("-")[0]) + 1
+        assert _events(c, 1) == [(reply["id"], "f", "after")]
+    # An id the router cannot place: not recovered, said before any replay.
+    with _resume(a, "/events/me", "nonsense") as c:
+        assert c.headers["cometd-recovered"] == "false"
+        c.chunk()
+        gap = c.chunk().decode()
+        assert gap.startswith("event: gap\ndata: ") and '"malformed id"' in gap
+
+
+def test_the_seam_holds_across_edges(cluster):
+    """Clients hop between the two edges, resuming, while two subjects publish."""
+    from test_history import check_seam
+
+    a, b = cluster.edges
+    servers = [SimpleNamespace(host=e.addr[0], port=e.addr[1]) for e in (a, b)]
+    check_seam(servers, ["p0", "p1"], [f"c{i}" for i in range(30)], 3)
+    cluster.assert_healthy()
+
+
+def test_a_report_made_before_a_resume_does_not_undo_it():
+    """Presence.resumed counts the user online at once; only a later-stamped report counts."""
+    from cometd.backplane import Presence
+
+    p = Presence(redis.Redis(port=1))  # never used: nothing here publishes
+    p.update("e1", {"u": 1, "v": 1}, stamp=3)
+    p.update("e1", {"u": 0}, stamp=4)  # u's old stream closed
+    p.resumed("e1", "u", stamp=6)  # a new one resumes: online before any report
+    assert p.online("u") == 1 and len(p.index) == 2
+    p.update("e1", {"u": 0}, stamp=5)  # counted before the resume, heard after it
+    assert p.online("u") == 1
+    p.update("e1", {"v": 1}, snapshot=True, stamp=5)  # likewise a snapshot
+    assert (p.online("u"), p.online("v")) == (1, 1)
+    p.update("e1", {"u": 0}, stamp=7)  # counted after: the resumed stream is gone
+    assert p.online("u") == 0
+    p.resumed("e2", "u", stamp=1)
+    p.forget_edge("e2")  # a dead edge takes its resumes along
+    p.update("e2", {}, stamp=0)
+    assert p.online("u") == 0

@@ -325,82 +325,93 @@ def test_each_unrecoverable_resume_says_so(small):
         assert c.headers["cometd-recovered"] == "false"
 
 
+def check_seam(servers: list, subjects: list[str], clients: list[str], seconds: float) -> None:
+    """Clients reconnect in a loop, resuming, while *subjects* publish for *seconds*.
+
+    Each connection goes to the next of *servers* (anything with host and
+    port), and so does each send. Every client is subscribed to every
+    subject; in the end each must have every subject's messages once, in
+    order, and every resume must have said it was complete.
+    """
+    subscribe(servers[0], [(c, s) for c in clients for s in subjects])
+    start = post(servers[0], subjects[0], "start")
+    stop, finished = threading.Event(), threading.Event()
+    published: dict[str, int] = {}
+    received = {c: {s: [] for s in subjects} for c in clients}
+    unrecovered: list[str] = []
+    errors: list[BaseException] = []
+
+    def publish(k: int, subject: str) -> None:
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                post(servers[(k + n) % len(servers)], subject, f"{subject}:{n}")
+                time.sleep(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        published[subject] = n
+
+    def follow(client: str) -> None:
+        # Short stays until the publishers are done, then one last stay
+        # until the last message of every subject is in.
+        rng = random.Random(client)
+        seen = start
+        visits = 0
+        try:
+            while True:
+                final = finished.is_set()
+                visits += 1
+                at = servers[visits % len(servers)]
+                with open_stream(at, f"/events/{client}", {"Last-Event-ID": seen}) as c:
+                    if c.headers.get("cometd-recovered") != "true":
+                        unrecovered.append(client)
+                    c.chunk()
+                    leave = time.monotonic() + rng.uniform(0.02, 0.3)
+                    while final or time.monotonic() < leave:
+                        if final and all(received[client][s][-1:] == [published[s]]
+                                         for s in subjects):
+                            return
+                        wait = 10.0 if final else max(leave - time.monotonic(), 0.001)
+                        try:
+                            (event,) = events(c, 1, timeout=wait)
+                        except TimeoutError:
+                            if final:
+                                return  # the check below says what is missing
+                            continue
+                        subject, n = json.loads(event["data"])["body"].split(":")
+                        received[client][subject].append(int(n))
+                        seen = event["id"]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    publishers = [threading.Thread(target=publish, args=(k, s)) for k, s in enumerate(subjects)]
+    followers = [threading.Thread(target=follow, args=(c,)) for c in clients]
+    for t in publishers + followers:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in publishers:
+        t.join(10)
+    finished.set()
+    for t in followers:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert not unrecovered, unrecovered[:5]
+    assert all(n > 20 for n in published.values()), published
+    for client in clients:
+        for subject in subjects:
+            got = received[client][subject]
+            assert got == list(range(1, published[subject] + 1)), (
+                client, subject, published[subject], len(got),
+                sorted(set(range(1, published[subject] + 1)) - set(got))[:10],
+                [n for n in got if got.count(n) > 1][:10])
+
+
 def test_the_seam_between_replay_and_live_has_no_gap_and_no_duplicate(tmp_path, mode):
-    """Clients reconnect in a loop, resuming, while four subjects publish."""
+    """100 clients reconnect in a loop, resuming, while four subjects publish for 4 s."""
     srv = start_server(str(tmp_path / "db"), "--mode", mode, "--history-size", "10000")
-    subjects = [f"p{i}" for i in range(4)]
-    clients = [f"c{i}" for i in range(100)]
     try:
-        subscribe(srv, [(c, s) for c in clients for s in subjects])
-        start = post(srv, subjects[0], "start")
-        stop, finished = threading.Event(), threading.Event()
-        last: dict[str, str] = {}
-        published: dict[str, int] = {}
-        received = {c: {s: [] for s in subjects} for c in clients}
-        unrecovered: list[str] = []
-        errors: list[BaseException] = []
-
-        def publish(subject: str) -> None:
-            n = 0
-            try:
-                while not stop.is_set():
-                    n += 1
-                    last[subject] = post(srv, subject, f"{subject}:{n}")
-                    time.sleep(0.02)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-            published[subject] = n
-
-        def follow(client: str) -> None:
-            # Short stays until the publishers are done, then one last stay
-            # until the last message of every subject is in.
-            rng = random.Random(client)
-            seen = start
-            try:
-                while True:
-                    final = finished.is_set()
-                    with open_stream(srv, f"/events/{client}", {"Last-Event-ID": seen}) as c:
-                        if c.headers.get("cometd-recovered") != "true":
-                            unrecovered.append(client)
-                        c.chunk()
-                        leave = time.monotonic() + rng.uniform(0.02, 0.3)
-                        while final or time.monotonic() < leave:
-                            if final and all(received[client][s][-1:] == [published[s]]
-                                             for s in subjects):
-                                return
-                            wait = 10.0 if final else max(leave - time.monotonic(), 0.001)
-                            try:
-                                (event,) = events(c, 1, timeout=wait)
-                            except TimeoutError:
-                                if final:
-                                    return  # the check below says what is missing
-                                continue
-                            subject, n = json.loads(event["data"])["body"].split(":")
-                            received[client][subject].append(int(n))
-                            seen = event["id"]
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        publishers = [threading.Thread(target=publish, args=(s,)) for s in subjects]
-        followers = [threading.Thread(target=follow, args=(c,)) for c in clients]
-        for t in publishers + followers:
-            t.start()
-        time.sleep(4)
-        stop.set()
-        for t in publishers:
-            t.join(10)
-        finished.set()
-        for t in followers:
-            t.join(60)
-        assert not errors, errors[:3]
-        assert not unrecovered, unrecovered[:5]
-        assert all(n > 20 for n in published.values()), published
-        for client in clients:
-            for subject in subjects:
-                got = received[client][subject]
-                assert got == list(range(1, published[subject] + 1)), (
-                    client, subject, published[subject], len(got),
-                    sorted(set(range(1, published[subject] + 1)) - set(got))[:10],
-                    [n for n in got if got.count(n) > 1][:10])
+        check_seam([srv], [f"p{i}" for i in range(4)], [f"c{i}" for i in range(100)], 4)
     finally:
         srv.stop()
