@@ -76,9 +76,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, server_root: str, db: str) -> None:
+    def __init__(self, server_root: str, db: str, extra: list[str] | None = None) -> None:
         cmd = [sys.executable, os.path.join(server_root, "bin", "cometd"), "--port", "0",
-               "--admin-port", "-1", "--db", db]
+               "--admin-port", "-1", "--db", db, *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         line = self.proc.stdout.readline()
