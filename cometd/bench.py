@@ -1545,6 +1545,36 @@ def fanout_command(users: int, m: int, seed: int, connections: int, rate: float,
     click.echo(str(outdir / "report.md"))
 
 
+@cli.command("check")
+@click.argument("friends", type=click.Path(exists=True, dir_okay=False))
+@click.argument("published", type=click.Path(exists=True, dir_okay=False))
+@click.argument("received", type=click.Path(exists=True, dir_okay=False))
+@click.option("--users", required=True, metavar="FIRST-LAST",
+              help="The user ids floodtest held (its --first-id and --n), e.g. 1-15000.")
+@click.option("--directed", is_flag=True, help="FRIENDS was loaded with --directed.")
+def check_command(friends: str, published: str, received: str, users: str,
+                  directed: bool) -> None:
+    """Check a run end to end: nothing lost, nothing twice (exit 1 if anything was).
+
+    FRIENDS is the friends file the server was loaded with, PUBLISHED what
+    msggen --record wrote, RECEIVED what floodtest --events --record wrote.
+    """
+    from cometd.delivery import check, read_pairs, subscriptions
+
+    first, _, last = users.partition("-")
+    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise click.BadParameter(f"expected FIRST-LAST, e.g. 1-15000: {users!r}",
+                                 param_hint="--users")
+    held = {str(u) for u in range(int(first), int(last) + 1)}
+    report = check(subscriptions(read_pairs(friends), held, directed), read_pairs(published),
+                   read_pairs(received))
+    click.echo(report.summary())
+    for kind, cases in report.examples.items():
+        click.echo(f"  {kind}, e.g.: " + ", ".join(f"{u} {m}" for u, m in cases))
+    if not report.ok:
+        sys.exit(1)
+
+
 def main() -> None:
     def _term(_sig, _frame):
         raise SystemExit(143)

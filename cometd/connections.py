@@ -323,6 +323,8 @@ class ConnectionTable:
         self._by_fd: dict[int, Connection] = {}
         #: messages written to connections
         self.deliveries = 0
+        #: the newest message key routed here: a fresh SSE stream's welcome id
+        self.newest = 0
         #: connections closed because they did not read fast enough
         self.slow_consumers_dropped = 0
         #: called with the user id after each login and logout (the backplane's presence)
@@ -394,6 +396,8 @@ class ConnectionTable:
     def deliver(self, users: Iterable[str], message: Message) -> int:
         """Write *message* to every connection of *users*; return how many."""
         delivered = attempts = 0
+        if message.key > self.newest:
+            self.newest = message.key
         get = self.users.get
         for user in users:
             conns = get(user)

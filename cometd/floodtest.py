@@ -53,17 +53,28 @@ end of the chunked body) - not the ones floodtest itself closes at the end.
 ``chunks`` are complete chunks (welcome included); ``messages`` are chunks that
 carried ``ts=`` and so fed the latency histogram. A connect that fails
 (``ECONNREFUSED``, ``EADDRNOTAVAIL``, ``EMFILE``, timeout...) is counted in
-``connect_errors`` (by errno name too) and is not retried.
+``connect_errors`` (by errno name too) and is not retried, unless
+``--reconnect``.
+
+*Resuming.* With ``--events`` the streams are SSE (``GET /events/<id>``);
+with ``--reconnect`` a stream that ends, or a connect that fails, is opened
+again after a backoff (0.1 s doubling per failed connect, at most 5 s, each
++-50%) with ``Last-Event-ID`` set to the last id it saw (a message's, or its
+welcome's), so it resumes where it was (``reconnects`` counts them). With
+``--record FILE`` every SSE message's id is written as ``<user> <id>`` (a
+file per worker, joined at the end) for :mod:`cometd.delivery`.
 """
 
 from __future__ import annotations
 
 import errno
 import gc
+import heapq
 import ipaddress
 import json
 import math
 import os
+import random
 import resource
 import select
 import signal
@@ -290,6 +301,10 @@ class FloodConfig:
     max_pending: int = 1000
     rst_close: bool = False
     path: str = "/test/"
+    #: reconnect a stream that ends (backoff with jitter), resuming from its last SSE id
+    reconnect: bool = False
+    #: write "<user> <message id>" for every SSE event received (see cometd.delivery)
+    record: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -297,7 +312,9 @@ class FloodConfig:
 # --------------------------------------------------------------------------------------
 
 _CONNECTING, _HEADERS, _SIZE, _BODY, _RAW = range(5)
-_HEAD_MAX = 32  # payload bytes kept to recognise "ts=<float>;" / "Welcome"
+_HEAD_MAX = 256  # payload bytes kept to find "ts=<float>;", "Welcome" or an SSE id
+RECONNECT_FIRST = 0.1  # seconds before the first reconnect; doubles per failure
+RECONNECT_MAX = 5.0
 _MAX_LINE = 16384
 
 
@@ -310,14 +327,21 @@ class _Conn:
       ``need`` = payload-head bytes still wanted, ``buf`` = payload head so far.
     """
 
-    __slots__ = ("sock", "state", "buf", "left", "need")
+    __slots__ = ("sock", "state", "buf", "left", "need", "k", "last", "tries")
 
-    def __init__(self, sock: socket.socket, request: bytes, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, request: bytes, deadline: float, k: int = 0,
+                 last: bytes = b"", tries: int = 0) -> None:
         self.sock = sock
         self.state = _CONNECTING
         self.buf = request
         self.left = deadline
         self.need = 0
+        #: the connection's index (its user is first_id + k)
+        self.k = k
+        #: the last SSE id seen (what a reconnect resumes from)
+        self.last = last
+        #: failed connects in a row (the reconnect backoff)
+        self.tries = tries
 
 
 def _rss_kb() -> int:
@@ -360,10 +384,16 @@ class _Worker:
         self.ramp_done: float | None = None
         self.rss0 = 0
         self.ep: select.epoll | None = None
+        self.reconnects = 0
+        #: (due, k, last id, tries): streams to open again (--reconnect)
+        self.retry: list[tuple[float, int, bytes, int]] = []
+        self.record = None
+        if cfg.record:
+            self.record = open(f"{cfg.record}.w{index}", "wb")  # noqa: SIM115 - closed in run
 
     # -- connection set-up ------------------------------------------------------------
 
-    def _start(self, k: int, now: float) -> None:
+    def _start(self, k: int, now: float, last: bytes = b"", tries: int = 0) -> None:
         cfg = self.cfg
         nserv = len(cfg.servers)
         host, port = cfg.servers[k % nserv]
@@ -388,14 +418,15 @@ class _Worker:
             sock.close()
             self._count_error(err)
             return
-        request = b"GET %s%d HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: floodtest\r\n\r\n" % (
+        request = b"GET %s%d HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: floodtest\r\n%s\r\n" % (
             cfg.path.encode(),
             cfg.first_id + k,
             host.encode(),
             port,
+            b"Last-Event-ID: %s\r\n" % last if last else b"",
         )
         fd = sock.fileno()
-        self.conns[fd] = _Conn(sock, request, now + cfg.connect_timeout)
+        self.conns[fd] = _Conn(sock, request, now + cfg.connect_timeout, k, last, tries)
         self.connecting += 1
         self.ep.register(fd, select.EPOLLOUT)
 
@@ -409,6 +440,14 @@ class _Worker:
         self.connecting -= 1
         c.sock.close()
         self._count_error(err)
+        self._again(c, c.tries + 1)
+
+    def _again(self, c: _Conn, tries: int) -> None:
+        """With --reconnect, open *c*'s stream again after a backoff with jitter."""
+        if not self.cfg.reconnect or self.stop:
+            return
+        delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** tries) * random.uniform(0.5, 1.5)
+        heapq.heappush(self.retry, (time.monotonic() + delay, c.k, c.last, tries))
 
     def _on_connect(self, fd: int, c: _Conn, now: float) -> None:
         sock = c.sock
@@ -454,6 +493,7 @@ class _Worker:
             self.streaming -= 1
         self.closed += 1
         c.sock.close()
+        self._again(c, 0)
 
     def _on_readable(self, fd: int, c: _Conn) -> None:
         try:
@@ -470,9 +510,21 @@ class _Worker:
         self.bytes += len(data)
         self._feed(fd, c, data, time.time())
 
-    def _head(self, head: bytes, now: float) -> None:
-        """Look at the first bytes of a chunk payload: ``ts=<float>;`` or the welcome."""
-        if head.startswith(b"ts="):
+    def _head(self, c: _Conn, head: bytes, now: float) -> None:
+        """Look at the first bytes of a chunk payload: ``ts=<float>;``, the welcome, an id."""
+        if head.startswith(b"id: "):  # an SSE message
+            end = head.find(b"\n")
+            if end > 4:
+                c.last = head[4:end]
+                if self.record is not None:
+                    self.record.write(b"%d %s\n" % (self.cfg.first_id + c.k, c.last))
+        elif head.startswith(b": Welcome"):  # an SSE welcome, maybe with an id to resume from
+            self.welcomed += 1
+            at = head.find(b"\nid: ")
+            end = head.find(b"\n", at + 5)
+            if at > 0 and end > 0:
+                c.last = head[at + 5:end]
+        elif head.startswith(b"ts="):
             semi = head.find(b";", 3)
             try:
                 ts = float(head[3:semi] if semi > 0 else head[3:])
@@ -501,7 +553,7 @@ class _Worker:
                     need -= len(piece)
                     c.need = need
                     if not need:
-                        self._head(c.buf, now)
+                        self._head(c, c.buf, now)
                         c.buf = b""
                 pos += take
                 left -= take
@@ -611,6 +663,7 @@ class _Worker:
                 "chunks": self.chunks,
                 "messages": self.messages,
                 "bytes": self.bytes,
+                "reconnects": self.reconnects,
             },
             "eb": self.errors_by,
             "h": sparse,
@@ -657,6 +710,10 @@ class _Worker:
                 break
             if now >= self.t0 and self.ramp_done is None:
                 self._ramp(now)
+            while self.retry and self.retry[0][0] <= now:
+                _due, k, last, tries = heapq.heappop(self.retry)
+                self.reconnects += 1
+                self._start(k, now, last, tries)
             if now >= next_snap:
                 write(self.snapshot())
                 while next_snap <= now:
@@ -671,6 +728,8 @@ class _Worker:
                 wake = min(wake, max(due, self.t0))
             if self.end_at is not None:
                 wake = min(wake, self.end_at)
+            if self.retry:
+                wake = min(wake, self.retry[0][0])
             timeout = min(max(0.0, wake - now), 0.1)
             for fd, _ev in poll(timeout, 4096):
                 c = conns.get(fd)
@@ -691,6 +750,8 @@ class _Worker:
         for c in conns.values():
             c.sock.close()
         conns.clear()
+        if self.record is not None:
+            self.record.close()
 
 
 def _child(
@@ -736,6 +797,7 @@ _SUM_KEYS = (
     "chunks",
     "messages",
     "bytes",
+    "reconnects",
 )
 
 
@@ -805,6 +867,8 @@ def _validate(cfg: FloodConfig) -> FloodConfig:
         check_loopback(ip, "source address")
     if cfg.first_id < 0:
         raise ValueError("--first-id must be >= 0")
+    if cfg.record and not cfg.path.startswith("/events/"):
+        raise ValueError("--record needs --events: only SSE events carry message ids")
     if cfg.processes <= 0:
         cfg.processes = default_processes(cfg.n)
     cfg.processes = min(cfg.processes, cfg.n)
@@ -937,6 +1001,16 @@ def run(cfg: FloodConfig, out=None) -> dict:
         for s, h in old.items():
             signal.signal(s, h)
     end = time.monotonic()
+    if cfg.record:
+        with open(cfg.record, "wb") as merged:
+            for i in range(nproc):
+                part = f"{cfg.record}.w{i}"
+                try:
+                    with open(part, "rb") as f:
+                        merged.write(f.read())
+                    os.remove(part)
+                except FileNotFoundError:
+                    pass  # a worker that never started
     summary = _summary(cfg, agg, start, t0, end, timed_out, stopping["sig"])
     _print_summary(summary, out)
     return summary
@@ -979,6 +1053,7 @@ def _summary(cfg, agg: _Aggregate, start, t0, end, timed_out, sig) -> dict:
         "chunks": tot["chunks"],
         "messages": tot["messages"],
         "bytes": tot["bytes"],
+        "reconnects": tot["reconnects"],
         "latency_ms": agg.hist.summary_ms(),
         "duration_s": round(end - start, 3),
         "ramp_s": round(ramp_s, 3),
@@ -1060,8 +1135,19 @@ def _print_summary(s: dict, out) -> None:
 @click.option("--rst-close", is_flag=True,
               help="Close with RST at the end (SO_LINGER 0) so no client ports linger in "
                    "TIME_WAIT; default is a normal FIN close.")
+@click.option("--events", is_flag=True,
+              help="Open SSE streams (GET /events/<id>) instead of /test: events carry "
+                   "message ids (the latency of SSE messages is not measured).")
+@click.option("--reconnect", is_flag=True,
+              help="Open a stream that ends again, after 0.1 s doubling per failed connect "
+                   "up to 5 s, each +-50%; with --events it resumes from the last id it "
+                   "saw (Last-Event-ID).")
+@click.option("--record", default=None, metavar="FILE",
+              help="With --events: write '<user> <message id>' to FILE for every event "
+                   "received (for the delivery check, cometd.delivery).")
 def main(host, port, servers, n, rate, duration, first_id, source_ips, processes, interval,
-         json_path, timeout, connect_timeout, max_pending, rst_close) -> None:
+         json_path, timeout, connect_timeout, max_pending, rst_close, events, reconnect,
+         record) -> None:
     """Open N long-lived cometd streams (GET /test/<id>) from this machine, hold them
     for --duration seconds, print counters every --interval seconds and a summary.
 
@@ -1078,7 +1164,8 @@ def main(host, port, servers, n, rate, duration, first_id, source_ips, processes
             servers=targets, n=n, rate=rate, duration=duration, first_id=first_id,
             source_ips=sources, processes=processes, interval=interval, timeout=timeout,
             connect_timeout=connect_timeout, max_pending=max(1, max_pending),
-            rst_close=rst_close,
+            rst_close=rst_close, path="/events/" if events else "/test/",
+            reconnect=reconnect, record=record,
         )
         _validate(cfg)
     except ValueError as e:

@@ -163,6 +163,7 @@ class Server:
         store = self._store()
         table = self._table()
         router = Router(store, table, self._history(store))
+        table.newest = router.history.last  # the epoch's start: a first stream's welcome id
         backend = LocalBackend(store, router, table, self.config.history.replay_max)
         url = self._http(backend, table, backend.replay)
         admin = self._admin(backend)

@@ -132,6 +132,8 @@ class MsgGenConfig:
     request_timeout: float = 5.0
     timeout: float = 0.0  # 0: duration + request_timeout + 10
     seed: int | None = None
+    #: write "<subject> <message id>" for every message the server took (see cometd.delivery)
+    record: str | None = None
 
 
 class _Stats:
@@ -207,6 +209,7 @@ class _Generator:
         self.end = 0.0
         self.hostport = f"{self.host}:{self.port}".encode()
         self.interrupted = False
+        self.recorded: list[str] = []
 
     def take_slot(self) -> tuple[int, float] | None:
         """Claim the next send slot ``(seq, due time)``, or None when the run is over."""
@@ -267,8 +270,11 @@ class _Generator:
             if status == 200:
                 st.sent += 1
                 try:
-                    st.deliveries += int(json.loads(reply).get("delivered", 0))
-                except (ValueError, AttributeError, TypeError):
+                    answer = json.loads(reply)
+                    st.deliveries += int(answer.get("delivered", 0))
+                    if cfg.record is not None:
+                        self.recorded.append(f"{subject} {answer['id']}\n")
+                except (ValueError, AttributeError, TypeError, KeyError):
                     st.error("bad-json")
             else:
                 st.error(f"http-{status}")
@@ -316,6 +322,9 @@ class _Generator:
         for h in handlers:
             h.cancel()
         finished = time.monotonic()
+        if cfg.record is not None:
+            with open(cfg.record, "w") as f:
+                f.writelines(self.recorded)
         st = self.stats
         span = (st.last_done or finished) - self.t0
         lat = st.hist.summary_ms()
@@ -420,8 +429,11 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Hard limit on the whole run in seconds. "
                    "Default: duration + request timeout + 10.")
 @click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
+@click.option("--record", default=None, metavar="FILE",
+              help="Write '<subject> <message id>' to FILE for every message the server "
+                   "took, in reply order (for the delivery check, cometd.delivery).")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
-         request_timeout, timeout, seed) -> None:
+         request_timeout, timeout, seed, record) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for
     --duration seconds, from random subjects in 1..--users.
 
@@ -432,7 +444,7 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
     cfg = MsgGenConfig(
         url=url, rate=rate, duration=duration, users=users, zipf=zipf,
         concurrency=concurrency, size=size, interval=interval,
-        request_timeout=request_timeout, timeout=timeout, seed=seed,
+        request_timeout=request_timeout, timeout=timeout, seed=seed, record=record,
     )
     try:
         _validate(cfg)

@@ -228,7 +228,8 @@ class CometHandler(WSGIHandler):
             self.close_connection = True
             return
         if since is None:
-            head = stream_head(user, kind, path, retry=self.server.retry)
+            head = stream_head(user, kind, path, retry=self.server.retry,
+                               last=self.server.table.newest)
         else:
             head = resumed_head(user, kind, path, since, self.server.replay(user, since),
                                 self.server.retry)
@@ -312,7 +313,7 @@ class CometServer(WSGIServer):
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, first
             user, kind, path = stream
-            head = stream_head(user, kind, path, retry=self.retry)
+            head = stream_head(user, kind, path, retry=self.retry, last=self.table.newest)
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
             except BlockingIOError:

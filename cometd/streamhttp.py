@@ -41,7 +41,7 @@ import time
 from email.utils import formatdate
 
 from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, Message, frame_bytes
-from cometd.history import Replay
+from cometd.history import Replay, format_id
 from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
@@ -105,17 +105,19 @@ def _http_date() -> str:
 
 
 def stream_head(user: str, kind: int, path: str, headers: str = "",
-                retry: tuple[int, int] = DEFAULT_RETRY_MS) -> bytes:
+                retry: tuple[int, int] = DEFAULT_RETRY_MS, last: int = 0) -> bytes:
     """Status line, headers and welcome of a stream of *kind* for *user* at *path*.
 
     *headers* are more header lines, each ending in CRLF. An SSE welcome
     carries a ``retry:`` drawn from *retry* (milliseconds, low and high) for
     each stream, so that clients cut off together do not all come back in
-    the same second.
+    the same second, and, with *last* (a message key), an ``id:``: a stream
+    that ends before its first message still has an id to resume from.
     """
     sse = kind in (SSE_CHUNKED, SSE_RAW)
     if sse:
-        welcome = f": Welcome, Url: '{path}' Id: {user}\nretry: {random.randint(*retry)}\n\n"
+        welcome = f": Welcome, Url: '{path}' Id: {user}\nretry: {random.randint(*retry)}\n"
+        welcome += f"id: {format_id(last)}\n\n" if last else "\n"
     else:
         welcome = f"Welcome, Url: '{path}' Id: {user}\n"
     chunked = kind in (CHUNKED, SSE_CHUNKED)
@@ -134,7 +136,10 @@ def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay,
     replay, naming the id asked for and why, so a page knows to reload.
     """
     recovered = "true" if replay.recovered else "false"
-    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n", retry)]
+    # The welcome's id is the replay's head: a safe point to resume from
+    # again, even when the id asked for was malformed or unknown.
+    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n", retry,
+                         replay.head)]
     if not replay.recovered and kind in (SSE_CHUNKED, SSE_RAW):
         gap = json.dumps({"last_event_id": since[:100], "reason": replay.reason})
         parts.append(frame_bytes(kind, b"event: gap\ndata: %s\n\n" % gap.encode()))

@@ -415,3 +415,30 @@ def test_the_seam_between_replay_and_live_has_no_gap_and_no_duplicate(tmp_path, 
         check_seam([srv], [f"p{i}" for i in range(4)], [f"c{i}" for i in range(100)], 4)
     finally:
         srv.stop()
+
+
+def welcome_id(client: StreamClient) -> str:
+    (line,) = [x for x in client.chunk().decode().split("\n") if x.startswith("id: ")]
+    return line[4:]
+
+
+def test_the_welcome_gives_every_sse_stream_an_id_to_resume_from(server):
+    me, friend = unique_id("me"), unique_id("f")
+    subscribe(server, [(me, friend)])
+    with open_stream(server, f"/events/{me}") as c:
+        first = welcome_id(c)  # before any message for it
+    sent = [post(server, friend, "one"), post(server, me, "two")]
+    with open_stream(server, f"/events/{me}", {"Last-Event-ID": first}) as c:
+        assert c.headers["cometd-recovered"] == "true"
+        again = welcome_id(c)
+        assert [e["id"] for e in events(c, 2)] == sent
+    # A resume from an id that cannot be placed still gets a good one in its welcome.
+    with open_stream(server, f"/events/{me}", {"Last-Event-ID": "bogus"}) as c:
+        assert c.headers["cometd-recovered"] == "false"
+        fresh = welcome_id(c)
+    assert parse_id(fresh) >= parse_id(again) >= parse_id(sent[-1])
+    post(server, friend, "three")
+    with open_stream(server, f"/events/{me}", {"Last-Event-ID": fresh}) as c:
+        assert c.headers["cometd-recovered"] == "true"
+        c.chunk()
+        assert json.loads(events(c, 1)[0]["data"])["body"] == "three"

@@ -96,6 +96,10 @@ def test_each_sse_stream_gets_its_own_retry_within_the_range():
                    .split(b"retry: ")[1].split(b"\n")[0]) for _ in range(200)]
     assert all(1000 <= r <= 5000 for r in retries) and len(set(retries)) > 100
     assert b"retry:" not in stream_head("42", CHUNKED, "/test/42", retry=(1000, 5000))
+    # With a message key, the welcome also says where to resume from.
+    assert stream_head("42", SSE_RAW, "/events/42", retry=(1, 1), last=3 << 64 | 7).endswith(
+        b"retry: 1\nid: 3-7\n\n")
+    assert b"id:" not in stream_head("42", CHUNKED, "/test/42", last=3 << 64 | 7)
 
 
 # -- both ways into a stream, on a real server ------------------------------------------
@@ -161,6 +165,6 @@ def test_the_configured_retry_reaches_both_ways_into_a_stream(tmp_path):
     try:
         for path in ("/events/r", "/events/r?last_event_id=1-0", "/events/r?x=%20"):
             with StreamClient.open(s, path) as c:
-                assert c.chunk().endswith(b"\nretry: 2500\n\n"), path
+                assert b"\nretry: 2500\nid: " in c.chunk(), path
     finally:
         s.stop()

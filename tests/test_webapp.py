@@ -121,9 +121,10 @@ def test_sse_events_carry_id_sender_and_body(srv):
         assert c.status == 200
         assert c.headers["content-type"].startswith("text/event-stream")
         assert c.headers["transfer-encoding"] == "chunked"
-        welcome, retry = c.chunk().decode().split("\nretry: ")
-        assert welcome == f": Welcome, Url: '/events/{user}' Id: {user}"
-        assert retry.endswith("\n\n") and 1000 <= int(retry) <= 5000  # the defaults, 1-5 s
+        # The welcome: a comment, a retry (the defaults: 1-5 s) and an id to resume from.
+        welcome = re.fullmatch(rf": Welcome, Url: '/events/{user}' Id: {user}\n"
+                               r"retry: (\d+)\nid: \d+-\d+\n\n", c.chunk().decode())
+        assert welcome and 1000 <= int(welcome.group(1)) <= 5000
         bodies = ["plain", "two\nlines", 'quotes " and \\ and \u00e9']
         for body in bodies:
             assert send(srv, sender, body) == 1
@@ -175,7 +176,8 @@ def test_sse_over_http10_is_unframed(srv):
     try:
         welcome = f": Welcome, Url: '/events/{user}' Id: {user}\nretry: ".encode()
         assert c.read_raw(len(welcome)) == welcome
-        assert 1000 <= int(c.read_until(b"\n\n")) <= 5000
+        assert 1000 <= int(c.read_until(b"\n")) <= 5000
+        assert re.fullmatch(rb"id: \d+-\d+\n\n", c.read_until(b"\n\n"))
         assert send(srv, user, "hi") == 1
         # skip keep-alives, then exactly one event: id line, data line, blank line
         while True:
