@@ -255,6 +255,9 @@ class Presence:
     def online(self, user: str) -> int:
         return sum(self.users.get(user, {}).values())
 
+    def settle(self, low: int | None) -> None:
+        """Not kept across edges (yet): an edge may see two subjects' ids out of order."""
+
     def kick(self, user: str) -> int:
         """Ask every edge to end *user*'s streams; how many presence counts."""
         n = self.online(user)

@@ -141,7 +141,7 @@ class Connection:
 
     __slots__ = (
         "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
-        "after", "held", "_allowance",
+        "after", "held", "ordered", "_allowance",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -162,6 +162,8 @@ class Connection:
         self.after = 0
         #: while a resumed stream's replay is read: (key, bytes) routed meanwhile
         self.held: list[tuple[int, bytes]] | None = None
+        #: (key, bytes) held back until every smaller key is out (ConnectionTable.settle)
+        self.ordered: list[tuple[int, bytes]] = []
         #: bytes of a replay held beyond max_pending until the outbox first drains
         self._allowance = 0
 
@@ -325,6 +327,9 @@ class ConnectionTable:
         self.deliveries = 0
         #: the newest message key routed here: a fresh SSE stream's welcome id
         self.newest = 0
+        #: the smallest key the router still routes (0: no router says)
+        self.low = 0
+        self._waiting: set[Connection] = set()
         #: connections closed because they did not read fast enough
         self.slow_consumers_dropped = 0
         #: called with the user id after each login and logout (the backplane's presence)
@@ -398,6 +403,8 @@ class ConnectionTable:
         delivered = attempts = 0
         if message.key > self.newest:
             self.newest = message.key
+        # A smaller key is still on its way: it must reach each stream first.
+        hold = self.low and message.key > self.low
         get = self.users.get
         for user in users:
             conns = get(user)
@@ -411,12 +418,38 @@ class ConnectionTable:
                         continue
                     if message.key <= conn.after:
                         continue  # in its replay
+                if hold and not conn.closed:
+                    conn.ordered.append((message.key, message.frame(conn.kind)))
+                    self._waiting.add(conn)
+                    delivered += 1
+                    continue
                 delivered += conn.deliver(message.frame(conn.kind))
                 attempts += 1
                 if attempts % _YIELD_EVERY == 0:
                     yield_to_hub()
         self.deliveries += delivered
         return delivered
+
+    def settle(self, low: int | None) -> None:
+        """The router's smallest key on its way is now *low* (None: none).
+
+        Writes what connections held back (see :mod:`cometd.router`) with
+        keys up to *low*, in key order.
+        """
+        self.low = low or 0
+        for conn in list(self._waiting):
+            if low is None:
+                ready, conn.ordered = conn.ordered, []
+            else:
+                ready = [e for e in conn.ordered if e[0] <= low]
+                if not ready:
+                    continue
+                conn.ordered = [e for e in conn.ordered if e[0] > low]
+            if not conn.ordered:
+                self._waiting.discard(conn)
+            if not conn.closed:
+                ready.sort(key=lambda e: e[0])
+                conn.deliver(b"".join(frame for _, frame in ready))
 
     def keepalive(self) -> int:
         """Write an SSE comment to every SSE stream; return how many."""

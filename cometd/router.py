@@ -19,10 +19,19 @@ Because a large fan-out yields, two sends from the same subject could
 overtake each other. Sends are therefore serialised per subject with a FIFO
 lock, so each connection sees one subject's messages in the order they were
 sent; sends from different subjects run concurrently.
+
+Each message gets its id (:mod:`cometd.history`) in its subject's lock, so
+ids follow that order too. Across subjects, a fan-out that yields could let
+a later message reach a connection before an earlier one, and then a stream
+that resumes from its last id would skip the earlier one. So the router
+tells the fan-out target the smallest key still on its way (``settle``), and
+the local connection table holds a message back for a connection while a
+smaller key may still come: every stream sees ids in increasing order.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
 
@@ -49,6 +58,9 @@ class Fanout(Protocol):
 
     def online(self, user: str) -> int: ...
 
+    def settle(self, low: int | None) -> None:
+        """*low* is the smallest message key still being routed (None: none)."""
+
 
 class Sent(NamedTuple):
     """What a send did: connections written to, and the message's id."""
@@ -70,6 +82,10 @@ class Router:
         self.messages_sent = 0
         self._pool = Pool(pool_size)
         self._subject_locks: dict[str, list] = {}  # subject -> [Semaphore, users]
+        # [key, done] of each message from its id to the end of its fan-out, in
+        # key order: the fan-out target holds back a message for a connection
+        # while a smaller key is still on its way (see ConnectionTable.settle).
+        self._inflight: deque[list] = deque()
 
     def send(self, subject: str, body: bytes) -> Sent:
         """Deliver *body* from *subject*: connections written to and the message id.
@@ -88,14 +104,29 @@ class Router:
                 # delivery order; it is kept in the same loop turn (see
                 # cometd.history: every id handed out is in the history).
                 message.key = self.history.record(subject, body)
-                delivered = self._pool.spawn(self._dispatch, message).get()
+                flight = [message.key, False]
+                self._inflight.append(flight)
+                if len(self._inflight) == 1:
+                    self.fanout.settle(message.key)
+                delivered = self._pool.spawn(self._dispatch, message, flight).get()
                 return Sent(delivered, format_id(message.key))
         finally:
             entry[1] -= 1
             if not entry[1]:
                 del self._subject_locks[subject]
 
-    def _dispatch(self, message: Message) -> int:
+    def _dispatch(self, message: Message, flight: list) -> int:
+        try:
+            return self._fan_out(message)
+        finally:
+            flight[1] = True
+            inflight = self._inflight
+            if inflight[0] is flight:
+                while inflight and inflight[0][1]:
+                    inflight.popleft()
+                self.fanout.settle(inflight[0][0] if inflight else None)
+
+    def _fan_out(self, message: Message) -> int:
         subscribers = self.store.subscriber_view(message.subject)
         if subscribers.nbytes > LARGE_VALUE:
             # Unless the store had it in memory, LevelDB copied (and maybe

@@ -442,3 +442,35 @@ def test_the_welcome_gives_every_sse_stream_an_id_to_resume_from(server):
         assert c.headers["cometd-recovered"] == "true"
         c.chunk()
         assert json.loads(events(c, 1)[0]["data"])["body"] == "three"
+
+
+def test_a_stream_gets_its_messages_in_id_order_while_a_fan_out_yields(server):
+    """So that its last id is a complete resume point: no earlier id can still come.
+
+    A's fan-out (150 followers online, me last) yields half way; B's message,
+    sent just after A's, must still reach me after A's.
+    """
+    me = "zz-" + unique_id("me")
+    followers = [f"f{i:03d}-{unique_id('x')}" for i in range(150)]
+    a, b = unique_id("a"), unique_id("b")
+    subscribe(server, [(f, a) for f in followers] + [(me, a), (me, b)])
+    streams = StreamClient.open_many(server, [f"/test/{f}" for f in followers])
+    try:
+        with open_stream(server, f"/events/{me}") as mine:
+            mine.chunk()
+            for trial in range(20):
+                socks = [socket.create_connection((server.host, server.port)) for _ in "ab"]
+                for sock, subject in zip(socks, (a, b), strict=True):
+                    body = f"{subject} {trial}".encode()
+                    sock.sendall(f"POST /send/{subject} HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                 f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                replies = [json.loads(s.makefile("rb").read().split(b"\r\n\r\n", 1)[1])
+                           for s in socks]
+                for sock in socks:
+                    sock.close()
+                got = events(mine, 2)
+                by_id = sorted(got, key=lambda e: parse_id(e["id"]))
+                assert got == by_id, (trial, [r["id"] for r in replies], got)
+    finally:
+        for s in streams:
+            s.close()
