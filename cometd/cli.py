@@ -78,6 +78,9 @@ def _flags(*keys: str):
             helptext = f"{opt.help}  [{'; '.join([*facts, 'env ' + opt.env])}]"
             if opt.kind is bool:
                 decorator = click.option(opt.flag, key, is_flag=True, default=None, help=helptext)
+            elif opt.kind is tuple:
+                decorator = click.option(opt.flag, key, multiple=True, metavar=opt.metavar,
+                                         callback=lambda _c, _p, v: v or None, help=helptext)
             else:
                 metavar = opt.metavar or (f"[{'|'.join(opt.choices)}]" if opt.choices else
                                           {int: "INTEGER", float: "NUMBER"}.get(opt.kind, "TEXT"))
@@ -92,6 +95,8 @@ def _flags(*keys: str):
 
 _HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
+_AUTH = ("jwt_secret", "jwt_key", "jwt_audience", "jwt_issuer", "token_cookie", "api_key",
+         "api_keys_file")
 
 
 def _config(role: str | None, flags: dict) -> Config:
@@ -123,7 +128,7 @@ def _serve(config: Config, role: str) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_flags(*_HTTP, *_ADMIN, "db", "workers", "redis")
+@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", "workers", "redis")
 @click.pass_context
 def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
@@ -166,7 +171,7 @@ def router_command(**flags) -> None:
 
 
 @cli.command("edge")
-@_flags("redis", *_HTTP, "reuse_port")
+@_flags("redis", *_HTTP, "reuse_port", *_AUTH)
 def edge_command(**flags) -> None:
     """Run an edge: hold connections and serve HTTP; the router does the rest.
 
