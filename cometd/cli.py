@@ -125,6 +125,8 @@ def _serve(config: Config, role: str) -> None:
         Server(config, role).serve()
     except (ListenError, StoreError) as exc:
         raise Failure(str(exc)) from None
+    except ConfigError as exc:  # an auth key file it cannot use
+        raise Failure(str(exc), exit_code=2) from None
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -154,8 +156,13 @@ def cli(ctx: click.Context, **flags) -> None:
     if config.backplane.workers is None:
         _serve(config, "single")
         return
+    from cometd.auth import Authenticator
     from cometd.workers import supervise
 
+    try:
+        Authenticator(config.auth)  # each edge reads the key files too: fail here, once
+    except ConfigError as exc:
+        raise Failure(str(exc), exit_code=2) from None
     sys.exit(supervise(config))
 
 

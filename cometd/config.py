@@ -43,12 +43,14 @@ from cometd.connections import MODES
 MAX_MESSAGE_BYTES = 64 * 1024
 # A cookie name is an HTTP token (cometd.httprequest.TCHAR, not imported for the same reason).
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: an API key: printable ASCII, no space and no comma (the environment's list separator)
+API_KEY = re.compile(r"[!-+\--~]+")
 
 __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "AuthConfig",
     "ConfigError",
     "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load", "from_json", "to_json",
-    "to_toml", "redacted", "url_host",
+    "to_toml", "redacted", "url_host", "API_KEY",
 ]
 
 #: the variable holding a supervisor's configuration for its children
@@ -284,7 +286,7 @@ def _api_keys(value: Any) -> tuple[str, ...]:
     keys = tuple(k.strip() for k in items)
     for i, key in enumerate(keys, 1):
         # Never the key itself in the message: it is a secret.
-        if not re.fullmatch(r"[!-+\--~]+", key):
+        if not API_KEY.fullmatch(key):
             raise ValueError(f"API key {i} is empty or has a character other than printable "
                              "ASCII (no space or comma)")
     if not keys:
