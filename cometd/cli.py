@@ -3,7 +3,8 @@
 ``cometd`` with no subcommand runs the whole server in one process;
 ``cometd router`` and ``cometd edge`` run the scale-out parts, ``cometd
 --workers N`` a router and N edges; ``cometd config`` prints the effective
-configuration and ``cometd load FILE`` bulk-loads a friends file. Every
+configuration, ``cometd load FILE`` bulk-loads a friends file and ``cometd
+token USER`` mints a stream token. Every
 server flag is generated from :data:`cometd.config.OPTIONS`, so its default,
 range, help and ``COMETD_*`` variable are written once, there.
 """
@@ -197,6 +198,32 @@ def config_command() -> None:
     them applied; a secret such as the admin password is not printed.
     """
     click.echo(to_toml(_config(None, {})), nl=False)
+
+
+@cli.command("token")
+@click.argument("user")
+@click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1, 366 * 86400),
+              help="seconds the token is valid")
+@_flags("jwt_secret", "jwt_audience", "jwt_issuer")
+def token_command(user: str, ttl: int, **flags) -> None:
+    """Print a token for USER's stream, signed with the configured --jwt-secret.
+
+    For trying things and for scripts; it carries sub, iat and exp, and aud
+    and iss when they are configured. Use it as ?token=..., as
+    "Authorization: Bearer ..." or in the cometd_token cookie.
+    """
+    from cometd.auth import mint
+    from cometd.ids import InvalidId, check_id
+
+    auth = _config(None, flags).auth
+    if not auth.jwt_secret:
+        raise Failure("cometd token needs --jwt-secret (or COMETD_JWT_SECRET, or [auth] "
+                      "jwt_secret); a --jwt-key public key cannot sign", exit_code=2)
+    try:
+        check_id(user)
+    except InvalidId as exc:
+        raise Failure(str(exc), exit_code=2) from None
+    click.echo(mint(auth.jwt_secret, user, ttl, auth.jwt_audience, auth.jwt_issuer))
 
 
 @cli.command("load")
