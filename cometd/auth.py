@@ -50,12 +50,10 @@ accepts a token PyJWT refuses.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -154,22 +152,28 @@ def cookie_token(header: str | None, name: str) -> str | None:
 
 # -- the fast HS256 check (see the module docstring) ---------------------------------
 
-_B64URL = re.compile(rb"[A-Za-z0-9_-]+")
 _HS256_HEADERS = ({"alg": "HS256", "typ": "JWT"}, {"alg": "HS256"})
+
+
+_URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")  # base64url <-> base64 (an involution)
 
 
 def _b64decode(segment: bytes) -> bytes | None:
     """A canonical unpadded base64url segment's bytes, else None."""
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+    if len(segment) % 4 == 1 or b"=" in segment:
         return None
-    data = base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
-    if base64.urlsafe_b64encode(data).rstrip(b"=") != segment:
+    try:  # strict: any character outside the alphabet is an error
+        data = binascii.a2b_base64(segment.translate(_URLSAFE) + b"=" * (-len(segment) % 4),
+                                   strict_mode=True)
+    except binascii.Error:
+        return None
+    if _b64encode(data) != segment:
         return None  # stray bits in the last character: not canonical
     return data
 
 
 def _b64encode(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    return binascii.b2a_base64(data, newline=False).rstrip(b"=").translate(_URLSAFE)
 
 
 def _plain_int(value: Any) -> bool:
@@ -180,7 +184,8 @@ class _FastHS256:
     """The accept-only HS256 check; None means "ask PyJWT"."""
 
     def __init__(self, secret: bytes, audience: str | None, issuer: str | None) -> None:
-        self.secret = secret
+        #: the keyed HMAC state, copied per token
+        self.mac = hmac.new(secret, digestmod="sha256")
         self.audience = audience
         self.issuer = issuer
         #: header segments known to be exactly one of _HS256_HEADERS (bounded)
@@ -204,14 +209,16 @@ class _FastHS256:
             return None
         signed = parts[0] + b"." + parts[1]
         # Comparing the encoded signature also demands its canonical form.
-        expected = _b64encode(hmac.digest(self.secret, signed, "sha256"))
+        mac = self.mac.copy()
+        mac.update(signed)
+        expected = _b64encode(mac.digest())
         if not hmac.compare_digest(expected, parts[2]):
             return None
         data = _b64decode(parts[1])
         if data is None:
             return None
-        try:
-            claims = json.loads(data)
+        try:  # UTF-8 only (PyJWT also takes UTF-16 and -32 JSON: it judges those)
+            claims = json.loads(data.decode())
         except ValueError:
             return None
         if type(claims) is not dict:

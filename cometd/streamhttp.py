@@ -86,8 +86,9 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
 
 
-def stream_credentials(data: bytes) -> tuple[str, str | None, str | None] | None:
-    """``(query, authorization, cookie)`` of a request :func:`parse_stream_request` took.
+def stream_credentials(data: bytes) -> tuple[str | None, str, str | None] | None:
+    """``(authorization, query, cookie)`` of a request :func:`parse_stream_request` took,
+    in the order :meth:`cometd.auth.Authenticator.stream` takes them.
 
     None when either header appears twice: pywsgi and bottle decide those.
     """
@@ -106,7 +107,7 @@ def stream_credentials(data: bytes) -> tuple[str, str | None, str | None] | None
             return None
         start = at + len(name)
         values.append(fields[start:fields.index(b"\r", start)].strip(b" \t").decode("latin-1"))
-    return query, values[0], values[1]
+    return values[0], query, values[1]
 
 
 def _http_date() -> str:

@@ -45,6 +45,7 @@ from cometd.auth import (
 from cometd.config import AuthConfig, ConfigError, load
 from cometd.connections import MODES
 from cometd.expiry import ExpiryWheel
+from cometd.streamhttp import parse_stream_request, stream_credentials
 
 SECRET = "test-secret-that-is-at-least-32-bytes-long"
 KEY = "publisher-key-0123456789"
@@ -233,6 +234,24 @@ def test_where_tokens_are_found():
     assert cookie_token("a=1; cometd_token=tok; b=2", "cometd_token") == "tok"
     assert cookie_token("xcometd_token=tok", "cometd_token") is None
     assert cookie_token(None, "cometd_token") is None
+
+
+def test_the_accept_callback_finds_the_token_where_the_app_does():
+    # What CometServer.do_read does with a request it takes whole.
+    auth = Authenticator(AuthConfig(jwt_secret=SECRET))
+    tok = token("bob")
+    for target, fields in ((f"/test/bob?a=1&token={tok}", ""),
+                           ("/events/bob", f"Authorization: Bearer {tok}\r\n"),
+                           ("/test/bob", f"Cookie: a=b; cometd_token={tok}\r\n"),
+                           ("/test/bob?token=bad", f"authorization:  bearer {tok} \r\n")):
+        request = f"GET {target} HTTP/1.1\r\nHost: h\r\n{fields}\r\n".encode()
+        user, _, _ = parse_stream_request(request)
+        assert auth.stream(user, *stream_credentials(request)).user == "bob", request
+    doubled = "GET /test/bob HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n"
+    assert stream_credentials(doubled.encode()) is None  # pywsgi decides
+    bare = b"GET /test/bob HTTP/1.1\r\nHost: h\r\n\r\n"
+    with pytest.raises(AuthError, match="missing token"):
+        auth.stream("bob", *stream_credentials(bare))
 
 
 def test_config_refuses_contradictions_and_short_secrets():
