@@ -148,7 +148,10 @@ def cli(ctx: click.Context, **flags) -> None:
     Clients hold GET /test/<id> (chunked) or GET /events/<id> (Server-Sent
     Events) open; POST /send/<subject> pushes the request body to the
     subject's own connections and to everyone subscribed to the subject.
-    SIGINT or SIGTERM stops the server cleanly.
+    With --jwt-secret or --jwt-key, a stream needs a token whose sub is its
+    id (cometd token USER mints one); with those or --api-key, publishing,
+    the subscription API and /stats need an API key (or the user's own
+    token for its own affairs). SIGINT or SIGTERM stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
