@@ -62,6 +62,17 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
     ).encode() + body
 
 
+class _Unshown(bytes):
+    """Bytes a request began with, shown as their length only.
+
+    They become an argument of the handler's greenlet, and gevent prints a
+    greenlet's arguments when it fails: a token in them would reach the log.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} request bytes>"
+
+
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
             501: "Not Implemented"}
 
@@ -285,7 +296,7 @@ class CometServer(WSGIServer):
             stream = parse_stream_request(first)
             if stream is None:
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
-                                      sock.detach()), address, first
+                                      sock.detach()), address, _Unshown(first)
             user, kind, path = stream
             expires = None
             if self.auth.enabled:
@@ -298,7 +309,7 @@ class CometServer(WSGIServer):
                         pass
                 if identity is None:  # refused: pywsgi and bottle say why
                     return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
-                                          sock.detach()), address, first
+                                          sock.detach()), address, _Unshown(first)
                 expires = identity.expires
             head = stream_head(user, kind, path)
             try:

@@ -518,3 +518,16 @@ def test_workers_verify_like_one_process(tmp_path, redis_server):
     finally:
         s.stop()
     assert KEY not in "".join(s.output) and "Traceback" not in "".join(s.output)
+
+
+def test_a_failing_handler_greenlet_would_not_print_the_request():
+    # gevent prints a failed greenlet with its arguments; the handler's are the request bytes.
+    import gevent
+
+    from cometd.server import _Unshown
+
+    tok = token("alice")
+    first = _Unshown(f"GET /test/alice?token={tok} HTTP/1.1\r\n".encode())
+    shown = repr(gevent.Greenlet(print, "sock", ("127.0.0.1", 1), first))
+    assert tok[:8] not in shown and "request bytes" in shown
+    assert first[:4] == b"GET " and tok.encode() in first  # the bytes themselves are intact
