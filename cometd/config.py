@@ -263,7 +263,8 @@ def _convert(opt: Option, value: Any) -> Any:
     if opt.kind is tuple:
         return _api_keys(value)
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a string")
+        raise ValueError("the value is not a string" if opt.secret else
+                         f"{value!r} is not a string")
     if opt.choices and value not in opt.choices:
         raise ValueError(f"{value!r} is not one of {', '.join(opt.choices)}")
     if not value and not opt.secret:

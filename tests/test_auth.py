@@ -531,3 +531,24 @@ def test_a_failing_handler_greenlet_would_not_print_the_request():
     shown = repr(gevent.Greenlet(print, "sock", ("127.0.0.1", 1), first))
     assert tok[:8] not in shown and "request bytes" in shown
     assert first[:4] == b"GET " and tok.encode() in first  # the bytes themselves are intact
+
+
+def test_secrets_are_never_shown_and_unusable_key_files_stop_the_start(tmp_path):
+    def cometd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, COMETD, *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60, env=env)
+
+    shown = cometd("--jwt-secret", SECRET, "--api-key", KEY, "config")
+    assert shown.returncode == 0 and "jwt_secret = (set, not shown)" in shown.stdout
+    assert SECRET not in shown.stdout and KEY not in shown.stdout
+    toml = tmp_path / "c.toml"
+    toml.write_text("[auth]\njwt_secret = 123456789\n")
+    wrong = cometd("--config", str(toml), "config")
+    assert wrong.returncode == 2 and "123456789" not in wrong.stderr
+    for args in (["--api-keys-file", str(tmp_path / "none")],
+                 ["--api-keys-file", str(tmp_path / "none"), "--workers", "1", "--redis",
+                  "redis://127.0.0.1:1/0"]):
+        failed = cometd("--port", "0", "--admin-port", "-1", "--db", str(tmp_path / "db"), *args)
+        assert failed.returncode == 2, failed
+        assert failed.stderr == (f"cometd: error: --api-keys-file: cannot read "
+                                 f"{tmp_path / 'none'}: No such file or directory\n")
