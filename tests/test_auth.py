@@ -512,6 +512,20 @@ def test_workers_verify_like_one_process(tmp_path, redis_server):
                        Authorization=f"Bearer {token(users[1])}") == (200, {"delivered": 1})
             assert [c.chunk() for c in streams] == [b"hi"] * 6
             assert streams[1].chunk() == b"me"
+            mine = {"Authorization": f"Bearer {token(users[2])}"}
+            assert api(s, "POST", "/subscriptions", json.dumps([[users[3], users[2]]]),
+                       **mine) == (403, {"error": "the token is for another user"})
+            assert api(s, "POST", "/subscriptions", json.dumps([[users[2], users[3]]]),
+                       **mine) == (200, {"added": 1})
+            assert api(s, "GET", f"/subscriptions/{users[2]}", **mine) == (
+                200, {"subscriptions": [users[3]]})
+            # An edge closes a stream at its token's expiry, like one process.
+            with open_stream(s, f"/events/{users[4]}?token={token(users[4], ttl=-LEEWAY + 2)}") \
+                    as short:
+                short.chunk()
+                short.wait_closed(timeout=6)
+                assert short.parser.ended
+                assert short.parser.chunks[-1] == b"event: expired\ndata: token expired\n\n"
         finally:
             for c in streams:
                 c.close()
