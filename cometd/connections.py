@@ -459,8 +459,8 @@ class ConnectionTable:
         self.users.clear()
         self._index = None  # rebuilt from users (empty) if asked again
         for conn in conns:
-            if conn.kind in (CHUNKED, SSE_CHUNKED):
-                conn.deliver(LAST_CHUNK)
+            if conn.kind in (CHUNKED, SSE_CHUNKED) and conn not in self._expiring:
+                conn.deliver(LAST_CHUNK)  # (an expiring stream has had it)
         deadline = time.monotonic() + grace
         while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
             gevent.sleep(0.01)

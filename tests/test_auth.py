@@ -566,3 +566,18 @@ def test_secrets_are_never_shown_and_unusable_key_files_stop_the_start(tmp_path)
         assert failed.returncode == 2, failed
         assert failed.stderr == (f"cometd: error: --api-keys-file: cannot read "
                                  f"{tmp_path / 'none'}: No such file or directory\n")
+
+
+def test_a_shutdown_just_after_expiry_ends_the_stream_once(tmp_path):
+    s = start_server(str(tmp_path / "db"), "--admin-port", "-1", *auth_args())
+    try:
+        user = unique_id("e")
+        with open_stream(s, f"/test/{user}?token={token(user, ttl=-LEEWAY + 1)}") as c:
+            c.chunk()
+            wait_for(lambda: c._recv(time.monotonic() + 5) and c.parser.ended, 5,
+                     what="the expired stream's last chunk")
+            s.stop()  # within the second before the server closes it
+            c.wait_closed(timeout=5)
+            assert c.parser.ended and bytes(c.parser.buf) == b""  # nothing after the end
+    finally:
+        s.stop()
