@@ -581,3 +581,22 @@ def test_a_shutdown_just_after_expiry_ends_the_stream_once(tmp_path):
             assert c.parser.ended and bytes(c.parser.buf) == b""  # nothing after the end
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_server_with_audience_and_issuer_checks_them(tmp_path, mode):
+    s = start_server(str(tmp_path / "db"), "--admin-port", "-1", "--mode", mode,
+                     *auth_args("--jwt-audience", "app", "--jwt-issuer", "backend"))
+    try:
+        user = unique_id("i")
+        for split in (False, True):
+            for claims, expected in (({"aud": "app", "iss": "backend"}, 200),
+                                     ({"aud": "web", "iss": "backend"}, (401, "wrong audience")),
+                                     ({"aud": "app", "iss": "else"}, (401, "wrong issuer")),
+                                     ({"iss": "backend"}, (401, "the token has no aud claim")),
+                                     ({"aud": "app"}, (401, "the token has no iss claim"))):
+                got = stream_answer(s, f"/events/{user}?token={token(user, **claims)}", None,
+                                    split)
+                assert (got[0] if expected == 200 else got) == expected, (claims, split)
+    finally:
+        s.stop()
