@@ -97,14 +97,17 @@ class Server:
         return History(store.db, size=h.size, ttl=h.ttl, max_bytes=h.max_bytes)
 
     def _http(self, backend: Any, table: Any, replay: Any = None):
+        from cometd.auth import Authenticator
         from cometd.server import CometServer
         from cometd.webapp import make_app
 
         http = self.config.http
+        auth = Authenticator(self.config.auth)  # a key file it cannot use: ConfigError
         sock = listener(http.host, http.port, http.reuse_port)
         retry = (round(http.sse_retry_min * 1000), round(http.sse_retry_max * 1000))
-        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout,
-                             replay=replay, retry=retry)
+        server = CometServer(sock, make_app(backend, auth), table,
+                             request_timeout=http.request_timeout, auth=auth, replay=replay,
+                             retry=retry)
         server.start()
         # Stopping: no new connections, the requests under way (sends) finish,
         # then the streams end, spread out (see ConnectionTable.drain).

@@ -49,6 +49,8 @@ from gevent import socket as gsocket
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
+from cometd.auth import Authenticator, AuthError
+from cometd.config import AuthConfig
 from cometd.connections import RAW, SSE_RAW, ConnectionTable
 from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
@@ -60,6 +62,7 @@ from cometd.streamhttp import (
     FIRST_READ_BYTES,
     parse_stream_request,
     resumed_head,
+    stream_credentials,
     stream_head,
 )
 from cometd.webapp import STREAM_KEY, BackendUnavailable
@@ -72,6 +75,17 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
         f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+class _Unshown(bytes):
+    """Bytes a request began with, shown as their length only.
+
+    They become an argument of the handler's greenlet, and gevent prints a
+    greenlet's arguments when it fails: a token in them would reach the log.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} request bytes>"
 
 
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
@@ -114,8 +128,8 @@ class _DeadlineInput(io.RawIOBase):
 class CometHandler(WSGIHandler):
     """pywsgi's handler, with bounded headers and stream hand-off."""
 
-    #: (socket, user, kind, path, since) once the request turned into a stream
-    stream: tuple[Any, str, int, str, str | None] | None = None
+    #: (socket, user, kind, expires, path, since) once the request turned into a stream
+    stream: tuple[Any, str, int, float | None, str, str | None] | None = None
 
     def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
@@ -220,10 +234,10 @@ class CometHandler(WSGIHandler):
             finally:
                 self.result = None
             return
-        user, kind, path, since = target
+        user, kind, path, expires, since = target
         if since is not None and self.command != "HEAD":
             # A resume: CometServer.handle writes head and replay (see above).
-            self.stream = (self.socket, user, kind, path, since)
+            self.stream = (self.socket, user, kind, expires, path, since)
             self.socket = None
             self.close_connection = True
             return
@@ -240,7 +254,7 @@ class CometHandler(WSGIHandler):
             self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
             return
         self.socket.sendall(head)
-        self.stream = (self.socket, user, kind, path, None)
+        self.stream = (self.socket, user, kind, expires, path, None)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
 
@@ -251,12 +265,14 @@ class CometServer(WSGIServer):
     handler_class = CometHandler
 
     def __init__(self, listener, application, table: ConnectionTable,
-                 request_timeout: float = 10.0,
+                 request_timeout: float = 10.0, auth: Authenticator | None = None,
                  replay: Callable[[str, str], Replay] | None = None,
                  retry: tuple[int, int] = DEFAULT_RETRY_MS, **kwargs: Any) -> None:
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        #: who may open a stream; the app's authenticator, so both ways agree
+        self.auth = auth or Authenticator(AuthConfig())
         #: (user, since) -> what a resuming stream of user gets; None: no history here
         self._replay = replay
         #: the SSE ``retry:`` range, milliseconds
@@ -311,8 +327,21 @@ class CometServer(WSGIServer):
             stream = parse_stream_request(first)
             if stream is None:
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
-                                      sock.detach()), address, first
+                                      sock.detach()), address, _Unshown(first)
             user, kind, path = stream
+            expires = None
+            if self.auth.enabled:
+                identity = None
+                credentials = stream_credentials(first)
+                if credentials is not None:
+                    try:
+                        identity = self.auth.stream(user, *credentials)
+                    except AuthError:
+                        pass
+                if identity is None:  # refused: pywsgi and bottle say why
+                    return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
+                                          sock.detach()), address, _Unshown(first)
+                expires = identity.expires
             head = stream_head(user, kind, path, retry=self.retry, last=self.table.newest)
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
@@ -321,7 +350,7 @@ class CometServer(WSGIServer):
             except OSError:
                 sock.close()
                 continue
-            conn = self._adopt(sock, user, kind)
+            conn = self._adopt(sock, user, kind, expires)
             if sent < len(head):
                 conn.deliver(head[sent:])
         return None
@@ -333,17 +362,17 @@ class CometServer(WSGIServer):
         del handler
         if stream is None:
             return
-        gsock, user, kind, path, since = stream
+        gsock, user, kind, expires, path, since = stream
         try:
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
         if since is None:
-            self._adopt(raw, user, kind)
+            self._adopt(raw, user, kind, expires)
             return
         # The stream holds what is routed to it from before the replay is
         # read until it is written (see the module docstring).
-        conn = self._adopt(raw, user, kind)
+        conn = self._adopt(raw, user, kind, expires)
         conn.hold()
         replay = self.replay(user, since)
         if not conn.closed:
@@ -358,8 +387,8 @@ class CometServer(WSGIServer):
         except BackendUnavailable as exc:
             return Replay([], False, str(exc), 0)
 
-    def _adopt(self, sock: _socket.socket, user: str, kind: int):
-        conn = self.table.adopt(sock, user, kind)
+    def _adopt(self, sock: _socket.socket, user: str, kind: int, expires: float | None = None):
+        conn = self.table.adopt(sock, user, kind, expires)
         if self.table.connections >= self.max_connections and self._guard is None:
             self.stop_accepting()
             self._guard = gevent.spawn(self._watch_descriptors)
