@@ -1046,3 +1046,17 @@ def test_a_report_made_before_a_resume_does_not_undo_it():
     p.forget_edge("e2")  # a dead edge takes its resumes along
     p.update("e2", {}, stamp=0)
     assert p.online("u") == 0
+
+
+def test_kick_on_the_router_ends_a_users_streams_on_every_edge(cluster):
+    a, b = cluster.edges
+    mine = [cluster.stream(a, "kicked"), cluster.stream(b, "kicked")]
+    other = cluster.stream(b, "stays")
+    assert wait_until(lambda: cluster.online("kicked") == 2, BACK_WITHIN)
+    assert cluster.admin("kick kicked") == ["OK kicked 2"]
+    for stream in mine:
+        assert stream.wait(lambda s=stream: s.eof, 5), "a kicked stream stayed open"
+    assert wait_until(lambda: cluster.online("kicked") == 0, BACK_WITHIN)
+    assert a.send("stays", b"still here") == (200, {"delivered": 1})
+    assert other.wait_messages(1) == [b"still here"]
+    cluster.assert_healthy()
