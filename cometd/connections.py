@@ -539,7 +539,7 @@ class ConnectionTable:
 
     def kick(self, user: str) -> int:
         """End every stream of *user* (as :meth:`end_all` does); return how many."""
-        conns = list(self.users.get(user, ()))
+        conns = [c for c in self.users.get(user, ()) if c not in self._expiring]
         for conn in conns:
             self._forget(conn)  # nothing more is routed to it; the user logs out
         if conns:
@@ -551,7 +551,8 @@ class ConnectionTable:
 
         Streams still open meanwhile go on getting their messages.
         """
-        conns = list(self._by_fd.values())
+        # (An expiring stream has had its last chunk; it closes on its own.)
+        conns = [c for c in self._by_fd.values() if c not in self._expiring]
         if not conns:
             return
         span = min(seconds, len(conns) / min_rate)

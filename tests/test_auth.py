@@ -45,6 +45,7 @@ from cometd.auth import (
 from cometd.config import AuthConfig, ConfigError, load
 from cometd.connections import MODES
 from cometd.expiry import ExpiryWheel
+from cometd.history import parse_id
 from cometd.streamhttp import parse_stream_request, stream_credentials
 
 SECRET = "test-secret-that-is-at-least-32-bytes-long"
@@ -333,6 +334,8 @@ def api(srv, method: str, path: str, body=None, **headers) -> tuple[int, object]
     payload = json.loads(data)
     if status in (401, 403):
         assert got["www-authenticate"].endswith(f'error_description="{payload["error"]}"')
+    if status == 200 and path.startswith("/send/"):
+        assert parse_id(payload.pop("id")) is not None, payload  # ids: see test_history
     return status, payload
 
 
