@@ -37,12 +37,12 @@ from gevent import socket as gsocket
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
-from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.connections import ConnectionTable
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
-from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
+from cometd.streamhttp import FIRST_READ_BYTES, RAW, SSE_RAW, parse_stream_request, stream_head
 from cometd.webapp import STREAM_KEY
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]

@@ -41,8 +41,9 @@ from cometd.backplane import (
     decode_batch,
     encode_batch,
 )
-from cometd.connections import ConnectionTable, Message
+from cometd.connections import ConnectionTable
 from cometd.store import SubscriptionStore
+from cometd.streamhttp import Message
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
 EDGE_READY = r"cometd edge (\S+): listening on http://([\d.]+):(\d+)/"

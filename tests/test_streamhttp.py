@@ -13,8 +13,16 @@ import time
 import pytest
 from conftest import StreamClient, get_stats, send, start_server, unique_id, wait_for
 
-from cometd.connections import CHUNKED, MODES, RAW, SSE_CHUNKED, SSE_RAW
-from cometd.streamhttp import parse_stream_request, stream_head, stream_kind
+from cometd.connections import MODES
+from cometd.streamhttp import (
+    CHUNKED,
+    RAW,
+    SSE_CHUNKED,
+    SSE_RAW,
+    parse_stream_request,
+    stream_head,
+    stream_kind,
+)
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
