@@ -28,6 +28,7 @@ import dataclasses
 import ipaddress
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -386,11 +387,16 @@ def to_toml(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``:password@`` in text that is not a URL urlsplit reads (``redis//:pw@h``, no scheme)
+_LOOSE_PASSWORD = re.compile(r":[^:@/]*@")
+
+
 def redacted(url: str) -> str:
     """*url* with any password replaced, fit for a banner or a log."""
     parts = urlsplit(url)
     if parts.password is None:
-        return url
+        # A mistyped URL is shown in its error: hide what looks like a password in it too.
+        return url if parts.netloc else _LOOSE_PASSWORD.sub(":***@", url)
     netloc = parts.netloc.rsplit("@", 1)
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))

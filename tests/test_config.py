@@ -161,6 +161,16 @@ def test_redacted_hides_only_the_password():
     assert cfg.redacted("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert cfg.redacted("redis://u:pw@h/0") == "redis://u:***@h/0"
     assert cfg.redacted("redis://h:6379/0") == "redis://h:6379/0"
+    assert cfg.redacted("redis//:pw@h/0") == "redis//:***@h/0"  # mistyped: no scheme
+
+
+def test_a_bad_redis_url_is_named_without_its_password():
+    for url in ("http://:hunter2@h/0", "h:6379", "redis//:hunter2@h"):
+        with pytest.raises(ConfigError) as err:
+            load(None, {"redis": url}, {})
+        assert "hunter2" not in str(err.value) and "is not a redis://" in str(err.value), url
+    for url in ("redis://:pw@h:6379/0", "rediss://h/1", "unix:///run/redis.sock"):
+        assert load(None, {"redis": url}, {}).backplane.redis == url
 
 
 # -- processes: python -m cometd -------------------------------------------------------
