@@ -4,9 +4,9 @@ A stream is ``GET /test/<id>`` (chunked text) or ``GET /events/<id>``
 (Server-Sent Events); over HTTP/1.0 either is sent raw until the connection
 closes. This module holds the whole protocol and none of the sockets (h11's
 shape): :func:`parse_stream_request` recognises a request and names its kind,
-:func:`stream_head` is the status line, headers and welcome, a
-:class:`Message` is framed for each kind, and a chunked stream ends with
-:data:`LAST_CHUNK`. :mod:`cometd.connections` writes these bytes;
+:func:`stream_head` is the status line, headers and welcome (the same bytes
+whichever way a stream is opened), a :class:`Message` is framed for each
+kind, and a chunked stream ends with :data:`LAST_CHUNK`. :mod:`cometd.connections` writes these bytes;
 :mod:`cometd.server` reads the request.
 
 Theory of operation
