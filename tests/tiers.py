@@ -25,6 +25,7 @@ the walk missed.
 
 from __future__ import annotations
 
+import _posixsubprocess
 import multiprocessing
 import os
 import pty
@@ -110,6 +111,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not isinstance(item, pytest.Function) or item.get_closest_marker("system"):
             continue
+        # _fixtureinfo: pytest's own record of the fixtures an item uses, transitively
         fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
         if starts_processes([item.function, *fixtures]):
             item.add_marker(pytest.mark.system)
@@ -131,7 +133,9 @@ class _Guard:
             "mark it @pytest.mark.system (tests/tiers.py says why)")
 
     def __enter__(self) -> None:
-        targets = [(subprocess.Popen, "_execute_child"), (os, "fork"), (os, "forkpty")]
+        # Popen's own entry point, and the fork+exec that multiprocessing's spawn uses
+        targets = [(subprocess.Popen, "_execute_child"), (_posixsubprocess, "fork_exec"),
+                   (os, "fork"), (os, "forkpty")]
         targets += [(os, name) for name in sorted(_OS_SPAWNS) if name.startswith("posix_spawn")]
         targets += [(os, "system"), (os, "execv"), (os, "execve")]
         for owner, name in targets:
