@@ -6,8 +6,9 @@ closes. This module holds the whole protocol and none of the sockets (h11's
 shape): :func:`parse_stream_request` recognises a request and names its kind,
 :func:`stream_head` is the status line, headers and welcome (the same bytes
 whichever way a stream is opened), a :class:`Message` is framed for each
-kind, and a chunked stream ends with :data:`LAST_CHUNK`. :mod:`cometd.connections` writes these bytes;
-:mod:`cometd.server` reads the request.
+kind, and a chunked stream ends with :data:`LAST_CHUNK`.
+:mod:`cometd.connections` writes these bytes; :mod:`cometd.server` reads the
+request.
 
 Theory of operation
 -------------------
