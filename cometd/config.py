@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cometd.connections import MODES
-
-# cometd.webapp.MAX_MESSAGE_BYTES (tests/test_config.py checks they agree):
-# importing the web app here would import bottle, and with it ssl, before the
-# scale-out roles monkey-patch.
+# cometd.webapp.MAX_MESSAGE_BYTES and cometd.connections.MODES
+# (tests/test_config.py checks they agree): importing the web app or the
+# connection table here would import bottle or pywsgi, and with them ssl,
+# before the scale-out roles monkey-patch.
 MAX_MESSAGE_BYTES = 64 * 1024
+MODES = ("greenlet", "pool")
 
 __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "ConfigError",

@@ -34,6 +34,12 @@ def test_max_pending_holds_at_least_the_largest_message():
     assert OPTIONS["max_pending"].low == cfg.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES
 
 
+def test_the_mode_choices_are_the_connection_tables():
+    from cometd.connections import MODES
+
+    assert OPTIONS["mode"].choices == cfg.MODES == MODES
+
+
 def test_cli_imports_nothing_that_must_be_patched_first():
     # The router and edge monkey-patch after parsing: nothing may import
     # ssl (and redis) earlier, or gevent cannot patch them cleanly.
