@@ -980,14 +980,28 @@ class PublishOnly:
             return [self.client.listeners.get(ch, 1) for ch, _ in self.published]
 
 
+@pytest.fixture
+def presence():
+    """Presence over a PublishOnly client; its flush greenlet is stopped afterwards."""
+    made: list[Presence] = []
+
+    def make(client: PublishOnly | None = None) -> Presence:
+        made.append(Presence(client or PublishOnly()))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p._sends.stop()
+
+
 def _state(presence: Presence) -> tuple[dict, int, int, set[str]]:
     index = presence.index
     return (presence.users, presence.connections, presence.users_online,
             set(index.names) | set(index.ints.values()))
 
 
-def test_presence_follows_counts_snapshots_and_goodbyes():
-    p = Presence(PublishOnly())
+def test_presence_follows_counts_snapshots_and_goodbyes(presence):
+    p = presence()
     p.update("e1", {"alice": 2, "7": 1})
     p.update("e2", {"alice": 1})
     assert _state(p) == ({"alice": {"e1": 2, "e2": 1}, "7": {"e1": 1}}, 4, 2, {"alice", "7"})
@@ -1009,8 +1023,8 @@ def test_presence_follows_counts_snapshots_and_goodbyes():
     assert set(p.edges) == {"e2"}
 
 
-def test_an_edge_not_heard_from_expires_with_its_users():
-    p = Presence(PublishOnly())
+def test_an_edge_not_heard_from_expires_with_its_users(presence):
+    p = presence()
     p.update("quiet", {"alice": 1, "bob": 1})
     p.update("live", {"bob": 2})
     p.edges["quiet"] = time.monotonic() - EDGE_TIMEOUT - 0.5
@@ -1025,9 +1039,9 @@ def _published(client: PublishOnly) -> list[dict[str, list[tuple[bytes, list[str
             for r in client.rounds]
 
 
-def test_a_send_is_one_batch_per_edge_and_counts_connections():
+def test_a_send_is_one_batch_per_edge_and_counts_connections(presence):
     client = PublishOnly()
-    p = Presence(client)
+    p = presence(client)
     p.update("e1", {"alice": 2, "bob": 1})
     p.update("e2", {"alice": 1, "carol": 1})
     assert p.deliver(["alice", "bob", "carol", "offline"], Message("s", b"hi")) == 5
@@ -1040,9 +1054,9 @@ def test_a_send_is_one_batch_per_edge_and_counts_connections():
     assert len(client.rounds) == 1  # nothing published for nobody
 
 
-def test_sends_routed_together_share_one_payload_per_edge():
+def test_sends_routed_together_share_one_payload_per_edge(presence):
     client = PublishOnly()
-    p = Presence(client)
+    p = presence(client)
     p.update("e1", {"alice": 1})
     p.update("e2", {"bob": 1})
     sends = [gevent.spawn(p.deliver, users, Message("s", body))
@@ -1055,9 +1069,9 @@ def test_sends_routed_together_share_one_payload_per_edge():
     }]
 
 
-def test_a_batch_nobody_heard_is_counted_lost_not_delivered():
+def test_a_batch_nobody_heard_is_counted_lost_not_delivered(presence):
     client = PublishOnly({EDGE.format("e2"): 0})  # e2 is not (yet) subscribed
-    p = Presence(client)
+    p = presence(client)
     p.update("e1", {"alice": 2})
     p.update("e2", {"bob": 3})
     assert p.deliver(["alice", "bob"], Message("s", b"x")) == 2
