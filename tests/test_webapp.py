@@ -470,11 +470,11 @@ def json_answer(status: int, headers: dict[str, str], data: bytes) -> tuple[int,
     return status, json.loads(data)
 
 
-@pytest.mark.parametrize("path, protocol, stream", [
-    ("/test/42", "HTTP/1.1", ("42", CHUNKED, "/test/42")),
-    ("/test/42", "HTTP/1.0", ("42", RAW, "/test/42")),
-    ("/events/user:7", "HTTP/1.1", ("user:7", SSE_CHUNKED, "/events/user:7")),
-    ("/events/a.b-c_d", "HTTP/1.0", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d")),
+@pytest.mark.parametrize("path, protocol, stream", [  # (user, kind, path, expiry: no token)
+    ("/test/42", "HTTP/1.1", ("42", CHUNKED, "/test/42", None)),
+    ("/test/42", "HTTP/1.0", ("42", RAW, "/test/42", None)),
+    ("/events/user:7", "HTTP/1.1", ("user:7", SSE_CHUNKED, "/events/user:7", None)),
+    ("/events/a.b-c_d", "HTTP/1.0", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d", None)),
 ])
 def test_a_stream_route_hands_the_stream_to_the_server(path, protocol, stream):
     backend = FakeBackend()
