@@ -17,10 +17,13 @@ reaching them is a system test without a list of fixture or helper names to
 keep up to date, and a module keeps its tier when it moves. The walk follows
 global names only, so a reference it cannot resolve (a method reached through
 an attribute, a process started inside the cometd package) escapes it: for
-that, while a test of the fast tier runs (setup, call and teardown), starting
-a process fails the test with a message saying to mark it
-``@pytest.mark.system``. The fast tier therefore starts no process, whatever
-the walk missed.
+that, while a test of the fast tier is set up and runs, starting a process
+fails the test with a message saying to mark it ``@pytest.mark.system``. The
+fast tier therefore starts no process, whatever the walk missed. (Teardown is
+not guarded: in a full run, the last test of a module finalizes the module's
+fixtures, such as a server some earlier system test used. A fast test's own
+fixture that starts a process on teardown is seen by the walk, which reads
+the whole fixture function.)
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from collections.abc import Iterator
 import pytest
 
 __all__ = [
-    "pytest_collection_modifyitems", "pytest_runtest_setup",
-    "pytest_runtest_call", "pytest_runtest_teardown", "starts_processes",
+    "pytest_collection_modifyitems", "pytest_runtest_setup", "pytest_runtest_call",
+    "starts_processes",
 ]
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -157,4 +160,3 @@ def _guarded(item: pytest.Item):
 
 pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_guarded)
 pytest_runtest_call = pytest.hookimpl(wrapper=True)(_guarded)
-pytest_runtest_teardown = pytest.hookimpl(wrapper=True)(_guarded)
