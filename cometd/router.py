@@ -38,10 +38,10 @@ from typing import NamedTuple, Protocol
 from gevent.lock import Semaphore
 from gevent.pool import Pool
 
-from cometd.connections import Message
 from cometd.history import History, format_id
 from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
+from cometd.streamhttp import Message
 
 __all__ = ["Router", "Fanout", "Sent"]
 

@@ -51,7 +51,7 @@ from greenlet import greenlet
 
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
-from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.connections import ConnectionTable
 from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
@@ -60,6 +60,8 @@ from cometd.store import SubscriptionStore
 from cometd.streamhttp import (
     DEFAULT_RETRY_MS,
     FIRST_READ_BYTES,
+    RAW,
+    SSE_RAW,
     parse_stream_request,
     resumed_head,
     stream_credentials,
