@@ -18,9 +18,9 @@ import sys
 
 import pytest
 
-from cometd import bench
+from cometd.loadtest import bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "bin", "cometd-bench")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

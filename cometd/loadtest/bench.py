@@ -82,7 +82,7 @@ import psutil
 
 __all__ = ["main", "cli", "Sampler", "kernel_counters", "IDLE_BASELINES"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 NCHAN_TEMPLATE = ROOT / "bench" / "nchan.conf"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 KIB = 1024.0
@@ -195,9 +195,10 @@ def tool(name: str) -> list[str]:
     script = ROOT / "bin" / name
     if script.exists():
         return [sys.executable, str(script)]
-    module = {"cometd": "cli", "genfriends": "graphgen"}.get(name, name)
+    module = {"cometd": "cometd.cli", "genfriends": "cometd.graphgen"}.get(
+        name, f"cometd.loadtest.{name}")
     return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; "
-            f"from cometd.{module} import main; main()"]
+            f"from {module} import main; main()"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -608,7 +609,8 @@ def machine_info(nginx: str | None = None) -> dict[str, str]:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
-                                "cometd", "bin", ":!cometd/bench.py", ":!bin/cometd-bench"],
+                                "cometd", "bin", ":!cometd/loadtest/bench.py",
+                                ":!bin/cometd-bench"],
                                capture_output=True, text=True, timeout=10).stdout
         files = [line[3:] for line in dirty.splitlines() if line.strip()]
         if files:

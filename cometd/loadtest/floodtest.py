@@ -8,7 +8,7 @@ at ``--rate`` connections per second (ids ``--first-id`` upward), holds them for
 exits (a hard ``--timeout`` bounds every run). While it runs it prints
 the counters ``Open``, ``Closed``, ``Chunks`` and ``Bytes`` (plus connect errors
 and the delivery latency of messages whose body starts with ``ts=<send time>;``,
-as published by :mod:`cometd.msggen`) every ``--interval`` seconds, and a
+as published by :mod:`cometd.loadtest.msggen`) every ``--interval`` seconds, and a
 summary at the end (``--json FILE`` writes it for tools).
 
 Only loopback addresses (127.0.0.0/8) may be used, as targets and as sources.
@@ -95,7 +95,7 @@ _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
 # --------------------------------------------------------------------------------------
-# Latency histogram (shared with cometd.msggen)
+# Latency histogram (shared with cometd.loadtest.msggen)
 # --------------------------------------------------------------------------------------
 
 
