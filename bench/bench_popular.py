@@ -30,7 +30,6 @@ import glob
 import http.client
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -45,10 +44,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cometd.ids import encode_key  # noqa: E402
+from cometd.lifecycle import BANNER  # noqa: E402
 from cometd.store import SubscriptionStore  # noqa: E402
 
 POPULAR = 4_000_000_000
-_READY = re.compile(r"listening on http://[\d.]+:(\d+)/")
 
 
 def build_db(path: str, followers: int) -> None:
@@ -82,11 +81,11 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         line = self.proc.stdout.readline()
-        match = _READY.search(line)
+        match = BANNER.search(line)
         if not match:
             self.proc.kill()
             raise RuntimeError(f"cometd did not start: {line}{self.proc.stdout.read()}")
-        self.port = int(match.group(1))
+        self.port = int(match.group(2))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def request(self, method: str, path: str, body: bytes | None = None) -> dict:

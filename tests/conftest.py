@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from cometd.lifecycle import BANNER, free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMETD = os.path.join(ROOT, "bin", "cometd")
-# IPv6 addresses come in brackets (http://[::1]:8000/); the groups hold them without.
-_READY = re.compile(r"listening on http://\[?([\d.]+|[0-9a-f:]+)\]?:(\d+)/"
-                    r"(?: admin \[?([\d.]+|[0-9a-f:]+)\]?:(\d+))?")
 
 
 @dataclass
@@ -60,7 +59,7 @@ def start_server(db: str, *args: str, timeout: float = 20,
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
-            match = _READY.search(line)
+            match = BANNER.search(line)
             if match and not found:
                 found.append(match)
 
@@ -93,15 +92,6 @@ def server(tmp_path, mode):
 
 
 # -- scale-out: a real redis-server and router/edge processes ----------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the kernel's pick)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

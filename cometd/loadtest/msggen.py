@@ -46,7 +46,7 @@ import gevent
 import numpy as np
 from gevent import socket
 
-from cometd.loadtest.floodtest import LatencyHistogram, check_loopback, finish
+from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
 
 __all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "run", "main"]
 

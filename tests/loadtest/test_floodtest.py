@@ -349,7 +349,7 @@ def test_parser_handles_any_split():
 
 
 def test_latency_histogram():
-    from cometd.loadtest.floodtest import LatencyHistogram
+    from cometd.loadtest.common import LatencyHistogram
 
     h = LatencyHistogram()
     for ms in range(1, 1001):
