@@ -62,6 +62,8 @@ def machine_info(nginx: str | None = None) -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        if not commit:  # an installed package, run outside a checkout
+            raise OSError("not a git checkout")
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
                                 "cometd", "bin", *HARNESS],
                                capture_output=True, text=True, timeout=10).stdout
