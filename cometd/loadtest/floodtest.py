@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from cometd.loadtest.chunked import ChunkedDecoder, End, FramingError
 from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
 
 __all__ = [
@@ -182,28 +183,31 @@ class FloodConfig:
 # Worker: one epoll loop per process
 # --------------------------------------------------------------------------------------
 
-_CONNECTING, _HEADERS, _SIZE, _BODY, _RAW = range(5)
+_CONNECTING, _HEADERS, _STREAM, _RAW = range(4)
 _HEAD_MAX = 32  # payload bytes kept to recognise "ts=<float>;" / "Welcome"
 _MAX_LINE = 16384
 
 
-class _Conn:
-    """Per-connection state. Slots are reused by state to stay small:
+class _Conn(ChunkedDecoder):
+    """Per-connection state: the socket, the phase and, while streaming, the decoder.
+
+    Five slots in all; the decoder's are reused by phase before it starts:
 
     - ``_CONNECTING``: ``buf`` = the request to send, ``left`` = connect deadline.
-    - ``_HEADERS`` / ``_SIZE``: ``buf`` = partial header block / size line.
-    - ``_BODY``: ``left`` = bytes of chunk payload + CRLF still to skip,
-      ``need`` = payload-head bytes still wanted, ``buf`` = payload head so far.
+    - ``_HEADERS``: ``buf`` = partial header block.
+    - ``_STREAM``: the chunked decoder's own ``state``, ``buf``, ``left`` (it keeps
+      only each payload's first ``_HEAD_MAX`` bytes).
+    - ``_RAW``: a response that is not chunked; its bytes are counted, not parsed.
     """
 
-    __slots__ = ("sock", "state", "buf", "left", "need")
+    __slots__ = ("sock", "phase")
+    keep = _HEAD_MAX
 
     def __init__(self, sock: socket.socket, request: bytes, deadline: float) -> None:
         self.sock = sock
-        self.state = _CONNECTING
+        self.phase = _CONNECTING
         self.buf = request
         self.left = deadline
-        self.need = 0
 
 
 def _rss_kb() -> int:
@@ -318,14 +322,14 @@ class _Worker:
         if self.first_open is None:
             self.first_open = now
         self.last_open = now
-        c.state = _HEADERS
+        c.phase = _HEADERS
         c.buf = b""
         c.left = 0
         self.ep.modify(fd, select.EPOLLIN)
 
     def _expire_connects(self, now: float) -> None:
         late = [
-            fd for fd, c in self.conns.items() if c.state == _CONNECTING and c.left <= now
+            fd for fd, c in self.conns.items() if c.phase == _CONNECTING and c.left <= now
         ]
         for fd in late:
             self._connect_failed(fd, self.conns[fd], errno.ETIMEDOUT)
@@ -336,7 +340,7 @@ class _Worker:
         """Forget an established connection that ended during the run."""
         del self.conns[fd]
         self.open -= 1
-        if c.state in (_SIZE, _BODY, _RAW):
+        if c.phase in (_STREAM, _RAW):
             self.streaming -= 1
         self.closed += 1
         c.sock.close()
@@ -371,76 +375,44 @@ class _Worker:
 
     def _feed(self, fd: int, c: _Conn, data: bytes, now: float) -> None:
         """Advance the HTTP response parser of *c* over *data* (any split is fine)."""
-        if c.buf and c.state != _BODY:
-            data = c.buf + data
-            c.buf = b""
-        pos, end = 0, len(data)
-        while pos < end:
-            st = c.state
-            if st == _BODY:
-                left = c.left
-                take = left if left <= end - pos else end - pos
-                need = c.need
-                if need:
-                    piece = data[pos : pos + (need if need < take else take)]
-                    c.buf += piece
-                    need -= len(piece)
-                    c.need = need
-                    if not need:
-                        self._head(c.buf, now)
-                        c.buf = b""
-                pos += take
-                left -= take
-                c.left = left
-                if not left:
-                    self.chunks += 1
-                    c.state = _SIZE
-            elif st == _SIZE:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    if end - pos > _MAX_LINE:
-                        self._protocol_error(fd, c)
-                        return
-                    c.buf = data[pos:]
-                    return
-                line = data[pos:nl]
-                pos = nl + 1
-                semi = line.find(b";")
-                if semi >= 0:
-                    line = line[:semi]
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    size = int(line, 16)
-                except ValueError:
+        phase = c.phase
+        if phase != _STREAM:
+            if phase != _HEADERS:  # _RAW: bytes are counted, nothing else to find
+                return
+            if c.buf:
+                data = c.buf + data
+                c.buf = b""
+            idx = data.find(b"\r\n\r\n")
+            if idx < 0:
+                if len(data) > _MAX_LINE:
                     self._protocol_error(fd, c)
                     return
-                if size <= 0:  # last-chunk: the server ended the stream
-                    self._drop(fd, c)
-                    return
-                c.left = size + 2
-                c.need = size if size < _HEAD_MAX else _HEAD_MAX
-                c.state = _BODY
-            elif st == _HEADERS:
-                idx = data.find(b"\r\n\r\n", pos)
-                if idx < 0:
-                    if end - pos > _MAX_LINE:
-                        self._protocol_error(fd, c)
-                        return
-                    c.buf = data[pos:]
-                    return
-                block = data[pos:idx]
-                pos = idx + 4
-                status = block.split(b"\r\n", 1)[0].split(None, 2)
-                if len(status) < 2 or status[1] != b"200":
-                    self.http_errors += 1
-                    self._drop(fd, c)
-                    return
-                self.streaming += 1
-                c.state = _SIZE if b"chunked" in block.lower() else _RAW
-            else:  # _RAW: not chunked; bytes are counted, nothing else to find
+                c.buf = data
                 return
+            block = data[:idx]
+            status = block.split(b"\r\n", 1)[0].split(None, 2)
+            if len(status) < 2 or status[1] != b"200":
+                self.http_errors += 1
+                self._drop(fd, c)
+                return
+            self.streaming += 1
+            if b"chunked" not in block.lower():
+                c.phase = _RAW
+                return
+            c.phase = _STREAM
+            c.reset()
+            data = data[idx + 4:]
+        try:
+            events = c.feed(data)
+        except FramingError:
+            self._protocol_error(fd, c)
+            return
+        for event in events:
+            if event.__class__ is End:  # the server ended the stream
+                self._drop(fd, c)
+                return
+            self.chunks += 1
+            self._head(event.data, now)
 
     def _protocol_error(self, fd: int, c: _Conn) -> None:
         self.protocol_errors += 1
@@ -562,7 +534,7 @@ class _Worker:
                 c = conns.get(fd)
                 if c is None:
                     continue
-                if c.state == _CONNECTING:
+                if c.phase == _CONNECTING:
                     self._on_connect(fd, c, time.monotonic())
                 else:
                     self._on_readable(fd, c)

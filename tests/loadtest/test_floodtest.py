@@ -327,7 +327,7 @@ def test_client_memory_per_connection(tmp_path):
 
 
 def test_parser_handles_any_split():
-    from cometd.loadtest.floodtest import FloodConfig, _Conn, _Worker
+    from cometd.loadtest.floodtest import _HEADERS, FloodConfig, _Conn, _Worker
 
     now = time.time()
     chunks = [b"Welcome, Url: '/test/7' Id: 7\n"] + [
@@ -338,7 +338,7 @@ def test_parser_handles_any_split():
     for step in (1, 2, 3, 7, 31, len(wire)):
         w = _Worker(FloodConfig(servers=[("127.0.0.1", 1)]), 0, 1, 0.0, 0.0)
         c = _Conn(None, b"", 0.0)
-        c.state = 1  # _HEADERS
+        c.phase = _HEADERS
         w.conns[5] = c
         w.open = 1
         for i in range(0, len(wire), step):
