@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cometd.lifecycle import BANNER, free_port
+from cometd.loadtest.chunked import Chunk, ChunkedDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMETD = os.path.join(ROOT, "bin", "cometd")
@@ -234,31 +235,20 @@ def start_cometd(args: list[str], ready: str, timeout: float = 20,
 
 
 class ChunkParser:
-    """Incremental parser of HTTP/1.1 chunked framing: feed bytes, take whole payloads."""
+    """The payloads of a chunked body as they complete (cometd.loadtest.chunked decodes)."""
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        self.decoder = ChunkedDecoder()
         self.chunks: collections.deque[bytes] = collections.deque()
-        #: the zero-length last chunk arrived
-        self.ended = False
+
+    @property
+    def ended(self) -> bool:
+        """The zero-length last chunk arrived."""
+        return self.decoder.ended
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
-        while not self.ended:
-            eol = self.buf.find(b"\r\n")
-            if eol < 0:
-                return
-            size = int(bytes(self.buf[:eol]).split(b";")[0], 16)  # ValueError: bad framing
-            end = eol + 2 + size
-            if len(self.buf) < end + 2:
-                return
-            if self.buf[end:end + 2] != b"\r\n":
-                raise ValueError(f"chunk of {size} bytes not followed by CRLF")
-            if size:
-                self.chunks.append(bytes(self.buf[eol + 2:end]))
-            else:
-                self.ended = True
-            del self.buf[:end + 2]
+        """Decode *data*; FramingError (a ValueError) on bad framing."""
+        self.chunks.extend(e.data for e in self.decoder.feed(data) if isinstance(e, Chunk))
 
 
 class StreamClient:
