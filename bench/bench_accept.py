@@ -18,7 +18,6 @@ Loopback only; every loop is bounded.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import socket
@@ -30,17 +29,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def server_cpu_ns(pid: int) -> int:
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass  # a thread that just ended
-    return total
+from cometd.loadtest.sampling import schedstat_cpu_ns as server_cpu_ns  # noqa: E402
 
 
 def open_batch(port: int, first: int, n: int, split: int | None) -> list[socket.socket]:

@@ -26,7 +26,6 @@ count is checked against K. Loopback only; every loop is bounded.
 from __future__ import annotations
 
 import argparse
-import glob
 import http.client
 import json
 import os
@@ -45,6 +44,7 @@ sys.path.insert(0, ROOT)
 
 from cometd.ids import encode_key  # noqa: E402
 from cometd.lifecycle import BANNER  # noqa: E402
+from cometd.loadtest.sampling import schedstat_cpu_ns  # noqa: E402
 from cometd.store import SubscriptionStore  # noqa: E402
 
 POPULAR = 4_000_000_000
@@ -63,15 +63,8 @@ def build_db(path: str, followers: int) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of *pid*, from schedstat: exact, not in 10 ms ticks."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass  # a thread that just ended
-    return total / 1e9
+    """CPU time of every thread of *pid* in seconds (schedstat)."""
+    return schedstat_cpu_ns(pid) / 1e9
 
 
 class Server:

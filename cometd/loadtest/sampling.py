@@ -18,6 +18,7 @@ CPU is the server process's own CPU time (psutil), never the machine's.
 
 from __future__ import annotations
 
+import glob
 import os
 import statistics
 import subprocess
@@ -31,12 +32,25 @@ from cometd.loadtest.procs import log
 from cometd.loadtest.servers import Server
 
 __all__ = [
+    "schedstat_cpu_ns",
     "PAGE", "kernel_counters", "Sampler", "median_of", "wait_quiet", "wait_conns",
     "samples_between", "cpu_pct",
 ]
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def schedstat_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of *pid* in ns, from schedstat: exact, not in 10 ms ticks."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass  # a thread that just ended
+    return total
 
 
 def kernel_counters() -> dict[str, int]:
