@@ -9,8 +9,9 @@ every connection of those users.
 
 Theory of operation
 -------------------
-A message is framed once per stream kind (chunked or not, plain or SSE) and
-the same bytes object goes to every recipient of that kind.
+A message is framed once per stream kind (chunked or not, plain or SSE; see
+:class:`cometd.streamhttp.Message`) and the same bytes object goes to every
+recipient of that kind.
 
 Two connection modes share everything but the writer:
 
@@ -35,6 +36,14 @@ mid-stream as before. A slow consumer dropped for ``max_pending`` is closed
 without one: its last chunk may be cut short, and a last chunk after it would
 claim the stream was complete.
 
+A stream opened with a token (:mod:`cometd.auth`) is filed in an
+:class:`~cometd.expiry.ExpiryWheel` by when its token stops being accepted;
+one greenlet sweeps it once a second. An expired stream is logged out at
+once (nothing more is routed to it), gets its farewell -- SSE the event
+``event: expired``, then chunked streams their last chunk, as at a clean
+shutdown -- and is closed a second later, so a client that reads to the end
+tells expiry from a crash and reconnects with a fresh token.
+
 Disconnects are noticed without any per-connection watcher: every stream's
 descriptor is registered (EPOLLIN | EPOLLRDHUP) in one epoll set, and a single
 gevent watcher on that epoll descriptor wakes when any client hangs up or
@@ -44,37 +53,31 @@ sends something, typically within milliseconds.
 from __future__ import annotations
 
 import errno
-import json
 import select
 import socket
 import time
 from collections.abc import Iterable
-from itertools import count
 
 import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
+from cometd.expiry import ExpiryWheel
 from cometd.online import OnlineIndex, yield_to_hub
+from cometd.streamhttp import (
+    CHUNKED,
+    EXPIRED_EVENT,
+    KEEPALIVE,
+    LAST_CHUNK,
+    SSE_CHUNKED,
+    SSE_RAW,
+    Message,
+    frame_bytes,
+)
 
-__all__ = [
-    "frame_bytes",
-    "Message",
-    "Connection",
-    "ConnectionTable",
-    "CHUNKED",
-    "RAW",
-    "SSE_CHUNKED",
-    "SSE_RAW",
-    "MODES",
-]
+__all__ = ["Connection", "ConnectionTable", "MODES"]
 
-#: stream kinds: plain message bodies or SSE events, with or without chunk framing
-CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
 MODES = ("greenlet", "pool")
-KEEPALIVE = b": keepalive\n\n"
-#: the zero-length chunk that ends a chunked response (with no trailers)
-LAST_CHUNK = b"0\r\n\r\n"
 #: how long a clean shutdown waits for clients to take their last bytes
 CLOSE_GRACE = 1.0
 
@@ -89,53 +92,12 @@ _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 _YIELD_EVERY = 100
 
 
-def _chunk(payload: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
-
-
-def frame_bytes(kind: int, payload: bytes) -> bytes:
-    """*payload* as a stream of *kind* carries it: one chunk, or as is over HTTP/1.0."""
-    return _chunk(payload) if kind in (CHUNKED, SSE_CHUNKED) else payload
-
-
-def sse_event(seq: int, subject: str, body: bytes) -> bytes:
-    data = json.dumps({"from": subject, "body": body.decode("utf-8", "replace")})
-    return b"id: %d\ndata: %s\n\n" % (seq, data.encode())
-
-
-class Message:
-    """One published message; its wire bytes are built once per stream kind."""
-
-    __slots__ = ("seq", "subject", "body", "_frames")
-
-    _seqs = count(1)
-
-    def __init__(self, subject: str, body: bytes) -> None:
-        #: process-wide sequence number, the SSE ``id:``
-        self.seq = next(Message._seqs)
-        self.subject = subject
-        self.body = body
-        self._frames: list[bytes | None] = [None, None, None, None]
-
-    def frame(self, kind: int) -> bytes:
-        frame = self._frames[kind]
-        if frame is None:
-            if kind == RAW:
-                frame = self.body
-            elif kind == CHUNKED:
-                frame = _chunk(self.body)
-            else:
-                event = sse_event(self.seq, self.subject, self.body)
-                frame = event if kind == SSE_RAW else _chunk(event)
-            self._frames[kind] = frame
-        return frame
-
-
 class Connection:
     """One client stream, owned by a :class:`ConnectionTable`."""
 
     __slots__ = (
-        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed"
+        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
+        "expiry",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -152,6 +114,8 @@ class Connection:
         #: greenlet mode: the greenlet waits for output (not for writability)
         self._parked = False
         self.closed = False
+        #: the second its token expires under in the table's wheel, if it has one
+        self.expiry: int | None = None
 
     # -- both modes ------------------------------------------------------------
 
@@ -294,6 +258,10 @@ class ConnectionTable:
         #: called with the user id after each login and logout (the backplane's presence)
         self.on_presence = None
         self._ending = False
+        self._wheel = ExpiryWheel()
+        #: expired streams given their farewell, closed at the next sweep
+        self._expiring: set[Connection] = set()
+        self._sweeper = None
         self.loop = get_hub().loop
         self._epoll = select.epoll()
         self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
@@ -323,10 +291,18 @@ class ConnectionTable:
     def online(self, user: str) -> int:
         return len(self.users.get(user, ()))
 
-    def adopt(self, sock: socket.socket, user: str, kind: int) -> Connection:
-        """Take over a stream whose headers have been sent; the user logs in."""
+    def adopt(self, sock: socket.socket, user: str, kind: int,
+              expires: float | None = None) -> Connection:
+        """Take over a stream whose headers have been sent; the user logs in.
+
+        *expires*: when its token stops being accepted (Unix time); the stream ends then.
+        """
         sock.setblocking(False)
         conn = Connection(self, sock, user, kind)
+        if expires is not None:
+            conn.expiry = self._wheel.add(conn, expires)
+            if self._sweeper is None:
+                self._sweeper = gevent.spawn(self._sweep)
         self._by_fd[conn.fd] = conn
         self._epoll.register(conn.fd, _EPOLL_FLAGS)
         conns = self.users.get(user)
@@ -347,6 +323,12 @@ class ConnectionTable:
                 self._epoll.unregister(conn.fd)
             except (OSError, ValueError):
                 pass
+        if conn.expiry is not None:
+            self._wheel.discard(conn, conn.expiry)
+            self._expiring.discard(conn)
+        self._logout(conn)
+
+    def _logout(self, conn: Connection) -> None:
         conns = self.users.get(conn.user)
         if conns is not None and conn in conns:
             conns.remove(conn)
@@ -377,10 +359,32 @@ class ConnectionTable:
         """Write an SSE comment to every SSE stream; return how many."""
         if self._ending:
             return 0  # nothing after a stream's last chunk
-        sse = [c for c in self._by_fd.values() if c.kind in (SSE_CHUNKED, SSE_RAW)]
+        expiring = self._expiring
+        sse = [c for c in self._by_fd.values()
+               if c.kind in (SSE_CHUNKED, SSE_RAW) and c not in expiring]
         for conn in sse:
             conn.deliver(frame_bytes(conn.kind, KEEPALIVE))
         return len(sse)
+
+    def _sweep(self) -> None:
+        """Once a second: close the streams expired a second ago, bid farewell to those due."""
+        while True:
+            gevent.sleep(1.0)
+            for conn in list(self._expiring):
+                conn.close()
+            for conn in self._wheel.due(time.time()):
+                if conn.closed:
+                    continue
+                self._logout(conn)  # nothing is routed to it any more
+                farewell = EXPIRED_EVENT if conn.kind in (SSE_CHUNKED, SSE_RAW) else b""
+                farewell = frame_bytes(conn.kind, farewell) if farewell else b""
+                if conn.kind in (CHUNKED, SSE_CHUNKED):
+                    farewell += LAST_CHUNK
+                if not farewell:
+                    conn.close()  # a raw plain stream: its end is the close
+                    continue
+                self._expiring.add(conn)
+                conn.deliver(farewell)
 
     def _on_epoll(self) -> None:
         for fd, events in self._epoll.poll(0, 1024):
@@ -405,8 +409,8 @@ class ConnectionTable:
         self.users.clear()
         self._index = None  # rebuilt from users (empty) if asked again
         for conn in conns:
-            if conn.kind in (CHUNKED, SSE_CHUNKED):
-                conn.deliver(LAST_CHUNK)
+            if conn.kind in (CHUNKED, SSE_CHUNKED) and conn not in self._expiring:
+                conn.deliver(LAST_CHUNK)  # (an expiring stream has had it)
         deadline = time.monotonic() + grace
         while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
             gevent.sleep(0.01)
@@ -415,6 +419,8 @@ class ConnectionTable:
 
     def close(self) -> None:
         """End every stream (see :meth:`end_all`) and stop watching for disconnects."""
+        if self._sweeper is not None:
+            self._sweeper.kill()
         self.end_all()
         self._epoll_watcher.stop()
         self._epoll_watcher.close()

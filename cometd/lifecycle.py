@@ -107,12 +107,15 @@ class Server:
         return table
 
     def _http(self, backend: Any, table: Any):
+        from cometd.auth import Authenticator
         from cometd.server import CometServer
         from cometd.webapp import make_app
 
         http = self.config.http
+        auth = Authenticator(self.config.auth)  # a key file it cannot use: ConfigError
         sock = listener(http.host, http.port, http.reuse_port)
-        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout)
+        server = CometServer(sock, make_app(backend, auth), table,
+                             request_timeout=http.request_timeout, auth=auth)
         server.start()
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive

@@ -37,12 +37,21 @@ from gevent import socket as gsocket
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
-from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.auth import Authenticator, AuthError
+from cometd.config import AuthConfig
+from cometd.connections import ConnectionTable
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
-from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
+from cometd.streamhttp import (
+    FIRST_READ_BYTES,
+    RAW,
+    SSE_RAW,
+    parse_stream_request,
+    stream_credentials,
+    stream_head,
+)
 from cometd.webapp import STREAM_KEY
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
@@ -53,6 +62,17 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
         f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+class _Unshown(bytes):
+    """Bytes a request began with, shown as their length only.
+
+    They become an argument of the handler's greenlet, and gevent prints a
+    greenlet's arguments when it fails: a token in them would reach the log.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} request bytes>"
 
 
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
@@ -95,8 +115,8 @@ class _DeadlineInput(io.RawIOBase):
 class CometHandler(WSGIHandler):
     """pywsgi's handler, with bounded headers and stream hand-off."""
 
-    #: (socket, user, kind) once the request turned into a stream
-    stream: tuple[Any, str, int] | None = None
+    #: (socket, user, kind, expires) once the request turned into a stream
+    stream: tuple[Any, str, int, float | None] | None = None
 
     def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
@@ -201,7 +221,7 @@ class CometHandler(WSGIHandler):
             finally:
                 self.result = None
             return
-        user, kind, path = target
+        user, kind, path, expires = target
         head = stream_head(user, kind, path)
         if self.command == "HEAD":
             # The stream's status line and headers, no content (RFC 9110 9.3.2),
@@ -210,7 +230,7 @@ class CometHandler(WSGIHandler):
             self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
             return
         self.socket.sendall(head)
-        self.stream = (self.socket, user, kind)
+        self.stream = (self.socket, user, kind, expires)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
 
@@ -221,10 +241,13 @@ class CometServer(WSGIServer):
     handler_class = CometHandler
 
     def __init__(self, listener, application, table: ConnectionTable,
-                 request_timeout: float = 10.0, **kwargs: Any) -> None:
+                 request_timeout: float = 10.0, auth: Authenticator | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(listener, application, **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        #: who may open a stream; the app's authenticator, so both ways agree
+        self.auth = auth or Authenticator(AuthConfig())
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
         # (cometd.streamhttp), and a client that says nothing costs no
@@ -275,8 +298,21 @@ class CometServer(WSGIServer):
             stream = parse_stream_request(first)
             if stream is None:
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
-                                      sock.detach()), address, first
+                                      sock.detach()), address, _Unshown(first)
             user, kind, path = stream
+            expires = None
+            if self.auth.enabled:
+                identity = None
+                credentials = stream_credentials(first)
+                if credentials is not None:
+                    try:
+                        identity = self.auth.stream(user, *credentials)
+                    except AuthError:
+                        pass
+                if identity is None:  # refused: pywsgi and bottle say why
+                    return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
+                                          sock.detach()), address, _Unshown(first)
+                expires = identity.expires
             head = stream_head(user, kind, path)
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
@@ -285,7 +321,7 @@ class CometServer(WSGIServer):
             except OSError:
                 sock.close()
                 continue
-            conn = self._adopt(sock, user, kind)
+            conn = self._adopt(sock, user, kind, expires)
             if sent < len(head):
                 conn.deliver(head[sent:])
         return None
@@ -297,15 +333,15 @@ class CometServer(WSGIServer):
         del handler
         if stream is None:
             return
-        gsock, user, kind = stream
+        gsock, user, kind, expires = stream
         try:
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
-        self._adopt(raw, user, kind)
+        self._adopt(raw, user, kind, expires)
 
-    def _adopt(self, sock: _socket.socket, user: str, kind: int):
-        conn = self.table.adopt(sock, user, kind)
+    def _adopt(self, sock: _socket.socket, user: str, kind: int, expires: float | None = None):
+        conn = self.table.adopt(sock, user, kind, expires)
         if self.table.connections >= self.max_connections and self._guard is None:
             self.stop_accepting()
             self._guard = gevent.spawn(self._watch_descriptors)

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pytest
+from tiers import *  # noqa: F403 -- the system marker and the fast tier's guard
 
 from cometd.lifecycle import BANNER, free_port
 from cometd.loadtest.chunked import Chunk, ChunkedDecoder
