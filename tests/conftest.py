@@ -247,6 +247,12 @@ class ChunkParser:
         """The zero-length last chunk arrived."""
         return self.decoder.ended
 
+    @property
+    def buf(self) -> bytes:
+        """Bytes held for the next feed (a partial line or chunk); bytes after the end
+        raise FramingError instead."""
+        return self.decoder.buf
+
     def feed(self, data: bytes) -> None:
         """Decode *data*; FramingError (a ValueError) on bad framing."""
         self.chunks.extend(e.data for e in self.decoder.feed(data) if isinstance(e, Chunk))
