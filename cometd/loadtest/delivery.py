@@ -13,16 +13,20 @@ a recipient and did not (*missing*), those that reached one more than once
 A user's recipients come from the same friends file the server was loaded
 with (``A B``: A and B subscribe to each other; with *directed*, only A to
 B), restricted to the users floodtest held, so memory follows those users,
-not the whole graph.
+not the whole graph. ``cometd-bench check`` (:data:`check_command`) runs it
+on the files.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["DeliveryReport", "check", "read_pairs", "subscriptions"]
+import click
+
+__all__ = ["DeliveryReport", "check", "check_command", "read_pairs", "subscriptions"]
 
 
 @dataclass
@@ -109,3 +113,31 @@ def check(subs: dict[str, set[str]], published: Iterable[tuple[str, str]],
                 found["unexpected"].append((user, message_id))
     report.examples = {k: v[:examples] for k, v in found.items() if v}
     return report
+
+
+@click.command("check")
+@click.argument("friends", type=click.Path(exists=True, dir_okay=False))
+@click.argument("published", type=click.Path(exists=True, dir_okay=False))
+@click.argument("received", type=click.Path(exists=True, dir_okay=False))
+@click.option("--users", required=True, metavar="FIRST-LAST",
+              help="The user ids floodtest held (its --first-id and --n), e.g. 1-15000.")
+@click.option("--directed", is_flag=True, help="FRIENDS was loaded with --directed.")
+def check_command(friends: str, published: str, received: str, users: str,
+                  directed: bool) -> None:
+    """Check a run end to end: nothing lost, nothing twice (exit 1 if anything was).
+
+    FRIENDS is the friends file the server was loaded with, PUBLISHED what
+    msggen --record wrote, RECEIVED what floodtest --events --record wrote.
+    """
+    first, _, last = users.partition("-")
+    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise click.BadParameter(f"expected FIRST-LAST, e.g. 1-15000: {users!r}",
+                                 param_hint="--users")
+    held = {str(u) for u in range(int(first), int(last) + 1)}
+    report = check(subscriptions(read_pairs(friends), held, directed), read_pairs(published),
+                   read_pairs(received))
+    click.echo(report.summary())
+    for kind, cases in report.examples.items():
+        click.echo(f"  {kind}, e.g.: " + ", ".join(f"{u} {m}" for u, m in cases))
+    if not report.ok:
+        sys.exit(1)

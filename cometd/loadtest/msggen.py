@@ -3,7 +3,7 @@
 Every message is a ``POST /send/<subject>`` through the HTTP API, where the
 subject is drawn from ``1..--users`` (uniformly, or Zipf-skewed with ``--zipf S``
 so that user ``k`` is picked with weight ``1/k**S``). The body carries its send
-time so that :mod:`cometd.floodtest` can time delivery::
+time so that :mod:`cometd.loadtest.floodtest` can time delivery::
 
     ts=1764140000.123456;from=42;seq=17;xxxxxxxx...
 
@@ -46,7 +46,7 @@ import gevent
 import numpy as np
 from gevent import socket
 
-from cometd.floodtest import LatencyHistogram, check_loopback, finish
+from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
 
 __all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "run", "main"]
 
@@ -132,7 +132,8 @@ class MsgGenConfig:
     request_timeout: float = 5.0
     timeout: float = 0.0  # 0: duration + request_timeout + 10
     seed: int | None = None
-    #: write "<subject> <message id>" for every message the server took (see cometd.delivery)
+    #: write "<subject> <message id>" for every message the server took
+    #: (see cometd.loadtest.delivery)
     record: str | None = None
 
 
@@ -431,7 +432,7 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
 @click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
 @click.option("--record", default=None, metavar="FILE",
               help="Write '<subject> <message id>' to FILE for every message the server "
-                   "took, in reply order (for the delivery check, cometd.delivery).")
+                   "took, in reply order (for the delivery check, cometd.loadtest.delivery).")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
          request_timeout, timeout, seed, record) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for

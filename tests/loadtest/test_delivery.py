@@ -14,7 +14,7 @@ import time
 
 from conftest import COMETD, ROOT, get_stats, start_server, wait_for
 
-from cometd.delivery import check, subscriptions
+from cometd.loadtest.delivery import check, subscriptions
 
 BIN = os.path.join(ROOT, "bin")
 
