@@ -94,7 +94,9 @@ def _flags(*keys: str):
     return apply
 
 
-_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout")
+_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout",
+         "max_connections", "max_streams_per_user", "max_streams_per_address",
+         "stream_rate_per_address")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 _AUTH = ("jwt_secret", "jwt_key", "jwt_audience", "jwt_issuer", "token_cookie", "api_key",
          "api_keys_file")
