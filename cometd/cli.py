@@ -260,7 +260,7 @@ def check_system_command(connections: int, mode: str, workers: int | None, clien
     per-connection figures), which limit breaks first, and the sysctl and
     ulimit lines that fix each shortfall. Changes nothing unless --apply is
     given. Exits 0 when the machine can hold N, 1 when it cannot, 2 when
-    its limits cannot be read.
+    its limits cannot be read or --apply cannot write them.
     """
     import json
 
@@ -269,12 +269,15 @@ def check_system_command(connections: int, mode: str, workers: int | None, clien
     report = check(read_system(proc_root, sys_root), Plan(connections, mode, workers,
                                                           clients_here))
     changed: list[tuple[str, str, str]] = []
+    if do_apply and report.errors:
+        click.echo(report.text(), nl=False)
+        raise Failure("not applied: some limits cannot be read (see above)", exit_code=2)
     if do_apply and report.sysctls:
         try:
             changed = apply(report, proc_root)
         except OSError as exc:
             raise Failure(f"cannot write {exc.filename}: {exc.strerror} (nothing was "
-                          "changed; --apply needs root)") from None
+                          "changed; --apply needs root)", exit_code=2) from None
     if as_json:
         data = report.as_dict()
         if do_apply:
