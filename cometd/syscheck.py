@@ -153,7 +153,7 @@ class Report:
         else:
             if first is not None:
                 at = "at once" if not first.breaks_at else f"near {first.breaks_at:,} connections"
-                lines.append(f"verdict: NO; {first.limit} breaks first, {at}")
+                lines.append(f"verdict: NO; {first.limit} breaks first, {at} ({first.why})")
             fixes = [f.fix for f in self.findings if not f.ok and f.fix]
             if fixes:
                 lines.append("fix (as root; cometd check-system --apply writes the sysctls):")
