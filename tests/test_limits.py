@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from conftest import COMETD, ROOT, StreamClient, get_stats, start_server, unique_id
+from conftest import COMETD, ROOT, StreamClient, get_stats, start_server, unique_id, wait_for
 
 WAYS = ("fast", "pywsgi")
 
@@ -164,3 +164,38 @@ def test_a_bad_limit_is_a_clear_error(tmp_path, flag, value):
     assert proc.stderr.startswith(f"cometd: error: {flag}: "), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "db").exists()
+
+
+def test_by_default_the_cap_is_the_open_file_limit_less_200(tmp_path, mode):
+    # RLIMIT_NOFILE 230: at most 30 streams, the rest kept for everything else.
+    srv = start_server(str(tmp_path / "db"), "--mode", mode,
+                       prefix=["prlimit", "--nofile=230:230"])
+    try:
+        held = [open_stream(srv, unique_id("d")) for _ in range(30)]
+        assert all(c.status == 200 for c in held)
+        assert_refused(open_stream(srv, unique_id("d")), 503, "server full")
+        # Requests that hold descriptors past the headroom (unfinished ones, in
+        # pywsgi until their timeout): accepting pauses, nothing fails or logs.
+        idle = []
+        for _ in range(220):
+            sock = socket.socket()
+            sock.connect((srv.host, srv.port))
+            sock.sendall(b"GET /stats HTTP/1.1\r\n")
+            idle.append(sock)
+        time.sleep(1)
+        for sock in idle:
+            sock.close()
+        stats = wait_for(lambda: _stats_or_none(srv), 10, what="an answer after EMFILE")
+        assert stats["connections"] == 30 and stats["rejected"]["connections"] == 1
+        assert "Traceback" not in "".join(srv.output), "".join(srv.output)
+        for c in held:
+            c.close()
+    finally:
+        srv.stop()
+
+
+def _stats_or_none(srv):
+    try:
+        return get_stats(srv)
+    except OSError:
+        return None
