@@ -112,7 +112,9 @@ class Report:
     @property
     def first_to_break(self) -> Finding | None:
         failing = [f for f in self.findings if not f.ok]
-        return min(failing, key=lambda f: f.breaks_at or 0) if failing else None
+        never = self.plan.connections  # None: not before the plan's N
+        return min(failing, key=lambda f: never if f.breaks_at is None else f.breaks_at,
+                   default=None)
 
     @property
     def sysctls(self) -> dict[str, str]:
@@ -247,12 +249,12 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
     workers = plan.workers or max(1, math.ceil(n / cap))
     per_process = math.ceil(n / workers)
     fds = per_process + HEADROOM
-    processes = workers + (1 if workers > 1 else 0)  # the router of a scale-out
+    processes = workers + 1 if workers > 1 else 1  # a scale-out has a router too
     client_processes = math.ceil(n / max(hard - CLIENT_HEADROOM, 1)) if plan.clients_here else 0
     findings.append(Finding(
         "RLIMIT_NOFILE (soft)", f"{soft:,}", f"{fds:,}", soft >= fds,
         None if soft >= fds else workers * max(soft - HEADROOM, 0),
-        None if soft >= fds else f"ulimit -n {min(max(fds, soft), hard) if fds <= hard else fds}",
+        None if soft >= fds else f"ulimit -n {fds}",
         "each process's open files: its connections plus headroom"))
     if fds > hard:
         findings.append(Finding(
@@ -315,8 +317,8 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
     ok = memory <= usable
     findings.append(Finding(
         "memory", f"{available / GiB:.1f} GiB available", f"{(memory + SAFETY_BYTES) / GiB:.1f} "
-        "GiB", ok, None if ok else max(0, int(
-            (usable - (processes + client_processes) * PROCESS_BYTES) // per_conn)),
+        "GiB", ok, None if ok else max(0, usable - (processes + client_processes)
+                                         * PROCESS_BYTES) // per_conn,
         None if ok else "# fewer connections on this machine, or more memory",
         f"{per_conn:,} B a connection (BENCHMARKS.md), {PROCESS_BYTES // MiB} MiB a process, "
         f"{SAFETY_BYTES // GiB} GiB to spare"))
@@ -334,12 +336,14 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
             continue
         default = values[1]
         ok = count * default <= budget
-        fit = 1 << int(math.log2(max(budget // count, 1)))
+        fit = 1 << int(math.log2(max(budget // count, 1)))  # a power of two that fits
         fit = max(PAGE, min(fit, default))
         value = f"{PAGE} {fit} {4 * fit}"
+        # when full buffers and the connections themselves no longer fit in memory
+        room = usable - (processes + client_processes) * PROCESS_BYTES
         findings.append(Finding(
             name, " ".join(map(str, values)), f"a default of at most {budget // count:,} B",
-            ok, None if ok else max(0, usable - memory + n * per_conn) // (default + per_conn),
+            ok, None if ok else max(0, room) // (default + per_conn),
             None if ok else f'sysctl -w {name}="{value}"',
             f"{count:,} sockets with full default buffers (a slow or stalled reader each) "
             f"would take {count * default / GiB:.1f} GiB, over a quarter of memory",
@@ -387,7 +391,7 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
                 None if ok else f"sysctl -w net.netfilter.nf_conntrack_max={value}",
                 "a tracked entry per connection; past it new connections are dropped "
                 "(kern.log: nf_conntrack: table full)", ("net.netfilter.nf_conntrack_max", value)))
-    return Report(plan, findings, processes if workers > 1 else 1, client_processes,
+    return Report(plan, findings, processes, client_processes,
                   per_process, memory + SAFETY_BYTES, available, errors)
 
 
