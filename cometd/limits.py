@@ -108,7 +108,7 @@ class Admission:
         entry = buckets.get(address)
         if entry is None:
             if len(buckets) >= MAX_BUCKETS:
-                self._sweep(now)
+                buckets = self._sweep(now)
             tokens = float(self.burst)
         else:
             tokens = min(float(self.burst), entry[0] + (now - entry[1]) * self.rate)
@@ -118,8 +118,9 @@ class Admission:
         buckets[address] = (tokens - 1.0, now)
         return 0
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: float) -> dict[str, tuple[float, float]]:
+        """Drop the buckets full again (or all, if none is); return the new dict."""
         full = self.burst / self.rate  # seconds an empty bucket takes to fill
-        self._buckets = {a: e for a, e in self._buckets.items() if now - e[1] < full}
-        if len(self._buckets) >= MAX_BUCKETS:
-            self._buckets = {}
+        kept = {a: e for a, e in self._buckets.items() if now - e[1] < full}
+        self._buckets = kept if len(kept) < MAX_BUCKETS else {}
+        return self._buckets

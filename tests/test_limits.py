@@ -17,6 +17,8 @@ import time
 import pytest
 from conftest import COMETD, ROOT, StreamClient, get_stats, start_server, unique_id, wait_for
 
+from cometd import limits
+
 WAYS = ("fast", "pywsgi")
 
 
@@ -199,3 +201,33 @@ def _stats_or_none(srv):
         return get_stats(srv)
     except OSError:
         return None
+
+
+class _Table:
+    """What Admission reads of a ConnectionTable: counts only (pure logic)."""
+
+    def __init__(self) -> None:
+        self.rejected: dict[str, int] = {}
+        self.addresses: dict[str, int] = {}
+        self.connections = 0
+
+    def online(self, user: str) -> int:
+        return 0
+
+
+def test_rate_buckets_stay_bounded(monkeypatch):
+    monkeypatch.setattr(limits, "MAX_BUCKETS", 100)
+    admission = limits.Admission(_Table(), 0, 0, 0, rate=1000.0)  # full again within 1 s
+    for i in range(100):
+        assert admission.admit("u", f"10.0.0.{i}") is None
+    assert len(admission._buckets) == 100
+    time.sleep(1.05)
+    for i in range(50):
+        assert admission.admit("u", f"10.0.1.{i}") is None
+    # The 151st address: the 100 idle (full) buckets are swept, the 50 fresh ones kept.
+    assert admission.admit("u", "10.0.2.1") is None
+    assert len(admission._buckets) == 51
+    # A flood of fresh addresses: never more than MAX_BUCKETS entries.
+    for i in range(1000):
+        admission.admit("u", f"10.1.{i // 250}.{i % 250}")
+        assert len(admission._buckets) <= 100
