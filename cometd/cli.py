@@ -3,8 +3,9 @@
 ``cometd`` with no subcommand runs the whole server in one process;
 ``cometd router`` and ``cometd edge`` run the scale-out parts, ``cometd
 --workers N`` a router and N edges; ``cometd config`` prints the effective
-configuration, ``cometd load FILE`` bulk-loads a friends file and ``cometd
-token USER`` mints a stream token. Every
+configuration, ``cometd load FILE`` bulk-loads a friends file, ``cometd
+token USER`` mints a stream token and ``cometd check-system`` says whether
+this machine can hold N connections. Every
 server flag is generated from :data:`cometd.config.OPTIONS`, so its default,
 range, help and ``COMETD_*`` variable are written once, there.
 """
@@ -153,7 +154,10 @@ def cli(ctx: click.Context, **flags) -> None:
     With --jwt-secret or --jwt-key, a stream needs a token whose sub is its
     id (cometd token USER mints one); with those or --api-key, publishing,
     the subscription API and /stats need an API key (or the user's own
-    token for its own affairs). SIGINT or SIGTERM stops the server cleanly.
+    token for its own affairs). A new stream past a limit (--max-connections:
+    503; --max-streams-per-user, 10 by default, and the per-address ones:
+    429) is refused with Retry-After and counted in /stats. SIGINT or SIGTERM
+    stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}

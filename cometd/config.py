@@ -103,7 +103,8 @@ class HttpConfig:
         flag="--max-streams-per-user", kind=int, low=0, high=100_000_000, metavar="N")
     max_streams_per_address: int = _option(
         0, "streams one client address may hold; one more is answered 429 (0: no limit; "
-        "behind a proxy every client has its address)", flag="--max-streams-per-address",
+        "behind a proxy every client has the proxy's address)",
+        flag="--max-streams-per-address",
         kind=int, low=0, high=100_000_000, metavar="N")
     stream_rate_per_address: float = _option(
         0.0, "new streams a second one client address may open (a second's worth at once); "
