@@ -231,3 +231,18 @@ def test_rate_buckets_stay_bounded(monkeypatch):
     for i in range(1000):
         admission.admit("u", f"10.1.{i // 250}.{i % 250}")
         assert len(admission._buckets) <= 100
+
+
+def test_an_edge_behind_workers_applies_the_limits(tmp_path, redis_server):
+    srv = start_server(str(tmp_path / "db"), "--workers", "1", "--redis", redis_server.url,
+                       "--max-streams-per-user", "2", timeout=40)
+    try:
+        user = unique_id("w")
+        held = [open_stream(srv, user, way) for way in WAYS]
+        assert all(c.status == 200 for c in held)
+        assert_refused(open_stream(srv, user), 429, "too many streams for this id (at most 2)")
+        assert get_stats(srv)["edge"]["rejected"]["per_user"] == 1
+        for c in held:
+            c.close()
+    finally:
+        srv.stop()
