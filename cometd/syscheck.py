@@ -278,7 +278,8 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
             "fs.file-max", f"{file_max[0]:,}", f"{need:,}", ok,
             None if ok else max(0, (file_max[0] - in_use) * n // max(need - in_use, 1)),
             None if ok else f"sysctl -w fs.file-max={value}",
-            f"{in_use:,} open now, plus a descriptor per socket", ("fs.file-max", value)))
+            f"{in_use:,} open now, plus a descriptor per socket (kern.log: VFS: file-max "
+            "limit reached)", ("fs.file-max", value)))
     somax = need_sysctl("net.core.somaxconn")
     if somax is not None:
         ok = somax[0] >= LISTEN_BACKLOG
@@ -358,13 +359,16 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
             "net.ipv4.tcp_mem", " ".join(map(str, tcp_mem)), f"a maximum of {pages:,} pages",
             ok, None if ok else tcp_mem[2] // (2 if plan.clients_here else 1),
             None if ok else f'sysctl -w net.ipv4.tcp_mem="{value}"',
-            "pages for all sockets' buffers: past it the kernel drops and kills sockets",
+            "pages for all sockets' buffers: past it the kernel drops and kills sockets "
+            "(kern.log: TCP: out of memory -- consider tuning tcp_mem)",
             ("net.ipv4.tcp_mem", value)))
     # -- closing many at once ------------------------------------------------------
     for name, why in (("net.ipv4.tcp_max_orphans",
-                       "closing every stream at once (a restart) orphans them"),
+                       "closing every stream at once (a restart) orphans them (kern.log: "
+                       "too many orphaned sockets)"),
                       ("net.ipv4.tcp_max_tw_buckets",
-                       "each closed connection waits in TIME_WAIT on the side that closed")):
+                       "each closed connection waits in TIME_WAIT on the side that closed "
+                       "(kern.log: time wait bucket table overflow)")):
         values = need_sysctl(name)
         if values is None:
             continue
