@@ -70,7 +70,7 @@ def test_an_eleventh_stream_of_one_id_is_429_by_default(tmp_path, mode):
         with open_stream(srv, unique_id("other")) as other:
             assert other.status == 200
         held.pop().close()
-        time.sleep(0.3)  # the server notices the hang-up
+        wait_for(lambda: get_stats(srv)["connections"] == 9, 10, what="the hang-up noticed")
         with open_stream(srv, user) as again:
             assert again.status == 200
             stats = get_stats(srv)
@@ -92,7 +92,7 @@ def test_streams_per_address(tmp_path, mode):
         with open_stream(srv, unique_id("b"), source="127.0.0.3") as elsewhere:
             assert elsewhere.status == 200
         held.pop().close()
-        time.sleep(0.3)
+        wait_for(lambda: get_stats(srv)["connections"] == 2, 10, what="the hang-up noticed")
         with open_stream(srv, unique_id("a"), source="127.0.0.2") as again:
             assert again.status == 200
         assert get_stats(srv)["rejected"]["per_address"] == 2
@@ -131,7 +131,7 @@ def test_process_wide_limit_is_503(tmp_path, mode):
         for way in WAYS:
             assert_refused(open_stream(srv, unique_id("p"), way), 503, "server full")
         held.pop().close()
-        time.sleep(0.3)
+        wait_for(lambda: get_stats(srv)["connections"] == 3, 10, what="the hang-up noticed")
         with open_stream(srv, unique_id("p")) as again:
             assert again.status == 200
         stats = get_stats(srv)  # other requests are still served
