@@ -14,6 +14,8 @@ connection, and so does a body not read to its end, so nothing after it is
 ever taken for a request. It also bounds what a client can make the server
 hold while reading a request: headers over 64 KiB get 431, and a request that
 has not arrived within ``request_timeout`` seconds (slowloris) is closed.
+Either way, a new stream is first admitted by :class:`cometd.limits.Admission`
+(per id, per address, rate, process-wide cap), which may answer 429 or 503.
 
 :class:`LocalBackend` is what the web app and the admin console call in a
 single-process server: the router for sends, the store for subscriptions.
