@@ -122,8 +122,8 @@ class Server:
         sock = listener(http.host, http.port, http.reuse_port)
         retry = (round(http.sse_retry_min * 1000), round(http.sse_retry_max * 1000))
         server = CometServer(sock, make_app(backend, auth), table,
-                             request_timeout=http.request_timeout, auth=auth, replay=replay,
-                             retry=retry)
+                             request_timeout=http.request_timeout, auth=auth, limits=http,
+                             replay=replay, retry=retry)
         server.start()
         # Stopping: no new connections, the requests under way (sends) finish,
         # then the streams end, spread out (see ConnectionTable.drain).
