@@ -40,6 +40,7 @@ from greenlet import greenlet
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
 from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.counts import COUNTS
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
@@ -191,6 +192,7 @@ class CometHandler(WSGIHandler):
             return None  # slowloris: just close, it gets no more of our time
         status, message = (ex.status, ex.message) if isinstance(ex, RequestError) else (
             400, "malformed HTTP request")
+        COUNTS.rejected[str(status)] += 1
         return (str(status), _response(f"{status} {_REASONS[status]}", {"error": message}))
 
     def _write_with_headers(self, data: bytes) -> None:
@@ -281,6 +283,7 @@ class CometServer(WSGIServer):
                 fd, address = listening._accept()
             except BlockingIOError:
                 return None
+            COUNTS.accepts += 1
             sock = _socket.socket(listening.family, _socket.SOCK_STREAM, 0, fd)
             try:
                 first = sock.recv(FIRST_READ_BYTES, _socket.MSG_DONTWAIT)

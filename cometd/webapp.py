@@ -36,6 +36,7 @@ import bottle
 
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
+from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
@@ -79,6 +80,7 @@ def _refusals_are_401_or_403(callback: Any) -> Any:
         try:
             return callback(*args, **kwargs)
         except AuthError as exc:
+            COUNTS.rejected[str(exc.status)] += 1
             return bottle.HTTPResponse(
                 json.dumps({"error": exc.description}), status=exc.status,
                 headers={"Content-Type": "application/json",
@@ -94,6 +96,7 @@ def _json(status: int, payload: Any) -> bottle.HTTPResponse:
 
 
 def _error(status: int, message: str) -> bottle.HTTPResponse:
+    COUNTS.rejected[str(status)] += 1
     return _json(status, {"error": message})
 
 
@@ -156,6 +159,7 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
             user = check_id(user)
         except InvalidId:
             hint = NOT_FOUND_USER.format(route="/events/" if sse else "/test/")
+            COUNTS.rejected["404"] += 1
             raise bottle.HTTPResponse(
                 hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
             ) from None
@@ -229,6 +233,7 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         return _json(200, backend.stats())
 
     def on_error(res: bottle.HTTPError) -> str:
+        COUNTS.rejected[str(res.status_code)] += 1
         bottle.response.content_type = "application/json"
         reason = {404: "not found", 405: "method not allowed"}.get(res.status_code)
         if reason is None:
