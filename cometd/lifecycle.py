@@ -138,6 +138,24 @@ class Server:
                   "sends and subscription calls get 503 until one does",
                   file=sys.stderr, flush=True)
 
+    def _collect(self, **parts: Any) -> None:
+        """Expose *parts* at ``/metrics`` (cometd.metrics.StateCollector) while running."""
+        from cometd.metrics import REGISTRY, StateCollector
+
+        collector = StateCollector(**parts)
+        REGISTRY.register(collector)
+        self._stops.callback(REGISTRY.unregister, collector)
+
+    def _share(self, ident: str):
+        """Put this process's metrics in Redis every second, for any edge's scrape."""
+        import redis
+
+        from cometd.metrics import Sharing
+
+        sharing = Sharing(redis.Redis.from_url(self.config.backplane.redis), self.role, ident)
+        self._stops.callback(gevent.spawn(sharing.publish_forever).kill)
+        return sharing
+
     # -- lifecycle -----------------------------------------------------------
 
     def startup(self) -> None:
@@ -155,6 +173,7 @@ class Server:
         store = self._store()
         table = self._table()
         backend = LocalBackend(store, Router(store, table), table)
+        self._collect(table=table, router=backend.router)
         url = self._http(backend, table)
         admin = self._admin(backend)
         self.banner = (f"cometd: listening on {url}{admin} mode={self.config.http.mode} "
@@ -175,6 +194,8 @@ class Server:
         link = RouterLink(url, backend, presence)
         link.start()
         self._stops.callback(link.stop)
+        self._collect(router=backend.router, presence=presence, calls=link.calls)
+        self._share(f"{socket.gethostname()}-{os.getpid()}")
         # Ready means edges can reach it: wait (briefly) for its subscription.
         for _ in range(200):
             if _router_listening(url):
@@ -192,7 +213,8 @@ class Server:
         link = EdgeLink(url, table)
         link.start()
         self._stops.callback(link.stop)
-        http = self._http(EdgeBackend(link), table)
+        self._collect(table=table, link=link, calls=link.calls)
+        http = self._http(EdgeBackend(link, self._share(link.edge_id)), table)
         self.banner = (f"cometd edge {link.edge_id}: listening on {http} "
                        f"mode={self.config.http.mode} redis {redacted(url)}")
 

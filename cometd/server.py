@@ -43,6 +43,7 @@ from cometd.connections import RAW, SSE_RAW, ConnectionTable
 from cometd.counts import COUNTS
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
+from cometd.metrics import exposition
 from cometd.router import Router
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import (
@@ -370,6 +371,13 @@ class LocalBackend:
 
     def send(self, subject: str, body: bytes) -> int:
         return self.router.send(subject, body)
+
+    def ready(self) -> list[str]:
+        """What keeps this server from serving (empty: ready)."""
+        return [] if self.store.is_open else ["store: closed"]
+
+    def metrics(self) -> bytes:
+        return exposition()
 
     def subscribers(self, user: str) -> list[str]:
         return self.store.get_subscribers(user)

@@ -11,6 +11,9 @@ Routes
                               (a ``[a, a]`` pair is refused: everyone gets their own messages)
 ``DELETE /subscriptions``     same body -> ``{"removed": N}``
 ``GET /stats``                counters as JSON
+``GET /metrics``              Prometheus text format (:mod:`cometd.metrics`)
+``GET /healthz``              ``{"status": "ok"}`` while the process serves (no auth)
+``GET /readyz``               200, or 503 with what is missing (no auth)
 
 With authentication configured, every route asks the
 :class:`~cometd.auth.Authenticator` first (see :mod:`cometd.auth` for who may
@@ -46,6 +49,7 @@ __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "ST
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_JSON_BYTES = 16 * 1024 * 1024
 STREAM_KEY = "cometd.stream"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: the seed's answer to an invalid id on /test, kept word for word; /events names its own path
 NOT_FOUND_USER = "User id not found, try {route}123 instead"
 
@@ -59,6 +63,8 @@ class Backend(Protocol):
     def add(self, pairs: list[tuple[str, str]]) -> int: ...
     def remove(self, pairs: list[tuple[str, str]]) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+    def metrics(self) -> bytes: ...
+    def ready(self) -> list[str]: ...
 
 
 class BackendUnavailable(RuntimeError):
@@ -231,6 +237,25 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
     def get_stats() -> bottle.HTTPResponse:
         auth.permit(caller(), None)
         return _json(200, backend.stats())
+
+    @app.get("/metrics")
+    def get_metrics() -> bottle.HTTPResponse:
+        auth.permit(caller(), None)  # an API key when auth is on, like /stats
+        return bottle.HTTPResponse(backend.metrics(), status=200,
+                                   headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    # Health is for load balancers and orchestrators: no credential, and
+    # nothing in it but whether the process serves and which part is missing.
+    @app.get("/healthz")
+    def healthz() -> bottle.HTTPResponse:
+        return _json(200, {"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> bottle.HTTPResponse:
+        missing = backend.ready()
+        if missing:
+            return _json(503, {"status": "not ready", "missing": missing})
+        return _json(200, {"status": "ready"})
 
     def on_error(res: bottle.HTTPError) -> str:
         COUNTS.rejected[str(res.status_code)] += 1
