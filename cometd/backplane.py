@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import socket
 import time
@@ -65,6 +66,7 @@ import psutil
 import redis
 from gevent.event import AsyncResult, Event
 
+from cometd import log
 from cometd.connections import ConnectionTable, Message
 from cometd.metrics import (
     BACKPLANE_BATCH,
@@ -457,7 +459,19 @@ class EdgeLink:
         self.router_heard = 0.0
         #: calls made, by operation
         self.calls: dict[str, int] = {}
+        self._router_said: bool | None = None  # what the log last said
         table.on_presence = self._presence_changed
+
+    def _say_router(self, heard: bool) -> None:
+        # One line per change, not per heartbeat.
+        if heard == self._router_said:
+            return
+        if heard:
+            log.event("router_found", "the router hears this edge")
+        elif self._router_said:
+            log.event("router_lost", "no router heard this edge's heartbeat; sends and "
+                      "subscription calls get 503 until one does", logging.WARNING)
+        self._router_said = heard
 
     def router_ok(self) -> bool:
         """Whether Redis and a router heard this edge's last heartbeats (see ROUTER_LOST)."""
@@ -546,7 +560,8 @@ class EdgeLink:
             heard = 0
         if heard:
             self._last_report = self.router_heard = time.monotonic()
-        else:
+        self._say_router(bool(heard))
+        if not heard:
             # Redis is down, or the router is not subscribed (restarting, or
             # still re-subscribing after Redis came back): the next heartbeat
             # reports these changes again rather than lose them.

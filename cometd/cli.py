@@ -131,7 +131,7 @@ def _serve(config: Config, role: str) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", "workers", "redis")
+@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", "workers", "redis", "log_format")
 @click.pass_context
 def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
@@ -160,9 +160,11 @@ def cli(ctx: click.Context, **flags) -> None:
     if config.backplane.workers is None:
         _serve(config, "single")
         return
+    from cometd import log
     from cometd.auth import Authenticator
     from cometd.workers import supervise
 
+    log.configure(config.log.format, "supervisor")
     try:
         Authenticator(config.auth)  # each edge reads the key files too: fail here, once
     except ConfigError as exc:
@@ -171,7 +173,7 @@ def cli(ctx: click.Context, **flags) -> None:
 
 
 @cli.command("router")
-@_flags("redis", "db", *_ADMIN)
+@_flags("redis", "db", *_ADMIN, "log_format")
 def router_command(**flags) -> None:
     """Run the scale-out router: the store, presence, the admin console and sends.
 
@@ -182,7 +184,7 @@ def router_command(**flags) -> None:
 
 
 @cli.command("edge")
-@_flags("redis", *_HTTP, "reuse_port", *_AUTH)
+@_flags("redis", *_HTTP, "reuse_port", *_AUTH, "log_format")
 def edge_command(**flags) -> None:
     """Run an edge: hold connections and serve HTTP; the router does the rest.
 

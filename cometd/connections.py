@@ -65,6 +65,7 @@ from greenlet import getcurrent
 
 from cometd.counts import DISCONNECT_REASONS
 from cometd.expiry import ExpiryWheel
+from cometd.log import Burst
 from cometd.online import OnlineIndex, yield_to_hub
 
 __all__ = [
@@ -93,6 +94,8 @@ CLOSE_GRACE = 1.0
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
 _GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+_SLOW_DROPS = Burst("slow_consumers_dropped",
+                    "stream(s) dropped for holding more than --max-pending unsent bytes")
 # Deliveries between yields (see cometd.online.yield_to_hub), so a huge
 # fan-out does not stall the hub. A concurrent small send needs several loop
 # turns (accept, read, dispatch, answer), one per batch: at 1000, a
@@ -199,6 +202,7 @@ class Connection:
         self._pending += len(data)
         if self._pending > self.table.max_pending:
             self.table.slow_consumers_dropped += 1
+            _SLOW_DROPS.note()
             self.close("slow")
 
     def _send(self, data: bytes) -> int | None:

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
+import logging
 import os
 import signal
 import socket
-import sys
 from typing import Any
 
 import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from cometd import log
 from cometd.config import Config, redacted, url_host
 
 __all__ = ["Server", "ListenError", "listener", "redis_problem"]
@@ -131,12 +132,11 @@ class Server:
         url = self.config.backplane.redis
         problem = redis_problem(url)
         if problem:
-            print(f"cometd {self.role}: warning: Redis at {redacted(url)} does not answer "
-                  f"({problem}); retrying until it does", file=sys.stderr, flush=True)
+            log.event("redis_unreachable", f"Redis at {redacted(url)} does not answer "
+                      f"({problem}); retrying until it does", logging.WARNING)
         elif self.role == "edge" and not _router_listening(url):
-            print(f"cometd edge: warning: no router is listening on Redis at {redacted(url)}; "
-                  "sends and subscription calls get 503 until one does",
-                  file=sys.stderr, flush=True)
+            log.event("router_lost", f"no router is listening on Redis at {redacted(url)}; "
+                      "sends and subscription calls get 503 until one does", logging.WARNING)
 
     def _collect(self, **parts: Any) -> None:
         """Expose *parts* at ``/metrics`` (cometd.metrics.StateCollector) while running."""
@@ -223,9 +223,10 @@ class Server:
         stopping = Event()
         gevent.signal_handler(signal.SIGTERM, stopping.set)
         gevent.signal_handler(signal.SIGINT, stopping.set)
-        print(self.banner, flush=True)
+        print(self.banner, flush=True)  # on stdout, as is: tools parse it
+        log.event("listening", self.banner.split(": ", 1)[-1])
         stopping.wait()
-        print("cometd: stopping", file=sys.stderr, flush=True)
+        log.event("stopping", "stopping")
 
     def shutdown(self) -> None:
         """Stop every started part once, newest first."""
@@ -233,11 +234,15 @@ class Server:
 
     def serve(self) -> None:
         """startup, run, shutdown."""
+        log.configure(self.config.log.format, self.role)
+        log.event("starting", f"starting (pid {os.getpid()})")
         self.startup()
         try:
             self.run()
         finally:
             self.shutdown()
+            log.flush_bursts()
+            log.event("stopped", "stopped")
 
 
 def _router_listening(url: str) -> bool:

@@ -41,6 +41,7 @@ from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
+from cometd.log import Burst
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
 
@@ -81,12 +82,17 @@ def _unavailable_is_503(callback: Any) -> Any:
     return wrapper
 
 
+_AUTH_FAILURES = Burst("auth_failures", "request(s) refused for no or a bad credential (401)")
+
+
 def _refusals_are_401_or_403(callback: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return callback(*args, **kwargs)
         except AuthError as exc:
             COUNTS.rejected[str(exc.status)] += 1
+            if exc.status == 401:
+                _AUTH_FAILURES.note()  # a count only: never the credential
             return bottle.HTTPResponse(
                 json.dumps({"error": exc.description}), status=exc.status,
                 headers={"Content-Type": "application/json",
