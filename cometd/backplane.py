@@ -499,6 +499,7 @@ class EdgeLink:
             PRESENCE, json.dumps({"edge": self.edge_id, "snapshot": counts}))
         if heard:
             self.router_heard = time.monotonic()
+            self._say_router(True)
         else:
             self._changed.update(counts)  # no router listening yet: report them as changes
 
