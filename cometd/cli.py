@@ -151,7 +151,10 @@ def cli(ctx: click.Context, **flags) -> None:
     With --jwt-secret or --jwt-key, a stream needs a token whose sub is its
     id (cometd token USER mints one); with those or --api-key, publishing,
     the subscription API and /stats need an API key (or the user's own
-    token for its own affairs). SIGINT or SIGTERM stops the server cleanly.
+    token for its own affairs). GET /metrics is Prometheus text (an API key
+    when auth is on); GET /healthz and /readyz need no credential. Operator
+    events go to stderr (--log-format json for collectors). SIGINT or
+    SIGTERM stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
@@ -191,7 +194,9 @@ def edge_command(**flags) -> None:
     POST /send and the subscription calls are passed to the router through
     Redis (503 if it does not answer within 5 s); logins and logouts are
     reported to it in batches. GET /stats answers the router's figures for
-    the whole service, and this edge's own under "edge".
+    the whole service, and this edge's own under "edge"; GET /metrics every
+    process's metrics, labelled by process; GET /readyz is 503 while no router
+    hears this edge.
     """
     _serve(_config("edge", flags), "edge")
 
