@@ -67,7 +67,7 @@ import redis
 from gevent.event import AsyncResult, Event
 
 from cometd import log
-from cometd.connections import ConnectionTable, Message
+from cometd.connections import ConnectionTable
 from cometd.metrics import (
     BACKPLANE_BATCH,
     FANOUT_SIZE,
@@ -76,6 +76,7 @@ from cometd.metrics import (
     exposition,
 )
 from cometd.online import OnlineIndex, yield_to_hub
+from cometd.streamhttp import Message
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
 
 __all__ = ["Presence", "RouterLink", "EdgeLink", "EdgeBackend", "BackplaneUnavailable"]

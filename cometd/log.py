@@ -52,13 +52,13 @@ class _Json(logging.Formatter):
         return json.dumps(line)
 
 
-def configure(fmt: str = "text", role: str = "single") -> None:
-    """Send events to stderr in *fmt* (``text`` or ``json``), naming *role*."""
+def configure(fmt: str = "text", role: str = "single", stream: Any = None) -> None:
+    """Send events to *stream* (stderr) in *fmt* (``text`` or ``json``), naming *role*."""
     global _role
     if fmt not in FORMATS:
         raise ValueError(f"no log format {fmt!r}")
     _role = role
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(_Json() if fmt == "json" else _Text())
     for old in list(_logger.handlers):
         _logger.removeHandler(old)
