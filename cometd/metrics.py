@@ -6,9 +6,10 @@ Nothing here runs per delivery. The counters of the hot path stay plain ints
 where they are bumped (``ConnectionTable.deliveries``, ``table.disconnects``,
 :data:`cometd.counts.COUNTS`); :class:`StateCollector` reads them, and the
 gauges (connections by transport, pending output), only when Prometheus
-scrapes, and yields prometheus_client families. The histograms are real
-prometheus_client ones, observed once per *message* (publish-to-write
-latency, fan-out size) or per backplane round trip, never per recipient.
+scrapes, and yields prometheus_client families. The histograms
+(:class:`Histogram`: bucket counts in a list, a family when scraped) are
+observed once per *message* (publish-to-write latency, fan-out size) or per
+backplane round trip, never per recipient.
 
 Each process has one :data:`REGISTRY`. Scaled out (``--workers N``, or
 routers and edges started by hand), every process also writes its own
@@ -26,25 +27,28 @@ reach the router when it runs on another host.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cometd.counts import COUNTS, REJECT_STATUSES
 
-__all__ = ["REGISTRY", "PUBLISH_TO_WRITE", "FANOUT_SIZE", "BACKPLANE_BATCH", "REDIS_RTT",
-           "StateCollector", "Sharing", "exposition", "merged", "SHARE_TTL"]
+__all__ = ["REGISTRY", "Histogram", "PUBLISH_TO_WRITE", "FANOUT_SIZE", "BACKPLANE_BATCH",
+           "REDIS_RTT", "StateCollector", "Sharing", "exposition", "merged", "SHARE_TTL"]
 
 SHARE_KEY = "cometd:metrics:"
 SHARE_EVERY = 1.0
@@ -52,6 +56,63 @@ SHARE_TTL = 5
 
 #: this process's metrics; StateCollectors are registered by the server lifecycle
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+class Histogram(Collector):
+    """A histogram whose observation is a bisect and two adds; a prometheus family when scraped.
+
+    prometheus_client's Histogram takes a lock twice and walks its buckets
+    per observation; with two per message that showed as ~4% more CPU per
+    ``POST /send`` (BENCHMARKS.md). The hub is one thread: no lock is needed.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
+                 buckets: tuple[float, ...] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = tuple(float(b) for b in buckets)
+        #: label values -> that label set's buckets
+        self._series: dict[tuple[str, ...], _Series] = {}
+        self._plain = None if labelnames else self.labels()
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._plain.observe(value)
+
+    def labels(self, *values: str) -> _Series:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = _Series(self.bounds)
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation,
+                                       labels=list(self.labelnames))
+        for values, series in sorted(self._series.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*self.bounds, math.inf), series.counts, strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric(list(values), buckets, series.sum)
+        yield family
+
+
+class _Series:
+    """One label set's buckets (not cumulative; :meth:`Histogram.collect` adds them up)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: the first bound >= value
+        self.sum += value
+
 
 PUBLISH_TO_WRITE = Histogram(
     "cometd_publish_to_write_seconds",
@@ -64,15 +125,14 @@ FANOUT_SIZE = Histogram(
     buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000, 100000),
     registry=REGISTRY)
 BACKPLANE_BATCH = Histogram(
-    "cometd_backplane_batch_size", "Items per backplane batch (role: calls pushed or "
-    "popped, messages per delivery payload)", ["kind"],
+    "cometd_backplane_batch_size", "Items per backplane batch (calls pushed or "
+    "popped, messages per delivery payload)", ("kind",),
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=REGISTRY)
 REDIS_RTT = Histogram(
-    "cometd_redis_roundtrip_seconds", "Seconds a backplane Redis round trip took", ["op"],
+    "cometd_redis_roundtrip_seconds", "Seconds a backplane Redis round trip took", ("op",),
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
     registry=REGISTRY)
 
-disable_created_metrics()  # no *_created series: they double every histogram's lines
 _TRANSPORTS = ("chunked", "raw", "sse", "sse_raw")  # by stream kind, cometd.connections
 
 

@@ -12,9 +12,11 @@ import json
 import signal
 from types import SimpleNamespace
 
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cometd.metrics import merged
+from cometd.metrics import Histogram, merged
 from tests.conftest import (
     StreamClient,
     http_json,
@@ -218,3 +220,25 @@ def test_merged_labels_each_sample_with_its_process():
     assert [f.name for f in families] == ["cometd_deliveries"]
     assert {(s.labels["process"], s.value) for s in families[0].samples} == {
         ("edge:a", 3.0), ("edge:b", 4.0)}
+
+
+def test_histogram_exposes_what_prometheus_clients_own_would():
+    values = [0, 0.5, 1, 1, 2.5, 3, 99, 1000, -1]
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = Histogram("h", "help", ("kind",), buckets=(0, 1, 2.5, 100), registry=ours_registry)
+    theirs = prometheus_client.Histogram("h", "help", ["kind"], buckets=(0, 1, 2.5, 100),
+                                         registry=theirs_registry)
+    for v in values:
+        ours.labels("a").observe(v)
+        theirs.labels("a").observe(v)
+    ours.labels("b")  # a series with nothing observed yet
+    theirs.labels("b")
+
+    def samples(registry) -> set[tuple]:
+        text = generate_latest(registry).decode()
+        return {(s.name, tuple(sorted(s.labels.items())), s.value)
+                for f in text_string_to_metric_families(text) for s in f.samples
+                if not s.name.endswith("_created")}
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    assert ("h_bucket", (("kind", "a"), ("le", "1.0")), 5.0) in samples(ours_registry)
