@@ -73,6 +73,8 @@ class Server:
         self.config = config
         self.role = role
         self.banner = ""
+        #: where it serves, for the log (never the banner's words: tools search output for those)
+        self.serving = ""
         self._stops = contextlib.ExitStack()
 
     # -- parts ---------------------------------------------------------------
@@ -176,6 +178,7 @@ class Server:
         self._collect(table=table, router=backend.router)
         url = self._http(backend, table)
         admin = self._admin(backend)
+        self.serving = f"HTTP at {url}{admin}"
         self.banner = (f"cometd: listening on {url}{admin} mode={self.config.http.mode} "
                        f"db={self.config.store.db}")
 
@@ -202,6 +205,7 @@ class Server:
                 break
             gevent.sleep(0.01)
         admin = self._admin(backend)
+        self.serving = f"Redis at {redacted(url)}{admin}"
         self.banner = f"cometd router: redis {redacted(url)} db={self.config.store.db}{admin}"
 
     def _start_edge(self) -> None:
@@ -215,6 +219,7 @@ class Server:
         self._stops.callback(link.stop)
         self._collect(table=table, link=link, calls=link.calls)
         http = self._http(EdgeBackend(link, self._share(link.edge_id)), table)
+        self.serving = f"HTTP at {http}, edge {link.edge_id}"
         self.banner = (f"cometd edge {link.edge_id}: listening on {http} "
                        f"mode={self.config.http.mode} redis {redacted(url)}")
 
@@ -224,7 +229,7 @@ class Server:
         gevent.signal_handler(signal.SIGTERM, stopping.set)
         gevent.signal_handler(signal.SIGINT, stopping.set)
         print(self.banner, flush=True)  # on stdout, as is: tools parse it
-        log.event("listening", self.banner.split(": ", 1)[-1])
+        log.event("listening", f"ready: {self.serving}")
         stopping.wait()
         log.event("stopping", "stopping")
 
