@@ -229,7 +229,7 @@ class Server:
         gevent.signal_handler(signal.SIGTERM, stopping.set)
         gevent.signal_handler(signal.SIGINT, stopping.set)
         print(self.banner, flush=True)  # on stdout, as is: tools parse it
-        log.event("listening", f"ready: {self.serving}")
+        log.event("listening", f"ready: {self.serving} (pid {os.getpid()})")
         stopping.wait()
         log.event("stopping", "stopping")
 
@@ -240,7 +240,7 @@ class Server:
     def serve(self) -> None:
         """startup, run, shutdown."""
         log.configure(self.config.log.format, self.role)
-        log.event("starting", f"starting (pid {os.getpid()})")
+        # No line before startup: a start that fails says only its one-line error.
         self.startup()
         try:
             self.run()

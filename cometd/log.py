@@ -1,6 +1,6 @@
 """Operator logs: one line per event that matters, on stderr, as text or JSON lines.
 
-Events are few and named (``starting``, ``listening``, ``stopping``,
+Events are few and named (``listening``, ``stopping``,
 ``stopped``, ``redis_unreachable``, ``router_lost``, ``router_found``,
 ``auth_failures``, ``slow_consumers_dropped``, ...); there is no line per
 request. ``--log-format json`` writes one JSON object a line for collectors:

@@ -40,9 +40,9 @@ def test_json_lines_parse_and_hold_no_token_or_key(tmp_path):
     assert len(banner) == 1 and banner[0].startswith("cometd: listening on http://"), banner
     lines = [line for line in srv.output if line.startswith("{")]
     events = [json.loads(line) for line in lines]  # every other line is one JSON object
-    assert [e["event"] for e in events] == ["starting", "listening", "auth_failures",
-                                            "stopping", "auth_failures", "stopped"], lines
-    first, rest = events[2], events[4]
+    assert [e["event"] for e in events] == ["listening", "auth_failures", "stopping",
+                                            "auth_failures", "stopped"], lines
+    first, rest = events[1], events[3]
     assert (first["count"], rest["count"]) == (1, 3)  # said at once, the rest at shutdown
     assert all(e["role"] == "single" and e["ts"].endswith("Z") for e in events)
     assert {e["level"] for e in events} == {"info", "warning"}
