@@ -20,7 +20,6 @@ Loopback only; every loop is bounded.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import socket
@@ -34,18 +33,9 @@ import time
 import jwt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def server_cpu_ns(pid: int) -> int:
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass  # a thread that just ended
-    return total
-
+from cometd.loadtest.sampling import schedstat_cpu_ns as server_cpu_ns  # noqa: E402
 
 SECRET = "bench-accept-secret-of-at-least-32-bytes"
 

@@ -60,8 +60,10 @@ import time
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-BIN = os.path.join(ROOT, "bin")
+sys.path.insert(0, ROOT)
+
+from cometd.lifecycle import free_port  # noqa: E402
+from cometd.loadtest.procs import tool  # noqa: E402
 
 PER_EDGE = 19_500  # connections per edge (20,000 files per process, minus headroom)
 PER_CLIENT = 19_000  # connections per floodtest process
@@ -228,12 +230,6 @@ def rss(pids: list[int]) -> int:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_port(port: int, timeout: float, procs: list[subprocess.Popen]) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -360,7 +356,7 @@ class Run:
         """genfriends over the floodtest's user ids, bulk-loaded into the router's store."""
         a = self.a
         path = os.path.join(self.tmp, "friends.txt")
-        gen = [PY, os.path.join(BIN, "genfriends"), "--n", str(a.connections), "--m",
+        gen = [*tool("genfriends"), "--n", str(a.connections), "--m",
                str(a.friends), "--seed", "1", "--output", path]
         load = cometd + ["load", "--db", db, path]
         for name, cmd in (("genfriends", gen), ("load", load)):
@@ -386,7 +382,7 @@ class Run:
                                 "redis.log")
         wait_port(rport, 10, [self.redis])
         url = f"redis://127.0.0.1:{rport}/0"
-        cometd = [PY, os.path.join(BIN, "cometd")]
+        cometd = [*tool("cometd")]
         db = os.path.join(self.tmp, "db")
         self.commands = {}
         if a.friends:
@@ -427,7 +423,7 @@ class Run:
         # floodtest's hold starts when its own connects finish, which can be
         # well before this script sees them all: keep the streams up meanwhile.
         flood_hold = a.hold + a.msg_duration + 60
-        flood_cmd = [PY, os.path.join(BIN, "floodtest"), "--port", str(port), "--n", str(n),
+        flood_cmd = [*tool("floodtest"), "--port", str(port), "--n", str(n),
                      "--rate", str(a.ramp_rate), "--duration", str(flood_hold),
                      "--source-ips", srcs, "--processes", str(a.client_processes),
                      "--interval", "3", "--rst-close", "--connect-timeout", "30",
@@ -459,7 +455,7 @@ class Run:
         self.watch("hold", lambda s: time.monotonic() >= hold_end, every=5)
         self.held = self.sample("held")
 
-        msg_cmd = [PY, os.path.join(BIN, "msggen"), "--url", f"http://127.0.0.1:{port}",
+        msg_cmd = [*tool("msggen"), "--url", f"http://127.0.0.1:{port}",
                    "--rate", str(a.msg_rate), "--duration", str(a.msg_duration),
                    "--users", str(n), "--concurrency", str(a.msg_concurrency), "--interval", "5",
                    "--json", os.path.join(self.tmp, "msggen.json")]
