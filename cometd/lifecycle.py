@@ -118,7 +118,7 @@ class Server:
         auth = Authenticator(self.config.auth)  # a key file it cannot use: ConfigError
         sock = listener(http.host, http.port, http.reuse_port)
         server = CometServer(sock, make_app(backend, auth), table,
-                             request_timeout=http.request_timeout, auth=auth)
+                             request_timeout=http.request_timeout, auth=auth, limits=http)
         server.start()
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive

@@ -179,10 +179,20 @@ class StateCollector(Collector):
         if self.link is not None:
             yield GaugeMetricFamily("cometd_router_reachable", "1 while the router answers "
                                     "this edge's heartbeats", value=int(self.link.router_ok()))
+        by_status = COUNTS.rejected.copy()
+        if table is not None:
+            # New streams refused by admission limits (cometd.limits), by reason;
+            # they are answered before any request handling, so counted here too.
+            limits = CounterMetricFamily("cometd_streams_refused", "New streams refused by "
+                                         "an admission limit, by reason", labels=["reason"])
+            for reason, n in sorted(getattr(table, "rejected", {}).items()):
+                limits.add_metric([reason], n)
+                by_status["503" if reason == "connections" else "429"] += n
+            yield limits
         rejected = CounterMetricFamily("cometd_rejected_requests", "Requests refused, by "
                                        "HTTP status", labels=["status"])
-        for status in sorted(set(REJECT_STATUSES) | set(COUNTS.rejected)):
-            rejected.add_metric([status], COUNTS.rejected[status])
+        for status in sorted(set(REJECT_STATUSES) | set(by_status)):
+            rejected.add_metric([status], by_status[status])
         yield rejected
         if table is not None:
             yield CounterMetricFamily("cometd_accepts", "Connections accepted by the HTTP "

@@ -500,7 +500,7 @@ def test_edge_stats_without_the_router_say_so_and_keep_the_edges_own():
     assert set(stats) == {"router_error"}  # no totals passed off as the whole service's
     assert own.pop("rss_bytes") > 10 * 2**20
     assert own == {"id": "edge-1", "mode": "pool", "connections": 0, "users_online": 0,
-                   "deliveries": 0, "slow_consumers_dropped": 0}
+                   "deliveries": 0, "slow_consumers_dropped": 0, "rejected": {}}
 
 
 # -- faults -------------------------------------------------------------------------

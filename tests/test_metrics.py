@@ -242,3 +242,21 @@ def test_histogram_exposes_what_prometheus_clients_own_would():
 
     assert samples(ours_registry) == samples(theirs_registry)
     assert ("h_bucket", (("kind", "a"), ("le", "1.0")), 5.0) in samples(ours_registry)
+
+
+def test_streams_refused_by_a_limit_are_counted_by_reason_and_status(tmp_path):
+    srv = start_server(str(tmp_path / "db"), "--max-streams-per-user", "1")
+    try:
+        user = unique_id("lim")
+        with StreamClient.open(srv, f"/test/{user}") as first:
+            first.chunk()
+            refused = StreamClient.open(srv, f"/test/{user}")
+            assert refused.status == 429
+            refused.close()
+            samples = scrape(srv)
+        assert value(samples, "cometd_streams_refused_total", reason="per_user") == 1
+        assert value(samples, "cometd_streams_refused_total", reason="connections") == 0
+        assert value(samples, "cometd_rejected_requests_total", status="429") == 1
+        assert value(samples, "cometd_rejected_requests_total", status="503") == 0
+    finally:
+        srv.stop()
