@@ -1,8 +1,8 @@
 """The server's configuration: every option, its default, type, range and help, once.
 
 A :class:`Config` is a frozen tree of six sections (``http``, ``admin``,
-``store``, ``history``, ``backplane``, ``auth``). Each field carries its own
-description (see :func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
+``store``, ``history``, ``backplane``, ``auth``, ``log``). Each field carries its
+own description (see :func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
 TOML file, ``cometd config`` and the README all read it from here.
 
 Theory of operation
@@ -48,8 +48,8 @@ API_KEY = re.compile(r"[!-+\--~]+")
 
 __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "HistoryConfig", "BackplaneConfig",
-    "AuthConfig", "ConfigError", "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load",
-    "from_json", "to_json", "to_toml", "redacted", "url_host", "API_KEY",
+    "AuthConfig", "LogConfig", "ConfigError", "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV",
+    "load", "from_json", "to_json", "to_toml", "redacted", "url_host", "API_KEY",
 ]
 
 #: the variable holding a supervisor's configuration for its children
@@ -201,6 +201,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Operator logs on stderr (see cometd.log)."""
+
+    format: str = _option("text", "operator log lines on stderr: text, or json (one object "
+                          "a line, for collectors)", flag="--log-format", kind=str,
+                          choices=("text", "json"))
+
+
+@dataclass(frozen=True)
 class Config:
     """Every server option, by section."""
 
@@ -210,6 +219,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def auth_enabled(self) -> bool:

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
+import logging
 import os
 import re
 import signal
 import socket
-import sys
 from typing import Any
 
 import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from cometd import log
 from cometd.config import Config, redacted, url_host
 
 __all__ = ["BANNER", "Server", "ListenError", "free_port", "listener", "redis_problem"]
@@ -88,6 +89,8 @@ class Server:
         self.config = config
         self.role = role
         self.banner = ""
+        #: where it serves, for the log (never the banner's words: tools search output for those)
+        self.serving = ""
         self._stops = contextlib.ExitStack()
 
     # -- parts ---------------------------------------------------------------
@@ -158,12 +161,29 @@ class Server:
         url = self.config.backplane.redis
         problem = redis_problem(url)
         if problem:
-            print(f"cometd {self.role}: warning: Redis at {redacted(url)} does not answer "
-                  f"({problem}); retrying until it does", file=sys.stderr, flush=True)
+            log.event("redis_unreachable", f"Redis at {redacted(url)} does not answer "
+                      f"({problem}); retrying until it does", logging.WARNING)
         elif self.role == "edge" and not _router_listening(url):
-            print(f"cometd edge: warning: no router is listening on Redis at {redacted(url)}; "
-                  "sends and subscription calls get 503 until one does",
-                  file=sys.stderr, flush=True)
+            log.event("router_lost", f"no router is listening on Redis at {redacted(url)}; "
+                      "sends and subscription calls get 503 until one does", logging.WARNING)
+
+    def _collect(self, **parts: Any) -> None:
+        """Expose *parts* at ``/metrics`` (cometd.metrics.StateCollector) while running."""
+        from cometd.metrics import REGISTRY, StateCollector
+
+        collector = StateCollector(**parts)
+        REGISTRY.register(collector)
+        self._stops.callback(REGISTRY.unregister, collector)
+
+    def _share(self, ident: str):
+        """Put this process's metrics in Redis every second, for any edge's scrape."""
+        import redis
+
+        from cometd.metrics import Sharing
+
+        sharing = Sharing(redis.Redis.from_url(self.config.backplane.redis), self.role, ident)
+        self._stops.callback(gevent.spawn(sharing.publish_forever).kill)
+        return sharing
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -184,8 +204,10 @@ class Server:
         router = Router(store, table, self._history(store))
         table.newest = router.history.last  # the epoch's start: a first stream's welcome id
         backend = LocalBackend(store, router, table, self.config.history.replay_max)
+        self._collect(table=table, router=backend.router)
         url = self._http(backend, table, backend.replay)
         admin = self._admin(backend)
+        self.serving = f"HTTP at {url}{admin}"
         self.banner = (f"cometd: listening on {url}{admin} mode={self.config.http.mode} "
                        f"db={self.config.store.db}")
 
@@ -205,12 +227,15 @@ class Server:
         link = RouterLink(url, backend, presence)
         link.start()
         self._stops.callback(link.stop)
+        self._collect(router=backend.router, presence=presence, calls=link.calls)
+        self._share(f"{socket.gethostname()}-{os.getpid()}")
         # Ready means edges can reach it: wait (briefly) for its subscription.
         for _ in range(200):
             if _router_listening(url):
                 break
             gevent.sleep(0.01)
         admin = self._admin(backend)
+        self.serving = f"Redis at {redacted(url)}{admin}"
         self.banner = f"cometd router: redis {redacted(url)} db={self.config.store.db}{admin}"
 
     def _start_edge(self) -> None:
@@ -222,8 +247,10 @@ class Server:
         link = EdgeLink(url, table)
         link.start()
         self._stops.callback(link.stop)
-        backend = EdgeBackend(link)
+        self._collect(table=table, link=link, calls=link.calls)
+        backend = EdgeBackend(link, self._share(link.edge_id))
         http = self._http(backend, table, backend.replay)
+        self.serving = f"HTTP at {http}, edge {link.edge_id}"
         self.banner = (f"cometd edge {link.edge_id}: listening on {http} "
                        f"mode={self.config.http.mode} redis {redacted(url)}")
 
@@ -232,9 +259,10 @@ class Server:
         stopping = Event()
         gevent.signal_handler(signal.SIGTERM, stopping.set)
         gevent.signal_handler(signal.SIGINT, stopping.set)
-        print(self.banner, flush=True)
+        print(self.banner, flush=True)  # on stdout, as is: tools parse it
+        log.event("listening", f"ready: {self.serving} (pid {os.getpid()})")
         stopping.wait()
-        print("cometd: stopping", file=sys.stderr, flush=True)
+        log.event("stopping", "stopping")
 
     def shutdown(self) -> None:
         """Stop every started part once, newest first."""
@@ -242,11 +270,15 @@ class Server:
 
     def serve(self) -> None:
         """startup, run, shutdown."""
+        log.configure(self.config.log.format, self.role)
+        # No line before startup: a start that fails says only its one-line error.
         self.startup()
         try:
             self.run()
         finally:
             self.shutdown()
+            log.flush_bursts()
+            log.event("stopped", "stopped")
 
 
 def _router_listening(url: str) -> bool:

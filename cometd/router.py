@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from time import perf_counter
 from typing import NamedTuple, Protocol
 
 from gevent.lock import Semaphore
 from gevent.pool import Pool
 
 from cometd.history import History, format_id
+from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
 from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import Message
@@ -92,6 +94,7 @@ class Router:
 
         *subject* must be a valid id (see :mod:`cometd.ids`).
         """
+        start = perf_counter()
         message = Message(subject, body)
         self.messages_sent += 1
         entry = self._subject_locks.get(subject)
@@ -109,7 +112,10 @@ class Router:
                 if len(self._inflight) == 1:
                     self.fanout.settle(message.key)
                 delivered = self._pool.spawn(self._dispatch, message, flight).get()
-                return Sent(delivered, format_id(message.key))
+            # Once per message, never per recipient (see cometd.metrics).
+            PUBLISH_TO_WRITE.observe(perf_counter() - start)
+            FANOUT_SIZE.observe(delivered)
+            return Sent(delivered, format_id(message.key))
         finally:
             entry[1] -= 1
             if not entry[1]:
