@@ -138,6 +138,15 @@ class Config:
         """The console's port, None for no console."""
         return None if self.admin.port < 0 else self.admin.port
 
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether streams and the API ask for credentials (a JWT key or an API key).
+
+        No authentication option exists in this configuration yet, so cometd
+        serves openly; the JWT and API-key options make this true when set.
+        """
+        return False
+
 
 @dataclass(frozen=True)
 class Option:
