@@ -90,7 +90,7 @@ def _flags(*keys: str):
     return apply
 
 
-_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout")
+_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout", "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 
 

@@ -90,6 +90,8 @@ class HttpConfig:
         "again)", flag="--request-timeout", kind=float, low=0.1, high=3600, metavar="SECONDS")
     reuse_port: bool = _option(False, "share --port with other edges on this machine "
                                "(SO_REUSEPORT)", flag="--reuse-port", kind=bool)
+    insecure: bool = _option(False, "serve with no authentication on a non-loopback --host "
+                             "(refused without this flag)", flag="--insecure", kind=bool)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,11 @@ class Config:
         serves openly; the JWT and API-key options make this true when set.
         """
         return False
+
+    @property
+    def open_to_network(self) -> bool:
+        """Whether the HTTP listener is on a non-loopback address with no authentication."""
+        return not self.auth_enabled and not _is_loopback(self.http.host)
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,12 @@ def _check(config: Config, role: str, sources: dict[str, str]) -> None:
         raise ConfigError(f"{role} needs --redis URL")
     if role == "single" and bp.redis:
         raise fail("redis", "needs --workers N, or the router or edge subcommand")
+    if role in ("single", "supervisor", "edge") and config.open_to_network and (
+            not config.http.insecure):
+        # Secure by default: open only where just this machine can reach it.
+        raise fail("host", f"{config.http.host} is not a loopback address and no "
+                           "authentication is configured: set --jwt-secret, --jwt-key or "
+                           "--api-key, or give --insecure to serve it openly")
     if role in ("single", "supervisor", "router") and config.admin_port is not None and (
             not _is_loopback(config.admin.host) and not config.admin.password):
         raise fail("admin_host", f"the admin console on non-loopback address "

@@ -107,7 +107,13 @@ class Server:
                 table.keepalive()
 
         self._stops.callback(gevent.spawn(keepalives).kill)
-        return f"http://{url_host(http.host)}:{server.server_port}/"
+        url = f"http://{url_host(http.host)}:{server.server_port}/"
+        if self.config.open_to_network:  # only with --insecure: config refuses it otherwise
+            name = "cometd" if self.role == "single" else f"cometd {self.role}"
+            print(f"{name}: warning: --insecure: {url} serves with no authentication; anyone "
+                  "who can reach it reads every stream and publishes as anyone",
+                  file=sys.stderr, flush=True)
+        return url
 
     def _admin(self, backend: Any) -> str:
         admin = self.config.admin

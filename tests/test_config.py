@@ -350,3 +350,99 @@ def test_workers_children_get_the_whole_configuration(redis_server, tmp_path, mo
     finally:
         sup.stop()
         kill_leftovers(strays(redis_server.url))
+
+
+# -- secure by default: open only on loopback ------------------------------------------
+
+
+def _refusal(host: str, source: str = "the command line") -> str:
+    return (f"--host: {host} is not a loopback address and no authentication is configured: "
+            f"set --jwt-secret, --jwt-key or --api-key, or give --insecure to serve it openly "
+            f"(from {source})")
+
+
+def _interface_address() -> str | None:
+    """A non-loopback IPv4 address of this machine's own interfaces, if it has one."""
+    try:
+        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        address = line.split()[3].split("/")[0]
+        if not address.startswith("127."):
+            return address
+    return None
+
+
+PUBLIC_HOSTS = [h for h in ("0.0.0.0", "::", _interface_address()) if h]
+
+
+def test_open_serving_is_refused_off_loopback():
+    redis = {"redis": "redis://h/0"}
+    for host in PUBLIC_HOSTS:
+        for role, extra in (("single", {}), ("supervisor", {"workers": "2", **redis}),
+                            ("edge", redis)):
+            with pytest.raises(ConfigError) as refused:
+                load(role, {"host": host, **extra}, {})
+            assert str(refused.value) == _refusal(host), (host, role)
+            assert load(role, {"host": host, "insecure": True, **extra}, {}).http.insecure
+    with pytest.raises(ConfigError) as refused:
+        load("single", {}, {"COMETD_HOST": "0.0.0.0"})
+    assert str(refused.value) == _refusal("0.0.0.0", "COMETD_HOST")
+    assert load("single", {}, {"COMETD_HOST": "::", "COMETD_INSECURE": "yes"}).http.insecure
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost"):
+        assert not load("single", {"host": host}, {}).open_to_network
+    # The router has no HTTP listener; `cometd config` only checks values.
+    assert load("router", {"host": "0.0.0.0", **redis}, {}).open_to_network
+    assert load(None, {"host": "0.0.0.0"}, {}).http.host == "0.0.0.0"
+    # A supervisor's children inherit the --insecure that let it start.
+    child = load("edge", {}, {CHILD_ENV: to_json(load("supervisor", {
+        "host": "0.0.0.0", "insecure": True, "workers": "2", **redis}, {}))})
+    assert child.http.insecure and child.open_to_network
+
+
+@pytest.mark.parametrize("host", PUBLIC_HOSTS)
+def test_a_public_address_without_auth_does_not_start(tmp_path, host):
+    db = tmp_path / "db"
+    proc = _run(["--host", host, "--port", "0", "--admin-port", "-1", "--db", str(db)])
+    assert proc.returncode == 2
+    assert proc.stderr == f"cometd: error: {_refusal(host)}\n"
+    assert not db.exists()  # changed nothing
+
+
+def test_workers_on_a_public_address_without_auth_do_not_start(redis_server, tmp_path):
+    try:
+        proc = _run(["--workers", "2", "--redis", redis_server.url, "--host", "0.0.0.0",
+                     "--port", "0", "--admin-port", "-1", "--db", str(tmp_path / "db")])
+    finally:
+        leftovers = strays(redis_server.url)
+        kill_leftovers(leftovers)
+    assert proc.returncode == 2
+    assert proc.stderr == f"cometd: error: {_refusal('0.0.0.0')}\n"
+    assert not leftovers and not (tmp_path / "db").exists()
+
+
+def test_insecure_serves_openly_and_says_so(tmp_path):
+    # 0.0.0.0 inside a network namespace of its own: a wildcard listener that
+    # nothing outside this test can reach.
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    in_netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+    srv = start_cometd(["--host", "0.0.0.0", "--insecure", "--port", "0", "--admin-port", "-1",
+                        "--db", str(tmp_path / "db")], r"listening on http://0\.0\.0\.0:(\d+)/",
+                       prefix=in_netns)
+    try:
+        port = srv.match.group(1)
+        assert [line for line in srv.output if "warning" in line] == [
+            f"cometd: warning: --insecure: http://0.0.0.0:{port}/ serves with no "
+            "authentication; anyone who can reach it reads every stream and publishes as "
+            "anyone\n"], srv.output
+        client = (f"import socket; s = socket.create_connection(('127.0.0.1', {port}), "
+                  "timeout=5); s.sendall(b'GET /test/open HTTP/1.0\\r\\n\\r\\n'); "
+                  "print(s.recv(4096))")
+        got = subprocess.run(["nsenter", "-t", str(srv.pid), "-n", sys.executable, "-c", client],
+                             capture_output=True, text=True, timeout=30)
+        assert "Welcome, Url: '/test/open' Id: open" in got.stdout, got
+    finally:
+        srv.stop()
