@@ -19,6 +19,10 @@ Commands
 ``help``                                    one line per command, ``OK``
 ``quit``                                    ``OK bye``, then the session closes
 
+With ``--admin-password``, the console asks for it first; a wrong one gets
+``ERR wrong password`` (after a second's delay) and the prompt again, and the
+third wrong one in a session gets one last ``ERR`` line and the session closes.
+
 A mistake (unknown command, wrong arguments, bad id, bad file) gets a one-line
 ``ERR <reason>`` and the session goes on. An empty line just gets a new prompt.
 
@@ -44,7 +48,7 @@ from gevent.server import StreamServer
 from cometd.ids import InvalidId, check_id
 from cometd.loader import LoadError
 
-__all__ = ["AdminConsole", "AdminBackend", "MAX_LINE", "PROMPT", "GREETING"]
+__all__ = ["AdminConsole", "AdminBackend", "MAX_LINE", "PROMPT", "GREETING", "PASSWORD_TRIES"]
 
 #: longest command line accepted, terminator included
 MAX_LINE = 64 * 1024
@@ -52,6 +56,8 @@ PROMPT = b"cometd> "
 GREETING = b"cometd admin console; type help\n"
 PASSWORD_PROMPT = b"password: "
 WRONG_PASSWORD_DELAY = 1.0  # seconds; slows down guessing over many connections
+#: wrong passwords after which a session is closed
+PASSWORD_TRIES = 3
 
 HELP = (
     ("subscribe <subscriber> <subscribee>", "subscriber gets subscribee's messages"),
@@ -151,18 +157,22 @@ class _Session:
                 self.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
     def authenticate(self) -> bool:
-        self.write(PASSWORD_PROMPT)
-        try:
-            raw = self.readline()
-        except _LineTooLong:
-            raw = b""
-        if raw is None:
-            return False
+        """Ask for the password; False (the session ends) at EOF or after the last try."""
         expected = self.console.password.encode("utf-8")  # type: ignore[union-attr]
-        if hmac.compare_digest(raw, expected):
-            return True
-        gevent.sleep(self.console.wrong_password_delay)
-        self.write(b"ERR wrong password\n")
+        for tries_left in range(PASSWORD_TRIES - 1, -1, -1):
+            self.write(PASSWORD_PROMPT)
+            try:
+                raw = self.readline()
+            except _LineTooLong:
+                raw = b""
+            if raw is None:
+                return False
+            if hmac.compare_digest(raw, expected):
+                return True
+            gevent.sleep(self.console.wrong_password_delay)
+            if tries_left:
+                self.write(b"ERR wrong password\n")
+        self.write(b"ERR wrong password %d times; closing\n" % PASSWORD_TRIES)
         return False
 
     def close(self) -> None:
