@@ -78,6 +78,9 @@ def _flags(*keys: str):
             helptext = f"{opt.help}  [{'; '.join([*facts, 'env ' + opt.env])}]"
             if opt.kind is bool:
                 decorator = click.option(opt.flag, key, is_flag=True, default=None, help=helptext)
+            elif opt.kind is tuple:
+                decorator = click.option(opt.flag, key, multiple=True, metavar=opt.metavar,
+                                         help=helptext, callback=lambda _c, _p, v: v or None)
             else:
                 metavar = opt.metavar or (f"[{'|'.join(opt.choices)}]" if opt.choices else
                                           {int: "INTEGER", float: "NUMBER"}.get(opt.kind, "TEXT"))
@@ -90,7 +93,8 @@ def _flags(*keys: str):
     return apply
 
 
-_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout", "insecure")
+_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout", "cors_origin",
+         "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 
 

@@ -90,6 +90,10 @@ class HttpConfig:
         "again)", flag="--request-timeout", kind=float, low=0.1, high=3600, metavar="SECONDS")
     reuse_port: bool = _option(False, "share --port with other edges on this machine "
                                "(SO_REUSEPORT)", flag="--reuse-port", kind=bool)
+    cors_origin: tuple[str, ...] | None = _option(
+        None, "let pages of this origin (scheme://host[:port], or * for any) read responses "
+        "and streams (CORS); repeatable, or several in one variable separated by spaces",
+        flag="--cors-origin", kind=tuple, metavar="ORIGIN")
     insecure: bool = _option(False, "serve with no authentication on a non-loopback --host "
                              "(refused without this flag)", flag="--insecure", kind=bool)
 
@@ -219,10 +223,35 @@ def _number(value: Any, kind: type) -> int | float:
     raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}")
 
 
+def _origin(value: str) -> str:
+    """A configured CORS origin as browsers serialise it (lower case, no default port)."""
+    if value == "*":
+        return value
+    if value.lower() == "null":
+        raise ValueError("'null' is not allowed: sandboxed and file: pages all send it")
+    parts = urlsplit(value.lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.scheme or not parts.hostname or port == -1 or parts.username is not None or (
+            value.count("/") != 2 or "?" in value or "#" in value):
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], or *)")
+    if {"http": 80, "https": 443}.get(parts.scheme) == port:
+        return f"{parts.scheme}://{parts.netloc.rsplit(':', 1)[0]}"
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def _convert(opt: Option, value: Any) -> Any:
     """*value* (a string from flags or the environment, or a TOML/JSON value) as opt's type."""
     if value is None and opt.optional:
         return None
+    if opt.kind is tuple:
+        # Text (an environment variable) holds several, separated by spaces or commas.
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{value!r} is not a list of strings")
+        return tuple(dict.fromkeys(_origin(item) for item in items)) or None
     if opt.kind is bool:
         if isinstance(value, bool):
             return value

@@ -91,12 +91,17 @@ class Server:
         return table
 
     def _http(self, backend: Any, table: Any):
+        from cometd.cors import CorsPolicy
         from cometd.server import CometServer
         from cometd.webapp import make_app
 
         http = self.config.http
+        # Credentials (cookies) only mean something once authentication is on.
+        cors = None if http.cors_origin is None else CorsPolicy(
+            http.cors_origin, credentials=self.config.auth_enabled)
         sock = listener(http.host, http.port, http.reuse_port)
-        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout)
+        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout,
+                             cors=cors)
         server.start()
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive

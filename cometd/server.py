@@ -37,6 +37,7 @@ from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
 from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.cors import CorsPolicy
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
@@ -201,7 +202,9 @@ class CometHandler(WSGIHandler):
                 self.result = None
             return
         user, kind, path = target
-        head = stream_head(user, kind, path)
+        cors = self.server.cors
+        head = stream_head(user, kind, path, "" if cors is None else
+                           cors.stream_lines(self.environ.get("HTTP_ORIGIN")))
         if self.command == "HEAD":
             # The stream's status line and headers, no content (RFC 9110 9.3.2),
             # and no stream: a raw one's head says the connection closes.
@@ -215,15 +218,22 @@ class CometHandler(WSGIHandler):
 
 
 class CometServer(WSGIServer):
-    """``WSGIServer`` whose stream requests end up in a connection table."""
+    """``WSGIServer`` whose stream requests end up in a connection table.
+
+    With a *cors* policy, the app's responses and every stream's head carry
+    its headers (see :mod:`cometd.cors`).
+    """
 
     handler_class = CometHandler
 
     def __init__(self, listener, application, table: ConnectionTable,
-                 request_timeout: float = 10.0, **kwargs: Any) -> None:
-        super().__init__(listener, application, **kwargs)
+                 request_timeout: float = 10.0, cors: CorsPolicy | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(listener, application if cors is None else cors.wrap(application),
+                         **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        self.cors = cors
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
         # (cometd.streamhttp), and a client that says nothing costs no
@@ -252,6 +262,7 @@ class CometServer(WSGIServer):
         else it returns to :meth:`handle` in a new greenlet.
         """
         listening = self.socket
+        cors = self.cors
         for _ in range(self.max_accept):
             if self._guard is not None:
                 return None  # full: stopped accepting while in this loop
@@ -276,7 +287,8 @@ class CometServer(WSGIServer):
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, first
             user, kind, path = stream
-            head = stream_head(user, kind, path)
+            head = stream_head(user, kind, path) if cors is None else stream_head(
+                user, kind, path, cors.stream_lines_for(first))
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
             except BlockingIOError:

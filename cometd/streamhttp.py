@@ -87,8 +87,11 @@ def _http_date() -> str:
     return _date[1]
 
 
-def stream_head(user: str, kind: int, path: str) -> bytes:
-    """Status line, headers and welcome of a stream of *kind* for *user* at *path*."""
+def stream_head(user: str, kind: int, path: str, extra: str = "") -> bytes:
+    """Status line, headers and welcome of a stream of *kind* for *user* at *path*.
+
+    *extra* is more header lines, each ending in CRLF (the CORS headers).
+    """
     sse = kind in (SSE_CHUNKED, SSE_RAW)
     if sse:
         welcome = f": Welcome, Url: '{path}' Id: {user}\n\n"
@@ -96,5 +99,6 @@ def stream_head(user: str, kind: int, path: str) -> bytes:
         welcome = f"Welcome, Url: '{path}' Id: {user}\n"
     chunked = kind in (CHUNKED, SSE_CHUNKED)
     framing = "Transfer-Encoding: chunked" if chunked else "Connection: close"
-    head = f"HTTP/1.1 200 OK\r\n{_CONTENT_TYPE[sse]}{framing}\r\nDate: {_http_date()}\r\n\r\n"
+    head = (f"HTTP/1.1 200 OK\r\n{_CONTENT_TYPE[sse]}{framing}\r\nDate: {_http_date()}\r\n"
+            f"{extra}\r\n")
     return head.encode() + frame_bytes(kind, welcome.encode())

@@ -1,0 +1,239 @@
+"""CORS: the policy's rules in-process, and the headers of real servers (both modes,
+``--workers`` over Redis) on preflights, answers, errors and streams, by both ways in."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from conftest import StreamClient, http_request, start_cometd, start_server
+from test_workers import kill_leftovers, strays
+
+from cometd.config import ConfigError, load
+from cometd.cors import ALLOW_HEADERS, ALLOW_METHODS, MAX_AGE, CorsPolicy
+
+APP = "https://app.example"
+EVIL = "https://evil.example"
+ROUTES = ["/send/u1", "/subscriptions", "/subscriptions/u1", "/subscribers/u1", "/stats",
+          "/test/u1", "/events/u1"]
+
+
+def cors_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The Access-Control-* headers among lower-cased *headers*."""
+    return {k: v for k, v in headers.items() if k.startswith("access-control-")}
+
+
+def allowed(origin: str) -> dict[str, str]:
+    return {"access-control-allow-origin": origin}
+
+
+PREFLIGHT = {"access-control-allow-methods": ALLOW_METHODS,
+             "access-control-allow-headers": ALLOW_HEADERS,
+             "access-control-max-age": str(MAX_AGE)}
+
+
+# -- in-process: the policy -------------------------------------------------------------
+
+
+def test_listed_origins_are_echoed_with_vary_and_credentials_only_when_asked():
+    policy = CorsPolicy([APP, "http://localhost:3000"])
+    assert policy.headers(APP) == [("Access-Control-Allow-Origin", APP), ("Vary", "Origin")]
+    assert policy.headers(EVIL) == policy.headers(None) == [("Vary", "Origin")]
+    assert not policy.allows(EVIL) and not policy.allows(None) and policy.allows(APP)
+    with_cookies = CorsPolicy([APP], credentials=True)
+    assert ("Access-Control-Allow-Credentials", "true") in with_cookies.headers(APP)
+    assert with_cookies.headers(EVIL) == [("Vary", "Origin")]
+
+
+def test_any_origin_gets_a_star_and_never_credentials():
+    policy = CorsPolicy(["*"], credentials=True)
+    assert policy.headers(EVIL) == policy.headers(None) == [("Access-Control-Allow-Origin", "*")]
+    assert policy.allows(EVIL) and not policy.allows(None)
+    assert policy.stream_lines_for(b"GET /test/1 HTTP/1.1\r\nHost: x\r\n\r\n") == (
+        "Access-Control-Allow-Origin: *\r\n")
+    # A listed origin beside * still gets itself and credentials; the rest get *.
+    both = CorsPolicy(["*", APP], credentials=True)
+    assert both.headers(APP) == [("Access-Control-Allow-Origin", APP), ("Vary", "Origin"),
+                                 ("Access-Control-Allow-Credentials", "true")]
+    assert both.headers(EVIL) == [("Access-Control-Allow-Origin", "*"), ("Vary", "Origin")]
+    assert dict(both.preflight_headers(EVIL))["Access-Control-Allow-Origin"] == "*"
+
+
+def test_the_origin_of_a_raw_stream_request():
+    policy = CorsPolicy([APP])
+    ok = f"Access-Control-Allow-Origin: {APP}\r\nVary: Origin\r\n"
+    head = b"GET /events/1 HTTP/1.1\r\nHost: x\r\n"
+    assert policy.stream_lines_for(head + b"Origin: " + APP.encode() + b"\r\n\r\n") == ok
+    assert policy.stream_lines_for(head + b"oRiGiN:\t" + APP.encode() + b" \r\n\r\n") == ok
+    assert policy.stream_lines_for(b"GET /events/1 HTTP/1.1\r\nOrigin: " + APP.encode()
+                                   + b"\r\nHost: x\r\n\r\n") == ok
+    for refused in (head + b"Origin: " + EVIL.encode() + b"\r\n\r\n",
+                    head + b"Origin: " + APP.encode() + b"/\r\n\r\n",
+                    head + b"X-Origin: " + APP.encode() + b"\r\n\r\n",
+                    head + b"Origin: " + APP.encode() + b"\r\nOrigin: " + APP.encode()
+                    + b"\r\n\r\n",
+                    # after the header block: the next pipelined request's, not this one's
+                    head + b"\r\nGET /x HTTP/1.1\r\nOrigin: " + APP.encode() + b"\r\n\r\n",
+                    head + b"\r\n"):
+        assert policy.stream_lines_for(refused) == "Vary: Origin\r\n", refused
+
+
+def test_configured_origins_are_checked_and_normalised():
+    config = load("single", {"cors_origin": ("HTTPS://App.Example:443", "http://[::1]:8080",
+                                             APP, "*")}, {})
+    assert config.http.cors_origin == (APP, "http://[::1]:8080", "*")
+    assert load("single", {}, {"COMETD_CORS_ORIGIN": f"{APP}, http://a.test:80"}
+                ).http.cors_origin == (APP, "http://a.test")
+    assert load("single", {}, {}).http.cors_origin is None
+    for bad, problem in (("null", "'null' is not allowed"),
+                         (f"{APP}/", f"'{APP}/' is not an origin"),
+                         ("app.example", "'app.example' is not an origin"),
+                         (f"{APP}:99999", ".* is not an origin"),
+                         (f"{APP}?x=1", ".* is not an origin")):
+        with pytest.raises(ConfigError, match=f"^--cors-origin: {problem}"):
+            load("single", {"cors_origin": (bad,)}, {})
+
+
+# -- real servers -----------------------------------------------------------------------
+
+
+class Addr:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+
+
+def open_stream(srv, request: str) -> StreamClient:
+    """*request* (a whole raw request) on a fresh connection; the client past its head."""
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    sock.sendall(request.encode())
+    return StreamClient(sock)
+
+
+def stream_requests(srv, origin: str | None) -> dict[str, str]:
+    """Stream requests by kind and way in: the accept callback's and pywsgi's."""
+    line = "" if origin is None else f"Origin: {origin}\r\n"
+    host = f"Host: {srv.host}\r\n"
+    absolute = f"http://{srv.host}:{srv.port}"  # an absolute-form target goes to pywsgi
+    return {
+        "fast chunked": f"GET /test/u1 HTTP/1.1\r\n{host}{line}\r\n",
+        "fast sse": f"GET /events/u1 HTTP/1.1\r\n{host}{line.lower()}\r\n",
+        "fast raw": f"GET /events/u1 HTTP/1.0\r\n{line}\r\n",
+        "pywsgi chunked": f"GET {absolute}/test/u1 HTTP/1.1\r\n{host}{line}\r\n",
+        "pywsgi sse": f"GET {absolute}/events/u1 HTTP/1.1\r\n{host}{line}\r\n",
+        "pywsgi head": f"HEAD /events/u1 HTTP/1.1\r\n{host}{line}\r\n",
+    }
+
+
+def check_streams(srv, origin: str | None, expected: dict[str, str]) -> None:
+    for way, request in stream_requests(srv, origin).items():
+        client = open_stream(srv, request)
+        try:
+            assert client.status == 200, way
+            assert cors_headers(client.headers) == expected, (way, client.headers)
+            if "head" not in way:
+                welcome = client.chunk() if client.chunked else client.read_until(b"\n")
+                assert b"Welcome" in welcome, way
+        finally:
+            client.close()
+
+
+def preflight(srv, path: str, origin: str, method: str = "POST"):
+    return http_request(srv, "OPTIONS", path, headers={
+        "Origin": origin, "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization, content-type, x-api-key"})
+
+
+@pytest.fixture
+def cors_server(tmp_path, mode):
+    srv = start_server(str(tmp_path / "db"), "--mode", mode, "--cors-origin", APP,
+                       "--cors-origin", "http://localhost:3000")
+    yield srv
+    srv.stop()
+
+
+def test_preflights_of_every_route_for_an_allowed_origin(cors_server):
+    for path in ROUTES:
+        status, headers, body = preflight(cors_server, path, APP)
+        assert (status, body) == (204, b""), path
+        assert cors_headers(headers) == {**allowed(APP), **PREFLIGHT}, path
+        assert headers["vary"] == "Origin"
+    status, headers, _ = preflight(cors_server, "/subscriptions", "http://localhost:3000",
+                                   "DELETE")
+    assert status == 204 and headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
+def test_an_origin_not_allowed_gets_no_cors_headers(cors_server):
+    for path in ROUTES:
+        status, headers, _ = preflight(cors_server, path, EVIL)
+        assert status == 405 and cors_headers(headers) == {}, path  # as with no CORS at all
+    status, headers, _ = http_request(cors_server, "POST", "/send/u1", b"hi",
+                                      headers={"Origin": EVIL})
+    assert status == 200 and cors_headers(headers) == {}
+    assert headers["vary"] == "Origin"  # an allowed origin's answer differs
+    status, headers, _ = http_request(cors_server, "GET", "/stats")
+    assert status == 200 and cors_headers(headers) == {}
+    check_streams(cors_server, EVIL, {})
+    check_streams(cors_server, None, {})
+
+
+def test_answers_errors_and_streams_carry_the_allowed_origin(cors_server):
+    with open_stream(cors_server, f"GET /test/u1 HTTP/1.1\r\nHost: x\r\nOrigin: {APP}\r\n\r\n"
+                     ) as reader:
+        reader.chunk()
+        origin = {"Origin": APP}
+        status, headers, body = http_request(cors_server, "POST", "/send/u1", b"hello",
+                                             headers=origin)
+        assert (status, body) == (200, b'{"delivered": 1}')
+        assert cors_headers(headers) == allowed(APP) and headers["vary"] == "Origin"
+        assert reader.chunk() == b"hello"
+    for method, path, body, code in (("GET", "/subscribers/bad%20id!", None, 400),
+                                     ("POST", "/send/u1", b"", 400),
+                                     ("GET", "/nowhere", None, 404),
+                                     ("PUT", "/stats", None, 405),
+                                     ("POST", "/subscriptions", b"[1]", 400),
+                                     ("GET", "/test/bad%20id", None, 404)):
+        status, headers, _ = http_request(cors_server, method, path, body, headers=origin)
+        assert status == code and cors_headers(headers) == allowed(APP), (method, path)
+    check_streams(cors_server, APP, allowed(APP))
+
+
+def test_star_lets_any_origin_read_without_credentials(tmp_path, mode):
+    srv = start_server(str(tmp_path / "db"), "--mode", mode, "--cors-origin", "*")
+    try:
+        status, headers, _ = preflight(srv, "/send/u1", EVIL)
+        assert status == 204 and cors_headers(headers) == {**allowed("*"), **PREFLIGHT}
+        status, headers, _ = http_request(srv, "POST", "/send/u1", b"x", headers={"Origin": EVIL})
+        assert status == 200 and cors_headers(headers) == allowed("*")
+        assert "vary" not in headers
+        check_streams(srv, EVIL, allowed("*"))
+    finally:
+        srv.stop()
+
+
+def test_no_origin_configured_no_cors_headers(server):
+    status, headers, _ = preflight(server, "/send/u1", APP)
+    assert status == 405 and cors_headers(headers) == {} and "vary" not in headers
+    status, headers, _ = http_request(server, "POST", "/send/u1", b"x", headers={"Origin": APP})
+    assert status == 200 and cors_headers(headers) == {} and "vary" not in headers
+    check_streams(server, APP, {})
+
+
+def test_workers_with_redis_carry_the_same_headers(redis_server, tmp_path):
+    sup = start_cometd(["--workers", "2", "--redis", redis_server.url, "--port", "0",
+                        "--admin-port", "-1", "--db", str(tmp_path / "db"), "--cors-origin", APP],
+                       r"^cometd: listening on http://([\d.]+):(\d+)/ .*workers=2", timeout=60)
+    try:
+        srv = Addr(sup.match.group(1), int(sup.match.group(2)))
+        for _ in range(4):  # the kernel spreads connections over both edges
+            status, headers, _ = preflight(srv, "/send/u1", APP)
+            assert status == 204 and cors_headers(headers) == {**allowed(APP), **PREFLIGHT}
+            status, headers, _ = http_request(srv, "POST", "/send/u1", b"x",
+                                              headers={"Origin": APP})
+            assert status == 200 and cors_headers(headers) == allowed(APP)
+            status, headers, _ = preflight(srv, "/send/u1", EVIL)
+            assert status == 405 and cors_headers(headers) == {}
+        check_streams(srv, APP, allowed(APP))
+        check_streams(srv, EVIL, {})
+    finally:
+        sup.stop()
+        kill_leftovers(strays(redis_server.url))
