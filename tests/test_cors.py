@@ -3,7 +3,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import json
+import re
+import shutil
 import socket
+import subprocess
+import threading
 
 import pytest
 from conftest import StreamClient, http_request, start_cometd, start_server
@@ -237,3 +244,60 @@ def test_workers_with_redis_carry_the_same_headers(redis_server, tmp_path):
     finally:
         sup.stop()
         kill_leftovers(strays(redis_server.url))
+
+
+# -- a real browser -----------------------------------------------------------------
+
+BROWSER_PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+const cometd = location.hash.slice(1), result = {};
+function finish(key, value) {
+  result[key] = value;
+  if ("fetch" in result && "stream" in result)
+    document.getElementById("out").textContent = JSON.stringify(result);
+}
+// A header that is not CORS-safelisted: the browser preflights this GET.
+fetch(cometd + "/subscribers/b1", {headers: {"X-API-Key": "k"}}).then(
+  r => r.text().then(t => finish("fetch", r.status + " " + t)), () => finish("fetch", "blocked"));
+const es = new EventSource(cometd + "/events/b1");
+es.onopen = () => fetch(cometd + "/send/b1", {method: "POST", body: "hi",
+                                              headers: {"Content-Type": "application/json"}})
+  .catch(() => { es.close(); finish("stream", "send blocked"); });
+es.onmessage = ev => { es.close(); finish("stream", ev.data); };
+es.onerror = () => { es.close(); finish("stream", "error"); };
+</script></body></html>
+"""
+
+
+def browser_run(page_url: str, profile: str) -> dict:
+    """What BROWSER_PAGE found, loaded by headless Chromium at *page_url*."""
+    out = subprocess.run(
+        [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", page_url],
+        capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r'<pre id="out">([^<]*)</pre>', out)
+    assert found and found.group(1) != "pending", out
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
+def test_a_browser_page_reads_only_when_its_origin_is_allowed(tmp_path):
+    (tmp_path / "page.html").write_text(BROWSER_PAGE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{pages.server_port}"  # another port: another origin
+    try:
+        for allowed_origin, expected in (
+                (origin, {"fetch": '200 {"subscribers": []}',
+                          "stream": '{"from": "b1", "body": "hi"}'}),
+                ("http://127.0.0.1:1", {"fetch": "blocked", "stream": "error"})):
+            srv = start_server(str(tmp_path / "db"), "--cors-origin", allowed_origin)
+            try:
+                got = browser_run(f"{origin}/page.html#{srv.url}", str(tmp_path / "chrome"))
+            finally:
+                srv.stop()
+            assert got == expected, allowed_origin
+    finally:
+        pages.shutdown()
+        pages.server_close()
