@@ -14,17 +14,27 @@ Commands
 ``subscriptions <id>``                      likewise
 ``send <subject> <message text...>``        ``OK delivered <N>``
 ``online <id>``                             ``OK <connections of id>``
+``who [N]``                                 up to N (default 100, at most 10,000)
+                                            online ids, one a line, unsorted;
+                                            ``OK <shown> of <total> online``
 ``stats``                                   ``key: value`` lines, ``OK``
 ``load <file> [--directed]``                ``OK loaded <new subscriptions>``
-``help``                                    one line per command, ``OK``
+``help [command]``                          one line per command (or that
+                                            command's line), ``OK``
 ``quit``                                    ``OK bye``, then the session closes
 
 With ``--admin-password``, the console asks for it first; a wrong one gets
 ``ERR wrong password`` (after a second's delay) and the prompt again, and the
 third wrong one in a session gets one last ``ERR`` line and the session closes.
 
-A mistake (unknown command, wrong arguments, bad id, bad file) gets a one-line
-``ERR <reason>`` and the session goes on. An empty line just gets a new prompt.
+``who`` lists the users online in this process (single-process server) or
+anywhere in the cluster (the router, from its presence table), in the order
+the server learned of them: sorting every online id to show a hundred would
+hold the server for as long as the list is big.
+
+A mistake (unknown command, wrong arguments, bad id, a user subscribing to
+itself, bad file) gets a one-line ``ERR <reason>`` and the session goes on. An
+empty line just gets a new prompt.
 
 The console faces whoever can reach its port, so it bounds what a session can
 make the server hold: lines are capped at :data:`MAX_LINE` bytes, an idle
@@ -47,6 +57,7 @@ from gevent.server import StreamServer
 
 from cometd.ids import InvalidId, check_id
 from cometd.loader import LoadError
+from cometd.store import SelfSubscription, check_pair
 
 __all__ = ["AdminConsole", "AdminBackend", "MAX_LINE", "PROMPT", "GREETING", "PASSWORD_TRIES"]
 
@@ -59,18 +70,27 @@ WRONG_PASSWORD_DELAY = 1.0  # seconds; slows down guessing over many connections
 #: wrong passwords after which a session is closed
 PASSWORD_TRIES = 3
 
-HELP = (
-    ("subscribe <subscriber> <subscribee>", "subscriber gets subscribee's messages"),
-    ("unsubscribe <subscriber> <subscribee>", "undo a subscribe"),
-    ("subscribers <id>", "who gets id's messages"),
-    ("subscriptions <id>", "whose messages id gets"),
-    ("send <subject> <message text...>", "send the text from subject; replies OK delivered N"),
-    ("online <id>", "number of open streams of id"),
-    ("stats", "server counters"),
-    ("load <file> [--directed]", "bulk-load a friends file on the server (one 'A B' a line)"),
-    ("help", "this list"),
-    ("quit", "end the session"),
-)
+WHO_DEFAULT = 100
+WHO_MAX = 10_000
+
+#: command -> (usage, description), in the order ``help`` lists them
+HELP = {
+    "subscribe": ("subscribe <subscriber> <subscribee>",
+                  "subscriber gets subscribee's messages (not oneself: that is implied)"),
+    "unsubscribe": ("unsubscribe <subscriber> <subscribee>", "undo a subscribe"),
+    "subscribers": ("subscribers <id>", "who gets id's messages"),
+    "subscriptions": ("subscriptions <id>", "whose messages id gets"),
+    "send": ("send <subject> <message text...>",
+             "send the text from subject; replies OK delivered N"),
+    "online": ("online <id>", "number of open streams of id"),
+    "who": ("who [N]", f"up to N (default {WHO_DEFAULT}, at most {WHO_MAX:,}) online ids, "
+                       "one a line, unsorted; replies OK <shown> of <total> online"),
+    "stats": ("stats", "server counters"),
+    "load": ("load <file> [--directed]",
+             "bulk-load a friends file on the server (one 'A B' a line)"),
+    "help": ("help [command]", "this list, or one command's usage"),
+    "quit": ("quit", "end the session"),
+}
 
 
 class AdminBackend(Protocol):
@@ -82,6 +102,7 @@ class AdminBackend(Protocol):
     def subscriptions(self, user: str) -> list[str]: ...
     def send(self, subject: str, body: bytes) -> int: ...
     def online(self, user: str) -> int: ...
+    def who(self, limit: int) -> tuple[list[str], int]: ...
     def stats(self) -> dict[str, Any]: ...
     def load(self, path: str, directed: bool = False) -> int: ...
 
@@ -212,6 +233,7 @@ class AdminConsole(StreamServer):
             "subscriptions": self._subscriptions,
             "send": self._send,
             "online": self._online,
+            "who": self._who,
             "stats": self._stats,
             "load": self._load,
             "help": self._help,
@@ -259,7 +281,7 @@ class AdminConsole(StreamServer):
             return command(rest.split(), rest)
         except _Quit:
             raise
-        except (CommandError, InvalidId, LoadError) as exc:
+        except (CommandError, InvalidId, SelfSubscription, LoadError) as exc:
             return ["ERR " + _one_line(str(exc))]
         except Exception as exc:  # noqa: BLE001 - a backend fault must not end the session
             print(f"cometd admin: {name} failed: {exc!r}", file=sys.stderr, flush=True)
@@ -275,7 +297,7 @@ class AdminConsole(StreamServer):
 
     def _subscribe(self, args: list[str], rest: str) -> list[str]:
         subscriber, subscribee = self._args(args, "subscriber subscribee")
-        self.backend.add([(subscriber, subscribee)])
+        self.backend.add([check_pair(subscriber, subscribee)])
         return ["OK"]
 
     def _unsubscribe(self, args: list[str], rest: str) -> list[str]:
@@ -304,6 +326,14 @@ class AdminConsole(StreamServer):
         (user,) = self._args(args, "id")
         return [f"OK {self.backend.online(user)}"]
 
+    def _who(self, args: list[str], rest: str) -> list[str]:
+        if len(args) > 1 or args and not (
+            args[0].isascii() and args[0].isdigit() and int(args[0]) <= WHO_MAX
+        ):
+            raise CommandError(f"usage: who [N] (N from 0 to {WHO_MAX:,})")
+        users, total = self.backend.who(int(args[0]) if args else WHO_DEFAULT)
+        return [*users, f"OK {len(users)} of {total} online"]
+
     def _stats(self, args: list[str], rest: str) -> list[str]:
         self._no_args(args)
         stats = dict(self.backend.stats())  # a copy: the backend's dict may be shared
@@ -322,9 +352,15 @@ class AdminConsole(StreamServer):
         return [f"OK loaded {loaded}"]
 
     def _help(self, args: list[str], rest: str) -> list[str]:
-        self._no_args(args)
-        width = max(len(usage) for usage, _ in HELP)
-        return [f"{usage:<{width}}  {text}" for usage, text in HELP] + ["OK"]
+        if len(args) > 1:
+            raise CommandError("usage: help [command]")
+        if args:
+            entry = HELP.get(args[0].lower())
+            if entry is None:
+                raise CommandError(f"unknown command {_shown(args[0])}; type help")
+            return [f"{entry[0]}  {entry[1]}", "OK"]
+        width = max(len(usage) for usage, _ in HELP.values())
+        return [f"{usage:<{width}}  {text}" for usage, text in HELP.values()] + ["OK"]
 
     def _quit(self, args: list[str], rest: str) -> list[str]:
         raise _Quit()

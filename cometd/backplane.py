@@ -30,8 +30,12 @@ subject and Redis keeps a list's and a channel's order.
 
 Presence is soft state, rebuilt rather than persisted. Edges publish the
 connection counts of users that changed (batched over 100 ms) and a heartbeat
-every second. The router forgets an edge it has not heard from in 3 s (a dead
-edge's users leave presence) and asks for full snapshots when it starts, when
+every second. An edge that stops says goodbye; one that dies cannot, but its
+Redis connections close with it, so the router, which asks Redis every
+``EXPIRE_EVERY`` which edges still listen on their delivery channel, forgets
+it within a second. One that is cut off (a partition, a hung host) is
+forgotten once the router has not heard from it in 3 s. Either way its users
+leave presence. The router asks for full snapshots when it starts, when
 its Redis connection comes back, and when it hears from an edge it does not
 know (a router restart). Edges re-send a snapshot after their own Redis
 reconnects. A starting router answers calls only after ``SYNC_GRACE``, once
@@ -57,10 +61,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
+import psutil
 import redis
 from gevent.event import AsyncResult, Event
 
 from cometd.connections import ConnectionTable, Message
+from cometd.online import OnlineIndex, yield_to_hub
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
 
 __all__ = ["Presence", "RouterLink", "EdgeLink", "EdgeBackend", "BackplaneUnavailable"]
@@ -72,6 +78,7 @@ PRESENCE = "cometd:presence"
 CONTROL = "cometd:control"
 
 EDGE_TIMEOUT = 3.0
+EXPIRE_EVERY = 0.5  # how often the router looks for dead and silent edges
 HEARTBEAT = 1.0
 PRESENCE_BATCH = 0.1
 CALL_TIMEOUT = 5.0
@@ -79,6 +86,7 @@ RETRY = 0.5
 DELIVERY_FLUSH = 0.01  # at most one delivery flush per this many seconds
 CALL_BATCH = 64  # most calls the router takes off the request list per round trip
 SYNC_GRACE = 0.5  # a starting router's wait for the edges' snapshots before it routes
+GROUP_BATCH = 2_000  # recipients grouped by edge between yields to the hub (~1 ms)
 
 
 def encode_batch(entries: list[tuple[Message, list[str]]]) -> bytes:
@@ -165,6 +173,8 @@ class Presence:
         self.client = client
         #: user -> {edge: connection count}
         self.users: dict[str, dict[str, int]] = {}
+        #: the keys of ``users``, indexed for the router (see :mod:`cometd.online`)
+        self.index = OnlineIndex()
         #: edge -> monotonic time last heard from
         self.edges: dict[str, float] = {}
         #: delivery batches that could not be published (Redis down)
@@ -180,11 +190,13 @@ class Presence:
         if n > 0:
             if where is None:
                 where = self.users[user] = {}
+                self.index.add(user)
             where[edge] = n
         elif where is not None:
             where.pop(edge, None)
             if not where:
                 del self.users[user]
+                self.index.discard(user)
 
     def update(self, edge: str, counts: dict[str, int], snapshot: bool = False) -> None:
         self.edges[edge] = time.monotonic()
@@ -213,12 +225,14 @@ class Presence:
         per_edge: dict[str, list[str]] = defaultdict(list)
         delivered = 0
         get = self.users.get
-        for user in users:
+        for i, user in enumerate(users, 1):
             where = get(user)
             if where:
                 for edge, n in where.items():
                     per_edge[edge].append(user)
                     delivered += n
+            if i % GROUP_BATCH == 0:
+                yield_to_hub()
         if not per_edge:
             return 0
         heard = self._sends.add((message, per_edge)).get()
@@ -269,6 +283,9 @@ class RouterLink:
         self.presence = presence
         self._last_resync = 0.0
         self._synced = Event()
+        #: monotonic times: _listen last (re)subscribed; _serve_calls last lost Redis
+        self._subscribed = 0.0
+        self._calls_failed = 0.0
         self._greenlets: list[gevent.Greenlet] = []
         self._client = redis.Redis.from_url(url)
         self._replies = _Batches(self._publish_replies)
@@ -295,6 +312,7 @@ class RouterLink:
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(PRESENCE)
         self._resync(force=True)  # (re)connected: presence may be stale
+        self._subscribed = time.monotonic()
         if not self._synced.is_set():
             gevent.spawn_later(SYNC_GRACE, self._synced.set)
         for item in pubsub.listen():
@@ -313,8 +331,29 @@ class RouterLink:
 
     def _expire(self) -> None:
         while True:
-            gevent.sleep(0.5)
+            gevent.sleep(EXPIRE_EVERY)
             self.presence.expire()
+            self._forget_unsubscribed()
+
+    def _forget_unsubscribed(self) -> None:
+        # A killed edge sends no goodbye, and waiting out EDGE_TIMEOUT left its
+        # closed streams counted (and their users online) for ~3 s. Its Redis
+        # connection closed with it, though, taking its subscription along: an
+        # edge nobody listens for is gone. One that is only re-subscribing
+        # (Redis came back) is forgotten too, and re-learnt from the snapshot
+        # it sends once subscribed; one heard from since the question was
+        # asked has subscribed meanwhile, so it is kept.
+        edges = list(self.presence.edges)
+        if not edges:
+            return
+        asked = time.monotonic()
+        try:
+            listening = self._client.pubsub_numsub(*(EDGE.format(e) for e in edges))
+        except redis.RedisError:
+            return  # Redis is away: EDGE_TIMEOUT still applies
+        for edge, (_, n) in zip(edges, listening, strict=True):
+            if n == 0 and self.presence.edges.get(edge, asked) < asked:
+                self.presence.forget_edge(edge)
 
     # Calls come in and replies go out in batches: under load, a Redis round
     # trip per call and another per reply were three quarters of the router's
@@ -324,14 +363,27 @@ class RouterLink:
         # A fresh router knows no user yet: a send routed now (one queued while
         # it was down) would reach nobody, so let the edges' snapshots in first.
         self._synced.wait()
+        if self._calls_failed:
+            # Back after losing Redis: so is presence, which changed meanwhile.
+            # Wait for _listen to resubscribe (and ask for snapshots) since,
+            # then for the snapshots, as a starting router does; bounded, in
+            # case only this connection had dropped.
+            deadline = time.monotonic() + EDGE_TIMEOUT
+            while self._subscribed < self._calls_failed and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+            gevent.sleep(SYNC_GRACE)
         client = redis.Redis.from_url(self.url)
-        while True:
-            item = client.blpop([REQUESTS], timeout=1)
-            if item is None:
-                continue
-            calls = [item[1], *(client.lpop(REQUESTS, CALL_BATCH - 1) or ())]
-            for call in calls:
-                gevent.spawn(self._answer, json.loads(call))
+        try:
+            while True:
+                item = client.blpop([REQUESTS], timeout=1)
+                if item is None:
+                    continue
+                calls = [item[1], *(client.lpop(REQUESTS, CALL_BATCH - 1) or ())]
+                for call in calls:
+                    gevent.spawn(self._answer, json.loads(call))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._calls_failed = time.monotonic()
+            raise
 
     def _answer(self, call: dict[str, Any]) -> None:
         reply: dict[str, Any] = {"id": call["id"]}
@@ -381,6 +433,8 @@ class EdgeLink:
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
         self._requests = _Batches(self._push_requests)
+        #: set while this edge listens for replies (and deliveries)
+        self._listening = Event()
         table.on_presence = self._presence_changed
 
     def start(self) -> None:
@@ -408,20 +462,24 @@ class EdgeLink:
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
-        self._snapshot()  # (re)connected: the router may have missed changes
-        for item in pubsub.listen():
-            channel = item["channel"].decode()
-            if channel == CONTROL:
-                self._snapshot()
-            elif channel.startswith("cometd:reply:"):
-                reply = json.loads(item["data"])
-                waiter = self._pending.pop(reply["id"], None)
-                if waiter is not None:
-                    waiter.set(reply)
-            else:
-                for message, users in decode_batch(item["data"]):
-                    self.table.deliver(users, message)
+        try:
+            pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
+            self._snapshot()  # (re)connected: the router may have missed changes
+            self._listening.set()
+            for item in pubsub.listen():
+                channel = item["channel"].decode()
+                if channel == CONTROL:
+                    self._snapshot()
+                elif channel.startswith("cometd:reply:"):
+                    reply = json.loads(item["data"])
+                    waiter = self._pending.pop(reply["id"], None)
+                    if waiter is not None:
+                        waiter.set(reply)
+                else:
+                    for message, users in decode_batch(item["data"]):
+                        self.table.deliver(users, message)
+        finally:
+            self._listening.clear()
 
     # Presence goes out on demand, not on a polling tick: a wakeup costs an
     # edge ~0.2 ms of CPU (cold caches, with a hundred processes on two
@@ -462,13 +520,19 @@ class EdgeLink:
 
     def call(self, op: str, *args: Any) -> Any:
         """Ask the router; raise :class:`BackplaneUnavailable` after a timeout."""
+        # A call pushed while the reply channel is not subscribed (the half
+        # second after Redis comes back, before the listener's retry) has its
+        # reply published to nobody: the client waited CALL_TIMEOUT for a 503.
+        deadline = time.monotonic() + CALL_TIMEOUT
+        if not self._listening.wait(CALL_TIMEOUT):
+            raise BackplaneUnavailable("the router is not reachable; try again")
         call_id = next(self._ids)
         waiter = AsyncResult()
         self._pending[call_id] = waiter
         request = json.dumps({"id": call_id, "edge": self.edge_id, "op": op, "args": list(args)})
         self._requests.add((request, waiter))
         try:
-            reply = waiter.get(timeout=CALL_TIMEOUT)
+            reply = waiter.get(timeout=max(0.0, deadline - time.monotonic()))
         except gevent.Timeout:
             self._withdraw(request)
             raise BackplaneUnavailable("the router is not reachable; try again") from None
@@ -500,6 +564,7 @@ class EdgeBackend:
 
     def __init__(self, link: EdgeLink) -> None:
         self.link = link
+        self._process = psutil.Process()
 
     def send(self, subject: str, body: bytes) -> int:
         return self.link.call("send", subject, body.decode("latin-1"))
@@ -517,15 +582,30 @@ class EdgeBackend:
         return self.link.call("remove", pairs)
 
     def stats(self) -> dict[str, Any]:
+        """The router's figures for the whole service, and this edge's own under ``edge``.
+
+        Only an edge knows its slow consumers, so the router's count (always 0)
+        is left out; when the router does not answer, ``router_error`` says so.
+        """
         table = self.link.table
-        local = {
-            "edge": self.link.edge_id,
-            "edge_connections": table.connections,
-            "edge_users_online": table.users_online,
-            "edge_deliveries": table.deliveries,
-            "edge_slow_consumers_dropped": table.slow_consumers_dropped,
+        own = {
+            "id": self.link.edge_id,
+            "mode": table.mode,
+            "connections": table.connections,
+            "users_online": table.users_online,
+            "deliveries": table.deliveries,
+            "slow_consumers_dropped": table.slow_consumers_dropped,
+            "rss_bytes": self._process.memory_info().rss,
         }
         try:
-            return {**self.link.call("stats"), **local}
-        except BackplaneUnavailable:
-            return local
+            router = self.link.call("stats")
+        except BackplaneUnavailable as exc:
+            return {"router_error": str(exc), "edge": own}
+        return {
+            "connections": router["connections"],
+            "users_online": router["users_online"],
+            "messages_sent": router["messages_sent"],
+            "deliveries": router["deliveries"],
+            "router_rss_bytes": router["rss_bytes"],
+            "edge": own,
+        }

@@ -89,7 +89,7 @@ KIB = 1024.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SOURCE_IPS = "127.0.1.1-127.0.1.20"
 
-#: measured earlier on this machine (the issue): KiB per idle connection
+#: measured earlier on this machine, not by the bench: KiB per idle connection
 IDLE_BASELINES = [
     ("naive bottle on pywsgi", "server RSS", 24.6),
     ("raw gevent, one greenlet per connection", "server RSS", 8.6),
@@ -357,22 +357,26 @@ class NchanServer(Server):
         self.logdir = logdir
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "client_body").mkdir(exist_ok=True)
-        self.port = free_port()
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        conf = NCHAN_TEMPLATE.read_text().format(
-            module=NCHAN_MODULE, nofile=nofile, prefix=workdir, host=self.host, port=self.port,
-            worker_connections=max(nofile - 100, 1024))
-        (workdir / "nginx.conf").write_text(conf)
-        argv = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
-                "-e", str(workdir / "error.log")]
-        self.proc = spawn(argv, logdir / "server-nchan.log")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if self._get("/stats", timeout=1.0) is not None:
-                return
-            time.sleep(0.1)
-        err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
-        stop(self.proc)
+        for _attempt in range(5):  # the free port may be taken before nginx binds it
+            self.port = free_port()
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            conf = NCHAN_TEMPLATE.read_text().format(
+                module=NCHAN_MODULE, nofile=nofile, prefix=workdir, host=self.host,
+                port=self.port, worker_connections=max(nofile - 100, 1024))
+            (workdir / "nginx.conf").write_text(conf)
+            (workdir / "error.log").unlink(missing_ok=True)
+            argv = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
+                    "-e", str(workdir / "error.log")]
+            self.proc = spawn(argv, logdir / "server-nchan.log")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                if self._get("/stats", timeout=1.0) is not None:
+                    return
+                time.sleep(0.1)
+            err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
+            stop(self.proc)
+            if "Address already in use" not in err:
+                break
         raise click.ClickException(f"nginx + nchan did not start:\n{err}")
 
     def stop(self) -> None:
@@ -589,7 +593,8 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(nginx: str | None = None) -> dict[str, str]:
+    """The machine, the software versions and the commit; *nginx*: the binary, when it runs."""
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -616,23 +621,21 @@ def machine_info() -> dict[str, str]:
         gv = gevent.__version__
     except ImportError:
         gv = "?"
-    nginx = nchan_available()
-    nv = ""
-    if nginx:
-        r = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10)
-        nv = (r.stderr or r.stdout).strip().replace("nginx version: ", "")
-    return {
+    info = {
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
         "kernel": platform.release(),
         "python": platform.python_version(),
         "gevent": gv,
-        "nginx": nv or "not installed",
         "nofile": str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]),
         "commit": commit,
         "load": "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg()),
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    if nginx:  # only a run that measured nginx + nchan names its version
+        r = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10)
+        info["nginx"] = (r.stderr or r.stdout).strip().replace("nginx version: ", "") or "?"
+    return info
 
 
 def _plt():
@@ -703,7 +706,8 @@ def machine_lines(info: dict[str, str]) -> list[str]:
         f"- Date: {info['date']}; commit {info['commit']}",
         f"- Machine: {info['cpu']}, {info['memory']} RAM, Linux {info['kernel']}, "
         f"open files limit {info['nofile']} per process",
-        f"- Python {info['python']}, gevent {info['gevent']}, nginx {info['nginx']}",
+        f"- Python {info['python']}, gevent {info['gevent']}"
+        + (f", nginx {info['nginx']}" if "nginx" in info else ""),
         f"- Load average (1/5/15 min) at the start: {info['load']}; at the end: "
         f"{info.get('load_end', '?')}",
     ]
@@ -913,8 +917,9 @@ def idle_report(results: list[dict], notes: list[str], out: Path, opts: dict,
             f"**{r['rss_per_conn'] / KIB:.2f}** | {verdict} | {r['kernel_per_conn'] / KIB:.2f} | "
             f"{r['slab_per_conn'] / KIB:.2f} | {r['sockmem_per_conn'] / KIB:.2f} | "
             f"{r['sunreclaim_per_conn'] / KIB:.2f} | {r['tcp_inuse_delta']:,.0f} |")
-    L += ["", "Baselines measured earlier on this machine (from the issue), KiB per idle "
-          "connection:", "", "| what | measured as | KiB/conn |", "|---|---|---:|"]
+    L += ["", "Baselines for comparison, measured earlier on this machine and not by this "
+          "run, KiB per idle connection:", "",
+          "| what | measured as | KiB/conn |", "|---|---|---:|"]
     for what, kind, kib in IDLE_BASELINES:
         L.append(f"| {what} | {kind} | {kib} |")
     L += ["", "Targets: greenlet mode <= 6 KiB/conn, pool mode <= 1 KiB/conn (server RSS).", ""]
@@ -1032,7 +1037,7 @@ def idle_command(n: int, modes: str, nchan: bool | None, ramp_rate: float, settl
     use_nchan = bool(nginx) and nchan is not False
     opts = {"n": n, "ramp_rate": ramp_rate, "settle": settle, "interval": interval,
             "measure": measure}
-    info = machine_info()
+    info = machine_info(nginx if use_nchan else None)
     log(f"idle: {n} connections, servers: {', '.join(mode_list)}"
         f"{', nchan' if use_nchan else ''}; results in {outdir}")
     results = []

@@ -176,7 +176,8 @@ def edge_command(**flags) -> None:
 
     POST /send and the subscription calls are passed to the router through
     Redis (503 if it does not answer within 5 s); logins and logouts are
-    reported to it in batches.
+    reported to it in batches. GET /stats answers the router's figures for
+    the whole service, and this edge's own under "edge".
     """
     _serve(_config("edge", flags), "edge")
 
@@ -204,8 +205,9 @@ def config_command() -> None:
 def load_command(file: str, db: str, directed: bool) -> None:
     """Bulk-load FILE, one friendship "A B" per line, into the database.
 
-    Each line holds two ids separated by white space; blank lines are allowed.
-    The whole file is checked first: a malformed line stops the load with its
+    Each line holds two different ids separated by white space ("A A" is an
+    error: nobody subscribes to themselves); blank lines are allowed. The whole
+    file is checked first: a malformed line stops the load with its
     line number and nothing is stored. Loading the same file twice stores
     nothing new.
     """

@@ -3,8 +3,9 @@
 Once the web app has answered ``GET /test/<id>`` or ``GET /events/<id>`` with
 headers and a welcome chunk, the socket leaves pywsgi and becomes a
 :class:`Connection` in the process's :class:`ConnectionTable`. The router hands
-the table a :class:`Message` and a list of user ids; the table writes the
-message to every connection of those users.
+the table a :class:`Message` and the user ids it goes to (found through the
+table's :class:`~cometd.online.OnlineIndex`); the table writes the message to
+every connection of those users.
 
 Theory of operation
 -------------------
@@ -54,6 +55,8 @@ import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
+from cometd.online import OnlineIndex, yield_to_hub
+
 __all__ = [
     "frame_bytes",
     "Message",
@@ -78,16 +81,12 @@ CLOSE_GRACE = 1.0
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
 _GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
-# Deliveries between yields, so a huge fan-out does not stall the hub. A
-# concurrent small send needs several loop turns (accept, read, dispatch,
-# answer), one per batch: at 1000, a 2,000-connection fan-out held a small
-# send until it was done; at 100 it is served in the meantime.
+# Deliveries between yields (see cometd.online.yield_to_hub), so a huge
+# fan-out does not stall the hub. A concurrent small send needs several loop
+# turns (accept, read, dispatch, answer), one per batch: at 1000, a
+# 2,000-connection fan-out held a small send until it was done; at 100 it is
+# served in the meantime.
 _YIELD_EVERY = 100
-# The yield is a timer that is due at once, not sleep(0): sleep(0) only queues
-# a callback, and gevent polls sockets after 50 of those, so a pool-mode
-# fan-out (one callback per batch) let no request in. A due timer makes the
-# loop go round once, polling sockets without blocking (~3 us).
-_YIELD_SECONDS = 1e-6
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -286,6 +285,7 @@ class ConnectionTable:
         self.max_pending = max_pending
         #: user id -> that user's connections
         self.users: dict[str, list[Connection]] = {}
+        self._index: OnlineIndex | None = None
         self._by_fd: dict[int, Connection] = {}
         #: messages written to connections
         self.deliveries = 0
@@ -298,6 +298,19 @@ class ConnectionTable:
         self._epoll = select.epoll()
         self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
         self._epoll_watcher.start(self._on_epoll)
+
+    @property
+    def index(self) -> OnlineIndex:
+        """The keys of ``users``, indexed for the router (see :mod:`cometd.online`).
+
+        Built on first use and kept from then on: an edge, whose router is
+        elsewhere, never pays its ~100 bytes per user.
+        """
+        if self._index is None:
+            self._index = OnlineIndex()
+            for user in self.users:
+                self._index.add(user)
+        return self._index
 
     @property
     def connections(self) -> int:
@@ -319,6 +332,8 @@ class ConnectionTable:
         conns = self.users.get(user)
         if conns is None:
             self.users[user] = [conn]
+            if self._index is not None:
+                self._index.add(user)
         else:
             conns.append(conn)
         if self.on_presence is not None:
@@ -337,6 +352,8 @@ class ConnectionTable:
             conns.remove(conn)
             if not conns:
                 del self.users[conn.user]
+                if self._index is not None:
+                    self._index.discard(conn.user)
             if self.on_presence is not None:
                 self.on_presence(conn.user)
 
@@ -352,7 +369,7 @@ class ConnectionTable:
                 delivered += conn.deliver(message.frame(conn.kind))
                 attempts += 1
                 if attempts % _YIELD_EVERY == 0:
-                    gevent.sleep(_YIELD_SECONDS)
+                    yield_to_hub()
         self.deliveries += delivered
         return delivered
 
@@ -386,6 +403,7 @@ class ConnectionTable:
         # Nothing may be routed to a stream after its last chunk.
         self._ending = True
         self.users.clear()
+        self._index = None  # rebuilt from users (empty) if asked again
         for conn in conns:
             if conn.kind in (CHUNKED, SSE_CHUNKED):
                 conn.deliver(LAST_CHUNK)

@@ -1,7 +1,8 @@
 """Bulk loading a friends file into the subscription store.
 
-A friends file has one friendship per line, ``A B``: two ids separated by
-white space (blank lines are allowed). By default each line stores both
+A friends file has one friendship per line, ``A B``: two different ids
+separated by white space (blank lines are allowed; ``A A`` is an error, as
+nobody subscribes to themselves). By default each line stores both
 ``A subscribes to B`` and ``B subscribes to A``; ``directed=True`` stores only
 the first, as the seed's ``readfriends`` did.
 
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cometd.ids import MAX_INT_ID, InvalidId, check_id, encode_key, int_value
-from cometd.store import SubscriptionStore, encode_set
+from cometd.ids import MAX_INT_ID, InvalidId, encode_key, int_value
+from cometd.store import SelfSubscription, SubscriptionStore, check_pair, encode_set
 
 __all__ = ["LoadError", "LoadResult", "load_friends"]
 
@@ -103,7 +104,10 @@ def _parse_chunk_fast(chunk: bytes) -> np.ndarray | None:
     numbers = np.array(chunk.split(), dtype=np.int64)
     if numbers.size and numbers.max() > MAX_INT_ID:
         return None
-    return numbers.astype(np.uint32).reshape(-1, 2)
+    pairs = numbers.astype(np.uint32).reshape(-1, 2)
+    if (pairs[:, 0] == pairs[:, 1]).any():
+        return None  # the slow path names the line
+    return pairs
 
 
 def _parse_chunk_slow(chunk: bytes, first_line: int, parsed: _Parsed, path: str) -> None:
@@ -120,8 +124,8 @@ def _parse_chunk_slow(chunk: bytes, first_line: int, parsed: _Parsed, path: str)
         if len(text) != 2:
             raise _bad(path, lineno, raw, f"expected two ids, found {len(text)}")
         try:
-            a, b = check_id(text[0]), check_id(text[1])
-        except InvalidId as exc:
+            a, b = check_pair(text[0], text[1])
+        except (InvalidId, SelfSubscription) as exc:
             raise _bad(path, lineno, raw, str(exc)) from None
         ia, ib = int_value(a), int_value(b)
         if ia is not None and ib is not None:

@@ -28,6 +28,7 @@ import math
 import resource
 import socket
 import time
+from itertools import islice
 from typing import Any
 
 import gevent
@@ -359,6 +360,10 @@ class LocalBackend:
 
     def online(self, user: str) -> int:
         return self.table.online(user)
+
+    def who(self, limit: int) -> tuple[list[str], int]:
+        """Up to *limit* online ids, unsorted, and how many are online."""
+        return list(islice(self.table.users, limit)), len(self.table.users)
 
     def load(self, path: str, directed: bool = False) -> int:
         return self._blocking(load_friends, self.store, path, directed).stored

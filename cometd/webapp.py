@@ -8,6 +8,7 @@ Routes
 ``GET /subscribers/<id>``     ``{"subscribers": [...]}``
 ``GET /subscriptions/<id>``   ``{"subscriptions": [...]}``
 ``POST /subscriptions``       JSON ``[[subscriber, subscribee], ...]`` -> ``{"added": N}``
+                              (a ``[a, a]`` pair is refused: everyone gets their own messages)
 ``DELETE /subscriptions``     same body -> ``{"removed": N}``
 ``GET /stats``                counters as JSON
 
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 import bottle
 
 from cometd.ids import InvalidId, check_id
+from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
 
 __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
@@ -96,7 +98,7 @@ def _read_body(limit: int) -> bytes:
     return body
 
 
-def _pairs(body: bytes) -> list[tuple[str, str]]:
+def _pairs(body: bytes, adding: bool) -> list[tuple[str, str]]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -108,8 +110,8 @@ def _pairs(body: bytes) -> list[tuple[str, str]]:
         if not (isinstance(pair, list) and len(pair) == 2):
             raise _error(400, f"item {i} is not a [subscriber, subscribee] pair")
         try:
-            pairs.append((check_id(pair[0]), check_id(pair[1])))
-        except InvalidId as exc:
+            pairs.append(check_pair(*pair) if adding else (check_id(pair[0]), check_id(pair[1])))
+        except (InvalidId, SelfSubscription) as exc:
             raise _error(400, f"item {i}: {exc}") from None
     return pairs
 
@@ -173,11 +175,13 @@ def make_app(backend: Backend) -> bottle.Bottle:
 
     @app.post("/subscriptions")
     def add() -> bottle.HTTPResponse:
-        return _json(200, {"added": backend.add(_pairs(_read_body(MAX_JSON_BYTES)))})
+        pairs = _pairs(_read_body(MAX_JSON_BYTES), adding=True)
+        return _json(200, {"added": backend.add(pairs)})
 
     @app.delete("/subscriptions")
     def remove() -> bottle.HTTPResponse:
-        return _json(200, {"removed": backend.remove(_pairs(_read_body(MAX_JSON_BYTES)))})
+        pairs = _pairs(_read_body(MAX_JSON_BYTES), adding=False)
+        return _json(200, {"removed": backend.remove(pairs)})
 
     @app.get("/stats")
     def get_stats() -> bottle.HTTPResponse:

@@ -47,9 +47,11 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-def start_server(db: str, *args: str, timeout: float = 20) -> ServerProcess:
-    """Start `bin/cometd --port 0 --admin-port 0 --db DB ARGS` and wait until it listens."""
-    cmd = [sys.executable, COMETD, "--port", "0", "--admin-port", "0", "--db", db, *args]
+def start_server(db: str, *args: str, timeout: float = 20,
+                 prefix: tuple[str, ...] | list[str] = ()) -> ServerProcess:
+    """Start `bin/cometd --port 0 --admin-port 0 --db DB ARGS` (after *prefix*, e.g.
+    `strace ...`) and wait until it listens."""
+    cmd = [*prefix, sys.executable, COMETD, "--port", "0", "--admin-port", "0", "--db", db, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=ROOT)
     lines: list[str] = []
@@ -111,6 +113,8 @@ class RedisServer:
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.workdir = workdir
         self.host = host
+        #: a port of our own choosing may be taken between the pick and the bind
+        self._pick_port = port is None
         self.port = port or free_port(host)
         self.proc: subprocess.Popen | None = None
 
@@ -129,8 +133,24 @@ class RedisServer:
             return False
 
     def start(self, timeout: float = 10) -> None:
-        import time
+        """Start on `.port`; on the first start, on another port if that one was taken."""
+        attempts = 0
+        while attempts < 5:
+            attempts += 1
+            if self._start_once(timeout):
+                self._pick_port = False  # restarts keep this port
+                return
+            if not self._pick_port or not self._port_was_taken():
+                break
+            self.port = free_port(self.host)
+        raise RuntimeError(f"redis-server did not start on port {self.port} "
+                           f"(after {attempts} attempts); see {self.workdir}/redis.log")
 
+    def _port_was_taken(self) -> bool:
+        with open(os.path.join(self.workdir, "redis.log"), errors="replace") as f:
+            return "Address already in use" in f.read()[-2000:]
+
+    def _start_once(self, timeout: float) -> bool:
         cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "",
                "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no"]
         log = open(os.path.join(self.workdir, "redis.log"), "ab")  # noqa: SIM115
@@ -140,8 +160,9 @@ class RedisServer:
         while not self.ping():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
+                return False
             time.sleep(0.02)
+        return True
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -439,3 +460,38 @@ def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "con
 def unique_id(prefix: str) -> str:
     """A fresh user id, so tests sharing one server do not see each other's users."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def tcp_queues(port: int | None = None) -> dict[tuple[str, str], tuple[int, int]]:
+    """IPv4 TCP sockets' (tx_queue, rx_queue), from one read of /proc/net/tcp.
+
+    Keyed by (local, remote) as ``"ip:port"``; with *port*, only sockets with
+    that port at either end. tx_queue is what SIOCOUTQ reports for the socket
+    (written, not yet acknowledged), rx_queue what SIOCINQ does (received, not
+    yet read); /proc shows them for another process's sockets too. One read,
+    so bytes moving from one socket's queue to its peer's are not counted twice.
+    """
+    with open("/proc/net/tcp") as f:
+        text = f.read()
+    mark = f":{port:04X} " if port is not None else ""
+    queues = {}
+    for line in text.splitlines()[1:]:
+        if mark not in line:  # cheap: the machine may have tens of thousands of sockets
+            continue
+        fields = line.split()
+        ends = []
+        for addr in fields[1:3]:
+            ip, hexport = addr.split(":")
+            ends.append(f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(hexport, 16)}")
+        tx, rx = fields[4].split(":")
+        queues[tuple(ends)] = (int(tx, 16), int(rx, 16))
+    return queues
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")

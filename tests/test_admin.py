@@ -145,6 +145,34 @@ def test_seed_session_end_to_end(server, mode):
     c.close()
 
 
+def test_who_lists_the_users_online(server, mode):
+    c = Console(server.admin_port)
+    c.start()
+    assert c.cmd("who") == ["OK 0 of 0 online"]
+    users = ["alice", "42", "user:7"]
+    streams = [open_stream(server, u) for u in [*users, "alice"]]  # alice twice
+    try:
+        wait_online(c, "alice", 2)
+        for user in users[1:]:
+            wait_online(c, user, 1)
+        reply = c.cmd("who")
+        assert sorted(reply[:-1]) == sorted(users) and reply[-1] == "OK 3 of 3 online"
+        reply = c.cmd("who 2")
+        assert len(reply) == 3 and set(reply[:-1]) < set(users), reply
+        assert reply[-1] == "OK 2 of 3 online"
+        assert c.cmd("who 0") == ["OK 0 of 3 online"]
+        for bad in ("who -1", "who 10001", "who x", "who 1 2", "who ²"):
+            assert c.cmd(bad) == ["ERR usage: who [N] (N from 0 to 10,000)"], bad
+    finally:
+        for s in streams:
+            s.close()
+    deadline = time.monotonic() + 5
+    while c.cmd("who") != ["OK 0 of 0 online"]:
+        assert time.monotonic() < deadline, "the streams never went offline"
+        time.sleep(0.02)
+    c.close()
+
+
 # -- one server for the mode-independent commands --------------------------------
 
 
@@ -168,8 +196,22 @@ def test_help_lists_every_command(console):
     assert lines[-1] == "OK"
     names = [line.split()[0] for line in lines[:-1]]
     assert names == ["subscribe", "unsubscribe", "subscribers", "subscriptions", "send",
-                     "online", "stats", "load", "help", "quit"]
+                     "online", "who", "stats", "load", "help", "quit"]
     assert all(len(line.split(None, 1)) == 2 for line in lines[:-1])  # each has a description
+
+
+def test_help_for_one_command(console):
+    listed = {line.split()[0]: " ".join(line.split()) for line in console.cmd("help")[:-1]}
+    for name, line in listed.items():
+        reply = console.cmd(f"help {name}")
+        assert len(reply) == 2 and reply[1] == "OK", reply
+        assert " ".join(reply[0].split()) == line  # the list's line, unpadded
+    assert console.cmd("help subscribe") == [
+        "subscribe <subscriber> <subscribee>  subscriber gets subscribee's messages "
+        "(not oneself: that is implied)", "OK"]
+    assert console.cmd("help ONLINE")[0].startswith("online <id>  ")
+    assert console.cmd("help frob") == ["ERR unknown command 'frob'; type help"]
+    assert console.cmd("help send online") == ["ERR usage: help [command]"]
 
 
 def test_quit_closes_the_session(console):
@@ -189,6 +231,15 @@ def test_mistakes_get_one_err_line_and_the_session_goes_on(console):
     assert console.cmd("") == []  # an empty line: just a new prompt
     assert console.cmd("subscribe errtest rj") == ["OK"]  # still alive, CRLF too:
     assert console.raw(b"subscribers rj\r\n")[-1] == "OK"
+
+
+def test_self_subscription_is_refused_and_changes_nothing(console):
+    assert console.cmd("subscribe selfie selfie") == [
+        "ERR 'selfie' cannot subscribe to itself (everyone always gets their own messages)"]
+    assert console.cmd("subscribe 12 12")[0].startswith("ERR '12' cannot subscribe to itself")
+    assert console.cmd("subscribers selfie") == ["OK"]
+    assert console.cmd("subscriptions selfie") == ["OK"]
+    assert console.cmd("unsubscribe selfie selfie") == ["OK"]  # allowed, as over HTTP
 
 
 def test_send_keeps_the_rest_of_the_line(console, srv):
@@ -315,6 +366,10 @@ class FakeBackend:
     def online(self, user):
         return 0
 
+    def who(self, limit):
+        self.calls.append(("who", limit))
+        return [str(n) for n in range(min(limit, 20_000))], 20_000
+
     def stats(self):
         return {"connections": 0}
 
@@ -387,6 +442,20 @@ def test_backend_fault_is_one_err_line(local_console):
     assert reply == ["ERR internal error: RuntimeError: backend down"]
     assert c.cmd("send rj  two  words") == ["OK delivered 0"]
     assert backend.calls[-1] == ("send", "rj", b"two  words")
+    c.close()
+
+
+def test_who_is_bounded(local_console):
+    console, backend = local_console
+    c = Console(console.server_port)
+    c.start()
+    reply = c.cmd("who")
+    assert len(reply) == 101 and reply[-1] == "OK 100 of 20000 online"
+    reply = c.cmd("who 10000")
+    assert len(reply) == 10_001 and reply[-1] == "OK 10000 of 20000 online"
+    assert backend.calls[-2:] == [("who", 100), ("who", 10_000)]
+    assert c.cmd("who 10001")[0].startswith("ERR usage: who [N]")
+    assert backend.calls[-1] == ("who", 10_000)  # the backend was not asked
     c.close()
 
 

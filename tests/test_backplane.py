@@ -28,12 +28,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 import redis
-from conftest import CometdProcess, start_cometd
+from conftest import CometdProcess, StreamClient, start_cometd
 
-from cometd.backplane import decode_batch, encode_batch
-from cometd.connections import Message
+from cometd.backplane import (
+    CALL_TIMEOUT,
+    EDGE_TIMEOUT,
+    BackplaneUnavailable,
+    EdgeBackend,
+    decode_batch,
+    encode_batch,
+)
+from cometd.connections import ConnectionTable, Message
 from cometd.store import SubscriptionStore
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
@@ -195,9 +203,9 @@ class Cluster:
         self.processes.append(self.router)
         return self.router
 
-    def start_edge(self, mode: str) -> Edge:
+    def start_edge(self, mode: str, *extra: str) -> Edge:
         edge = Edge(start_cometd(["edge", "--redis", self.redis.url, "--port", "0",
-                                  "--mode", mode], EDGE_READY), mode)
+                                  "--mode", mode, *extra], EDGE_READY), mode)
         self.processes.append(edge.process)
         self.edges.append(edge)
         return edge
@@ -278,6 +286,17 @@ def test_send_on_either_edge_reaches_streams_on_both(cluster):
     assert on_a.wait_messages(2) == [b"hello from rj", b"again"]
     assert on_b.wait_messages(2) == [b"hello from rj", b"again"]
     assert a.http("GET", "/subscriptions/alice") == (200, {"subscriptions": ["rj"]})
+    cluster.assert_healthy()
+
+
+def test_router_console_who_lists_users_on_every_edge(cluster):
+    a, b = cluster.edges
+    cluster.stream(a, "alice"), cluster.stream(b, "bob"), cluster.stream(b, "alice")
+    assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
+    reply = cluster.admin("who")
+    assert sorted(reply[:-1]) == ["alice", "bob"] and reply[-1] == "OK 2 of 2 online"
+    assert cluster.admin("who 1")[-1] == "OK 1 of 2 online"
+    assert cluster.admin("help who")[0].startswith("who [N]  ")
     cluster.assert_healthy()
 
 
@@ -385,6 +404,7 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
         ("POST", "/send/rj", b"x" * (64 * 1024 + 1), 413),
         ("POST", "/subscriptions", b"not json", 400),
         ("POST", "/subscriptions", [["alice"]], 400),
+        ("POST", "/subscriptions", [["dave", "rj"], ["dave", "dave"]], 400),
         ("DELETE", "/subscriptions", [["alice", "bad id"]], 400),
         ("GET", "/nowhere", None, 404),
         ("PUT", "/send/rj", b"hi", 405),
@@ -397,48 +417,170 @@ def test_lookups_match_the_router_store_and_edges_reject_bad_input(cluster):
             assert "Traceback" not in json.dumps(reply)
         status, reply = edge.http("GET", "/test/bad%20id")
         assert status == 404 and reply.startswith(b"User id not found"), reply
-    # The edges turned all of that away themselves: the router never saw a send.
+    # The edges turned all of that away themselves: the router never saw a send,
+    # nor dave's pairs; its console refuses a self-subscription as well.
     assert cluster.stats()["messages_sent"] == "0"
+    assert cluster.admin("subscriptions dave") == ["OK"]
+    assert cluster.admin("subscribe dave dave")[0].startswith("ERR 'dave' cannot subscribe")
     cluster.assert_healthy()
+
+
+# -- an edge's /stats ----------------------------------------------------------------
+
+PRESENCE_WITHIN = 1.0  # seconds a closed stream, or a dead edge's, may still be counted
+HELD = 2000
+
+
+def test_edge_stats_say_whose_figures_and_drop_closed_streams_within_a_second(cluster):
+    a, b = cluster.edges
+    alice_a, bob_b = cluster.stream(a, "alice"), cluster.stream(b, "bob")
+    totals = lambda: a.http("GET", "/stats")[1]  # noqa: E731
+    assert wait_until(lambda: totals()["connections"] == 2, BACK_WITHIN)
+
+    stats = totals()
+    assert set(stats) == {"connections", "users_online", "messages_sent", "deliveries",
+                          "router_rss_bytes", "edge"}, stats
+    assert stats["users_online"] == 2  # the router's figures: both edges
+    own = stats["edge"]
+    assert (own["id"], own["mode"], own["connections"], own["users_online"]) == (
+        a.id, "greenlet", 1, 1), own
+    assert b.http("GET", "/stats")[1]["edge"]["mode"] == "pool"
+
+    # Whose memory is whose: idle streams (~7 KiB each in greenlet mode) set
+    # edge A's RSS well apart from the router's, then each figure must match
+    # its own process.
+    held = [socket.create_connection(a.addr) for _ in range(HELD)]
+    try:
+        for i, sock in enumerate(held):
+            sock.sendall(b"GET /test/held%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+        assert wait_until(lambda: totals()["connections"] == 2 + HELD, BACK_WITHIN)
+        stats = totals()
+        router_rss = psutil.Process(cluster.router.pid).memory_info().rss
+        edge_rss = psutil.Process(a.process.pid).memory_info().rss
+        assert edge_rss > 1.12 * router_rss or router_rss > 1.12 * edge_rss  # told apart
+        assert stats["router_rss_bytes"] == pytest.approx(router_rss, rel=0.05)
+        assert stats["edge"]["rss_bytes"] == pytest.approx(edge_rss, rel=0.05)
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: totals()["connections"] == 2, BACK_WITHIN)
+
+    # A stream that closes leaves the edge's count at once and the router's promptly.
+    alice_a.close()
+    assert wait_until(lambda: totals()["connections"] == 1, PRESENCE_WITHIN), totals()
+    stats = totals()
+    assert (stats["users_online"], stats["edge"]["connections"]) == (1, 0), stats
+
+    # So do the streams of an edge that dies without a word.
+    b.process.proc.kill()
+    t0 = time.monotonic()
+    assert wait_until(lambda: totals()["connections"] == 0, PRESENCE_WITHIN), totals()
+    assert time.monotonic() - t0 < PRESENCE_WITHIN + 0.5  # the last /stats call included
+    assert bob_b.wait(lambda: bob_b.eof, 5)
+    assert cluster.online("bob") == 0
+    cluster.assert_healthy(b.process)
+
+
+def test_edge_stats_without_the_router_say_so_and_keep_the_edges_own():
+    class NoRouter:  # an EdgeLink whose router never answers (a fake: pure logic)
+        edge_id = "edge-1"
+        table = ConnectionTable("pool")
+
+        def call(self, op: str, *args: Any) -> Any:
+            raise BackplaneUnavailable("the router is not reachable; try again")
+
+    try:
+        stats = EdgeBackend(NoRouter()).stats()  # type: ignore[arg-type]
+    finally:
+        NoRouter.table.close()
+    assert stats["router_error"] == "the router is not reachable; try again"
+    own = stats.pop("edge")
+    assert set(stats) == {"router_error"}  # no totals passed off as the whole service's
+    assert own.pop("rss_bytes") > 10 * 2**20
+    assert own == {"id": "edge-1", "mode": "pool", "connections": 0, "users_online": 0,
+                   "deliveries": 0, "slow_consumers_dropped": 0}
 
 
 # -- faults -------------------------------------------------------------------------
 
 
-def _send_until(edge: Edge, subject: str, delivered: int, deadline: float) -> bytes:
-    """Send fresh bodies until one is delivered to *delivered* connections; return it."""
-    for attempt in range(100):
+def _heal(edge: Edge, subject: str, delivered: int, deadline: float) -> list[tuple[bytes, Any]]:
+    """Send fresh bodies until one is delivered to *delivered* connections.
+
+    Every answer on the way must be a JSON 503 or a 200; none is retried away
+    or swallowed. Returns [(body, delivered count, or None for a 503)].
+    """
+    probes: list[tuple[bytes, Any]] = []
+    for attempt in range(200):
         body = b"probe-%d" % attempt
-        try:
-            status, reply = edge.send(subject, body, timeout=6)
-        except OSError:
-            status, reply = None, None
-        if status == 200 and reply == {"delivered": delivered}:
-            return body
-        assert time.monotonic() < deadline, f"still {status} {reply}"
+        status, reply = edge.send(subject, body, timeout=CALL_TIMEOUT + 5)
+        if status == 503:
+            assert isinstance(reply, dict) and reply["error"], reply
+            probes.append((body, None))
+        else:
+            assert status == 200 and set(reply) == {"delivered"}, (status, reply)
+            probes.append((body, reply["delivered"]))
+            if reply["delivered"] == delivered:
+                return probes
+        assert time.monotonic() < deadline, probes
         time.sleep(0.1)
-    raise AssertionError("no send got through")
+    raise AssertionError(f"no send got through: {probes}")
 
 
-def test_redis_restart(cluster, redis_server):
+def assert_counts_true(probes: list[tuple[bytes, Any]], streams: list[Stream],
+                        receivers: list[Stream]) -> None:
+    """Each 200 during healing counted exactly the streams that got its body.
+
+    The last probe must reach all of *receivers*; streams get a subject's
+    messages in order, so once it has, every earlier probe that reached a
+    stream is there too, and the count can be checked against *streams*.
+    """
+    last = probes[-1][0]
+    for stream in receivers:
+        assert stream.wait(lambda s=stream: last in s.messages, 5), (stream.user, stream.messages)
+    for body, delivered in probes:
+        if delivered is not None:
+            got = [s.user for s in streams if body in s.messages]
+            assert len(got) == delivered, (body, delivered, got, probes)
+
+
+@pytest.mark.parametrize("kill, outage",
+                         [(signal.SIGTERM, 0.0), (signal.SIGKILL, EDGE_TIMEOUT + 1)],
+                         ids=["sigterm-brief", "sigkill-past-edge-timeout"])
+def test_redis_restart(cluster, redis_server, kill, outage):
     a, b = cluster.edges
     cluster.subscribe(a, [[u, "rj"] for u in ("alice", "bob", "carol", "dave")])
     alice_a, alice_b = cluster.stream(a, "alice"), cluster.stream(b, "alice")
     bob_b = cluster.stream(b, "bob")
     assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
 
-    redis_server.stop(signal.SIGTERM)
+    redis_server.stop(kill)
+    down = time.monotonic()
     # Presence changes while Redis is away must reach the router afterwards.
     carol_a, dave_b = cluster.stream(a, "carol"), cluster.stream(b, "dave")
     bob_b.close()
+    # Longer than the edge timeout: nobody hears heartbeats, and calls fail
+    # with a 503 (never a hang past the call timeout, never a traceback).
+    lost = []
+    while time.monotonic() - down < outage:
+        t = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda e: e.send("rj", b"while redis is down",
+                                                     timeout=CALL_TIMEOUT + 5), (a, b)))
+        for status, reply in replies:
+            assert status == 503 and reply["error"], (status, reply)
+        assert time.monotonic() - t < CALL_TIMEOUT + 1
+        lost.append(t)
+        time.sleep(0.5)
+    assert len(lost) >= (1 if outage else 0)
     redis_server.start()
     t0 = time.monotonic()
 
     # 4 (not the stale 3) once the router knows: alice twice, carol and dave.
-    body = _send_until(b, "rj", 4, t0 + BACK_WITHIN)
-    for stream in (alice_a, alice_b, carol_a, dave_b):
-        # Earlier probes may have reached some of them first.
-        assert stream.wait(lambda s=stream: body in s.messages, 5), (stream.user, stream.messages)
+    probes = _heal(b, "rj", 4, t0 + BACK_WITHIN)
+    streams = [alice_a, alice_b, bob_b, carol_a, dave_b]
+    assert_counts_true(probes, streams, [alice_a, alice_b, carol_a, dave_b])
+    assert not any(b"while redis is down" in s.messages for s in streams)
     online = lambda: [cluster.online(u) for u in ("alice", "bob", "carol", "dave")]  # noqa: E731
     assert wait_until(lambda: online() == [2, 0, 1, 1], t0 + BACK_WITHIN - time.monotonic())
     assert time.monotonic() - t0 < BACK_WITHIN
@@ -479,15 +621,17 @@ def test_edge_sigterm_ends_its_streams_with_the_last_chunk(cluster):
         assert stream.messages == [b"before the stop", b""], (edge.mode, stream.messages)
     cluster.assert_healthy(*(edge.process for edge in cluster.edges))
 
-def test_router_restart(cluster):
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_router_restart(cluster, kill):
     a, b = cluster.edges
     cluster.subscribe(a, [["alice", "rj"], ["bob", "rj"]])
     streams = [cluster.stream(a, "alice"), cluster.stream(b, "alice"), cluster.stream(b, "bob")]
     assert wait_until(lambda: cluster.connections() == 3, BACK_WITHIN)
 
     old = cluster.router
-    assert old.stop(signal.SIGTERM) == 0
-    store = SubscriptionStore(cluster.db)  # the router let go of its db
+    assert old.stop(kill) == (0 if kill == signal.SIGTERM else -kill)
+    store = SubscriptionStore(cluster.db)  # the router let go of its db (or the kernel did)
     try:
         assert store.get_subscribers("rj") == ["alice", "bob"]
     finally:
@@ -514,10 +658,11 @@ def test_router_restart(cluster):
     # The same db, a new router: presence comes back from the edges' snapshots.
     cluster.start_router()
     t0 = time.monotonic()
-    assert a.send("rj", b"router is back") == (200, {"delivered": 3})
+    probes = _heal(a, "rj", 3, t0 + BACK_WITHIN)
+    assert_counts_true(probes, streams, streams)
     for stream in streams:
         # ... and what the edges were told had failed (503) is not run late.
-        assert stream.wait_messages(1) == [b"router is back"], stream.user
+        assert b"while down" not in stream.messages, stream.user
     assert time.monotonic() - t0 < BACK_WITHIN
     assert cluster.connections() == 3
     assert b.http("GET", "/subscribers/rj") == (200, {"subscribers": ["alice", "bob"]})
@@ -696,3 +841,99 @@ def test_four_hosts_in_network_namespaces(namespaces, tmp_path):
                 proc.kill()
             proc.wait(10)
 
+
+
+# -- more scale-out promises (added after the namespace test to ease merges) ------------
+
+
+def test_same_subject_from_two_edges_at_once_arrives_in_one_order(cluster):
+    """Two edges publish one subject concurrently: every stream, on either edge,
+    sees the same order, and each publisher's own sends in the order made."""
+    a, b = cluster.edges
+    users = ["alice", "bob", "carol"]
+    cluster.subscribe(a, [[u, "rj"] for u in users])
+    streams = [cluster.stream(a, "alice"), cluster.stream(b, "alice"), cluster.stream(a, "bob"),
+               cluster.stream(b, "carol")]
+    assert wait_until(lambda: cluster.connections() == len(streams), BACK_WITHIN)
+    per_edge, start = 40, threading.Barrier(4)
+
+    def publish(edge: Edge, worker: int) -> list[tuple[int, Any]]:
+        start.wait()
+        return [edge.send("rj", b"%s-%d-%02d" % (edge.mode.encode(), worker, i))
+                for i in range(per_edge)]
+
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(publish, edge, w) for edge in (a, b) for w in (0, 1)]
+        replies = [r for job in jobs for r in job.result()]
+    assert replies == [(200, {"delivered": len(streams)})] * (4 * per_edge)
+    orders = [stream.wait_messages(4 * per_edge, timeout=15) for stream in streams]
+    assert all(len(order) == 4 * per_edge for order in orders), [len(o) for o in orders]
+    assert all(order == orders[0] for order in orders), "streams disagree on the order"
+    for edge in (a, b):
+        for w in (0, 1):
+            prefix = b"%s-%d-" % (edge.mode.encode(), w)
+            assert [m for m in orders[0] if m.startswith(prefix)] == [
+                prefix + b"%02d" % i for i in range(per_edge)]
+    cluster.assert_healthy()
+
+
+class _At:
+    """What conftest's StreamClient needs to reach an edge."""
+
+    def __init__(self, edge: Edge) -> None:
+        self.host, self.port = edge.addr
+
+
+def test_slow_consumer_on_an_edge_is_dropped_and_the_router_hears(cluster):
+    a, b = cluster.edges
+    max_pending = 64 * 1024
+    c = cluster.start_edge("greenlet", "--max-pending", str(max_pending))
+    cluster.subscribe(a, [["slowpoke", "rj"], ["reader", "rj"]])
+    slow = StreamClient.open(_At(c), "/test/slowpoke", rcvbuf=4096)
+    try:
+        slow.chunk()  # the welcome; then it reads nothing
+        fast = cluster.stream(b, "reader")
+        assert wait_until(lambda: cluster.connections() == 2, BACK_WITHIN)
+        size, bodies, replies = 32 * 1024, [], []
+        for i in range(400):  # the kernels hold ~3 MB first (see test_connections)
+            bodies.append(b"%08d" % i + b"s" * (size - 8))
+            replies.append(a.send("rj", bodies[-1]))
+            if replies[-1] == (200, {"delivered": 1}):
+                break
+        else:
+            raise AssertionError(f"the slow consumer was never dropped: {replies[-5:]}")
+        dropped = time.monotonic()
+        assert all(r in [(200, {"delivered": 2}), (200, {"delivered": 1})] for r in replies)
+        # The edge dropped it and told the router, which no longer counts it.
+        assert wait_until(lambda: cluster.online("slowpoke") == 0, 1.0)
+        assert time.monotonic() - dropped < 1.0 + 0.5
+        assert cluster.connections() == 1
+        status, stats = c.http("GET", "/stats")
+        assert (status, stats["edge"]["slow_consumers_dropped"],
+                stats["edge"]["connections"]) == (200, 1, 0), stats
+        # Nobody else suffered: the reader on another edge got everything, in order.
+        assert fast.wait_messages(len(bodies), timeout=30) == bodies
+        slow.sock.settimeout(30)
+        slow.wait_closed(30)  # the edge closed it: it ends once drained
+    finally:
+        slow.close()
+    cluster.assert_healthy()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_disconnect_through_an_edge_reaches_the_router_within_a_second(cluster, reset):
+    a, b = cluster.edges
+    for edge in (a, b):
+        gone = StreamClient.open(_At(edge), f"/test/gone-{edge.mode}")
+        stays = cluster.stream(edge, f"stays-{edge.mode}")
+        gone.chunk()
+        assert wait_until(lambda e=edge: cluster.online(f"gone-{e.mode}") == 1, BACK_WITHIN)
+        # Nothing is sent to the user: only the hang-up can tell the edge, and
+        # the edge's presence report the router.
+        t0 = time.monotonic()
+        gone.close(reset=reset)
+        assert wait_until(lambda e=edge: cluster.online(f"gone-{e.mode}") == 0, 1.0)
+        assert time.monotonic() - t0 < 1.0
+        assert cluster.online(stays.user) == 1
+    assert cluster.connections() == 2
+    cluster.assert_healthy()

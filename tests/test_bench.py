@@ -1,9 +1,11 @@
 """cometd-bench: small end-to-end runs of each scenario, plus its helpers.
 
-The runs use tiny sizes (a few hundred connections, a 2,000-user graph) so the
-whole file stays well under a minute; they check that the report and the
-graphs are written and that every per-mode figure is there, positive and
-plausible - never particular values, which depend on the machine.
+The runs use small sizes (2,000 idle connections, a 2,000-user graph) so the
+whole file stays well under a minute. They check that the report and the
+graphs are written, that fan-out counts match what was sent and received, and
+guard the idle RSS per connection, which is steady from run to run, against
+regressions (latency, rates and kernel counters vary with the machine's load
+and are left to the benchmarks).
 """
 
 from __future__ import annotations
@@ -48,43 +50,54 @@ def test_help_lists_every_scenario_and_its_options():
         assert opt in fan
 
 
+# Regression guards on the idle figures, from this machine's small runs
+# (bin/cometd-bench idle --n 2000 --modes greenlet,pool --quiet-wait 0 --settle 0.5
+# --interval 0.1 --measure 0.5, unpaced, three runs at 8077bf8: greenlet 6.80-6.81 KiB,
+# pool 0.44-0.45 KiB, nchan 11.4-11.5 KiB per connection). RSS per held
+# connection is steady from run to run, unlike the system-wide kernel counters.
+IDLE_N = 2000
+MAX_RSS_PER_CONN = {"greenlet": 8.5 * 1024, "pool": 1.5 * 1024}
+
+
 def test_idle_small(tmp_path):
     out = tmp_path / "idle"
-    n = 300
-    proc = run_bench("idle", "--n", str(n), "--modes", "greenlet,pool", "--no-nchan",
-                     "--quiet-wait", "0", "--settle", "0.5", "--interval", "0.1",
-                     "--measure", "0.5", "--out", str(out))
+    nchan = bench.nchan_available() is not None
+    # Paced so the ramp spans several polls: unpaced, 2,000 connections can all
+    # be there by the first, and the server-side ramp rate is then unknown.
+    proc = run_bench("idle", "--n", str(IDLE_N), "--modes", "greenlet,pool",
+                     "--ramp-rate", "4000", "--quiet-wait", "0", "--settle", "0.5",
+                     "--interval", "0.1", "--measure", "0.5", "--out", str(out))
     assert str(out / "report.md") in proc.stdout
     assert "[bench" in proc.stderr  # progress on stderr
 
     summary = json.loads((out / "summary.json").read_text())
     results = {r["server"]: r for r in summary["results"]}
-    assert set(results) == {"greenlet", "pool"}
-    for mode, r in results.items():
-        assert r["held"] == n, mode
-        assert r["floodtest"]["opened"] == n
+    assert set(results) == {"greenlet", "pool", *(["nchan"] if nchan else [])}
+    for server, r in results.items():
+        assert r["held"] == IDLE_N, server
+        assert r["floodtest"]["opened"] == IDLE_N
         assert r["floodtest"]["connect_errors"] == 0
-        # A held connection costs the server something, and far less than 1 MiB.
-        assert 0 < r["rss_per_conn"] < 1024 * 1024, mode
-        assert r["rss_at_n"] > r["rss_before"] > 10 * 2**20
-        # System-wide kernel counters move with whatever else the machine does;
-        # only check that they were read.
+        assert r["rss_at_n"] > r["rss_before"] > 2**20
+        assert r["rss_per_conn"] > 0, server
+        # System-wide kernel counters move with whatever else the machine does
+        # (other test runs here): only check that they were read.
         assert math.isfinite(r["kernel_per_conn"])
-        assert r["ramp_s"] >= 0
-        assert r["ramp_rate"] is None or r["ramp_rate"] > 0
+        assert r["ramp_s"] > 0 and r["ramp_rate"] > 0, server
         # first to last: every connection over the whole ramp, not a slope
         # (ramp_s is rounded to 10 ms)
         rate = r["ramp_rate_first_last"]
-        assert rate > 0 and abs(rate * r["ramp_s"] - r["held"]) <= rate * 0.005 + 1, mode
+        assert rate > 0 and abs(rate * r["ramp_s"] - r["held"]) <= rate * 0.005 + 1, server
+    for mode, limit in MAX_RSS_PER_CONN.items():
+        assert results[mode]["rss_per_conn"] < limit, (mode, results[mode]["rss_per_conn"])
 
     report = (out / "report.md").read_text()
-    assert "bin/cometd-bench idle --n 300" in report  # the exact command line
+    assert f"bin/cometd-bench idle --n {IDLE_N}" in report  # the exact command line
     assert "cometd greenlet" in report and "cometd pool" in report
-    assert "nchan skipped (--no-nchan)" in report
-    assert "24.6" in report and "9.6" in report  # baselines printed alongside
-    for mode, r in results.items():
-        assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, mode
-        assert f"| {bench._fmt(r['ramp_rate_first_last'], 0)} / " in report, mode
+    if not nchan:
+        assert "nchan skipped: not installed" in report
+    for server, r in results.items():
+        assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, server
+        assert f"| {bench._fmt(r['ramp_rate_first_last'], 0)} / " in report, server
     graphs = ["idle-rss.png", "idle-kernel.png", "idle-ramp.png"]
     for g in graphs:
         assert f"]({g})" in report
@@ -121,6 +134,14 @@ def test_fanout_tiny(tmp_path):
         assert r["timed_messages"] > 0
         assert 0 < lat["p50"] <= lat["p99"] <= lat["max"] < 30_000
         assert r["slow_consumers_dropped"] == 0
+        # Every count agrees with what was sent and what arrived: the server's
+        # counters over the window, msggen's replies, floodtest's streams.
+        sent = json.loads((out / "logs" / f"msggen-{mode}-run.json").read_text())
+        assert (sent["errors"], sent["missed"], r["msggen_errors"]) == (0, 0, 0), sent
+        assert r["messages"] == sent["sent"], (r["messages"], sent)
+        assert r["deliveries"] == sent["deliveries"], (r["deliveries"], sent)
+        assert r["timed_messages"] == r["deliveries"]  # each delivery reached floodtest
+        assert r["floodtest_closed"] == 0 and r["floodtest_connect_errors"] == 0
 
     report = (out / "report.md").read_text()
     assert "bin/cometd-bench fanout --users 2000" in report
@@ -150,3 +171,23 @@ def test_kernel_counters_are_read():
     k = bench.kernel_counters()
     assert k["slab"] > 0
     assert k["tcp_inuse"] >= 0 and k["tcp_mem"] >= 0
+
+
+def test_report_names_nginx_only_when_nchan_ran_and_says_where_baselines_come_from(tmp_path):
+    out = tmp_path / "idle"
+    run_bench("idle", "--n", "100", "--modes", "pool", "--no-nchan", "--quiet-wait", "0",
+              "--settle", "0.2", "--interval", "0.1", "--measure", "0.3", "--out", str(out))
+    report = (out / "report.md").read_text()
+    versions = next(line for line in report.splitlines() if line.startswith("- Python "))
+    assert "gevent" in versions and "nginx" not in versions, versions
+    assert "nginx" not in json.loads((out / "summary.json").read_text())["machine"]
+    assert "from the issue" not in report
+    assert "Baselines for comparison, measured earlier on this machine and not by this run" \
+        in report
+
+    # A run that does measure nginx + nchan names the version it ran.
+    nginx = tmp_path / "nginx"
+    nginx.write_text("#!/bin/sh\necho 'nginx version: nginx/1.99.9' >&2\n")
+    nginx.chmod(0o755)
+    lines = bench.machine_lines(bench.machine_info(str(nginx)))
+    assert "- Python " in lines[2] and lines[2].endswith(", nginx nginx/1.99.9"), lines

@@ -230,8 +230,10 @@ def test_ramp_rate_is_honoured(ticking, tmp_path):
         "--duration", "0.3", tmp_path=tmp_path,
     )
     assert s["opened"] == 240
-    assert 200 * 0.85 <= s["ramp_rate"] <= 200 * 1.15
-    assert 1.0 <= s["ramp_s"] <= 1.6
+    # Never faster than asked (240 at 200/s take 1.2 s); slower only by what a
+    # busy machine costs, not by half (the exact rate is the benchmarks' business).
+    assert s["ramp_rate"] <= 200 * 1.05, s
+    assert 1.0 <= s["ramp_s"] <= 2.4, s
 
 
 def test_processes_servers_and_source_ips_spread(tmp_path):
@@ -266,13 +268,15 @@ def test_server_closes_are_counted(tmp_path):
 
 
 def test_connect_errors_are_counted_not_raised(tmp_path):
-    with socket.socket() as sock:  # a port with nothing listening
+    # A port bound but not listening refuses connections, and stays ours meanwhile
+    # (closed, another process could start listening there).
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    s, _ = run_tool(
-        FLOODTEST, "--port", str(port), "--n", "50", "--rate", "0", "--duration", "0.2",
-        tmp_path=tmp_path,
-    )
+        s, _ = run_tool(
+            FLOODTEST, "--port", str(port), "--n", "50", "--rate", "0", "--duration", "0.2",
+            tmp_path=tmp_path,
+        )
     assert s["opened"] == 0 and s["connect_errors"] == 50
     assert s["connect_errors_by_errno"] == {"ECONNREFUSED": 50}
 

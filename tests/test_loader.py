@@ -74,7 +74,8 @@ def test_file_without_final_newline(tmp_path, store):
 @pytest.mark.parametrize(
     "text, lineno",
     [("1 2\n2 3 4\n", 2), ("1 2\n3\n", 2), ("1 2\n1 2\nbad/id 3\n", 3), ("1 +2\n", 1),
-     ("1 " + "x" * 65 + "\n", 1), ("1 2\n\xe9 3\n", 2)],
+     ("1 " + "x" * 65 + "\n", 1), ("1 2\n\xe9 3\n", 2),
+     ("1 2\n3 3\n", 2), ("1 2\nbob bob\n", 2), ("a b\n2 1\n4  4\n", 3)],
 )
 def test_malformed_line_stores_nothing(tmp_path, store, text, lineno):
     store.add_subscriptions([("keep", "me")])
@@ -95,8 +96,19 @@ def test_malformed_line_deep_in_a_large_file(tmp_path, store, monkeypatch):
     assert store.count() == (0, 0)
 
 
+def test_self_friendship_deep_in_a_large_integer_file(tmp_path, store, monkeypatch):
+    # The fast path (numpy, no line numbers) must notice it and name the line.
+    monkeypatch.setattr("cometd.loader.CHUNK_BYTES", 4096)
+    lines = [f"{i} {i + 7}\n" for i in range(1, 5000)]
+    lines[3210] = "77 77\n"
+    with pytest.raises(LoadError, match=":3211: '77' cannot subscribe to itself"):
+        load_friends(store, write(tmp_path, "".join(lines)), directed=True)
+    assert store.count() == (0, 0)
+
+
 def test_chunked_parse_matches_whole_parse(tmp_path, monkeypatch):
-    lines = "".join(f"{(i * 7919) % 3001 + 1} {(i * 104729) % 2999 + 1}\n" for i in range(20000))
+    pairs = (((i * 7919) % 3001 + 1, (i * 104729) % 2999 + 1) for i in range(20000))
+    lines = "".join(f"{a} {b}\n" for a, b in pairs if a != b)
     path = write(tmp_path, lines)
     with SubscriptionStore(tmp_path / "a") as whole:
         load_friends(whole, path)

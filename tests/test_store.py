@@ -1,15 +1,26 @@
 """SubscriptionStore on a real LevelDB in a temporary directory."""
 
 import os
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+from conftest import COMETD, http_json, start_server
 
-from cometd.ids import InvalidId
-from cometd.store import StoreError, StoreLockedError, SubscriptionStore
+from cometd.ids import InvalidId, int_value
+from cometd.store import (
+    SelfSubscription,
+    StoreError,
+    StoreLockedError,
+    SubscriptionStore,
+    encode_set,
+)
 
 
 @pytest.fixture
@@ -64,6 +75,117 @@ def test_bad_id_raises_and_changes_nothing(store, bad):
             store.get_subscribers(bad)
 
 
+def test_self_subscription_raises_and_changes_nothing(store):
+    store.add_subscriptions([("a", "b")])
+    for pair in (("c", "c"), (5, "5")):
+        with pytest.raises(SelfSubscription, match="cannot subscribe to itself"):
+            store.add_subscriptions([("c", "d"), pair])
+    assert store.get_subscriptions("c") == [] and store.get_subscribers("c") == []
+    assert store.get_subscribers("5") == []
+    assert store.count() == (1, 1)
+    # Removing one is fine (and cleans up a self-loop stored before the rule).
+    assert store.remove_subscriptions([("a", "a")]) == 0
+
+
+def test_changes_to_a_large_set_match_set_arithmetic(store):
+    rng = random.Random(3)
+
+    def ints(k: int) -> set[str]:
+        return {str(n) for n in rng.sample(range(2**32), k)} | {"0", str(2**32 - 1)}
+
+    model = ints(20_000) | {f"u:{n}" for n in range(300)}
+    store.add_subscriptions([(u, "star") for u in model])
+    for _ in range(30):
+        known = rng.sample(sorted(model), 40) if model else []
+        fresh = rng.sample(sorted(ints(30) | {f"u:{rng.randrange(600)}" for _ in range(5)}), 20)
+        batch = set(known[:20] + fresh)
+        if rng.random() < 0.5:
+            assert store.add_subscriptions([(u, "star") for u in batch]) == len(batch - model)
+            model |= batch
+        else:
+            assert store.remove_subscriptions([(u, "star") for u in batch]) == len(
+                batch & model)
+            model -= batch
+    listed = store.get_subscribers("star")
+    assert listed == sorted(model, key=lambda u: (int_value(u) is None, int_value(u) or 0, u))
+    for user in rng.sample(sorted(model), 50):
+        assert store.get_subscriptions(user) == ["star"]
+    # Everyone leaves: the key goes, as for a small set.
+    assert store.remove_subscriptions([(u, "star") for u in model]) == len(model)
+    assert store.get_subscribers("star") == [] and store.count() == (0, 0)
+
+
+BIG = [str(n) for n in range(1, 70_001)]  # 280 KB: over CACHE_MIN_BYTES
+
+
+def test_large_sets_are_kept_and_every_write_shows(store):
+    store.add_subscriptions([(u, "star") for u in BIG])
+    first = store.subscriber_view("star")
+    assert store.subscriber_view("star").ints.obj is first.ints.obj  # kept, not re-read
+    assert store.add_subscriptions([("70001", "star"), ("n", "star")]) == 2
+    view = store.subscriber_view("star")
+    assert len(view) == 70_002 and "70001" in view and "n" in view
+    assert store.remove_subscriptions([("1", "star")]) == 1
+    view = store.subscriber_view("star")
+    assert len(view) == 70_001 and "1" not in view
+    extra = (1).to_bytes(4, "little") + (99_999).to_bytes(4, "little")
+    store.bulk_merge("subscribers", [(b"\x02star", extra)])
+    assert "99999" in store.subscriber_view("star")
+    assert store.remove_subscriptions([(u, "star") for u in store.get_subscribers("star")])
+    assert len(store.subscriber_view("star")) == 0
+
+
+def test_a_value_read_before_a_write_is_not_kept(store):
+    store.add_subscriptions([(u, "star") for u in BIG])
+    real = store._subscribers
+
+    class WriteDuringGet:  # another thread's write lands between the get and the keep
+        done = False
+
+        def get(self, key):
+            value = real.get(key)
+            if not self.done:  # once: the write itself reads through here too
+                self.done = True
+                writer = threading.Thread(
+                    target=store.add_subscriptions, args=([("late", "star")],))
+                writer.start()
+                writer.join(10)
+            return value
+
+    store._subscribers = WriteDuringGet()
+    assert "late" not in store.subscriber_view("star")  # what was read, before the write
+    store._subscribers = real
+    assert "late" in store.subscriber_view("star")  # and not kept: the write shows
+
+
+def test_kept_sets_are_bounded(store, monkeypatch):
+    monkeypatch.setattr("cometd.store.CACHE_BYTES", 600 * 1024)
+    for subject in ("a", "b", "c"):
+        store.add_subscriptions([(u, subject) for u in BIG])
+    for subject in ("a", "b", "a", "c"):
+        store.subscriber_view(subject)
+    assert store._cache_bytes == sum(map(len, store._cache.values())) <= 600 * 1024
+    assert list(store._cache) == [b"\x02a", b"\x02c"]  # the least recently used went
+
+
+def test_subscriber_view_answers_membership_like_the_list(store):
+    pairs = [(str(n), "star") for n in range(0, 3000, 3)]
+    pairs += [(f"user:{n}", "star") for n in range(0, 900, 3)]
+    pairs += [("007", "star"), (str(2**32 - 1), "star"), (str(2**32), "star")]
+    store.add_subscriptions(pairs)
+    listed = store.get_subscribers("star")
+    subscribers = store.subscriber_view("star")
+    assert len(subscribers) == len(listed) == len(pairs)
+    ints = [int_value(u) for u in listed if int_value(u) is not None]
+    names = [u for u in listed if int_value(u) is None]
+    assert subscribers.nbytes == len(encode_set(ints, names))
+    probes = [str(n) for n in range(-1, 3001)] + [f"user:{n}" for n in range(901)]
+    probes += ["007", "7", str(2**32 - 1), str(2**32), "user:", "user:3000", "a", "zzz"]
+    assert [p for p in probes if p in subscribers] == [p for p in probes if p in listed]
+    empty = store.subscriber_view("nobody")
+    assert len(empty) == 0 and "1" not in empty and "a" not in empty
+
+
 def test_second_opener_gets_clear_error(tmp_path, store):
     with pytest.raises(StoreLockedError, match="already open in this process"):
         SubscriptionStore(tmp_path / "db")
@@ -82,7 +204,11 @@ def test_persists_across_reopen(tmp_path):
 
 
 def test_acknowledged_write_survives_sigkill(tmp_path):
-    """A child acknowledges each write on stdout; we SIGKILL it right after."""
+    """A child acknowledges each write on stdout; we SIGKILL it right after.
+
+    This shows nothing is held back in the process (the page cache survives a
+    SIGKILL); that it is on disk is the strace test's below.
+    """
     db = tmp_path / "db"
     child = textwrap.dedent(f"""
         import sys, time
@@ -111,8 +237,65 @@ def test_acknowledged_write_survives_sigkill(tmp_path):
         subscribers = [int(x) for x in s.get_subscribers("star")]
     assert set(range(1, acked + 1)) - {7} <= set(subscribers)
     assert 7 not in subscribers
-    for i in subscribers:
-        assert i not in (7,)
+
+
+_SYNC = re.compile(r"^\d+ +(?:f(?:data)?sync|sync_file_range)\((\d+)<([^>]*)>")
+_LOG_WRITE = re.compile(r"^\d+ +write\((\d+)<([^>]*\.log)>, \"(.*)\", \d+\) = \d+")
+_RESPONSE = re.compile(r"^\d+ +sendto\(\d+<TCP:\[[^]]*\]>, \"HTTP/1\.1 (\d+)")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None,
+                    reason="needs strace (bin/dev test installs it)")
+def test_subscription_change_is_synced_before_it_is_acknowledged(tmp_path):
+    """The server's own system calls: the LevelDB log write that carries a
+    change is fdatasync'ed before the HTTP answer to it is sent, for an add
+    and for a remove."""
+    trace = tmp_path / "trace.txt"
+    srv = start_server(str(tmp_path / "db"), "--admin-port", "-1", prefix=[
+        "strace", "-f", "-yy", "-s", "256", "-o", str(trace),
+        "-e", "trace=write,writev,pwrite64,sendto,sendmsg,fsync,fdatasync,sync_file_range"])
+    try:
+        assert http_json(srv, "POST", "/subscriptions", [["dur-add", "dur-subject"]]) == (
+            200, {"added": 1})
+        assert http_json(srv, "DELETE", "/subscriptions", [["dur-add", "dur-subject"]]) == (
+            200, {"removed": 1})
+    finally:
+        # strace detaches on SIGTERM and would leave the server running: stop the
+        # server itself, and strace ends with it.
+        with open(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        srv.proc.wait(20)
+    lines = trace.read_text().splitlines()
+    answers = [i for i, line in enumerate(lines) if _RESPONSE.match(line)]
+    assert len(answers) == 2, [line for line in lines if "sendto" in line]
+    start = 0
+    for answer in answers:
+        # the change's record in the log, then a sync of that log, then the answer
+        written = [i for i in range(start, answer) if (m := _LOG_WRITE.match(lines[i]))
+                   and "dur-add" in m.group(3) and "dur-subject" in m.group(3)]
+        assert written, lines[start:answer]
+        log = _LOG_WRITE.match(lines[written[-1]]).group(2)
+        synced = [i for i in range(written[-1], answer) if (m := _SYNC.match(lines[i]))
+                  and m.group(2) == log]
+        assert synced, lines[written[-1]:answer + 1]
+        start = answer + 1
+
+
+def test_a_second_server_on_a_database_in_use_says_what_to_do(tmp_path):
+    db = str(tmp_path / "db")
+    first = start_server(db)
+    try:
+        second = subprocess.run([sys.executable, COMETD, "--db", db, "--port", "0",
+                                 "--admin-port", "-1"], capture_output=True, text=True, timeout=30)
+    finally:
+        first.stop()
+    assert second.returncode == 1, second
+    assert second.stderr == (
+        f"cometd: error: subscription database {db} is already open in another process (is"
+        " another cometd running on this database? stop it, or pass --db another/path)\n"
+    ), second.stderr
 
 
 @pytest.mark.parametrize("under", ["", "sub/db"])

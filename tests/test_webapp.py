@@ -133,6 +133,21 @@ def test_sse_events_carry_id_sender_and_body(srv):
     assert ids == sorted(set(ids)), ids
 
 
+def test_a_body_that_is_not_utf8_is_raw_on_test_and_replaced_on_events(srv):
+    # The README's promise: /test passes bytes through, SSE (text) shows each
+    # invalid UTF-8 sequence as U+FFFD.
+    user = unique_id("bytes")
+    body = b"ok \xff\xfe caf\xc3\xa9 cut \xe2\x82"
+    with StreamClient.open(srv, f"/test/{user}") as raw, \
+            StreamClient.open(srv, f"/events/{user}") as sse:
+        raw.chunk(), sse.chunk()  # welcomes
+        assert send(srv, user, body) == 2
+        assert raw.chunk() == body
+        events, _ = _sse_events(sse, 1)
+    assert json.loads(events[0]["data"]) == {
+        "from": user, "body": "ok \ufffd\ufffd caf\u00e9 cut \ufffd"}
+
+
 def test_sse_keepalive_comments_every_period(srv):
     user = unique_id("ka")
     with StreamClient.open(srv, f"/events/{user}") as c:
@@ -260,6 +275,19 @@ def test_bad_subscription_requests_change_nothing(srv, method):
     for path in ["/subscribers/bad%20id", "/subscriptions/" + "x" * 65]:
         status, answer = http_json(srv, "GET", path)
         assert status == 400 and set(answer) == {"error"}
+
+
+def test_self_subscription_is_refused_and_changes_nothing(srv):
+    a, fresh = unique_id("a"), unique_id("fresh")
+    for pair in ([a, a], [7, "7"]):
+        status, answer = http_json(srv, "POST", "/subscriptions", [[fresh, a], pair])
+        assert status == 400, answer
+        assert answer["error"].startswith("item 1: ") and "cannot subscribe to itself" in (
+            answer["error"])
+    assert http_json(srv, "GET", f"/subscriptions/{fresh}") == (200, {"subscriptions": []})
+    assert http_json(srv, "GET", f"/subscribers/{a}") == (200, {"subscribers": []})
+    # Removing one is allowed (nothing to remove here): a stored self-loop can be cleaned up.
+    assert http_json(srv, "DELETE", "/subscriptions", [[a, a]]) == (200, {"removed": 0})
 
 
 def test_stats_counts_what_happened(srv):

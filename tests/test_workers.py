@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
 import psutil
 import pytest
 from conftest import CometdProcess, start_cometd
-from test_backplane import Stream, admin, request, wait_until
+from test_backplane import Stream, admin, assert_counts_true, request, wait_until
 
 SUPERVISOR_READY = (r"^cometd: listening on http://([\d.]+):(\d+)/ admin ([\d.]+):(\d+) "
                     r".*workers=(\d+)")
@@ -133,7 +134,7 @@ def test_edges_share_the_port_and_connections_spread(workers):
         for _ in range(200):
             status, stats = request(workers.addr, "GET", "/stats")
             assert status == 200, stats
-            per_edge[stats["edge"]] = stats["edge_connections"]
+            per_edge[stats["edge"]["id"]] = stats["edge"]["connections"]
             if len(per_edge) == 2:
                 break
         assert len(per_edge) == 2, per_edge
@@ -187,3 +188,39 @@ def test_sigterm_during_startup_leaves_no_children(redis_server, tmp_path):
     finally:
         sup.stop(signal.SIGKILL)
         kill_leftovers(strays(redis_server.url))
+
+
+def test_killed_router_is_restarted_and_the_cluster_heals(workers):
+    n = 6
+    status, reply = request(workers.addr, "POST", "/subscriptions",
+                            [[f"r{i}", "boss"] for i in range(n)])
+    assert (status, reply) == (200, {"added": n})
+    streams = [Stream(workers.addr, f"r{i}") for i in range(n)]
+    try:
+        assert wait_until(lambda: workers.router_stat("connections") == str(n), 5)
+        kids = workers.children()
+        router = next(pid for pid, role in kids.items() if role == "router")
+        psutil.Process(router).kill()
+        fresh = wait_until(lambda: [pid for pid, role in workers.children().items()
+                                    if role == "router" and pid != router], 10)
+        assert len(fresh) == 1, workers.children()
+        # Until the new router has the edges' presence, an edge answers 503 or
+        # the true count, never a wrong one; then everyone gets the message.
+        probes = []
+        deadline = time.monotonic() + 15
+        while not probes or probes[-1][1] != n:
+            assert time.monotonic() < deadline, probes
+            body = b"after the kill %d" % len(probes)
+            status, reply = request(workers.addr, "POST", "/send/boss", body, timeout=15)
+            assert status in (200, 503) and isinstance(reply, dict), (status, reply)
+            probes.append((body, reply["delivered"] if status == 200 else None))
+            time.sleep(0.2)
+        assert_counts_true(probes, streams, streams)
+        assert workers.router_stat("connections") == str(n)
+        assert set(workers.children().values()) == {"router", "edge"}
+    finally:
+        for stream in streams:
+            stream.close()
+    out = "".join(workers.process.output)
+    assert "router exited with -9; restarting" in out, out
+    assert "Traceback" not in out

@@ -1,0 +1,92 @@
+"""bench/c1m.py on a small scale: its plan, its sysctls and its parsing of floodtest.
+
+The real run goes in a fresh network namespace (``unshare -n``), where the
+net.* sysctls it sets are the namespace's own; the few global ones (fs.*,
+vm.max_map_count) are only ever raised, and put back at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C1M = os.path.join(ROOT, "bench", "c1m.py")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import c1m  # noqa: E402
+
+
+def test_dry_run_prints_the_plan_and_every_sysctl_and_changes_nothing(tmp_path):
+    before = {name: c1m.read_sysctl(name) for name in c1m.SYSCTLS}
+    proc = subprocess.run([sys.executable, C1M, "--dry-run", "--connections", "40000",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "plan: 40,000 connections, 3 edges (pool), 3 floodtest processes" in proc.stderr
+    for name, value in c1m.SYSCTLS.items():
+        now = before[name] if before[name] is not None else "absent, skipped"
+        assert f"sysctl {name} = {value}   (now: {now})" in proc.stderr, name
+    assert {name: c1m.read_sysctl(name) for name in c1m.SYSCTLS} == before
+    assert not (tmp_path / "out").exists()
+
+
+# Inside the namespace: loopback up, the sysctls before, c1m in the background
+# while they are polled, the sysctls after; one JSON line on stdout.
+IN_NAMESPACE = textwrap.dedent("""
+    import json, subprocess, sys, time
+    sys.path.insert(0, "bench")
+    import c1m
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    snap = lambda: {k: c1m.read_sysctl(k) for k in c1m.SYSCTLS}
+    before, seen = snap(), {}
+    run = subprocess.Popen([sys.executable, "bench/c1m.py", *sys.argv[1:]],
+                           stdout=subprocess.DEVNULL, stderr=open(sys.argv[-1] + ".log", "w"))
+    while run.poll() is None:
+        for k, v in snap().items():
+            seen.setdefault(k, set()).add(v)
+        time.sleep(0.2)
+    print(json.dumps({"rc": run.returncode, "before": before, "after": snap(),
+                      "seen": {k: sorted(v, key=str) for k, v in seen.items()}}))
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
+                    or shutil.which("ip") is None,
+                    reason="needs root, unshare and ip (bin/dev test installs iproute2)")
+def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", IN_NAMESPACE, "--connections", "300",
+         "--edges", "1", "--client-processes", "1", "--hold", "1", "--msg-rate", "50",
+         "--msg-duration", "1", "--timeout", "90", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+        env={**os.environ, "TMPDIR": str(tmp_path)})  # c1m's logs dir: ours, cleaned up
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    assert [p.name[:4] for p in tmp_path.glob("c1m-*")] == ["c1m-"]
+    got = json.loads(proc.stdout)
+    log = (out.parent / "out.log").read_text()
+    assert got["rc"] == 0, log
+    # Every sysctl it could set was set during the run and is back afterwards.
+    assert got["after"] == got["before"], log
+    res = json.loads((out / "c1m.json").read_text())
+    assert res["sysctls"], log
+    for name, value in res["sysctls"].items():
+        assert value == c1m.SYSCTLS[name]
+        assert value in got["seen"][name], (name, got["seen"][name])
+        assert res["sysctls_previous"][name] == got["before"][name]
+    assert "restored" in log
+    # The ramp ended by parsing floodtest's progress lines (else: timeout), and
+    # the figures come from floodtest's and msggen's JSON.
+    assert res["connections_held"] == 300 and res["client_open_max"] == 300, res
+    assert (res["connect_errors"], res["closed_early"]) == (0, 0), res
+    assert (res["msg_errors"], res["msgs_missed"]) == (0, 0), res
+    assert res["msgs_sent"] > 0
+    assert res["msgs_received"] == res["msg_deliveries_reported"] > res["msgs_sent"], res
+    assert res["delivery_latency_ms"]["count"] == res["msgs_received"]
+    assert (out / "README.md").exists()
