@@ -446,3 +446,53 @@ def test_insecure_serves_openly_and_says_so(tmp_path):
         assert "Welcome, Url: '/test/open' Id: open" in got.stdout, got
     finally:
         srv.stop()
+
+
+def test_workers_with_insecure_serve_an_interface_address_and_each_edge_says_so(tmp_path):
+    # A namespace of its own with a veth pair: a real non-loopback interface
+    # address that nothing outside this test can reach, and its own Redis.
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    ns, address = f"cometd-insecure-{os.getpid() % 100000}", "10.232.0.1"
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=10)
+    in_ns = ["ip", "netns", "exec", ns]
+    redis = sup = None
+    try:
+        for cmd in (["ip", "link", "set", "lo", "up"],
+                    ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                    ["ip", "addr", "add", f"{address}/24", "dev", "v0"],
+                    ["ip", "link", "set", "v1", "up"], ["ip", "link", "set", "v0", "up"]):
+            subprocess.run([*in_ns, *cmd], check=True, capture_output=True, timeout=10)
+        port = free_port()
+        redis = subprocess.Popen([*in_ns, "redis-server", "--port", str(port), "--bind",
+                                  "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+                                  str(tmp_path)], stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        ping = [*in_ns, "redis-cli", "-p", str(port), "ping"]
+        deadline = time.monotonic() + 10
+        while subprocess.run(ping, capture_output=True, text=True).stdout.strip() != "PONG":
+            assert time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.05)
+        sup = start_cometd(["--workers", "2", "--redis", url, "--host", address, "--insecure",
+                            "--port", "0", "--admin-port", "-1", "--db", str(tmp_path / "db")],
+                           rf"^cometd: listening on http://{address}:(\d+)/ .*workers=2",
+                           timeout=60, prefix=in_ns)
+        http_port = sup.match.group(1)
+        assert [line for line in sup.output if "warning" in line] == [
+            f"cometd edge: warning: --insecure: http://{address}:{http_port}/ serves with no "
+            "authentication; anyone who can reach it reads every stream and publishes as "
+            "anyone\n"] * 2, sup.output
+        client = (f"import socket; s = socket.create_connection(('{address}', {http_port}), "
+                  "timeout=5); s.sendall(b'GET /test/open HTTP/1.0\\r\\n\\r\\n'); "
+                  "print(s.recv(4096))")
+        got = subprocess.run([*in_ns, sys.executable, "-c", client], capture_output=True,
+                             text=True, timeout=30)
+        assert "Welcome, Url: '/test/open' Id: open" in got.stdout, got
+    finally:
+        if sup is not None:
+            sup.stop()
+        if redis is not None:
+            redis.kill()
+            redis.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
