@@ -140,11 +140,6 @@ class Config:
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
 
     @property
-    def admin_port(self) -> int | None:
-        """The console's port, None for no console."""
-        return None if self.admin.port < 0 else self.admin.port
-
-    @property
     def auth_enabled(self) -> bool:
         """Whether streams and the API ask for credentials (a JWT key or an API key).
 
@@ -152,6 +147,11 @@ class Config:
         serves openly; the JWT and API-key options make this true when set.
         """
         return False
+
+    @property
+    def admin_port(self) -> int | None:
+        """The console's port, None for no console."""
+        return None if self.admin.port < 0 else self.admin.port
 
     @property
     def open_to_network(self) -> bool:
@@ -242,16 +242,18 @@ def _origin(value: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def _origins(value: Any) -> tuple[str, ...] | None:
+    """CORS origins from a list (flags, TOML, JSON) or text separated by spaces or commas."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"{value!r} is not a list of strings")
+    return tuple(dict.fromkeys(_origin(item) for item in items)) or None
+
+
 def _convert(opt: Option, value: Any) -> Any:
     """*value* (a string from flags or the environment, or a TOML/JSON value) as opt's type."""
     if value is None and opt.optional:
         return None
-    if opt.kind is tuple:
-        # Text (an environment variable) holds several, separated by spaces or commas.
-        items = value.replace(",", " ").split() if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-            raise ValueError(f"{value!r} is not a list of strings")
-        return tuple(dict.fromkeys(_origin(item) for item in items)) or None
     if opt.kind is bool:
         if isinstance(value, bool):
             return value
@@ -268,6 +270,8 @@ def _convert(opt: Option, value: Any) -> Any:
                                                          and value > opt.high):
             raise ValueError(f"{_num(value)} is not in the range {opt.range}")
         return value
+    if opt.kind is tuple:
+        return _origins(value)
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a string")
     if opt.choices and value not in opt.choices:
