@@ -16,7 +16,7 @@ import pytest
 from conftest import StreamClient, http_request, start_cometd, start_server
 from test_workers import kill_leftovers, strays
 
-from cometd.config import ConfigError, load
+from cometd.config import ConfigError, from_json, load, to_json, to_toml
 from cometd.cors import ALLOW_HEADERS, ALLOW_METHODS, MAX_AGE, CorsPolicy
 
 APP = "https://app.example"
@@ -99,6 +99,21 @@ def test_configured_origins_are_checked_and_normalised():
                          (f"{APP}?x=1", ".* is not an origin")):
         with pytest.raises(ConfigError, match=f"^--cors-origin: {problem}"):
             load("single", {"cors_origin": (bad,)}, {})
+
+
+def test_origins_from_toml_print_and_read_back(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[http]\ncors_origin = ["{APP}", "*"]\n')
+    config = load("single", {}, {}, str(path))
+    assert config.http.cors_origin == (APP, "*")
+    path.write_text(to_toml(config))
+    assert load("single", {}, {}, str(path)) == config
+    assert from_json(to_json(config)) == config
+    path.write_text('[http]\ncors_origin = "https://a.test"\n')  # one string: as in a variable
+    assert load("single", {}, {}, str(path)).http.cors_origin == ("https://a.test",)
+    path.write_text("[http]\ncors_origin = [1]\n")
+    with pytest.raises(ConfigError, match=r"^--cors-origin: \[1\] is not a list of strings"):
+        load("single", {}, {}, str(path))
 
 
 # -- real servers -----------------------------------------------------------------------
