@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Server CPU per stream opened: the accept callback vs pywsgi, side by side.
 
-    bench/bench_accept.py [--streams 5000] [--batch 250] [--runs 5]
+    bench/bench_accept.py [--streams 5000] [--batch 250] [--runs 5] [--auth]
 
 A pool-mode ``bin/cometd`` is sent --streams stream requests per run in
 batches: every socket of a batch connects and sends a first part, then, 20 ms
@@ -11,7 +11,9 @@ is incomplete at accept time and goes to pywsgi and bottle. The client does
 the same thing in both cases; the server's CPU (from /proc/<pid>/schedstat,
 exact rather than tick-sampled) is divided by the streams whose welcome
 arrived. Runs alternate between the two paths; the table shows medians and
-the spread.
+the spread. With --auth, a second server with --jwt-secret takes the same
+requests carrying an HS256 token each (?token=, minted by the client), and
+its runs alternate with the first server's.
 Loopback only; every loop is bounded.
 """
 
@@ -29,6 +31,8 @@ import sys
 import tempfile
 import time
 
+import jwt
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,15 +47,25 @@ def server_cpu_ns(pid: int) -> int:
     return total
 
 
-def open_batch(port: int, first: int, n: int, split: int | None) -> list[socket.socket]:
-    """*n* streams for users first.. ; *split*: bytes sent before the pause (None: all)."""
-    socks, requests = [], []
-    for user in range(first, first + n):
-        request = b"GET /test/%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % user
+SECRET = "bench-accept-secret-of-at-least-32-bytes"
+
+
+def open_batch(port: int, first: int, n: int, split: int | None,
+               secret: str | None = None) -> list[socket.socket]:
+    """*n* streams for users first.. ; *split*: bytes sent before the pause (None: all);
+    *secret*: each request carries a token signed with it."""
+    exp = int(time.time()) + 3600
+    requests = []
+    for user in range(first, first + n):  # all minted first: the connects come as fast
+        query = b""
+        if secret:
+            query = b"?token=" + jwt.encode({"sub": str(user), "exp": exp}, secret).encode()
+        requests.append(b"GET /test/%d%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (user, query))
+    socks = []
+    for request in requests:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(request[:split] if split else request)
         socks.append(sock)
-        requests.append(request)
     time.sleep(0.02)
     for sock, request in zip(socks, requests, strict=True):
         if split:
@@ -67,13 +81,13 @@ def open_batch(port: int, first: int, n: int, split: int | None) -> list[socket.
 
 
 def run_once(port: int, pid: int, streams: int, batch: int, split: int | None,
-             first: int) -> float:
+             first: int, secret: str | None = None) -> float:
     """Server CPU microseconds per stream opened."""
     held: list[socket.socket] = []
     before = server_cpu_ns(pid)
     try:
         for start in range(first, first + streams, batch):
-            held += open_batch(port, start, min(batch, first + streams - start), split)
+            held += open_batch(port, start, min(batch, first + streams - start), split, secret)
         return (server_cpu_ns(pid) - before) / len(held) / 1000
     finally:
         linger = struct.pack("ii", 1, 0)
@@ -88,23 +102,32 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--auth", action="store_true",
+                    help="also a server with --jwt-secret, every request with a token")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-accept-")
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "bin", "cometd"), "--port", "0", "--admin-port",
-         "-1", "--mode", "pool", "--db", os.path.join(tmp, "db")],
-        stdout=subprocess.PIPE, text=True)
+    servers: dict[str | None, subprocess.Popen] = {}
     try:
-        line = server.stdout.readline()
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        for secret in (None, SECRET) if args.auth else (None,):
+            auth = ["--jwt-secret", secret] if secret else []
+            servers[secret] = proc = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "bin", "cometd"), "--port", "0",
+                 "--admin-port", "-1", "--mode", "pool", "--db",
+                 os.path.join(tmp, f"db{len(servers)}"), *auth],
+                stdout=subprocess.PIPE, text=True)
+            line = proc.stdout.readline()
+            proc.port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         paths = {"accept callback (whole request at accept)": None,
                  "pywsgi + bottle (request split in two)": len(b"GET /test")}
-        results: dict[str, list[float]] = {name: [] for name in paths}
+        cases = {(f"{name}, HS256 token" if secret else name): (secret, split)
+                 for name, split in paths.items() for secret in servers}
+        results: dict[str, list[float]] = {name: [] for name in cases}
         first = 1
         for _ in range(args.runs):
-            for name, split in paths.items():
-                results[name].append(run_once(port, server.pid, args.streams, args.batch,
-                                              split, first))
+            for name, (secret, split) in cases.items():
+                proc = servers[secret]
+                results[name].append(run_once(proc.port, proc.pid, args.streams, args.batch,
+                                              split, first, secret))
                 first += args.streams
         print(f"| stream opened through ({args.runs} runs of {args.streams}) "
               f"| server CPU µs per stream, median | min–max (each run) |")
@@ -113,8 +136,9 @@ def main() -> None:
             print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–"
                   f"{max(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)}) |")
     finally:
-        server.terminate()
-        server.wait(10)
+        for proc in servers.values():
+            proc.terminate()
+            proc.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

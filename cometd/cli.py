@@ -3,7 +3,8 @@
 ``cometd`` with no subcommand runs the whole server in one process;
 ``cometd router`` and ``cometd edge`` run the scale-out parts, ``cometd
 --workers N`` a router and N edges; ``cometd config`` prints the effective
-configuration and ``cometd load FILE`` bulk-loads a friends file. Every
+configuration, ``cometd load FILE`` bulk-loads a friends file and ``cometd
+token USER`` mints a stream token. Every
 server flag is generated from :data:`cometd.config.OPTIONS`, so its default,
 range, help and ``COMETD_*`` variable are written once, there.
 """
@@ -80,7 +81,7 @@ def _flags(*keys: str):
                 decorator = click.option(opt.flag, key, is_flag=True, default=None, help=helptext)
             elif opt.kind is tuple:
                 decorator = click.option(opt.flag, key, multiple=True, metavar=opt.metavar,
-                                         help=helptext, callback=lambda _c, _p, v: v or None)
+                                         callback=lambda _c, _p, v: v or None, help=helptext)
             else:
                 metavar = opt.metavar or (f"[{'|'.join(opt.choices)}]" if opt.choices else
                                           {int: "INTEGER", float: "NUMBER"}.get(opt.kind, "TEXT"))
@@ -96,6 +97,8 @@ def _flags(*keys: str):
 _HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout", "cors_origin",
          "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
+_AUTH = ("jwt_secret", "jwt_key", "jwt_audience", "jwt_issuer", "token_cookie", "api_key",
+         "api_keys_file")
 
 
 def _config(role: str | None, flags: dict) -> Config:
@@ -124,10 +127,12 @@ def _serve(config: Config, role: str) -> None:
         Server(config, role).serve()
     except (ListenError, StoreError) as exc:
         raise Failure(str(exc)) from None
+    except ConfigError as exc:  # an auth key file it cannot use
+        raise Failure(str(exc), exit_code=2) from None
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_flags(*_HTTP, *_ADMIN, "db", "workers", "redis")
+@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", "workers", "redis")
 @click.pass_context
 def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
@@ -144,7 +149,10 @@ def cli(ctx: click.Context, **flags) -> None:
     Clients hold GET /test/<id> (chunked) or GET /events/<id> (Server-Sent
     Events) open; POST /send/<subject> pushes the request body to the
     subject's own connections and to everyone subscribed to the subject.
-    SIGINT or SIGTERM stops the server cleanly.
+    With --jwt-secret or --jwt-key, a stream needs a token whose sub is its
+    id (cometd token USER mints one); with those or --api-key, publishing,
+    the subscription API and /stats need an API key (or the user's own
+    token for its own affairs). SIGINT or SIGTERM stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
@@ -153,8 +161,13 @@ def cli(ctx: click.Context, **flags) -> None:
     if config.backplane.workers is None:
         _serve(config, "single")
         return
+    from cometd.auth import Authenticator
     from cometd.workers import supervise
 
+    try:
+        Authenticator(config.auth)  # each edge reads the key files too: fail here, once
+    except ConfigError as exc:
+        raise Failure(str(exc), exit_code=2) from None
     sys.exit(supervise(config))
 
 
@@ -170,7 +183,7 @@ def router_command(**flags) -> None:
 
 
 @cli.command("edge")
-@_flags("redis", *_HTTP, "reuse_port")
+@_flags("redis", *_HTTP, "reuse_port", *_AUTH)
 def edge_command(**flags) -> None:
     """Run an edge: hold connections and serve HTTP; the router does the rest.
 
@@ -190,6 +203,32 @@ def config_command() -> None:
     them applied; a secret such as the admin password is not printed.
     """
     click.echo(to_toml(_config(None, {})), nl=False)
+
+
+@cli.command("token")
+@click.argument("user")
+@click.option("--ttl", default=3600, show_default=True, type=click.IntRange(1, 366 * 86400),
+              help="seconds the token is valid")
+@_flags("jwt_secret", "jwt_audience", "jwt_issuer")
+def token_command(user: str, ttl: int, **flags) -> None:
+    """Print a token for USER's stream, signed with the configured --jwt-secret.
+
+    For trying things and for scripts; it carries sub, iat and exp, and aud
+    and iss when they are configured. Use it as ?token=..., as
+    "Authorization: Bearer ..." or in the cometd_token cookie.
+    """
+    from cometd.auth import mint
+    from cometd.ids import InvalidId, check_id
+
+    auth = _config(None, flags).auth
+    if not auth.jwt_secret:
+        raise Failure("cometd token needs --jwt-secret (or COMETD_JWT_SECRET, or [auth] "
+                      "jwt_secret); a --jwt-key public key cannot sign", exit_code=2)
+    try:
+        check_id(user)
+    except InvalidId as exc:
+        raise Failure(str(exc), exit_code=2) from None
+    click.echo(mint(auth.jwt_secret, user, ttl, auth.jwt_audience, auth.jwt_issuer))
 
 
 @cli.command("load")

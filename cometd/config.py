@@ -1,7 +1,7 @@
 """The server's configuration: every option, its default, type, range and help, once.
 
-A :class:`Config` is a frozen tree of four sections (``http``, ``admin``,
-``store``, ``backplane``). Each field carries its own description (see
+A :class:`Config` is a frozen tree of five sections (``http``, ``admin``,
+``store``, ``backplane``, ``auth``). Each field carries its own description (see
 :func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
 TOML file, ``cometd config`` and the README all read it from here.
 
@@ -28,6 +28,7 @@ import dataclasses
 import ipaddress
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,11 +41,16 @@ from cometd.connections import MODES
 # importing the web app here would import bottle, and with it ssl, before the
 # scale-out roles monkey-patch.
 MAX_MESSAGE_BYTES = 64 * 1024
+# A cookie name is an HTTP token (cometd.httprequest.TCHAR, not imported for the same reason).
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: an API key: printable ASCII, no space and no comma (the environment's list separator)
+API_KEY = re.compile(r"[!-+\--~]+")
 
 __all__ = [
-    "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "ConfigError",
+    "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "AuthConfig",
+    "ConfigError",
     "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load", "from_json", "to_json",
-    "to_toml", "redacted", "url_host",
+    "to_toml", "redacted", "url_host", "API_KEY",
 ]
 
 #: the variable holding a supervisor's configuration for its children
@@ -131,6 +137,30 @@ class BackplaneConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Who may open a stream (JWT tokens for users) and call the API (keys); see cometd.auth."""
+
+    jwt_secret: str | None = _option(None, "verify stream tokens signed HS256 with this "
+                                     "secret (at least 32 bytes)", flag="--jwt-secret", kind=str,
+                                     secret=True, metavar="SECRET")
+    jwt_key: str | None = _option(None, "verify stream tokens with this PEM public key (RS256, "
+                                  "ES256 or EdDSA, by the key's type)", flag="--jwt-key",
+                                  kind=str, metavar="FILE")
+    jwt_audience: str | None = _option(None, "tokens must carry this aud claim",
+                                       flag="--jwt-audience", kind=str)
+    jwt_issuer: str | None = _option(None, "tokens must carry this iss claim",
+                                     flag="--jwt-issuer", kind=str)
+    token_cookie: str = _option("cometd_token", "cookie a stream may take its token from",
+                                flag="--token-cookie", kind=str, metavar="NAME")
+    api_keys: tuple[str, ...] | None = _option(
+        None, "API key for publishers and operators (repeatable; in the environment and TOML "
+        "a comma-separated list or a list)", flag="--api-key", kind=tuple, secret=True,
+        metavar="KEY")
+    api_keys_file: str | None = _option(None, "file of API keys, one per line",
+                                        flag="--api-keys-file", kind=str, metavar="FILE")
+
+
+@dataclass(frozen=True)
 class Config:
     """Every server option, by section."""
 
@@ -138,15 +168,13 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def auth_enabled(self) -> bool:
-        """Whether streams and the API ask for credentials (a JWT key or an API key).
-
-        No authentication option exists in this configuration yet, so cometd
-        serves openly; the JWT and API-key options make this true when set.
-        """
-        return False
+        """Whether any authentication is configured (tokens or API keys)."""
+        a = self.auth
+        return bool(a.jwt_secret or a.jwt_key or a.api_keys or a.api_keys_file)
 
     @property
     def admin_port(self) -> int | None:
@@ -271,16 +299,38 @@ def _convert(opt: Option, value: Any) -> Any:
             raise ValueError(f"{_num(value)} is not in the range {opt.range}")
         return value
     if opt.kind is tuple:
-        return _origins(value)
+        return _api_keys(value) if opt.key == "api_key" else _origins(value)
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not a string")
+        raise ValueError("the value is not a string" if opt.secret else
+                         f"{value!r} is not a string")
     if opt.choices and value not in opt.choices:
         raise ValueError(f"{value!r} is not one of {', '.join(opt.choices)}")
     if not value and not opt.secret:
         raise ValueError("the value is empty")
     if opt.key == "redis" and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"{redacted(value)!r} is not a redis://, rediss:// or unix:// URL")
+    if opt.key == "jwt_secret" and len(value.encode()) < 32:
+        # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits).
+        raise ValueError("the secret is shorter than 32 bytes")
+    if opt.key == "token_cookie" and not _COOKIE_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a cookie name")
     return value
+
+
+def _api_keys(value: Any) -> tuple[str, ...]:
+    """API keys from a list (flags, TOML, JSON) or a comma-separated string (environment)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(k, str) for k in items):
+        raise ValueError("API keys are a list of strings")
+    keys = tuple(k.strip() for k in items)
+    for i, key in enumerate(keys, 1):
+        # Never the key itself in the message: it is a secret.
+        if not API_KEY.fullmatch(key):
+            raise ValueError(f"API key {i} is empty or has a character other than printable "
+                             "ASCII (no space or comma)")
+    if not keys:
+        raise ValueError("no API key given")
+    return keys
 
 
 def _toml_values(path: str) -> dict[str, tuple[Any, str]]:
@@ -354,6 +404,12 @@ def _check(config: Config, role: str, sources: dict[str, str]) -> None:
             not _is_loopback(config.admin.host) and not config.admin.password):
         raise fail("admin_host", f"the admin console on non-loopback address "
                                  f"{config.admin.host} needs --admin-password")
+    auth = config.auth
+    if auth.jwt_secret and auth.jwt_key:
+        raise fail("jwt_key", "give --jwt-secret or --jwt-key, not both")
+    for key in ("jwt_audience", "jwt_issuer"):
+        if getattr(auth, key) and not (auth.jwt_secret or auth.jwt_key):
+            raise fail(key, "needs --jwt-secret or --jwt-key")
 
 
 def load(role: str | None, flags: Mapping[str, Any], env: Mapping[str, str],

@@ -35,6 +35,14 @@ mid-stream as before. A slow consumer dropped for ``max_pending`` is closed
 without one: its last chunk may be cut short, and a last chunk after it would
 claim the stream was complete.
 
+A stream opened with a token (:mod:`cometd.auth`) is filed in an
+:class:`~cometd.expiry.ExpiryWheel` by when its token stops being accepted;
+one greenlet sweeps it once a second. An expired stream is logged out at
+once (nothing more is routed to it), gets its farewell -- SSE the event
+``event: expired``, then chunked streams their last chunk, as at a clean
+shutdown -- and is closed a second later, so a client that reads to the end
+tells expiry from a crash and reconnects with a fresh token.
+
 Disconnects are noticed without any per-connection watcher: every stream's
 descriptor is registered (EPOLLIN | EPOLLRDHUP) in one epoll set, and a single
 gevent watcher on that epoll descriptor wakes when any client hangs up or
@@ -55,6 +63,7 @@ import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
+from cometd.expiry import ExpiryWheel
 from cometd.online import OnlineIndex, yield_to_hub
 
 __all__ = [
@@ -75,6 +84,8 @@ MODES = ("greenlet", "pool")
 KEEPALIVE = b": keepalive\n\n"
 #: the zero-length chunk that ends a chunked response (with no trailers)
 LAST_CHUNK = b"0\r\n\r\n"
+#: what an SSE stream gets when its token expires, before it ends
+EXPIRED_EVENT = b"event: expired\ndata: token expired\n\n"
 #: how long a clean shutdown waits for clients to take their last bytes
 CLOSE_GRACE = 1.0
 
@@ -135,7 +146,8 @@ class Connection:
     """One client stream, owned by a :class:`ConnectionTable`."""
 
     __slots__ = (
-        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed"
+        "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
+        "expiry",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -152,6 +164,8 @@ class Connection:
         #: greenlet mode: the greenlet waits for output (not for writability)
         self._parked = False
         self.closed = False
+        #: the second its token expires under in the table's wheel, if it has one
+        self.expiry: int | None = None
 
     # -- both modes ------------------------------------------------------------
 
@@ -294,6 +308,10 @@ class ConnectionTable:
         #: called with the user id after each login and logout (the backplane's presence)
         self.on_presence = None
         self._ending = False
+        self._wheel = ExpiryWheel()
+        #: expired streams given their farewell, closed at the next sweep
+        self._expiring: set[Connection] = set()
+        self._sweeper = None
         self.loop = get_hub().loop
         self._epoll = select.epoll()
         self._epoll_watcher = self.loop.io(self._epoll.fileno(), 1)
@@ -323,10 +341,18 @@ class ConnectionTable:
     def online(self, user: str) -> int:
         return len(self.users.get(user, ()))
 
-    def adopt(self, sock: socket.socket, user: str, kind: int) -> Connection:
-        """Take over a stream whose headers have been sent; the user logs in."""
+    def adopt(self, sock: socket.socket, user: str, kind: int,
+              expires: float | None = None) -> Connection:
+        """Take over a stream whose headers have been sent; the user logs in.
+
+        *expires*: when its token stops being accepted (Unix time); the stream ends then.
+        """
         sock.setblocking(False)
         conn = Connection(self, sock, user, kind)
+        if expires is not None:
+            conn.expiry = self._wheel.add(conn, expires)
+            if self._sweeper is None:
+                self._sweeper = gevent.spawn(self._sweep)
         self._by_fd[conn.fd] = conn
         self._epoll.register(conn.fd, _EPOLL_FLAGS)
         conns = self.users.get(user)
@@ -347,6 +373,12 @@ class ConnectionTable:
                 self._epoll.unregister(conn.fd)
             except (OSError, ValueError):
                 pass
+        if conn.expiry is not None:
+            self._wheel.discard(conn, conn.expiry)
+            self._expiring.discard(conn)
+        self._logout(conn)
+
+    def _logout(self, conn: Connection) -> None:
         conns = self.users.get(conn.user)
         if conns is not None and conn in conns:
             conns.remove(conn)
@@ -377,10 +409,32 @@ class ConnectionTable:
         """Write an SSE comment to every SSE stream; return how many."""
         if self._ending:
             return 0  # nothing after a stream's last chunk
-        sse = [c for c in self._by_fd.values() if c.kind in (SSE_CHUNKED, SSE_RAW)]
+        expiring = self._expiring
+        sse = [c for c in self._by_fd.values()
+               if c.kind in (SSE_CHUNKED, SSE_RAW) and c not in expiring]
         for conn in sse:
             conn.deliver(frame_bytes(conn.kind, KEEPALIVE))
         return len(sse)
+
+    def _sweep(self) -> None:
+        """Once a second: close the streams expired a second ago, bid farewell to those due."""
+        while True:
+            gevent.sleep(1.0)
+            for conn in list(self._expiring):
+                conn.close()
+            for conn in self._wheel.due(time.time()):
+                if conn.closed:
+                    continue
+                self._logout(conn)  # nothing is routed to it any more
+                farewell = EXPIRED_EVENT if conn.kind in (SSE_CHUNKED, SSE_RAW) else b""
+                farewell = frame_bytes(conn.kind, farewell) if farewell else b""
+                if conn.kind in (CHUNKED, SSE_CHUNKED):
+                    farewell += LAST_CHUNK
+                if not farewell:
+                    conn.close()  # a raw plain stream: its end is the close
+                    continue
+                self._expiring.add(conn)
+                conn.deliver(farewell)
 
     def _on_epoll(self) -> None:
         for fd, events in self._epoll.poll(0, 1024):
@@ -405,8 +459,8 @@ class ConnectionTable:
         self.users.clear()
         self._index = None  # rebuilt from users (empty) if asked again
         for conn in conns:
-            if conn.kind in (CHUNKED, SSE_CHUNKED):
-                conn.deliver(LAST_CHUNK)
+            if conn.kind in (CHUNKED, SSE_CHUNKED) and conn not in self._expiring:
+                conn.deliver(LAST_CHUNK)  # (an expiring stream has had it)
         deadline = time.monotonic() + grace
         while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
             gevent.sleep(0.01)
@@ -415,6 +469,8 @@ class ConnectionTable:
 
     def close(self) -> None:
         """End every stream (see :meth:`end_all`) and stop watching for disconnects."""
+        if self._sweeper is not None:
+            self._sweeper.kill()
         self.end_all()
         self._epoll_watcher.stop()
         self._epoll_watcher.close()

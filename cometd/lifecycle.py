@@ -91,17 +91,20 @@ class Server:
         return table
 
     def _http(self, backend: Any, table: Any):
+        from cometd.auth import Authenticator
         from cometd.cors import CorsPolicy
         from cometd.server import CometServer
         from cometd.webapp import make_app
 
         http = self.config.http
-        # Credentials (cookies) only mean something once authentication is on.
+        auth = Authenticator(self.config.auth)  # a key file it cannot use: ConfigError
+        # Credentials (cookies) are in use when a token may come in one: with a JWT key.
         cors = None if http.cors_origin is None else CorsPolicy(
-            http.cors_origin, credentials=self.config.auth_enabled)
+            http.cors_origin, credentials=bool(self.config.auth.jwt_secret
+                                               or self.config.auth.jwt_key))
         sock = listener(http.host, http.port, http.reuse_port)
-        server = CometServer(sock, make_app(backend), table, request_timeout=http.request_timeout,
-                             cors=cors)
+        server = CometServer(sock, make_app(backend, auth), table,
+                             request_timeout=http.request_timeout, auth=auth, cors=cors)
         server.start()
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive

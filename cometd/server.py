@@ -37,13 +37,20 @@ from gevent import socket as gsocket
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
+from cometd.auth import Authenticator, AuthError
+from cometd.config import AuthConfig
 from cometd.connections import RAW, SSE_RAW, ConnectionTable
 from cometd.cors import CorsPolicy
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
-from cometd.streamhttp import FIRST_READ_BYTES, parse_stream_request, stream_head
+from cometd.streamhttp import (
+    FIRST_READ_BYTES,
+    parse_stream_request,
+    stream_credentials,
+    stream_head,
+)
 from cometd.webapp import STREAM_KEY
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
@@ -54,6 +61,17 @@ def _response(status: str, payload: dict[str, str]) -> bytes:
         f"HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
+
+
+class _Unshown(bytes):
+    """Bytes a request began with, shown as their length only.
+
+    They become an argument of the handler's greenlet, and gevent prints a
+    greenlet's arguments when it fails: a token in them would reach the log.
+    """
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} request bytes>"
 
 
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
@@ -96,8 +114,8 @@ class _DeadlineInput(io.RawIOBase):
 class CometHandler(WSGIHandler):
     """pywsgi's handler, with bounded headers and stream hand-off."""
 
-    #: (socket, user, kind) once the request turned into a stream
-    stream: tuple[Any, str, int] | None = None
+    #: (socket, user, kind, expires) once the request turned into a stream
+    stream: tuple[Any, str, int, float | None] | None = None
 
     def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
@@ -202,7 +220,7 @@ class CometHandler(WSGIHandler):
             finally:
                 self.result = None
             return
-        user, kind, path = target
+        user, kind, path, expires = target
         cors = self.server.cors
         head = stream_head(user, kind, path, "" if cors is None else
                            cors.stream_lines(self.environ.get("HTTP_ORIGIN")))
@@ -213,7 +231,7 @@ class CometHandler(WSGIHandler):
             self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
             return
         self.socket.sendall(head)
-        self.stream = (self.socket, user, kind)
+        self.stream = (self.socket, user, kind, expires)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
 
@@ -228,12 +246,14 @@ class CometServer(WSGIServer):
     handler_class = CometHandler
 
     def __init__(self, listener, application, table: ConnectionTable,
-                 request_timeout: float = 10.0, cors: CorsPolicy | None = None,
-                 **kwargs: Any) -> None:
+                 request_timeout: float = 10.0, auth: Authenticator | None = None,
+                 cors: CorsPolicy | None = None, **kwargs: Any) -> None:
         super().__init__(listener, application if cors is None else cors.wrap(application),
                          **kwargs)
         self.table = table
         self.request_timeout = request_timeout
+        #: who may open a stream; the app's authenticator, so both ways agree
+        self.auth = auth or Authenticator(AuthConfig())
         self.cors = cors
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
@@ -286,8 +306,21 @@ class CometServer(WSGIServer):
             stream = parse_stream_request(first)
             if stream is None:
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
-                                      sock.detach()), address, first
+                                      sock.detach()), address, _Unshown(first)
             user, kind, path = stream
+            expires = None
+            if self.auth.enabled:
+                identity = None
+                credentials = stream_credentials(first)
+                if credentials is not None:
+                    try:
+                        identity = self.auth.stream(user, *credentials)
+                    except AuthError:
+                        pass
+                if identity is None:  # refused: pywsgi and bottle say why
+                    return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
+                                          sock.detach()), address, _Unshown(first)
+                expires = identity.expires
             head = stream_head(user, kind, path) if cors is None else stream_head(
                 user, kind, path, cors.stream_lines_for(first))
             try:
@@ -297,7 +330,7 @@ class CometServer(WSGIServer):
             except OSError:
                 sock.close()
                 continue
-            conn = self._adopt(sock, user, kind)
+            conn = self._adopt(sock, user, kind, expires)
             if sent < len(head):
                 conn.deliver(head[sent:])
         return None
@@ -309,15 +342,15 @@ class CometServer(WSGIServer):
         del handler
         if stream is None:
             return
-        gsock, user, kind = stream
+        gsock, user, kind, expires = stream
         try:
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
-        self._adopt(raw, user, kind)
+        self._adopt(raw, user, kind, expires)
 
-    def _adopt(self, sock: _socket.socket, user: str, kind: int):
-        conn = self.table.adopt(sock, user, kind)
+    def _adopt(self, sock: _socket.socket, user: str, kind: int, expires: float | None = None):
+        conn = self.table.adopt(sock, user, kind, expires)
         if self.table.connections >= self.max_connections and self._guard is None:
             self.stop_accepting()
             self._guard = gevent.spawn(self._watch_descriptors)

@@ -27,6 +27,12 @@ or ``Transfer-Encoding``, a missing ``Host``) goes on to pywsgi and bottle
 with the bytes already read, so this path never has to produce an error of its
 own. Its header grammar is :mod:`cometd.httprequest`'s, so it never takes a
 request that pywsgi would refuse.
+
+With authentication on, the server also takes the request's token from
+:func:`stream_credentials` and opens the stream only for a token that
+:class:`cometd.auth.Authenticator` accepts; a refusal goes to pywsgi and
+bottle like anything else, which answer it (401 or 403), so both ways give
+one answer.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, frame_bytes
 from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
-__all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_head", "stream_kind"]
+__all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_credentials", "stream_head",
+           "stream_kind"]
 
 #: what the accept callback reads at once; a longer request goes to pywsgi
 FIRST_READ_BYTES = 8192
@@ -77,6 +84,30 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
             b"\ntransfer-encoding:" in fields):
         return None
     return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
+
+
+def stream_credentials(data: bytes) -> tuple[str | None, str, str | None] | None:
+    """``(authorization, query, cookie)`` of a request :func:`parse_stream_request` took,
+    in the order :meth:`cometd.auth.Authenticator.stream` takes them.
+
+    None when either header appears twice: pywsgi and bottle decide those.
+    """
+    line_end = data.index(b"\r\n")
+    target = data[4:data.rindex(b" ", 0, line_end)]
+    query = target.partition(b"?")[2].decode("latin-1")
+    fields = data[line_end:data.index(b"\r\n\r\n") + 2]
+    lowered = fields.lower()
+    values: list[str | None] = []
+    for name in (b"\nauthorization:", b"\ncookie:"):
+        at = lowered.find(name)
+        if at < 0:
+            values.append(None)
+            continue
+        if lowered.find(name, at + 1) >= 0:
+            return None
+        start = at + len(name)
+        values.append(fields[start:fields.index(b"\r", start)].strip(b" \t").decode("latin-1"))
+    return values[0], query, values[1]
 
 
 def _http_date() -> str:

@@ -12,8 +12,13 @@ Routes
 ``DELETE /subscriptions``     same body -> ``{"removed": N}``
 ``GET /stats``                counters as JSON
 
+With authentication configured, every route asks the
+:class:`~cometd.auth.Authenticator` first (see :mod:`cometd.auth` for who may
+do what); a refusal is 401 or 403 with ``{"error": reason}`` and a
+``WWW-Authenticate`` header, and nothing of the request is applied.
+
 A stream route does not write the stream itself: it marks the WSGI environ
-with ``cometd.stream = (user, kind, path)``; the server adapter
+with ``cometd.stream = (user, kind, path, expires)``; the server adapter
 (:mod:`cometd.server`) sends :func:`cometd.streamhttp.stream_head` and hands
 the socket to the connection table, so no WSGI machinery stays behind per
 connection. Most stream requests never get here: the server answers plain
@@ -29,6 +34,8 @@ from typing import Any, Protocol
 
 import bottle
 
+from cometd.auth import Authenticator, AuthError
+from cometd.config import AuthConfig
 from cometd.ids import InvalidId, check_id
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
@@ -63,6 +70,19 @@ def _unavailable_is_503(callback: Any) -> Any:
             return callback(*args, **kwargs)
         except BackendUnavailable as exc:
             return _error(503, str(exc))
+
+    return wrapper
+
+
+def _refusals_are_401_or_403(callback: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except AuthError as exc:
+            return bottle.HTTPResponse(
+                json.dumps({"error": exc.description}), status=exc.status,
+                headers={"Content-Type": "application/json",
+                         "WWW-Authenticate": exc.www_authenticate})
 
     return wrapper
 
@@ -116,12 +136,22 @@ def _pairs(body: bytes, adding: bool) -> list[tuple[str, str]]:
     return pairs
 
 
-def make_app(backend: Backend) -> bottle.Bottle:
-    """The bottle app over *backend*."""
+def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bottle:
+    """The bottle app over *backend*, with access as *auth* says (None: open to all)."""
+    if auth is None:
+        auth = Authenticator(AuthConfig())
     app = bottle.Bottle(catchall=True, autojson=False)
     app.install(_unavailable_is_503)
+    app.install(_refusals_are_401_or_403)
+
+    def caller():
+        environ = bottle.request.environ
+        return auth.caller(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
 
     def stream(user: str, sse: bool) -> str:
+        environ = bottle.request.environ
+        identity = auth.stream(user, environ.get("HTTP_AUTHORIZATION"),
+                               environ.get("QUERY_STRING", ""), environ.get("HTTP_COOKIE"))
         try:
             user = check_id(user)
         except InvalidId:
@@ -129,12 +159,12 @@ def make_app(backend: Backend) -> bottle.Bottle:
             raise bottle.HTTPResponse(
                 hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
             ) from None
-        environ = bottle.request.environ
         if environ.get("HTTP_TRANSFER_ENCODING") or int(environ.get("CONTENT_LENGTH") or 0):
             # The socket leaves pywsgi with the head sent: no body may follow.
             raise _error(400, "a stream request has no body")
         http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
-        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path)
+        expires = None if identity is None else identity.expires
+        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path, expires)
         return ""
 
     # Anything after the prefix, even empty or with a slash, is the id: an
@@ -149,20 +179,25 @@ def make_app(backend: Backend) -> bottle.Bottle:
 
     @app.post("/send/<subject>")
     def send(subject: str) -> bottle.HTTPResponse:
+        verdict = caller()
         try:
             subject = check_id(subject)
         except InvalidId as exc:
             return _error(400, str(exc))
+        auth.permit(verdict, subject)
         body = _read_body(MAX_MESSAGE_BYTES)
         if not body:
             return _error(400, "empty message: the request body is the message")
         return _json(200, {"delivered": backend.send(subject, body)})
 
     def lookup(user: str, key: str) -> bottle.HTTPResponse:
+        verdict = caller()
         try:
             user = check_id(user)
         except InvalidId as exc:
             return _error(400, str(exc))
+        # A user may read whom it follows; who follows it takes an API key.
+        auth.permit(verdict, user if key == "subscriptions" else None)
         return _json(200, {key: getattr(backend, key)(user)})
 
     @app.get("/subscribers/<user>")
@@ -173,18 +208,24 @@ def make_app(backend: Backend) -> bottle.Bottle:
     def subscriptions(user: str) -> bottle.HTTPResponse:
         return lookup(user, "subscriptions")
 
+    def own_pairs(adding: bool) -> list[tuple[str, str]]:
+        verdict = caller()
+        pairs = _pairs(_read_body(MAX_JSON_BYTES), adding=adding)
+        for subscriber, _ in pairs:  # all or nothing
+            auth.permit(verdict, subscriber)
+        return pairs
+
     @app.post("/subscriptions")
     def add() -> bottle.HTTPResponse:
-        pairs = _pairs(_read_body(MAX_JSON_BYTES), adding=True)
-        return _json(200, {"added": backend.add(pairs)})
+        return _json(200, {"added": backend.add(own_pairs(adding=True))})
 
     @app.delete("/subscriptions")
     def remove() -> bottle.HTTPResponse:
-        pairs = _pairs(_read_body(MAX_JSON_BYTES), adding=False)
-        return _json(200, {"removed": backend.remove(pairs)})
+        return _json(200, {"removed": backend.remove(own_pairs(adding=False))})
 
     @app.get("/stats")
     def get_stats() -> bottle.HTTPResponse:
+        auth.permit(caller(), None)
         return _json(200, backend.stats())
 
     def on_error(res: bottle.HTTPError) -> str:

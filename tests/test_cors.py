@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 from conftest import StreamClient, http_request, start_cometd, start_server
@@ -131,28 +132,29 @@ def open_stream(srv, request: str) -> StreamClient:
     return StreamClient(sock)
 
 
-def stream_requests(srv, origin: str | None) -> dict[str, str]:
+def stream_requests(srv, origin: str | None, query: str = "") -> dict[str, str]:
     """Stream requests by kind and way in: the accept callback's and pywsgi's."""
     line = "" if origin is None else f"Origin: {origin}\r\n"
     host = f"Host: {srv.host}\r\n"
     absolute = f"http://{srv.host}:{srv.port}"  # an absolute-form target goes to pywsgi
     return {
-        "fast chunked": f"GET /test/u1 HTTP/1.1\r\n{host}{line}\r\n",
-        "fast sse": f"GET /events/u1 HTTP/1.1\r\n{host}{line.lower()}\r\n",
-        "fast raw": f"GET /events/u1 HTTP/1.0\r\n{line}\r\n",
-        "pywsgi chunked": f"GET {absolute}/test/u1 HTTP/1.1\r\n{host}{line}\r\n",
-        "pywsgi sse": f"GET {absolute}/events/u1 HTTP/1.1\r\n{host}{line}\r\n",
-        "pywsgi head": f"HEAD /events/u1 HTTP/1.1\r\n{host}{line}\r\n",
+        "fast chunked": f"GET /test/u1{query} HTTP/1.1\r\n{host}{line}\r\n",
+        "fast sse": f"GET /events/u1{query} HTTP/1.1\r\n{host}{line.lower()}\r\n",
+        "fast raw": f"GET /events/u1{query} HTTP/1.0\r\n{line}\r\n",
+        "pywsgi chunked": f"GET {absolute}/test/u1{query} HTTP/1.1\r\n{host}{line}\r\n",
+        "pywsgi sse": f"GET {absolute}/events/u1{query} HTTP/1.1\r\n{host}{line}\r\n",
+        "pywsgi head": f"HEAD /events/u1{query} HTTP/1.1\r\n{host}{line}\r\n",
     }
 
 
-def check_streams(srv, origin: str | None, expected: dict[str, str]) -> None:
-    for way, request in stream_requests(srv, origin).items():
+def check_streams(srv, origin: str | None, expected: dict[str, str], query: str = "",
+                  status: int = 200) -> None:
+    for way, request in stream_requests(srv, origin, query).items():
         client = open_stream(srv, request)
         try:
-            assert client.status == 200, way
+            assert client.status == status, way
             assert cors_headers(client.headers) == expected, (way, client.headers)
-            if "head" not in way:
+            if "head" not in way and status == 200:
                 welcome = client.chunk() if client.chunked else client.read_until(b"\n")
                 assert b"Welcome" in welcome, way
         finally:
@@ -316,3 +318,66 @@ def test_a_browser_page_reads_only_when_its_origin_is_allowed(tmp_path):
     finally:
         pages.shutdown()
         pages.server_close()
+
+
+# -- with authentication ----------------------------------------------------------------
+
+SECRET = "cors-test-secret-that-is-at-least-32-bytes"
+KEY = "cors-publisher-key-0123456789"
+CREDENTIALS = {"access-control-allow-credentials": "true"}
+
+
+def hs256(sub: str, ttl: int = 600) -> str:
+    import jwt
+
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "exp": now + ttl, "iat": now}, SECRET, algorithm="HS256")
+
+
+def test_auth_turns_open_serving_off_the_loopback_into_authenticated_serving():
+    for auth in ({"jwt_secret": SECRET}, {"api_key": (KEY,)}):
+        config = load("single", {"host": "0.0.0.0", **auth}, {})
+        assert config.auth_enabled and not config.open_to_network
+
+
+@pytest.fixture
+def auth_server(tmp_path, mode):
+    srv = start_server(str(tmp_path / "db"), "--mode", mode, "--cors-origin", APP,
+                       "--jwt-secret", SECRET, "--api-key", KEY)
+    yield srv
+    srv.stop()
+
+
+def test_with_auth_preflights_need_no_credentials_and_refusals_are_readable(auth_server):
+    srv, origin = auth_server, {"Origin": APP}
+    status, headers, _ = preflight(srv, "/send/u1", APP)  # no token, no key: browsers send none
+    assert status == 204 and cors_headers(headers) == {**allowed(APP), **CREDENTIALS, **PREFLIGHT}
+    status, headers, _ = http_request(srv, "POST", "/send/u1", b"x", headers=origin)
+    assert status == 401 and cors_headers(headers) == {**allowed(APP), **CREDENTIALS}
+    status, headers, _ = http_request(srv, "POST", "/send/u2", b"x", headers={
+        **origin, "Authorization": f"Bearer {hs256('u1')}"})
+    assert status == 403 and cors_headers(headers) == {**allowed(APP), **CREDENTIALS}
+    status, headers, _ = http_request(srv, "POST", "/send/u1", b"x", headers={
+        **origin, "X-API-Key": KEY})
+    assert status == 200 and cors_headers(headers) == {**allowed(APP), **CREDENTIALS}
+    status, headers, _ = http_request(srv, "POST", "/send/u1", b"x", headers={"Origin": EVIL})
+    assert status == 401 and cors_headers(headers) == {}
+    # Streams: refused (the accept callback hands the request on) and taken, both ways in.
+    check_streams(srv, APP, {**allowed(APP), **CREDENTIALS}, status=401)
+    check_streams(srv, APP, {**allowed(APP), **CREDENTIALS}, query=f"?token={hs256('u1')}")
+    check_streams(srv, EVIL, {}, query=f"?token={hs256('u1')}")
+
+
+def test_credentials_only_with_a_listed_origin_and_a_token_that_may_be_a_cookie(tmp_path):
+    for flags, origin, expected in (
+            (["--cors-origin", "*", "--jwt-secret", SECRET], EVIL, allowed("*")),
+            (["--cors-origin", APP, "--api-key", KEY], APP, allowed(APP))):
+        srv = start_server(str(tmp_path / f"db{len(flags)}{origin[8]}"), *flags)
+        try:
+            status, headers, _ = http_request(srv, "GET", "/stats", headers={
+                "Origin": origin, "X-API-Key": KEY})
+            assert cors_headers(headers) == expected, flags  # no Allow-Credentials
+            status, headers, _ = preflight(srv, "/stats", origin, "GET")
+            assert status == 204 and cors_headers(headers) == {**expected, **PREFLIGHT}, flags
+        finally:
+            srv.stop()
