@@ -496,3 +496,17 @@ def test_workers_with_insecure_serve_an_interface_address_and_each_edge_says_so(
             redis.kill()
             redis.wait(10)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.parametrize("auth", [["--jwt-secret", "s" * 32], ["--api-key", "publisher-key"]])
+def test_with_auth_a_public_address_serves_without_insecure_or_warning(tmp_path, auth):
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    in_netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+    srv = start_cometd(["--host", "0.0.0.0", *auth, "--port", "0", "--admin-port", "-1",
+                        "--db", str(tmp_path / "db")], r"listening on http://0\.0\.0\.0:(\d+)/",
+                       prefix=in_netns)
+    try:
+        assert not [line for line in srv.output if "warning" in line], srv.output
+    finally:
+        srv.stop()
