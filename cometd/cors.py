@@ -24,7 +24,8 @@ The rules, after the Fetch standard's CORS protocol:
 
 - A listed origin gets itself back in ``Access-Control-Allow-Origin``, with
   ``Vary: Origin``, and ``Access-Control-Allow-Credentials: true`` when
-  credentials are in use (a token may come in a cookie), so that
+  credentials are in use (with a JWT key, a stream's token may come in a
+  cookie; :mod:`cometd.lifecycle` decides), so that
   ``fetch(..., {credentials: "include"})`` and ``EventSource(url,
   {withCredentials: true})`` work.
 - ``*`` lets any other origin read, without credentials: the answer is

@@ -1,5 +1,6 @@
 """CORS: the policy's rules in-process, and the headers of real servers (both modes,
-``--workers`` over Redis) on preflights, answers, errors and streams, by both ways in."""
+``--workers`` over Redis, with and without authentication, and as headless Chromium
+reads them) on preflights, answers, errors and streams, by both ways in."""
 
 from __future__ import annotations
 
