@@ -382,3 +382,38 @@ def test_credentials_only_with_a_listed_origin_and_a_token_that_may_be_a_cookie(
             assert status == 204 and cors_headers(headers) == {**expected, **PREFLIGHT}, flags
         finally:
             srv.stop()
+
+
+COOKIE_PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+const [cometd, token, withCredentials] = location.hash.slice(1).split("|");
+const out = document.getElementById("out");
+// Cookies ignore ports: one set here goes to cometd on another port of this host.
+document.cookie = `cometd_token=${token}; path=/`;
+const es = new EventSource(cometd + "/events/b1", {withCredentials: withCredentials === "1"});
+es.onopen = () => fetch(cometd + "/send/b1", {method: "POST", body: "by cookie",
+                                              headers: {"Authorization": "Bearer " + token}});
+es.onmessage = ev => { es.close(); out.textContent = JSON.stringify({stream: ev.data}); };
+es.onerror = () => { es.close(); out.textContent = JSON.stringify({stream: "error"}); };
+</script></body></html>
+"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
+def test_a_browser_stream_with_its_token_in_a_cookie(tmp_path):
+    (tmp_path / "page.html").write_text(COOKIE_PAGE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{pages.server_port}"
+    srv = start_server(str(tmp_path / "db"), "--cors-origin", origin, "--jwt-secret", SECRET)
+    try:
+        for credentials, expected in (("1", '{"from": "b1", "body": "by cookie"}'),
+                                      ("0", "error")):  # no cookie sent: 401
+            url = f"{origin}/page.html#{srv.url}|{hs256('b1')}|{credentials}"
+            got = browser_run(url, str(tmp_path / f"chrome{credentials}"))
+            assert got == {"stream": expected}, credentials
+    finally:
+        srv.stop()
+        pages.shutdown()
+        pages.server_close()
