@@ -55,7 +55,8 @@ def delivery_us(mode: str, streams: int, messages: int) -> float:
 import gevent, resource, socket, sys
 sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "bench")!r}]
 from greenlet import greenlet
-from cometd.connections import CHUNKED, ConnectionTable, Message
+from cometd.connections import ConnectionTable
+from cometd.streamhttp import CHUNKED, Message
 from bench_costs import _cpu, _pairs
 table = ConnectionTable({mode!r})
 clients, servers = _pairs({streams})

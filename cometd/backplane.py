@@ -65,8 +65,9 @@ import psutil
 import redis
 from gevent.event import AsyncResult, Event
 
-from cometd.connections import ConnectionTable, Message
+from cometd.connections import ConnectionTable
 from cometd.online import OnlineIndex, yield_to_hub
+from cometd.streamhttp import Message
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
 
 __all__ = ["Presence", "RouterLink", "EdgeLink", "EdgeBackend", "BackplaneUnavailable"]

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from cometd.connections import MODES
-
-# cometd.webapp.MAX_MESSAGE_BYTES (tests/test_config.py checks they agree):
-# importing the web app here would import bottle, and with it ssl, before the
-# scale-out roles monkey-patch.
+# cometd.webapp.MAX_MESSAGE_BYTES and cometd.connections.MODES
+# (tests/test_config.py checks they agree): importing the web app or the
+# connection table here would import bottle or pywsgi, and with them ssl,
+# before the scale-out roles monkey-patch.
 MAX_MESSAGE_BYTES = 64 * 1024
+MODES = ("greenlet", "pool")
 # A cookie name is an HTTP token (cometd.httprequest.TCHAR, not imported for the same reason).
 _COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 #: an API key: printable ASCII, no space and no comma (the environment's list separator)
@@ -497,11 +497,16 @@ def to_toml(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``:password@`` in text that is not a URL urlsplit reads (``redis//:pw@h``, no scheme)
+_LOOSE_PASSWORD = re.compile(r":[^:@/]*@")
+
+
 def redacted(url: str) -> str:
     """*url* with any password replaced, fit for a banner or a log."""
     parts = urlsplit(url)
     if parts.password is None:
-        return url
+        # A mistyped URL is shown in its error: hide what looks like a password in it too.
+        return url if parts.netloc else _LOOSE_PASSWORD.sub(":***@", url)
     netloc = parts.netloc.rsplit("@", 1)
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))

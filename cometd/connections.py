@@ -9,8 +9,9 @@ every connection of those users.
 
 Theory of operation
 -------------------
-A message is framed once per stream kind (chunked or not, plain or SSE) and
-the same bytes object goes to every recipient of that kind.
+A message is framed once per stream kind (chunked or not, plain or SSE; see
+:class:`cometd.streamhttp.Message`) and the same bytes object goes to every
+recipient of that kind.
 
 Two connection modes share everything but the writer:
 
@@ -52,12 +53,10 @@ sends something, typically within milliseconds.
 from __future__ import annotations
 
 import errno
-import json
 import select
 import socket
 import time
 from collections.abc import Iterable
-from itertools import count
 
 import gevent
 from gevent.hub import get_hub
@@ -65,27 +64,20 @@ from greenlet import getcurrent
 
 from cometd.expiry import ExpiryWheel
 from cometd.online import OnlineIndex, yield_to_hub
+from cometd.streamhttp import (
+    CHUNKED,
+    EXPIRED_EVENT,
+    KEEPALIVE,
+    LAST_CHUNK,
+    SSE_CHUNKED,
+    SSE_RAW,
+    Message,
+    frame_bytes,
+)
 
-__all__ = [
-    "frame_bytes",
-    "Message",
-    "Connection",
-    "ConnectionTable",
-    "CHUNKED",
-    "RAW",
-    "SSE_CHUNKED",
-    "SSE_RAW",
-    "MODES",
-]
+__all__ = ["Connection", "ConnectionTable", "MODES"]
 
-#: stream kinds: plain message bodies or SSE events, with or without chunk framing
-CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
 MODES = ("greenlet", "pool")
-KEEPALIVE = b": keepalive\n\n"
-#: the zero-length chunk that ends a chunked response (with no trailers)
-LAST_CHUNK = b"0\r\n\r\n"
-#: what an SSE stream gets when its token expires, before it ends
-EXPIRED_EVENT = b"event: expired\ndata: token expired\n\n"
 #: how long a clean shutdown waits for clients to take their last bytes
 CLOSE_GRACE = 1.0
 
@@ -98,48 +90,6 @@ _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
 # 2,000-connection fan-out held a small send until it was done; at 100 it is
 # served in the meantime.
 _YIELD_EVERY = 100
-
-
-def _chunk(payload: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
-
-
-def frame_bytes(kind: int, payload: bytes) -> bytes:
-    """*payload* as a stream of *kind* carries it: one chunk, or as is over HTTP/1.0."""
-    return _chunk(payload) if kind in (CHUNKED, SSE_CHUNKED) else payload
-
-
-def sse_event(seq: int, subject: str, body: bytes) -> bytes:
-    data = json.dumps({"from": subject, "body": body.decode("utf-8", "replace")})
-    return b"id: %d\ndata: %s\n\n" % (seq, data.encode())
-
-
-class Message:
-    """One published message; its wire bytes are built once per stream kind."""
-
-    __slots__ = ("seq", "subject", "body", "_frames")
-
-    _seqs = count(1)
-
-    def __init__(self, subject: str, body: bytes) -> None:
-        #: process-wide sequence number, the SSE ``id:``
-        self.seq = next(Message._seqs)
-        self.subject = subject
-        self.body = body
-        self._frames: list[bytes | None] = [None, None, None, None]
-
-    def frame(self, kind: int) -> bytes:
-        frame = self._frames[kind]
-        if frame is None:
-            if kind == RAW:
-                frame = self.body
-            elif kind == CHUNKED:
-                frame = _chunk(self.body)
-            else:
-                event = sse_event(self.seq, self.subject, self.body)
-                frame = event if kind == SSE_RAW else _chunk(event)
-            self._frames[kind] = frame
-        return frame
 
 
 class Connection:

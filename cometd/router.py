@@ -29,9 +29,9 @@ from typing import Protocol
 from gevent.lock import Semaphore
 from gevent.pool import Pool
 
-from cometd.connections import Message
 from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
+from cometd.streamhttp import Message
 
 __all__ = ["Router", "Fanout"]
 

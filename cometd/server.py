@@ -39,7 +39,7 @@ from greenlet import greenlet
 
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
-from cometd.connections import RAW, SSE_RAW, ConnectionTable
+from cometd.connections import ConnectionTable
 from cometd.cors import CorsPolicy
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.loader import load_friends
@@ -47,6 +47,8 @@ from cometd.router import Router
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import (
     FIRST_READ_BYTES,
+    RAW,
+    SSE_RAW,
     parse_stream_request,
     stream_credentials,
     stream_head,

@@ -1,9 +1,14 @@
-"""The HTTP of a stream: recognising a stream request, and the bytes that open one.
+"""The HTTP of a stream, sans I/O: request bytes in, the stream's bytes out.
 
 A stream is ``GET /test/<id>`` (chunked text) or ``GET /events/<id>``
 (Server-Sent Events); over HTTP/1.0 either is sent raw until the connection
-closes. Both ways into a stream write the same opening bytes,
-:func:`stream_head`: the status line, the headers and the welcome.
+closes. This module holds the whole protocol and none of the sockets (h11's
+shape): :func:`parse_stream_request` recognises a request and names its kind,
+:func:`stream_head` is the status line, headers and welcome (the same bytes
+whichever way a stream is opened), a :class:`Message` is framed for each
+kind, and a chunked stream ends with :data:`LAST_CHUNK`.
+:mod:`cometd.connections` writes these bytes; :mod:`cometd.server` reads the
+request.
 
 Theory of operation
 -------------------
@@ -28,6 +33,10 @@ with the bytes already read, so this path never has to produce an error of its
 own. Its header grammar is :mod:`cometd.httprequest`'s, so it never takes a
 request that pywsgi would refuse.
 
+A message goes to many streams, so :meth:`Message.frame` builds its bytes
+once per kind and hands the same object to every stream of that kind; it is
+on the path of every delivery.
+
 With authentication on, the server also takes the request's token from
 :func:`stream_credentials` and opens the stream only for a token that
 :class:`cometd.auth.Authenticator` accepts; a refusal goes to pywsgi and
@@ -37,16 +46,29 @@ one answer.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from email.utils import formatdate
+from itertools import count
 
-from cometd.connections import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW, frame_bytes
 from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
-__all__ = ["FIRST_READ_BYTES", "parse_stream_request", "stream_credentials", "stream_head",
-           "stream_kind"]
+__all__ = [
+    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
+    "FIRST_READ_BYTES", "parse_stream_request", "stream_credentials", "stream_head",
+    "stream_kind", "frame_bytes", "sse_event", "Message",
+]
+
+#: stream kinds: plain message bodies or SSE events, with or without chunk framing
+CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
+#: the SSE comment sent to keep idle event streams (and proxies) open
+KEEPALIVE = b": keepalive\n\n"
+#: the zero-length chunk that ends a chunked response (with no trailers)
+LAST_CHUNK = b"0\r\n\r\n"
+#: what an SSE stream gets when its token expires, before it ends
+EXPIRED_EVENT = b"event: expired\ndata: token expired\n\n"
 
 #: what the accept callback reads at once; a longer request goes to pywsgi
 FIRST_READ_BYTES = 8192
@@ -133,3 +155,46 @@ def stream_head(user: str, kind: int, path: str, extra: str = "") -> bytes:
     head = (f"HTTP/1.1 200 OK\r\n{_CONTENT_TYPE[sse]}{framing}\r\nDate: {_http_date()}\r\n"
             f"{extra}\r\n")
     return head.encode() + frame_bytes(kind, welcome.encode())
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def frame_bytes(kind: int, payload: bytes) -> bytes:
+    """*payload* as a stream of *kind* carries it: one chunk, or as is over HTTP/1.0."""
+    return _chunk(payload) if kind in (CHUNKED, SSE_CHUNKED) else payload
+
+
+def sse_event(seq: int, subject: str, body: bytes) -> bytes:
+    """One SSE event: id *seq*, data the JSON of *subject* and *body*."""
+    data = json.dumps({"from": subject, "body": body.decode("utf-8", "replace")})
+    return b"id: %d\ndata: %s\n\n" % (seq, data.encode())
+
+
+class Message:
+    """One published message; its wire bytes are built once per stream kind."""
+
+    __slots__ = ("seq", "subject", "body", "_frames")
+
+    _seqs = count(1)
+
+    def __init__(self, subject: str, body: bytes) -> None:
+        #: process-wide sequence number, the SSE ``id:``
+        self.seq = next(Message._seqs)
+        self.subject = subject
+        self.body = body
+        self._frames: list[bytes | None] = [None, None, None, None]
+
+    def frame(self, kind: int) -> bytes:
+        frame = self._frames[kind]
+        if frame is None:
+            if kind == RAW:
+                frame = self.body
+            elif kind == CHUNKED:
+                frame = _chunk(self.body)
+            else:
+                event = sse_event(self.seq, self.subject, self.body)
+                frame = event if kind == SSE_RAW else _chunk(event)
+            self._frames[kind] = frame
+        return frame

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pytest
+from tiers import *  # noqa: F403 -- the system marker and the fast tier's guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMETD = os.path.join(ROOT, "bin", "cometd")

@@ -500,6 +500,9 @@ def test_workers_verify_like_one_process(tmp_path, redis_server):
             for c in streams:
                 assert c.status == 200
                 c.chunk()
+            # Edges report logins to the router in batches: wait until it has heard them all.
+            wait_for(lambda: key_get(s, "/stats")["users_online"] >= len(users), 5,
+                     what="the router hearing every login")
             assert stream_answer(s, f"/test/{users[0]}") == (401, "missing token")
             assert stream_answer(s, f"/test/{users[0]}?token={token('x')}")[0] == 403
             assert api(s, "POST", f"/send/{users[0]}", b"no") == (

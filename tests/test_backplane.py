@@ -7,8 +7,9 @@ the router over its admin console, and to Redis directly where the test
 counts backplane traffic. The fault tests restart Redis, kill an edge and
 restart the router, and require everything back within 5 s.
 
-The last test runs the seed's four-host layout (Redis + router, an edge,
-stream clients, a publisher) in four network namespaces on one machine.
+The four-host test runs the seed's layout (Redis + router, an edge, stream
+clients, a publisher) in four network namespaces on one machine. The tests at
+the end run in-process: the router's presence table, over a fake Redis client.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import gevent
 import psutil
 import pytest
 import redis
@@ -35,14 +37,17 @@ from conftest import CometdProcess, StreamClient, start_cometd
 
 from cometd.backplane import (
     CALL_TIMEOUT,
+    EDGE,
     EDGE_TIMEOUT,
     BackplaneUnavailable,
     EdgeBackend,
+    Presence,
     decode_batch,
     encode_batch,
 )
-from cometd.connections import ConnectionTable, Message
+from cometd.connections import ConnectionTable
 from cometd.store import SubscriptionStore
+from cometd.streamhttp import Message
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
 EDGE_READY = r"cometd edge (\S+): listening on http://([\d.]+):(\d+)/"
@@ -348,10 +353,13 @@ def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
 def test_a_batch_carries_several_messages_with_their_recipients():
     first, second = Message("rj", b"one\nline"), Message("user:7", b"")
     third = Message("rj", "h\u00e9llo".encode())
-    entries = [(first, ["alice", "bob"]), (second, ["carol"]), (third, ["alice"])]
+    fourth = Message("9", b'\xff\n[{"size": 1}]\n\x00')  # any bytes, even the head's own
+    entries = [(first, ["alice", "bob"]), (second, ["carol"]), (third, ["alice"]),
+               (fourth, ["1", "2"])]
     decoded = decode_batch(encode_batch(entries))
     assert [(m.seq, m.subject, m.body, users) for m, users in decoded] == [
         (m.seq, m.subject, m.body, users) for m, users in entries]
+    assert decode_batch(encode_batch([])) == []
 
 
 def test_concurrent_sends_all_arrive_in_subject_order(cluster):
@@ -937,3 +945,139 @@ def test_disconnect_through_an_edge_reaches_the_router_within_a_second(cluster, 
         assert cluster.online(stays.user) == 1
     assert cluster.connections() == 2
     cluster.assert_healthy()
+
+
+# -- in-process: the router's presence table ---------------------------------------
+
+
+class PublishOnly:
+    """A redis client that can only publish through a pipeline (a fake of redis-py).
+
+    *listeners* maps a channel to how many subscribers hear it (default 1);
+    with *down*, every pipeline fails as if Redis were gone.
+    """
+
+    def __init__(self, listeners: dict[str, int] | None = None, down: bool = False) -> None:
+        self.listeners = listeners or {}
+        self.down = down
+        #: one list of (channel, payload) per pipeline executed
+        self.rounds: list[list[tuple[str, bytes]]] = []
+
+    def pipeline(self, transaction: bool = True) -> PublishOnly._Pipe:
+        return PublishOnly._Pipe(self)
+
+    class _Pipe:
+        def __init__(self, client: PublishOnly) -> None:
+            self.client = client
+            self.published: list[tuple[str, bytes]] = []
+
+        def publish(self, channel: str, payload: bytes) -> None:
+            self.published.append((channel, payload))
+
+        def execute(self) -> list[int]:
+            if self.client.down:
+                raise redis.ConnectionError("Connection refused")
+            self.client.rounds.append(self.published)
+            return [self.client.listeners.get(ch, 1) for ch, _ in self.published]
+
+
+@pytest.fixture
+def presence():
+    """Presence over a PublishOnly client; its flush greenlet is stopped afterwards."""
+    made: list[Presence] = []
+
+    def make(client: PublishOnly | None = None) -> Presence:
+        made.append(Presence(client or PublishOnly()))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p._sends.stop()
+
+
+def _state(presence: Presence) -> tuple[dict, int, int, set[str]]:
+    index = presence.index
+    return (presence.users, presence.connections, presence.users_online,
+            set(index.names) | set(index.ints.values()))
+
+
+def test_presence_follows_counts_snapshots_and_goodbyes(presence):
+    p = presence()
+    p.update("e1", {"alice": 2, "7": 1})
+    p.update("e2", {"alice": 1})
+    assert _state(p) == ({"alice": {"e1": 2, "e2": 1}, "7": {"e1": 1}}, 4, 2, {"alice", "7"})
+    assert (p.online("alice"), p.online("7"), p.online("nobody")) == (3, 1, 0)
+    assert p.index.ints == {7: "7"}  # integer ids indexed as the store splits them
+
+    p.update("e1", {"alice": 0})  # logged out of e1, still on e2
+    assert _state(p) == ({"alice": {"e2": 1}, "7": {"e1": 1}}, 2, 2, {"alice", "7"})
+    p.update("e2", {"alice": 0})
+    assert _state(p) == ({"7": {"e1": 1}}, 1, 1, {"7"})
+
+    # A snapshot is the edge's whole state: whoever it leaves out is gone from that edge.
+    p.update("e2", {"bob": 1})
+    p.update("e1", {"carol": 3}, snapshot=True)
+    assert _state(p) == ({"bob": {"e2": 1}, "carol": {"e1": 3}}, 4, 2, {"bob", "carol"})
+
+    p.forget_edge("e1")  # goodbye
+    assert _state(p) == ({"bob": {"e2": 1}}, 1, 1, {"bob"})
+    assert set(p.edges) == {"e2"}
+
+
+def test_an_edge_not_heard_from_expires_with_its_users(presence):
+    p = presence()
+    p.update("quiet", {"alice": 1, "bob": 1})
+    p.update("live", {"bob": 2})
+    p.edges["quiet"] = time.monotonic() - EDGE_TIMEOUT - 0.5
+    assert p.expire() == ["quiet"]
+    assert _state(p) == ({"bob": {"live": 2}}, 2, 1, {"bob"})
+    assert p.expire() == []  # the live edge was heard from just now
+
+
+def _published(client: PublishOnly) -> list[dict[str, list[tuple[bytes, list[str]]]]]:
+    """Per pipeline round: channel -> the (body, users) of its decoded batch."""
+    return [{ch: [(m.body, users) for m, users in decode_batch(payload)] for ch, payload in r}
+            for r in client.rounds]
+
+
+def test_a_send_is_one_batch_per_edge_and_counts_connections(presence):
+    client = PublishOnly()
+    p = presence(client)
+    p.update("e1", {"alice": 2, "bob": 1})
+    p.update("e2", {"alice": 1, "carol": 1})
+    assert p.deliver(["alice", "bob", "carol", "offline"], Message("s", b"hi")) == 5
+    assert _published(client) == [{
+        EDGE.format("e1"): [(b"hi", ["alice", "bob"])],
+        EDGE.format("e2"): [(b"hi", ["alice", "carol"])],
+    }]
+    assert (p.deliveries, p.batches_lost) == (5, 0)
+    assert p.deliver(["offline"], Message("s", b"nobody")) == 0
+    assert len(client.rounds) == 1  # nothing published for nobody
+
+
+def test_sends_routed_together_share_one_payload_per_edge(presence):
+    client = PublishOnly()
+    p = presence(client)
+    p.update("e1", {"alice": 1})
+    p.update("e2", {"bob": 1})
+    sends = [gevent.spawn(p.deliver, users, Message("s", body))
+             for users, body in ((["alice", "bob"], b"1"), (["alice"], b"2"))]
+    gevent.joinall(sends, timeout=5, raise_error=True)
+    assert [g.value for g in sends] == [2, 1]
+    assert _published(client) == [{
+        EDGE.format("e1"): [(b"1", ["alice"]), (b"2", ["alice"])],
+        EDGE.format("e2"): [(b"1", ["bob"])],
+    }]
+
+
+def test_a_batch_nobody_heard_is_counted_lost_not_delivered(presence):
+    client = PublishOnly({EDGE.format("e2"): 0})  # e2 is not (yet) subscribed
+    p = presence(client)
+    p.update("e1", {"alice": 2})
+    p.update("e2", {"bob": 3})
+    assert p.deliver(["alice", "bob"], Message("s", b"x")) == 2
+    assert (p.deliveries, p.batches_lost) == (2, 1)
+
+    client.down = True
+    assert p.deliver(["alice", "bob"], Message("s", b"y")) == 0
+    assert (p.deliveries, p.batches_lost) == (2, 3)

@@ -34,6 +34,12 @@ def test_max_pending_holds_at_least_the_largest_message():
     assert OPTIONS["max_pending"].low == cfg.MAX_MESSAGE_BYTES == MAX_MESSAGE_BYTES
 
 
+def test_the_mode_choices_are_the_connection_tables():
+    from cometd.connections import MODES
+
+    assert OPTIONS["mode"].choices == cfg.MODES == MODES
+
+
 def test_cli_imports_nothing_that_must_be_patched_first():
     # The router and edge monkey-patch after parsing: nothing may import
     # ssl (and redis) earlier, or gevent cannot patch them cleanly.
@@ -161,6 +167,78 @@ def test_redacted_hides_only_the_password():
     assert cfg.redacted("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
     assert cfg.redacted("redis://u:pw@h/0") == "redis://u:***@h/0"
     assert cfg.redacted("redis://h:6379/0") == "redis://h:6379/0"
+    assert cfg.redacted("redis//:pw@h/0") == "redis//:***@h/0"  # mistyped: no scheme
+
+
+def test_booleans_read_the_same_from_every_source(tmp_path):
+    for word, value in (("yes", True), (" On ", True), ("1", True), ("off", False),
+                        ("FALSE", False), ("0", False)):
+        assert load(None, {}, {"COMETD_REUSE_PORT": word}).http.reuse_port is value, word
+    assert load(None, {"reuse_port": True}, {"COMETD_REUSE_PORT": "no"}).http.reuse_port
+    toml = _written(tmp_path, "[http]\nreuse_port = true\n")
+    assert load(None, {}, {}, toml).http.reuse_port is True
+    with pytest.raises(ConfigError, match=r"^--reuse-port: 1 is not true or false \(from "):
+        load(None, {}, {}, _written(tmp_path, "[http]\nreuse_port = 1\n"))
+
+
+def test_an_empty_value_is_an_error_unless_the_option_may_be_unset():
+    with pytest.raises(ConfigError, match=r"^--host: the value is empty \(from COMETD_HOST\)$"):
+        load(None, {}, {"COMETD_HOST": ""})
+    with pytest.raises(ConfigError, match=r"^--db: the value is empty \(from the command line\)$"):
+        load(None, {"db": ""}, {})
+    # An empty variable of an option that may be unset leaves it unset.
+    assert load(None, {}, {"COMETD_REDIS": "", "COMETD_WORKERS": ""}) == Config()
+
+
+def test_a_bad_redis_url_is_named_without_its_password():
+    for url in ("http://:hunter2@h/0", "h:6379", "redis//:hunter2@h"):
+        with pytest.raises(ConfigError) as err:
+            load(None, {"redis": url}, {})
+        assert "hunter2" not in str(err.value) and "is not a redis://" in str(err.value), url
+    for url in ("redis://:pw@h:6379/0", "rediss://h/1", "unix:///run/redis.sock"):
+        assert load(None, {"redis": url}, {}).backplane.redis == url
+
+
+def test_only_a_loopback_admin_console_goes_without_a_password():
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load("single", {"admin_host": host}, {}).admin.host == host
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
+        with pytest.raises(ConfigError, match=f"non-loopback address {host} needs"):
+            load("single", {"admin_host": host}, {})
+        assert load("single", {"admin_host": host, "admin_password": "pw"}, {}).admin.password
+    # The default source is named when the default is what is wrong.
+    with pytest.raises(ConfigError, match=r"^--workers: needs --redis URL \(from default\)$"):
+        load("supervisor", {}, {})
+
+
+def test_the_cometd_role_is_single_or_supervisor_as_workers_says():
+    with pytest.raises(ConfigError, match="^--workers: needs --redis URL"):
+        load("cometd", {"workers": "2"}, {})
+    with pytest.raises(ConfigError, match="^--redis: needs --workers N"):
+        load("cometd", {"redis": "redis://h/0"}, {})
+    assert load("cometd", {"workers": "2", "redis": "redis://h/0"}, {}).backplane.workers == 2
+
+
+def test_a_config_flag_wins_over_the_config_variable(tmp_path):
+    mine = _written(tmp_path, "[http]\nport = 7100\n")
+    other = tmp_path / "other.toml"
+    other.write_text("[http]\nport = 7200\n")
+    assert load(None, {}, {"COMETD_CONFIG": str(other)}, mine).http.port == 7100
+    with pytest.raises(ConfigError, match="cannot read config file /nonexistent.toml"):
+        load(None, {}, {"COMETD_CONFIG": "/nonexistent.toml"})
+
+
+def test_the_childrens_json_is_checked_like_any_source():
+    data = json.loads(to_json(Config()))
+    data["http"]["port"] = "x"
+    with pytest.raises(ConfigError, match=rf"^--port: 'x' is not an integer \(from {CHILD_ENV}\)$"):
+        load("edge", {}, {CHILD_ENV: json.dumps(data)})
+    data["http"]["port"] = 8000
+    data["http"]["mode"] = "threads"
+    with pytest.raises(ConfigError, match=r"^--mode: 'threads' is not one of greenlet, pool"):
+        load("router", {}, {CHILD_ENV: json.dumps(data)})
+    with pytest.raises(ConfigError, match=f"{CHILD_ENV} does not hold a whole configuration"):
+        load("edge", {}, {CHILD_ENV: "not json"})
 
 
 # -- processes: python -m cometd -------------------------------------------------------

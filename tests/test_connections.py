@@ -1,14 +1,19 @@
-"""The connection table against a real `bin/cometd`, in both connection modes.
+"""The connection table against a real `bin/cometd`, in both connection modes, and in-process.
 
 Several connections per user, noticing disconnects with nothing to send, and
 slow consumers: a client that stops reading is dropped once its pending output
 passes `--max-pending`, without hurting anyone else or the server's memory.
+The in-process tests at the end drive a ConnectionTable over loopback socket
+pairs in this process: framing per kind, keepalives, the last chunk of a
+clean shutdown, slow consumers and hang-ups.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
+import gevent
 import pytest
 from conftest import (
     StreamClient,
@@ -21,8 +26,11 @@ from conftest import (
     unique_id,
     wait_for,
 )
+from gevent import socket as gsocket
+from greenlet import greenlet
 
-from cometd.connections import MODES
+from cometd.connections import MODES, ConnectionTable
+from cometd.streamhttp import CHUNKED, KEEPALIVE, LAST_CHUNK, RAW, SSE_CHUNKED, SSE_RAW, Message
 
 MAX_PENDING = 64 * 1024  # --max-pending, well under the 256 KiB default
 
@@ -36,8 +44,10 @@ def srv(request, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_streams(srv):
-    wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="no connections left")
+def no_leftover_streams(request):
+    if "srv" in request.fixturenames:  # the in-process tests below start no server
+        srv = request.getfixturevalue("srv")
+        wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="no connections left")
 
 
 def _counts(srv) -> tuple[int, int]:
@@ -229,3 +239,121 @@ def test_rss_stays_bounded_with_many_stalled_readers(srv):
     finally:
         for c in stalled:
             c.close()
+
+
+# -- in-process: a ConnectionTable over loopback socket pairs --------------------------
+
+
+@pytest.fixture(params=MODES)
+def table(request):
+    t = ConnectionTable(request.param, max_pending=MAX_PENDING)
+    t.presence_log = []
+    t.on_presence = t.presence_log.append
+    yield t
+    t.close()
+
+
+class Peer:
+    """The client end of one adopted stream (a gevent socket, so reads let the table run)."""
+
+    def __init__(self, table: ConnectionTable, user: str, kind: int, rcvbuf: int = 0) -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            self.sock = gsocket.socket()
+            if rcvbuf:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.connect(listener.getsockname())
+            server, _ = listener.accept()
+        if rcvbuf:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rcvbuf)
+        self.conn = table.adopt(server, user, kind)
+        if table.mode == "greenlet":  # as cometd.server adopts a stream
+            hub = gevent.get_hub()
+            hub.loop.run_callback(greenlet(self.conn.run, parent=hub).switch)
+        self.data = b""
+
+    def read(self, n: int, timeout: float = 5) -> bytes:
+        """Exactly *n* more bytes."""
+        with gevent.Timeout(timeout):
+            while len(self.data) < n:
+                chunk = self.sock.recv(65536)
+                assert chunk, f"closed after {self.data!r}"
+                self.data += chunk
+        data, self.data = self.data[:n], self.data[n:]
+        return data
+
+    def rest(self, timeout: float = 5) -> bytes:
+        """Everything until the table closes the stream."""
+        with gevent.Timeout(timeout):
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+        data, self.data = self.data, b""
+        return data
+
+    def nothing_more(self, wait: float = 0.05) -> bool:
+        """No byte arrived, nor the end of the stream, within *wait* seconds."""
+        gevent.sleep(wait)
+        self.sock.setblocking(False)
+        try:
+            self.sock.recv(1)
+        except (BlockingIOError, TimeoutError):
+            return True
+        finally:
+            self.sock.setblocking(True)
+        return False
+
+
+def test_each_connection_gets_the_message_framed_for_its_kind(table):
+    peers = {kind: Peer(table, "u", kind) for kind in (CHUNKED, RAW, SSE_CHUNKED, SSE_RAW)}
+    other = Peer(table, "v", CHUNKED)
+    message = Message("s", b"hello")
+    assert table.deliver(["u", "offline"], message) == 4
+    for kind, peer in peers.items():
+        assert peer.read(len(message.frame(kind))) == message.frame(kind)
+    assert other.nothing_more()
+    assert table.deliveries == 4 and (table.connections, table.users_online) == (5, 2)
+
+    assert table.keepalive() == 2  # SSE streams only
+    assert peers[SSE_CHUNKED].read(len(KEEPALIVE) + 5) == b"d\r\n" + KEEPALIVE + b"\r\n"
+    assert peers[SSE_RAW].read(len(KEEPALIVE)) == KEEPALIVE
+    assert peers[CHUNKED].nothing_more() and peers[RAW].nothing_more()
+
+
+def test_a_clean_shutdown_ends_chunked_streams_with_the_last_chunk(table):
+    chunked, raw = Peer(table, "u", CHUNKED), Peer(table, "u", RAW)
+    sse = Peer(table, "w", SSE_CHUNKED)
+    table.deliver(["u"], Message("s", b"last words"))
+    table.end_all(grace=2)
+    assert chunked.rest() == b"a\r\nlast words\r\n" + LAST_CHUNK
+    assert raw.rest() == b"last words"  # HTTP/1.0: the close is the end
+    assert sse.rest() == LAST_CHUNK
+    # Nothing reaches a stream after its last chunk.
+    assert table.deliver(["u", "w"], Message("s", b"late")) == 0 and table.keepalive() == 0
+    assert table.connections == 0
+
+
+def test_a_reader_that_stops_is_dropped_and_others_keep_up(table):
+    stalled = Peer(table, "slow", CHUNKED, rcvbuf=4096)
+    healthy = Peer(table, "fast", RAW)
+    body = b"x" * 16384
+    for _ in range(200):  # bounded: kernel buffers of a few hundred KiB, then MAX_PENDING
+        table.deliver(["slow", "fast"], Message("s", body))
+        assert healthy.read(len(body)) == body
+        if stalled.conn.closed:
+            break
+    assert stalled.conn.closed and table.slow_consumers_dropped == 1
+    assert (table.online("slow"), table.online("fast")) == (0, 1)
+    assert table.presence_log.count("slow") == 2  # logged in, then out
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_a_hang_up_is_noticed_with_nothing_to_send(table, reset):
+    peer = Peer(table, "u", SSE_RAW)
+    if reset:
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    peer.sock.close()
+    with gevent.Timeout(1):
+        while table.online("u"):
+            gevent.sleep(0.005)
+    assert table.connections == 0 and table.presence_log == ["u", "u"]

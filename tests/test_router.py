@@ -1,11 +1,13 @@
-"""The router against a real `bin/cometd`, in both connection modes.
+"""The router against a real `bin/cometd`, in both connection modes, and in-process.
 
 Who gets a message (the subject itself and its subscribers), per-subject
 order under concurrent senders, disconnects in the middle of a dispatch, a
 large fan-out (20,000 subscribers loaded with `cometd load`, a couple of
 thousand of them online) running next to small sends without stalling them,
 and a popular user (200,000 subscribers, a few online) whose sends neither
-cost nor stall in proportion to the subscriber count.
+cost nor stall in proportion to the subscriber count. In-process, over a real
+store and a fake fan-out target: who is handed a message, per-subject order,
+and subjects that do not wait for each other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import threading
 import time
 from collections import defaultdict
 
+import gevent
+import gevent.event
 import pytest
 from conftest import (
     COMETD,
@@ -32,6 +36,8 @@ from conftest import (
 
 from cometd.connections import MODES
 from cometd.loader import load_friends
+from cometd.online import OnlineIndex
+from cometd.router import Router
 from cometd.store import SubscriptionStore
 
 BIG = "big-subject"
@@ -298,3 +304,104 @@ def test_a_popular_users_sends_reach_the_online_and_do_not_stall_the_server(popu
     # preemption.
     assert len(stats_seconds) == polls, (len(sent), stats_seconds)
     assert statistics.median(stats_seconds) < 0.1, stats_seconds
+
+
+# -- in-process: the router over a real store and a fake fan-out target ----------------
+
+
+class FakeFanout:
+    """A fan-out target that records what it is handed (a fake: pure logic, no sockets).
+
+    *pause*, if given, runs with the message before each recipient is taken,
+    as the real targets yield to the hub in the middle of a large fan-out.
+    """
+
+    def __init__(self, pause=None) -> None:
+        self.index = OnlineIndex()
+        self.conns: dict[str, int] = {}
+        self.pause = pause
+        #: (subject, body, recipients) per deliver call, in the order the calls finished
+        self.handed: list[tuple[str, bytes, list[str]]] = []
+
+    def login(self, user: str, connections: int = 1) -> None:
+        self.conns[user] = connections
+        self.index.add(user)
+
+    def deliver(self, users, message) -> int:
+        taken = []
+        for user in users:
+            if self.pause is not None:
+                self.pause(message)
+            taken.append(user)
+        self.handed.append((message.subject, message.body, taken))
+        return sum(self.conns.get(user, 0) for user in taken)
+
+    def online(self, user: str) -> int:
+        return self.conns.get(user, 0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with SubscriptionStore(tmp_path / "db") as s:
+        yield s
+
+
+def test_a_send_is_handed_the_subject_and_its_online_subscribers_once(store):
+    # (subscriber, subscribee): a, 7 and off follow s; s follows x.
+    store.add_subscriptions([("a", "s"), ("7", "s"), ("off", "s"), ("s", "x")])
+    fanout = FakeFanout()
+    for user, conns in (("s", 2), ("a", 1), ("7", 3), ("x", 1), ("stranger", 1)):
+        fanout.login(user, conns)
+    router = Router(store, fanout)
+
+    assert router.send("s", b"hi") == 2 + 1 + 3
+    subject, body, users = fanout.handed[0]
+    assert (subject, body) == ("s", b"hi")
+    assert users[0] == "s" and sorted(users) == ["7", "a", "s"]  # the subject first, each once
+    assert router.online("7") == 3
+
+    assert router.send("off", b"x") == 0  # offline subject, nobody follows it: handed itself only
+    assert fanout.handed[1][2] == ["off"]
+    assert router.messages_sent == 2
+
+
+def test_one_subjects_sends_are_handed_over_in_order(store):
+    # Earlier messages pause longest: without the per-subject lock they finish last.
+    def pause(message) -> None:
+        gevent.sleep(0.02 / (1 + int(message.body.split(b"-")[1])))
+
+    fanout = FakeFanout(pause)
+    router = Router(store, fanout)
+    sends = [gevent.spawn(router.send, subject, b"%s-%d" % (subject.encode(), i))
+             for i in range(6) for subject in ("s", "t")]
+    gevent.joinall(sends, timeout=10, raise_error=True)
+    for subject in ("s", "t"):
+        bodies = [body for subj, body, _ in fanout.handed if subj == subject]
+        assert bodies == [b"%s-%d" % (subject.encode(), i) for i in range(6)]
+    assert router._subject_locks == {}  # nothing kept per subject once its sends are done
+
+
+def test_a_blocked_subject_does_not_hold_up_another(store):
+    release = gevent.event.Event()
+    fanout = FakeFanout(lambda message: message.subject == "slow" and release.wait(10))
+    router = Router(store, fanout)
+    slow = gevent.spawn(router.send, "slow", b"1")
+    gevent.sleep(0)
+    assert gevent.spawn(router.send, "fast", b"2").get(timeout=2) == 0
+    assert not slow.ready()
+    release.set()
+    assert slow.get(timeout=2) == 0
+
+
+def test_a_failed_delivery_reaches_the_caller_and_frees_the_subject(store):
+    def pause(message) -> None:
+        if message.body == b"boom":
+            raise RuntimeError("fan-out failed")
+
+    fanout = FakeFanout(pause)
+    fanout.login("s")
+    router = Router(store, fanout)
+    with pytest.raises(RuntimeError, match="fan-out failed"):
+        router.send("s", b"boom")
+    assert gevent.spawn(router.send, "s", b"ok").get(timeout=2) == 1
+    assert router._subject_locks == {}

@@ -1,20 +1,35 @@
-"""Stream requests and stream heads: the parser, and both ways into a stream.
+"""The stream protocol: the request parser, stream heads, message framing, and
+both ways into a stream.
 
 The parser decides which requests the accept callback answers itself; the
 server tests check that a request it declines (split over two sends, an
-absolute-form target) gets the very same stream from pywsgi and bottle.
+absolute-form target) gets the very same stream from pywsgi and bottle. The
+framing tests run in-process: bytes in, bytes out.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
 import pytest
 from conftest import StreamClient, get_stats, send, start_server, unique_id, wait_for
 
-from cometd.connections import CHUNKED, MODES, RAW, SSE_CHUNKED, SSE_RAW
-from cometd.streamhttp import parse_stream_request, stream_head, stream_kind
+from cometd.connections import MODES
+from cometd.streamhttp import (
+    CHUNKED,
+    KEEPALIVE,
+    LAST_CHUNK,
+    RAW,
+    SSE_CHUNKED,
+    SSE_RAW,
+    Message,
+    frame_bytes,
+    parse_stream_request,
+    stream_head,
+    stream_kind,
+)
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
@@ -83,6 +98,56 @@ def test_stream_heads():
     assert b"Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n" in head
     assert b"Connection: close" in head and b"Transfer-Encoding" not in head
     assert body == b": Welcome, Url: '/events/42' Id: 42\n\n"
+
+
+def _sse_fields(event: bytes) -> tuple[int, dict]:
+    """(id, data as JSON) of one SSE event, which must end its only blank line."""
+    assert event.endswith(b"\n\n") and event.count(b"\n\n") == 1, event
+    lines = event[:-2].split(b"\n")
+    assert [line.split(b":")[0] for line in lines] == [b"id", b"data"], event
+    return int(lines[0][4:]), json.loads(lines[1][6:])
+
+
+def test_a_message_is_framed_for_every_kind():
+    message = Message("user:7", b"ts=1;seq=2;\n")
+    assert message.frame(RAW) == b"ts=1;seq=2;\n"
+    assert message.frame(CHUNKED) == b"c\r\nts=1;seq=2;\n\r\n"
+    event = message.frame(SSE_RAW)
+    assert _sse_fields(event) == (message.seq, {"from": "user:7", "body": "ts=1;seq=2;\n"})
+    assert message.frame(SSE_CHUNKED) == b"%x\r\n%s\r\n" % (len(event), event)
+
+
+def test_each_kind_is_framed_once_and_shared():
+    # The same bytes object goes to every stream of a kind (Message.frame is per delivery).
+    message = Message("1", b"hello")
+    for kind in (CHUNKED, RAW, SSE_CHUNKED, SSE_RAW):
+        assert message.frame(kind) is message.frame(kind)
+
+
+def test_messages_are_numbered_in_order():
+    seqs = [Message("1", b"x").seq for _ in range(3)]
+    assert seqs[1] == seqs[0] + 1 and seqs[2] == seqs[1] + 1
+
+
+@pytest.mark.parametrize("body, text", [
+    (b"one\n\ndata: forged\n\nid: 1", "one\n\ndata: forged\n\nid: 1"),  # no injected event
+    (b"\r\n0\r\n\r\n", "\r\n0\r\n\r\n"),  # chunk framing in a body is data
+    ("h\u00e9 \"q\" \\".encode(), "h\u00e9 \"q\" \\"),
+    (b"\xff\xfeok", "\ufffd\ufffdok"),  # not UTF-8: replaced, the event is still sent
+])
+def test_an_sse_event_carries_any_body_as_one_event(body, text):
+    message = Message("a.b", body)
+    assert _sse_fields(message.frame(SSE_RAW)) == (message.seq, {"from": "a.b", "body": text})
+    assert message.frame(RAW) == body  # /test streams get the bytes as they are
+
+
+def test_keepalive_and_last_chunk_framing():
+    assert frame_bytes(SSE_CHUNKED, KEEPALIVE) == b"d\r\n: keepalive\n\n\r\n"
+    assert frame_bytes(SSE_RAW, KEEPALIVE) == KEEPALIVE
+    assert frame_bytes(CHUNKED, b"x" * 300) == b"12c\r\n" + b"x" * 300 + b"\r\n"
+    # An SSE comment is a line starting with a colon; the last chunk has size 0, no trailers.
+    assert KEEPALIVE.startswith(b":") and KEEPALIVE.endswith(b"\n\n")
+    assert LAST_CHUNK == b"0\r\n\r\n"
 
 
 # -- both ways into a stream, on a real server ------------------------------------------

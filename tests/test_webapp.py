@@ -1,17 +1,22 @@
-"""The HTTP interface against a real `bin/cometd`, in both connection modes.
+"""The HTTP interface against a real `bin/cometd`, in both connection modes, and in-process.
 
 Streams (chunked, HTTP/1.0 raw, SSE), the id grammar, publishing limits, the
 subscription API and `/stats`, and the seed's shell session end to end. One
 server per mode serves the whole module; every test uses its own user ids.
+The in-process tests at the end call the bottle app of ``make_app`` through
+WSGI over a fake backend, for each route's answers and errors.
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
 import threading
 import time
+from typing import Any
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 from conftest import (
@@ -26,6 +31,8 @@ from conftest import (
 )
 
 from cometd.connections import MODES
+from cometd.streamhttp import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW
+from cometd.webapp import MAX_MESSAGE_BYTES, STREAM_KEY, BackendUnavailable, make_app
 
 KEEPALIVE = 0.3
 
@@ -39,9 +46,12 @@ def srv(request, tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_streams(srv):
-    # Streams of the previous test are gone before this one counts anything.
-    wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="no connections left")
+def no_leftover_streams(request):
+    # Streams of the previous test are gone before this one counts anything
+    # (only for tests of the server: the in-process tests below start none).
+    if "srv" in request.fixturenames:
+        srv = request.getfixturevalue("srv")
+        wait_for(lambda: get_stats(srv)["connections"] == 0, 5, what="no connections left")
 
 
 def test_stream_head_and_welcome_chunk(srv):
@@ -382,3 +392,224 @@ def test_concurrent_publishers_each_deliver_their_own_bodies(srv):
     finally:
         for c in streams:
             c.close()
+
+
+# -- in-process: the bottle app through WSGI, over a fake backend ----------------------
+
+
+class FakeBackend:
+    """The app's backend as a fake (pure logic): fixed answers, every call recorded.
+
+    With *error* set, every call raises it instead.
+    """
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls: list[tuple[Any, ...]] = []
+
+    def _call(self, *call: Any) -> None:
+        self.calls.append(call)
+        if self.error is not None:
+            raise self.error
+
+    def send(self, subject: str, body: bytes) -> int:
+        self._call("send", subject, body)
+        return 3
+
+    def subscribers(self, user: str) -> list[str]:
+        self._call("subscribers", user)
+        return ["1", "bob"]
+
+    def subscriptions(self, user: str) -> list[str]:
+        self._call("subscriptions", user)
+        return ["carol"]
+
+    def add(self, pairs: list[tuple[str, str]]) -> int:
+        self._call("add", pairs)
+        return len(pairs)
+
+    def remove(self, pairs: list[tuple[str, str]]) -> int:
+        self._call("remove", pairs)
+        return 1
+
+    def stats(self) -> dict[str, Any]:
+        self._call("stats")
+        return {"connections": 2, "mode": "pool"}
+
+
+class BrokenInput(io.BytesIO):
+    """A request body whose client went away mid-read (pywsgi raises OSError)."""
+
+    def read(self, size: int = -1) -> bytes:
+        raise OSError("client gone")
+
+
+def call_app(backend, method: str, path: str, body: bytes = b"",
+             headers: dict[str, str] | None = None, protocol: str = "HTTP/1.1",
+             wsgi_input: io.BytesIO | None = None) -> tuple[int, dict[str, str], bytes, dict]:
+    """One WSGI call of ``make_app(backend)``: (status, headers, body, environ)."""
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method, "PATH_INFO": path, "SERVER_PROTOCOL": protocol,
+        "wsgi.input": wsgi_input or io.BytesIO(body), "wsgi.errors": io.StringIO(),
+    }
+    if body and "Transfer-Encoding" not in (headers or {}):
+        environ["CONTENT_LENGTH"] = str(len(body))
+    for name, value in (headers or {}).items():
+        key = name.upper().replace("-", "_")
+        environ[key if key in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + key] = value
+    setup_testing_defaults(environ)
+    answer: list[Any] = []
+    app = make_app(backend)
+    data = b"".join(app(environ, lambda status, hdrs, exc=None: answer.extend((status, hdrs))))
+    status, hdrs = answer
+    return int(status.split()[0]), {k.lower(): v for k, v in hdrs}, data, environ
+
+
+def json_answer(status: int, headers: dict[str, str], data: bytes) -> tuple[int, Any]:
+    assert headers["content-type"] == "application/json", (status, headers, data)
+    return status, json.loads(data)
+
+
+@pytest.mark.parametrize("path, protocol, stream", [  # (user, kind, path, expiry: no token)
+    ("/test/42", "HTTP/1.1", ("42", CHUNKED, "/test/42", None)),
+    ("/test/42", "HTTP/1.0", ("42", RAW, "/test/42", None)),
+    ("/events/user:7", "HTTP/1.1", ("user:7", SSE_CHUNKED, "/events/user:7", None)),
+    ("/events/a.b-c_d", "HTTP/1.0", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d", None)),
+])
+def test_a_stream_route_hands_the_stream_to_the_server(path, protocol, stream):
+    backend = FakeBackend()
+    status, _, body, environ = call_app(backend, "GET", path, protocol=protocol)
+    assert (status, body, environ[STREAM_KEY]) == (200, b"", stream)
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("path", ["/test/", "/test/a/b", "/test/a b", "/test/" + "x" * 65,
+                                  "/events/", "/events/x y"])
+def test_a_bad_stream_id_is_404_with_the_seeds_hint(path):
+    status, headers, body, environ = call_app(FakeBackend(), "GET", path)
+    route = "/events/" if path.startswith("/events/") else "/test/"
+    assert (status, body) == (404, f"User id not found, try {route}123 instead".encode())
+    assert headers["content-type"].startswith("text/plain")
+    assert STREAM_KEY not in environ
+
+
+@pytest.mark.parametrize("headers, body", [
+    ({}, b"hello"),
+    ({"Transfer-Encoding": "chunked"}, b""),
+])
+def test_a_stream_request_with_a_body_is_400(headers, body):
+    status, hdrs, data, environ = call_app(FakeBackend(), "GET", "/test/42", body, headers)
+    assert json_answer(status, hdrs, data) == (400, {"error": "a stream request has no body"})
+    assert STREAM_KEY not in environ
+
+
+def test_send_publishes_the_body_and_answers_the_count():
+    backend = FakeBackend()
+    body = bytes(range(256)) * (MAX_MESSAGE_BYTES // 256)  # any bytes, up to the limit
+    status, headers, data, _ = call_app(backend, "POST", "/send/user:7", body)
+    assert json_answer(status, headers, data) == (200, {"delivered": 3})
+    assert backend.calls == [("send", "user:7", body)]
+
+
+@pytest.mark.parametrize("path, body, headers, wsgi_input, answer", [
+    ("/send/a b", b"x", {}, None, (400, "invalid id 'a b'")),
+    ("/send/" + "x" * 65, b"x", {}, None, (400, "invalid id")),
+    ("/send/s", b"", {}, None, (400, "empty message")),
+    ("/send/s", b"x" * (MAX_MESSAGE_BYTES + 1), {}, None, (413, "over 65536 bytes")),
+    # no Content-Length (a chunked body): the limit holds on what is read
+    ("/send/s", b"x" * (MAX_MESSAGE_BYTES + 1), {"Transfer-Encoding": "chunked"}, None,
+     (413, "over 65536 bytes")),
+    ("/send/s", b"x", {}, BrokenInput(), (400, "incomplete request body")),
+])
+def test_a_bad_send_is_refused_and_sends_nothing(path, body, headers, wsgi_input, answer):
+    backend = FakeBackend()
+    status, hdrs, data, _ = call_app(backend, "POST", path, body, headers, wsgi_input=wsgi_input)
+    code, error = json_answer(status, hdrs, data)
+    assert code == answer[0] and answer[1] in error["error"], (code, error)
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize("route", ["subscribers", "subscriptions"])
+def test_lookups_answer_the_backends_list_and_refuse_bad_ids(route):
+    backend = FakeBackend()
+    status, headers, data, _ = call_app(backend, "GET", f"/{route}/007")
+    expected = {"subscribers": ["1", "bob"], "subscriptions": ["carol"]}[route]
+    assert json_answer(status, headers, data) == (200, {route: expected})
+    assert backend.calls == [(route, "007")]  # "007" is a name, passed on as it is
+
+    status, headers, data, _ = call_app(backend, "GET", f"/{route}/a b")
+    assert json_answer(status, headers, data)[0] == 400
+    assert len(backend.calls) == 1
+
+
+def test_subscription_changes_pass_checked_pairs():
+    backend = FakeBackend()
+    pairs = json.dumps([["alice", "bob"], [1, 2], ["user:7", "007"]]).encode()
+    status, headers, data, _ = call_app(backend, "POST", "/subscriptions", pairs)
+    assert json_answer(status, headers, data) == (200, {"added": 3})
+    status, headers, data, _ = call_app(backend, "DELETE", "/subscriptions", pairs)
+    assert json_answer(status, headers, data) == (200, {"removed": 1})
+    checked = [("alice", "bob"), ("1", "2"), ("user:7", "007")]
+    assert backend.calls == [("add", checked), ("remove", checked)]
+
+
+@pytest.mark.parametrize("method, body, problem", [
+    ("POST", b"[[1, 2]", "body is not JSON"),
+    ("POST", b"\xff", "body is not JSON"),
+    ("POST", b'{"1": 2}', "body must be a JSON list"),
+    ("POST", b"[[1, 2], [3]]", "item 1 is not a [subscriber, subscribee] pair"),
+    ("POST", b'[[1, 2], "ab"]', "item 1 is not a [subscriber, subscribee] pair"),
+    ("POST", b'[[1, 2], ["a b", 3]]', "item 1: invalid id 'a b'"),
+    ("POST", b'[[1, 2], [true, 3]]', "item 1: invalid id True"),
+    ("POST", b"[[1, 2], [5, 5]]", "item 1:"),  # everyone already gets their own messages
+    ("DELETE", b"[[1, 2], [-1, 3]]", "item 1: invalid id -1"),
+    ("DELETE", b"[1]", "item 0 is not a [subscriber, subscribee] pair"),
+])
+def test_a_bad_subscription_change_is_refused_whole(method, body, problem):
+    backend = FakeBackend()
+    status, headers, data, _ = call_app(backend, method, "/subscriptions", body)
+    code, error = json_answer(status, headers, data)
+    assert code == 400 and error["error"].startswith(problem), error
+    assert backend.calls == []  # not even the good pairs before the bad one
+
+
+def test_stats_are_the_backends():
+    status, headers, data, _ = call_app(FakeBackend(), "GET", "/stats")
+    assert json_answer(status, headers, data) == (200, {"connections": 2, "mode": "pool"})
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/send/s", b"x"),
+    ("GET", "/subscribers/s", b""),
+    ("GET", "/subscriptions/s", b""),
+    ("POST", "/subscriptions", b"[[1, 2]]"),
+    ("DELETE", "/subscriptions", b"[[1, 2]]"),
+    ("GET", "/stats", b""),
+])
+def test_every_route_answers_503_when_the_backend_is_unavailable(method, path, body):
+    backend = FakeBackend(BackendUnavailable("the router is not reachable; try again"))
+    status, headers, data, _ = call_app(backend, method, path, body)
+    assert json_answer(status, headers, data) == (
+        503, {"error": "the router is not reachable; try again"})
+    assert len(backend.calls) == 1
+
+
+def test_an_unexpected_error_is_a_500_without_a_traceback():
+    backend = FakeBackend(RuntimeError("secret-detail at /srv/cometd/store.py"))
+    status, headers, data, environ = call_app(backend, "POST", "/send/s", b"x")
+    assert json_answer(status, headers, data) == (500, {"error": "internal error"})
+    assert b"secret-detail" not in data and b"Traceback" not in data
+    assert "secret-detail" in environ["wsgi.errors"].getvalue()  # it goes to the log instead
+
+
+@pytest.mark.parametrize("method, path, answer", [
+    ("GET", "/nowhere", (404, "not found")),
+    ("GET", "/send/s", (405, "method not allowed")),
+    ("PUT", "/subscriptions", (405, "method not allowed")),
+    ("POST", "/stats", (405, "method not allowed")),
+])
+def test_unknown_routes_and_methods_get_short_json_errors(method, path, answer):
+    backend = FakeBackend()
+    status, headers, data, _ = call_app(backend, method, path)
+    assert json_answer(status, headers, data) == (answer[0], {"error": answer[1]})
+    assert backend.calls == []
