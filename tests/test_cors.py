@@ -20,6 +20,7 @@ from test_workers import kill_leftovers, strays
 
 from cometd.config import ConfigError, from_json, load, to_json, to_toml
 from cometd.cors import ALLOW_HEADERS, ALLOW_METHODS, MAX_AGE, CorsPolicy
+from cometd.streamhttp import CHUNKED, SSE_RAW, stream_head
 
 APP = "https://app.example"
 EVIL = "https://evil.example"
@@ -85,6 +86,15 @@ def test_the_origin_of_a_raw_stream_request():
                     head + b"\r\nGET /x HTTP/1.1\r\nOrigin: " + APP.encode() + b"\r\n\r\n",
                     head + b"\r\n"):
         assert policy.stream_lines_for(refused) == "Vary: Origin\r\n", refused
+
+
+def test_a_stream_head_carries_the_lines_among_its_headers():
+    lines = CorsPolicy([APP]).stream_lines(APP)
+    for kind in (CHUNKED, SSE_RAW):
+        plain = stream_head("u1", kind, "/test/u1")
+        head, _, welcome = stream_head("u1", kind, "/test/u1", lines).partition(b"\r\n\r\n")
+        assert head.endswith(b"\r\n" + lines.encode().rstrip(b"\r\n")), head
+        assert plain.partition(b"\r\n\r\n")[2] == welcome  # the welcome is the same
 
 
 def test_configured_origins_are_checked_and_normalised():
