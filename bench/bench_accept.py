@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Server CPU per stream opened: the accept callback vs pywsgi, side by side.
 
-    bench/bench_accept.py [--streams 5000] [--batch 250] [--runs 5] [--auth]
+    bench/bench_accept.py [--streams 5000] [--batch 250] [--runs 5] [--auth] [--limits]
 
 A pool-mode ``bin/cometd`` is sent --streams stream requests per run in
 batches: every socket of a batch connects and sends a first part, then, 20 ms
@@ -13,14 +13,15 @@ exact rather than tick-sampled) is divided by the streams whose welcome
 arrived. Runs alternate between the two paths; the table shows medians and
 the spread. With --auth, a second server with --jwt-secret takes the same
 requests carrying an HS256 token each (?token=, minted by the client), and
-its runs alternate with the first server's.
+its runs alternate with the first server's. With --limits, two more servers:
+one with every admission limit off (--max-streams-per-user 0), one with
+every one on but none refusing (per address 100,000, 1,000,000 a second).
 Loopback only; every loop is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import socket
@@ -34,18 +35,9 @@ import time
 import jwt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def server_cpu_ns(pid: int) -> int:
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass  # a thread that just ended
-    return total
-
+from cometd.loadtest.sampling import schedstat_cpu_ns as server_cpu_ns  # noqa: E402
 
 SECRET = "bench-accept-secret-of-at-least-32-bytes"
 
@@ -104,30 +96,40 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--auth", action="store_true",
                     help="also a server with --jwt-secret, every request with a token")
+    ap.add_argument("--limits", action="store_true",
+                    help="also servers with every admission limit off, and every one on "
+                         "(none refusing)")
     args = ap.parse_args()
+    # label -> (extra server flags, token secret)
+    variants: dict[str, tuple[list[str], str | None]] = {"": ([], None)}
+    if args.auth:
+        variants[", HS256 token"] = (["--jwt-secret", SECRET], SECRET)
+    if args.limits:
+        variants[", limits off"] = (["--max-streams-per-user", "0"], None)
+        variants[", every limit on"] = (["--max-streams-per-address", "100000",
+                                         "--stream-rate-per-address", "1000000"], None)
     tmp = tempfile.mkdtemp(prefix="bench-accept-")
-    servers: dict[str | None, subprocess.Popen] = {}
+    servers: dict[str, subprocess.Popen] = {}
     try:
-        for secret in (None, SECRET) if args.auth else (None,):
-            auth = ["--jwt-secret", secret] if secret else []
-            servers[secret] = proc = subprocess.Popen(
+        for label, (flags, _secret) in variants.items():
+            servers[label] = proc = subprocess.Popen(
                 [sys.executable, os.path.join(ROOT, "bin", "cometd"), "--port", "0",
                  "--admin-port", "-1", "--mode", "pool", "--db",
-                 os.path.join(tmp, f"db{len(servers)}"), *auth],
+                 os.path.join(tmp, f"db{len(servers)}"), *flags],
                 stdout=subprocess.PIPE, text=True)
             line = proc.stdout.readline()
             proc.port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
         paths = {"accept callback (whole request at accept)": None,
                  "pywsgi + bottle (request split in two)": len(b"GET /test")}
-        cases = {(f"{name}, HS256 token" if secret else name): (secret, split)
-                 for name, split in paths.items() for secret in servers}
+        cases = {name + label: (label, split) for name, split in paths.items()
+                 for label in servers}
         results: dict[str, list[float]] = {name: [] for name in cases}
         first = 1
         for _ in range(args.runs):
-            for name, (secret, split) in cases.items():
-                proc = servers[secret]
+            for name, (label, split) in cases.items():
+                proc = servers[label]
                 results[name].append(run_once(proc.port, proc.pid, args.streams, args.batch,
-                                              split, first, secret))
+                                              split, first, variants[label][1]))
                 first += args.streams
         print(f"| stream opened through ({args.runs} runs of {args.streams}) "
               f"| server CPU µs per stream, median | min–max (each run) |")

@@ -26,11 +26,9 @@ count is checked against K. Loopback only; every loop is bounded.
 from __future__ import annotations
 
 import argparse
-import glob
 import http.client
 import json
 import os
-import re
 import shutil
 import socket
 import statistics
@@ -45,10 +43,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cometd.ids import encode_key  # noqa: E402
+from cometd.lifecycle import BANNER  # noqa: E402
+from cometd.loadtest.sampling import schedstat_cpu_ns  # noqa: E402
 from cometd.store import SubscriptionStore  # noqa: E402
 
 POPULAR = 4_000_000_000
-_READY = re.compile(r"listening on http://[\d.]+:(\d+)/")
 
 
 def build_db(path: str, followers: int) -> None:
@@ -64,15 +63,8 @@ def build_db(path: str, followers: int) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of *pid*, from schedstat: exact, not in 10 ms ticks."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        try:
-            with open(path) as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass  # a thread that just ended
-    return total / 1e9
+    """CPU time of every thread of *pid* in seconds (schedstat)."""
+    return schedstat_cpu_ns(pid) / 1e9
 
 
 class Server:
@@ -82,11 +74,11 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         line = self.proc.stdout.readline()
-        match = _READY.search(line)
+        match = BANNER.search(line)
         if not match:
             self.proc.kill()
             raise RuntimeError(f"cometd did not start: {line}{self.proc.stdout.read()}")
-        self.port = int(match.group(1))
+        self.port = int(match.group(2))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
 
     def request(self, method: str, path: str, body: bytes | None = None) -> dict:

@@ -16,8 +16,10 @@ Every process here may hold at most 20,000 open files (hard limit), so the
 server needs ~19,500 connections per edge (52 edges for 1M) and the client
 ~19,000 per floodtest process (53 processes).
 
-The script applies the sysctls listed in ``SYSCTLS`` (printed with
-``--dry-run``), saves the previous values and restores them at the end, also on
+The script applies the sysctls that ``cometd check-system --connections N --mode
+MODE --workers EDGES --clients-here`` finds short (printed with ``--dry-run``;
+see cometd/syscheck.py for each rule), saves the previous values and restores
+them at the end, also on
 Ctrl-C, SIGTERM, errors and the overall ``--timeout``; it kills every process it
 started (each in its own session) and stops the Redis it started.
 
@@ -59,36 +61,17 @@ import time
 
 import psutil
 
+from cometd.syscheck import PORTS_PER_SOURCE, Plan, Report, check, read_system
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PY = sys.executable
-BIN = os.path.join(ROOT, "bin")
+sys.path.insert(0, ROOT)
+
+from cometd.lifecycle import free_port  # noqa: E402
+from cometd.loadtest.procs import tool  # noqa: E402
 
 PER_EDGE = 19_500  # connections per edge (20,000 files per process, minus headroom)
 PER_CLIENT = 19_000  # connections per floodtest process
-PER_SOURCE = 20_000  # connections per source address (well inside 1024-65535)
-# Estimate used to refuse runs that cannot fit: server userland ~0.9 KB, client
-# userland ~1-2 KB, kernel ~9.6 KB for both loopback ends, plus slack.
-EST_BYTES_PER_CONN = 14 * 1024
-EST_BYTES_PER_PROCESS = 45 * 1024 * 1024  # baseline RSS of one edge / floodtest worker
-SAFETY_BYTES = 2 * 1024 ** 3
-
-# name -> value applied. Values are chosen for ~2M sockets (1M each side).
-# tcp_mem is in 4 KiB pages: pressure starts at 12 GiB, hard limit 20 GiB.
-SYSCTLS: dict[str, str] = {
-    "fs.file-max": "4000000",
-    "fs.nr_open": "2000000",
-    "vm.max_map_count": "262144",
-    "net.core.somaxconn": "65535",
-    "net.core.netdev_max_backlog": "65535",
-    "net.ipv4.tcp_max_syn_backlog": "65535",
-    "net.ipv4.ip_local_port_range": "1024 65535",
-    "net.ipv4.tcp_mem": "3000000 4000000 5000000",
-    "net.ipv4.tcp_rmem": "4096 4096 16384",
-    "net.ipv4.tcp_wmem": "4096 4096 16384",
-    "net.ipv4.tcp_max_orphans": "2000000",
-    "net.ipv4.tcp_max_tw_buckets": "2000000",
-    "net.netfilter.nf_conntrack_max": "2500000",  # only if conntrack is loaded
-}
+PER_SOURCE = PORTS_PER_SOURCE  # connections per source address (well inside 1024-65535)
 
 
 def log(msg: str) -> None:
@@ -116,10 +99,15 @@ def write_sysctl(name: str, value: str) -> None:
         f.write(value)
 
 
-def apply_sysctls(saved: dict[str, str]) -> dict[str, str]:
-    """Apply SYSCTLS, recording previous values in *saved*; return what was applied."""
+def system_report(a: argparse.Namespace) -> Report:
+    """cometd check-system's answer for this run: both ends of every connection are here."""
+    return check(read_system(), Plan(a.connections, a.mode, a.edges, clients_here=True))
+
+
+def apply_sysctls(sysctls: dict[str, str], saved: dict[str, str]) -> dict[str, str]:
+    """Apply *sysctls*, recording previous values in *saved*; return what was applied."""
     applied = {}
-    for name, value in SYSCTLS.items():
+    for name, value in sysctls.items():
         old = read_sysctl(name)
         if old is None:
             log(f"sysctl {name}: not present here, skipped")
@@ -226,12 +214,6 @@ def rss(pids: list[int]) -> int:
         except psutil.NoSuchProcess:
             pass
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float, procs: list[subprocess.Popen]) -> None:
@@ -360,7 +342,7 @@ class Run:
         """genfriends over the floodtest's user ids, bulk-loaded into the router's store."""
         a = self.a
         path = os.path.join(self.tmp, "friends.txt")
-        gen = [PY, os.path.join(BIN, "genfriends"), "--n", str(a.connections), "--m",
+        gen = [*tool("genfriends"), "--n", str(a.connections), "--m",
                str(a.friends), "--seed", "1", "--output", path]
         load = cometd + ["load", "--db", db, path]
         for name, cmd in (("genfriends", gen), ("load", load)):
@@ -378,7 +360,7 @@ class Run:
     def run(self) -> dict:
         a = self.a
         port, rport = free_port(), free_port()
-        self.applied = apply_sysctls(self.saved)
+        self.applied = apply_sysctls(system_report(self.a).sysctls, self.saved)
         log(f"applied {len(self.applied)} sysctls")
 
         self.redis = self.spawn(["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
@@ -386,7 +368,7 @@ class Run:
                                 "redis.log")
         wait_port(rport, 10, [self.redis])
         url = f"redis://127.0.0.1:{rport}/0"
-        cometd = [PY, os.path.join(BIN, "cometd")]
+        cometd = [*tool("cometd")]
         db = os.path.join(self.tmp, "db")
         self.commands = {}
         if a.friends:
@@ -427,7 +409,7 @@ class Run:
         # floodtest's hold starts when its own connects finish, which can be
         # well before this script sees them all: keep the streams up meanwhile.
         flood_hold = a.hold + a.msg_duration + 60
-        flood_cmd = [PY, os.path.join(BIN, "floodtest"), "--port", str(port), "--n", str(n),
+        flood_cmd = [*tool("floodtest"), "--port", str(port), "--n", str(n),
                      "--rate", str(a.ramp_rate), "--duration", str(flood_hold),
                      "--source-ips", srcs, "--processes", str(a.client_processes),
                      "--interval", "3", "--rst-close", "--connect-timeout", "30",
@@ -459,7 +441,7 @@ class Run:
         self.watch("hold", lambda s: time.monotonic() >= hold_end, every=5)
         self.held = self.sample("held")
 
-        msg_cmd = [PY, os.path.join(BIN, "msggen"), "--url", f"http://127.0.0.1:{port}",
+        msg_cmd = [*tool("msggen"), "--url", f"http://127.0.0.1:{port}",
                    "--rate", str(a.msg_rate), "--duration", str(a.msg_duration),
                    "--users", str(n), "--concurrency", str(a.msg_concurrency), "--interval", "5",
                    "--json", os.path.join(self.tmp, "msggen.json")]
@@ -767,33 +749,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def memory_check(a: argparse.Namespace) -> tuple[bool, str]:
-    need = (a.connections * EST_BYTES_PER_CONN
-            + (a.edges + a.client_processes + 1) * EST_BYTES_PER_PROCESS + SAFETY_BYTES)
-    avail = meminfo()["MemAvailable"]
-    msg = (f"memory estimate: {a.connections:,} x {EST_BYTES_PER_CONN / 1024:.0f} KiB "
-           f"(server + client + kernel) + {a.edges + a.client_processes + 1} processes x "
-           f"{EST_BYTES_PER_PROCESS / 2**20:.0f} MiB + {SAFETY_BYTES / 2**30:.0f} GiB slack = "
-           f"{need / 2**30:.1f} GiB; MemAvailable {avail / 2**30:.1f} GiB")
-    return need <= avail, msg
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
-    ok, est = memory_check(a)
+    report = system_report(a)
+    memory = next(f for f in report.findings if f.limit == "memory")
     plan = (f"plan: {a.connections:,} connections, {a.edges} edges ({a.mode}), "
             f"{a.client_processes} floodtest processes, ramp {a.ramp_rate:g}/s "
             f"(~{a.connections / a.ramp_rate:.0f}s), hold {a.hold:g}s, then {a.msg_rate:g} msg/s "
             f"for {a.msg_duration:g}s; timeout {a.timeout:g}s; out {a.out}")
     log(plan)
-    log(est)
+    log(f"memory estimate (cometd check-system): {memory.need} needed, {memory.now}")
     if a.dry_run:
-        for k, v in SYSCTLS.items():
-            cur = read_sysctl(k)
-            log(f"  sysctl {k} = {v}   (now: {cur if cur is not None else 'absent, skipped'})")
+        for k, v in report.sysctls.items():
+            log(f"  sysctl {k} = {v}   (now: {read_sysctl(k)})")
         return 0
-    if not ok:
+    if not memory.ok:
         log("refusing to start: not enough free memory for this size "
             "(use fewer --connections)")
         return 2

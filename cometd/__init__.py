@@ -20,9 +20,9 @@ module names in order follows a message from ``POST /send`` to a socket:
 - :mod:`cometd.workers` — ``cometd --workers N``: one router and N edges, supervised.
 - :mod:`cometd.cli` — the ``cometd`` command line.
 
-Load tools: :mod:`cometd.floodtest` (many connections from one machine),
-:mod:`cometd.msggen` (messages at a fixed rate), :mod:`cometd.bench` (the
-benchmark harness with memory and CPU graphs).
+Load tools, in the :mod:`cometd.loadtest` subpackage (its graphs need the
+``loadtest`` extra): ``floodtest`` (many streams from one machine), ``msggen``
+(messages at a fixed rate) and the ``cometd-bench`` harness.
 """
 
 __version__ = "0.1.0"

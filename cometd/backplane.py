@@ -596,6 +596,7 @@ class EdgeBackend:
             "users_online": table.users_online,
             "deliveries": table.deliveries,
             "slow_consumers_dropped": table.slow_consumers_dropped,
+            "rejected": dict(table.rejected),
             "rss_bytes": self._process.memory_info().rss,
         }
         try:

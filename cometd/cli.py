@@ -3,8 +3,9 @@
 ``cometd`` with no subcommand runs the whole server in one process;
 ``cometd router`` and ``cometd edge`` run the scale-out parts, ``cometd
 --workers N`` a router and N edges; ``cometd config`` prints the effective
-configuration, ``cometd load FILE`` bulk-loads a friends file and ``cometd
-token USER`` mints a stream token. Every
+configuration, ``cometd load FILE`` bulk-loads a friends file, ``cometd
+token USER`` mints a stream token and ``cometd check-system`` says whether
+this machine can hold N connections. Every
 server flag is generated from :data:`cometd.config.OPTIONS`, so its default,
 range, help and ``COMETD_*`` variable are written once, there.
 """
@@ -94,8 +95,9 @@ def _flags(*keys: str):
     return apply
 
 
-_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout", "cors_origin",
-         "insecure")
+_HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout",
+         "max_connections", "max_streams_per_user", "max_streams_per_address",
+         "stream_rate_per_address", "cors_origin", "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 _AUTH = ("jwt_secret", "jwt_key", "jwt_audience", "jwt_issuer", "token_cookie", "api_key",
          "api_keys_file")
@@ -152,7 +154,10 @@ def cli(ctx: click.Context, **flags) -> None:
     With --jwt-secret or --jwt-key, a stream needs a token whose sub is its
     id (cometd token USER mints one); with those or --api-key, publishing,
     the subscription API and /stats need an API key (or the user's own
-    token for its own affairs). SIGINT or SIGTERM stops the server cleanly.
+    token for its own affairs). A new stream past a limit (--max-connections:
+    503; --max-streams-per-user, 10 by default, and the per-address ones:
+    429) is refused with Retry-After and counted in /stats. SIGINT or SIGTERM
+    stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
@@ -229,6 +234,74 @@ def token_command(user: str, ttl: int, **flags) -> None:
     except InvalidId as exc:
         raise Failure(str(exc), exit_code=2) from None
     click.echo(mint(auth.jwt_secret, user, ttl, auth.jwt_audience, auth.jwt_issuer))
+
+
+@cli.command("check-system")
+@click.option("--connections", "-n", type=click.IntRange(1, 100_000_000), required=True,
+              metavar="N", help="connections you plan to hold on this machine")
+@click.option("--mode", type=click.Choice(["pool", "greenlet"]), default="greenlet",
+              show_default=True, help="the --mode the server will run in")
+@click.option("--workers", type=click.IntRange(1, 1024), default=None, metavar="N",
+              help="edge processes you plan (default: as many as the open-file limit needs)")
+@click.option("--clients-here", is_flag=True,
+              help="the clients run on this machine too (a load test over loopback, as "
+                   "bench/c1m.py): twice the sockets, and client ports")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--apply", "do_apply", is_flag=True,
+              help="write the sysctl fixes (as root), then print what changed and how to undo it")
+@click.option("--proc-root", default="/proc", show_default=True, metavar="DIR",
+              help="read (and with --apply write) this /proc tree")
+@click.option("--sys-root", default="/sys", show_default=True, metavar="DIR",
+              help="read this /sys tree")
+def check_system_command(connections: int, mode: str, workers: int | None, clients_here: bool,
+                         as_json: bool, do_apply: bool, proc_root: str, sys_root: str) -> None:
+    """Say whether this machine can hold N connections, and what to change if not.
+
+    Reads the open-file limits, fs.file-max and fs.nr_open, somaxconn, the
+    local port range, tcp_mem, tcp_rmem and tcp_wmem, orphan and TIME_WAIT
+    limits, conntrack (if loaded) and memory; prints each with what N needs,
+    how many processes and how much memory N takes (from BENCHMARKS.md's
+    per-connection figures), which limit breaks first, and the sysctl and
+    ulimit lines that fix each shortfall. Changes nothing unless --apply is
+    given. Exits 0 when the machine can hold N, 1 when it cannot, 2 when
+    its limits cannot be read or --apply cannot write them.
+    """
+    import json
+
+    from cometd.syscheck import Plan, apply, check, read_system
+
+    report = check(read_system(proc_root, sys_root), Plan(connections, mode, workers,
+                                                          clients_here))
+    changed: list[tuple[str, str, str]] = []
+    if do_apply and report.errors:
+        click.echo(report.text(), nl=False)
+        raise Failure("not applied: some limits cannot be read (see above)", exit_code=2)
+    if do_apply and report.sysctls:
+        try:
+            changed = apply(report, proc_root)
+        except OSError as exc:
+            raise Failure(f"cannot write {exc.filename}: {exc.strerror} (nothing was "
+                          "changed; --apply needs root)", exit_code=2) from None
+    if as_json:
+        data = report.as_dict()
+        if do_apply:
+            data["applied"] = [{"sysctl": n, "previous": old, "value": new}
+                               for n, old, new in changed]
+        click.echo(json.dumps(data, indent=2))
+    else:
+        click.echo(report.text(), nl=False)
+        if changed:
+            click.echo("applied:")
+            for name, old, new in changed:
+                click.echo(f"  {name}: {old} -> {new}")
+            click.echo("to undo:")
+            for name, old, _ in reversed(changed):
+                click.echo(f'  sysctl -w {name}="{old}"')
+        elif do_apply:
+            click.echo("applied: nothing (no sysctl falls short)")
+    if report.errors:
+        sys.exit(2)
+    sys.exit(0 if report.ok else 1)
 
 
 @cli.command("load")

@@ -94,6 +94,22 @@ class HttpConfig:
         10.0, "seconds a client may take to send a whole request before it is closed (one that "
         "sends nothing waits in the kernel first, at no cost to the server, for about as long "
         "again)", flag="--request-timeout", kind=float, low=0.1, high=3600, metavar="SECONDS")
+    max_connections: int = _option(
+        0, "streams this process holds before it answers new ones 503 with Retry-After (0: "
+        "its open-file limit less 200, kept for other descriptors)", flag="--max-connections",
+        kind=int, low=0, high=100_000_000, metavar="N")
+    max_streams_per_user: int = _option(
+        10, "streams one id may hold in this process; one more is answered 429 (0: no limit)",
+        flag="--max-streams-per-user", kind=int, low=0, high=100_000_000, metavar="N")
+    max_streams_per_address: int = _option(
+        0, "streams one client address may hold; one more is answered 429 (0: no limit; "
+        "behind a proxy every client has the proxy's address)",
+        flag="--max-streams-per-address",
+        kind=int, low=0, high=100_000_000, metavar="N")
+    stream_rate_per_address: float = _option(
+        0.0, "new streams a second one client address may open (a second's worth at once); "
+        "faster is answered 429 with Retry-After (0: no limit)",
+        flag="--stream-rate-per-address", kind=float, low=0, high=1_000_000, metavar="PER_SECOND")
     reuse_port: bool = _option(False, "share --port with other edges on this machine "
                                "(SO_REUSEPORT)", flag="--reuse-port", kind=bool)
     cors_origin: tuple[str, ...] | None = _option(

@@ -97,7 +97,7 @@ class Connection:
 
     __slots__ = (
         "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
-        "expiry",
+        "expiry", "address",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -116,6 +116,8 @@ class Connection:
         self.closed = False
         #: the second its token expires under in the table's wheel, if it has one
         self.expiry: int | None = None
+        #: the client's address, if the table counts streams per address
+        self.address: str | None = None
 
     # -- both modes ------------------------------------------------------------
 
@@ -249,12 +251,16 @@ class ConnectionTable:
         self.max_pending = max_pending
         #: user id -> that user's connections
         self.users: dict[str, list[Connection]] = {}
+        #: client address -> its open streams (those adopted with an address)
+        self.addresses: dict[str, int] = {}
         self._index: OnlineIndex | None = None
         self._by_fd: dict[int, Connection] = {}
         #: messages written to connections
         self.deliveries = 0
         #: connections closed because they did not read fast enough
         self.slow_consumers_dropped = 0
+        #: reason -> new streams refused for it (see cometd.limits)
+        self.rejected: dict[str, int] = {}
         #: called with the user id after each login and logout (the backplane's presence)
         self.on_presence = None
         self._ending = False
@@ -292,13 +298,17 @@ class ConnectionTable:
         return len(self.users.get(user, ()))
 
     def adopt(self, sock: socket.socket, user: str, kind: int,
-              expires: float | None = None) -> Connection:
+              expires: float | None = None, address: str | None = None) -> Connection:
         """Take over a stream whose headers have been sent; the user logs in.
 
         *expires*: when its token stops being accepted (Unix time); the stream ends then.
+        *address*: the client's, counted in ``addresses`` while the stream is open.
         """
         sock.setblocking(False)
         conn = Connection(self, sock, user, kind)
+        if address is not None:
+            conn.address = address
+            self.addresses[address] = self.addresses.get(address, 0) + 1
         if expires is not None:
             conn.expiry = self._wheel.add(conn, expires)
             if self._sweeper is None:
@@ -319,6 +329,10 @@ class ConnectionTable:
     def _forget(self, conn: Connection) -> None:
         if self._by_fd.get(conn.fd) is conn:
             del self._by_fd[conn.fd]
+            if conn.address is not None:
+                left = self.addresses.pop(conn.address) - 1
+                if left:
+                    self.addresses[conn.address] = left
             try:
                 self._epoll.unregister(conn.fd)
             except (OSError, ValueError):

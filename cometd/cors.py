@@ -15,7 +15,8 @@ itself (204) before the app, so a preflight needs no credentials, as
 browsers send none with it. A stream's head is written by the server, not
 the app: both ways into a stream pass :meth:`stream_lines` (pywsgi's path,
 from the parsed ``Origin``) or :meth:`stream_lines_for` (the accept callback,
-from the request's bytes) to :func:`cometd.streamhttp.stream_head`. Every
+from the request's bytes) to :func:`cometd.streamhttp.stream_head`, and
+into a stream's refusal by the connection limits (:func:`with_lines`). Every
 answer is computed once per configured origin, so a response pays a dict
 lookup; with ``*`` alone none varies and the accept callback does not even
 look for the ``Origin``.
@@ -45,7 +46,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["CorsPolicy", "ALLOW_METHODS", "ALLOW_HEADERS", "MAX_AGE"]
+__all__ = ["CorsPolicy", "with_lines", "ALLOW_METHODS", "ALLOW_HEADERS", "MAX_AGE"]
 
 #: what a preflight may ask for: every method and request header of the API
 ALLOW_METHODS = "GET, POST, DELETE"
@@ -62,6 +63,12 @@ Headers = list[tuple[str, str]]
 
 def _lines(headers: Headers) -> str:
     return "".join(f"{name}: {value}\r\n" for name, value in headers)
+
+
+def with_lines(response: bytes, lines: str) -> bytes:
+    """A whole HTTP *response* (a stream's refusal) with header *lines* after its status line."""
+    end = response.index(b"\r\n") + 2
+    return response[:end] + lines.encode("latin-1") + response[end:]
 
 
 class CorsPolicy:

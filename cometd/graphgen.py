@@ -405,3 +405,7 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno as errnos
 import os
+import re
 import signal
 import socket
 import sys
@@ -35,7 +36,15 @@ from gevent.event import Event
 
 from cometd.config import Config, redacted, url_host
 
-__all__ = ["Server", "ListenError", "listener", "redis_problem"]
+__all__ = ["BANNER", "Server", "ListenError", "free_port", "listener", "redis_problem"]
+
+#: The address part of the ready line every role prints ("cometd: listening on
+#: http://H:P/ admin H:P ...", "cometd edge ID: listening on http://H:P/ ..."): groups
+#: host, port and, when the admin console listens, its host and port. IPv6 hosts
+#: come in brackets; the groups hold them without. Whatever waits for a server
+#: (tests, the bench harness) parses the banner with this.
+BANNER = re.compile(r"listening on http://\[?([\d.]+|[0-9a-f:]+)\]?:(\d+)/"
+                    r"(?: admin \[?([\d.]+|[0-9a-f:]+)\]?:(\d+))?")
 
 
 class ListenError(Exception):
@@ -46,6 +55,13 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> ListenError:
     # gevent's StreamServer puts the address into strerror; say it our way.
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return ListenError(f"cannot listen on {url_host(host)}:{port}: {reason}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now on *host* (the kernel's pick)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def listener(host: str, port: int, reuse_port: bool = False) -> gsocket.socket:
@@ -104,7 +120,8 @@ class Server:
                                                or self.config.auth.jwt_key))
         sock = listener(http.host, http.port, http.reuse_port)
         server = CometServer(sock, make_app(backend, auth), table,
-                             request_timeout=http.request_timeout, auth=auth, cors=cors)
+                             request_timeout=http.request_timeout, auth=auth, limits=http,
+                             cors=cors)
         server.start()
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive

@@ -14,6 +14,8 @@ connection, and so does a body not read to its end, so nothing after it is
 ever taken for a request. It also bounds what a client can make the server
 hold while reading a request: headers over 64 KiB get 431, and a request that
 has not arrived within ``request_timeout`` seconds (slowloris) is closed.
+Either way, a new stream is first admitted by :class:`cometd.limits.Admission`
+(per id, per address, rate, process-wide cap), which may answer 429 or 503.
 
 :class:`LocalBackend` is what the web app and the admin console call in a
 single-process server: the router for sends, the store for subscriptions.
@@ -22,6 +24,7 @@ single-process server: the router for sends, the store for subscriptions.
 from __future__ import annotations
 
 import _socket
+import errno
 import io
 import json
 import math
@@ -38,10 +41,11 @@ from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
 from cometd.auth import Authenticator, AuthError
-from cometd.config import AuthConfig
+from cometd.config import AuthConfig, HttpConfig
 from cometd.connections import ConnectionTable
-from cometd.cors import CorsPolicy
+from cometd.cors import CorsPolicy, with_lines
 from cometd.httprequest import RequestBody, RequestError, read_head
+from cometd.limits import Admission
 from cometd.loader import load_friends
 from cometd.router import Router
 from cometd.store import SubscriptionStore
@@ -116,8 +120,8 @@ class _DeadlineInput(io.RawIOBase):
 class CometHandler(WSGIHandler):
     """pywsgi's handler, with bounded headers and stream hand-off."""
 
-    #: (socket, user, kind, expires) once the request turned into a stream
-    stream: tuple[Any, str, int, float | None] | None = None
+    #: (socket, user, kind, expires, address) once the request turned into a stream
+    stream: tuple[Any, str, int, float | None, str] | None = None
 
     def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
@@ -224,18 +228,29 @@ class CometHandler(WSGIHandler):
             return
         user, kind, path, expires = target
         cors = self.server.cors
-        head = stream_head(user, kind, path, "" if cors is None else
-                           cors.stream_lines(self.environ.get("HTTP_ORIGIN")))
+        lines = "" if cors is None else cors.stream_lines(self.environ.get("HTTP_ORIGIN"))
+        head = stream_head(user, kind, path, lines)
         if self.command == "HEAD":
             # The stream's status line and headers, no content (RFC 9110 9.3.2),
             # and no stream: a raw one's head says the connection closes.
             self.socket.sendall(head[:head.index(b"\r\n\r\n") + 4])
             self.close_connection = self.close_connection or kind in (RAW, SSE_RAW)
             return
+        address = _host(self.client_address)
+        refused = self.server.admission.admit(user, address)
+        if refused is not None:
+            self.socket.sendall(with_lines(refused, lines) if lines else refused)
+            self.close_connection = True
+            return
         self.socket.sendall(head)
-        self.stream = (self.socket, user, kind, expires)
+        self.stream = (self.socket, user, kind, expires, address)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
+
+
+def _host(address: Any) -> str:
+    """The client's IP address from a peer address (an AF_UNIX peer's is the socket path)."""
+    return address[0] if isinstance(address, tuple) else str(address)
 
 
 class CometServer(WSGIServer):
@@ -249,7 +264,8 @@ class CometServer(WSGIServer):
 
     def __init__(self, listener, application, table: ConnectionTable,
                  request_timeout: float = 10.0, auth: Authenticator | None = None,
-                 cors: CorsPolicy | None = None, **kwargs: Any) -> None:
+                 limits: HttpConfig | None = None, cors: CorsPolicy | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(listener, application if cors is None else cors.wrap(application),
                          **kwargs)
         self.table = table
@@ -265,15 +281,23 @@ class CometServer(WSGIServer):
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
                                max(1, math.ceil(request_timeout)))
         self.loop_hub = gevent.get_hub()
-        # Stop accepting before the process runs out of descriptors (20,000
-        # here): a full process refuses new clients instead of failing.
+        # New streams past max_connections get 503 (cometd.limits), and it is
+        # at most the open-file limit less 200: the rest is headroom for
+        # requests in progress, the store, Redis and the refusals themselves.
+        limits = limits or HttpConfig()
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_connections = max(soft - 200, 16)
+        ceiling = max(soft - 200, 16)
+        self.max_connections = min(limits.max_connections or ceiling, ceiling)
+        self.admission = Admission(table, self.max_connections, limits.max_streams_per_user,
+                                   limits.max_streams_per_address,
+                                   limits.stream_rate_per_address)
         self._guard = None
 
-    def _watch_descriptors(self) -> None:
-        while self.table.connections >= self.max_connections - 100:
-            gevent.sleep(0.5)
+    def _out_of_descriptors(self) -> None:
+        # Should the headroom run out anyway, pause accepting rather than spin
+        # on EMFILE; pending clients wait in the listen queue meanwhile.
+        self.stop_accepting()
+        gevent.sleep(0.5)
         self._guard = None
         if not self.closed:
             self.start_accepting()
@@ -292,6 +316,11 @@ class CometServer(WSGIServer):
             try:
                 fd, address = listening._accept()
             except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE) or self._guard is not None:
+                    raise
+                self._guard = gevent.spawn(self._out_of_descriptors)
                 return None
             sock = _socket.socket(listening.family, _socket.SOCK_STREAM, 0, fd)
             try:
@@ -323,8 +352,19 @@ class CometServer(WSGIServer):
                     return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                           sock.detach()), address, _Unshown(first)
                 expires = identity.expires
-            head = stream_head(user, kind, path) if cors is None else stream_head(
-                user, kind, path, cors.stream_lines_for(first))
+            lines = "" if cors is None else cors.stream_lines_for(first)
+            host = address[0]
+            refused = self.admission.admit(user, host)
+            if refused is not None:
+                if lines:
+                    refused = with_lines(refused, lines)
+                try:
+                    sock.send(refused, _socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            head = stream_head(user, kind, path, lines)
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -332,7 +372,7 @@ class CometServer(WSGIServer):
             except OSError:
                 sock.close()
                 continue
-            conn = self._adopt(sock, user, kind, expires)
+            conn = self._adopt(sock, user, kind, expires, host)
             if sent < len(head):
                 conn.deliver(head[sent:])
         return None
@@ -344,18 +384,16 @@ class CometServer(WSGIServer):
         del handler
         if stream is None:
             return
-        gsock, user, kind, expires = stream
+        gsock, user, kind, expires, address = stream
         try:
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
-        self._adopt(raw, user, kind, expires)
+        self._adopt(raw, user, kind, expires, address)
 
-    def _adopt(self, sock: _socket.socket, user: str, kind: int, expires: float | None = None):
-        conn = self.table.adopt(sock, user, kind, expires)
-        if self.table.connections >= self.max_connections and self._guard is None:
-            self.stop_accepting()
-            self._guard = gevent.spawn(self._watch_descriptors)
+    def _adopt(self, sock: _socket.socket, user: str, kind: int, expires: float | None,
+               address: str):
+        conn = self.table.adopt(sock, user, kind, expires, address)
         if self.table.mode == "greenlet":
             # A fresh greenlet, not the handler's: the request's deep call
             # stack touched pages of that greenlet's frame stack that would
@@ -410,6 +448,7 @@ class LocalBackend:
             "messages_sent": self.router.messages_sent,
             "deliveries": self.table.deliveries,
             "slow_consumers_dropped": self.table.slow_consumers_dropped,
+            "rejected": dict(getattr(self.table, "rejected", {})),
             "rss_bytes": self._process.memory_info().rss,
             "mode": getattr(self.table, "mode", "router"),
         }

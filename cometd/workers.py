@@ -20,22 +20,15 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import cometd
 from cometd.config import CHILD_ENV, Config, redacted, to_json, url_host
-from cometd.lifecycle import redis_problem
+from cometd.lifecycle import free_port, redis_problem
 
 __all__ = ["supervise"]
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _child_env(config: Config) -> dict[str, str]:
@@ -72,8 +65,8 @@ def supervise(config: Config) -> int:
         print(f"cometd: error: Redis at {redacted(backplane.redis)} does not answer ({problem}); "
               "not starting", file=sys.stderr, flush=True)
         return 1
-    port = http.port or _free_port(http.host)
-    admin_port = admin.port or _free_port(admin.host)
+    port = http.port or free_port(http.host)
+    admin_port = admin.port or free_port(admin.host)
     config = dataclasses.replace(
         config, http=dataclasses.replace(http, port=port, reuse_port=True),
         admin=dataclasses.replace(admin, port=admin_port))

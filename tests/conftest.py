@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import pytest
 from tiers import *  # noqa: F403 -- the system marker and the fast tier's guard
 
+from cometd.lifecycle import BANNER, free_port
+from cometd.loadtest.chunked import Chunk, ChunkedDecoder
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMETD = os.path.join(ROOT, "bin", "cometd")
-# IPv6 addresses come in brackets (http://[::1]:8000/); the groups hold them without.
-_READY = re.compile(r"listening on http://\[?([\d.]+|[0-9a-f:]+)\]?:(\d+)/"
-                    r"(?: admin \[?([\d.]+|[0-9a-f:]+)\]?:(\d+))?")
 
 
 @dataclass
@@ -61,7 +61,7 @@ def start_server(db: str, *args: str, timeout: float = 20,
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
-            match = _READY.search(line)
+            match = BANNER.search(line)
             if match and not found:
                 found.append(match)
 
@@ -94,15 +94,6 @@ def server(tmp_path, mode):
 
 
 # -- scale-out: a real redis-server and router/edge processes ----------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the kernel's pick)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -245,31 +236,26 @@ def start_cometd(args: list[str], ready: str, timeout: float = 20,
 
 
 class ChunkParser:
-    """Incremental parser of HTTP/1.1 chunked framing: feed bytes, take whole payloads."""
+    """The payloads of a chunked body as they complete (cometd.loadtest.chunked decodes)."""
 
     def __init__(self) -> None:
-        self.buf = bytearray()
+        self.decoder = ChunkedDecoder()
         self.chunks: collections.deque[bytes] = collections.deque()
-        #: the zero-length last chunk arrived
-        self.ended = False
+
+    @property
+    def ended(self) -> bool:
+        """The zero-length last chunk arrived."""
+        return self.decoder.ended
+
+    @property
+    def buf(self) -> bytes:
+        """Bytes held for the next feed (a partial line or chunk); bytes after the end
+        raise FramingError instead."""
+        return self.decoder.buf
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
-        while not self.ended:
-            eol = self.buf.find(b"\r\n")
-            if eol < 0:
-                return
-            size = int(bytes(self.buf[:eol]).split(b";")[0], 16)  # ValueError: bad framing
-            end = eol + 2 + size
-            if len(self.buf) < end + 2:
-                return
-            if self.buf[end:end + 2] != b"\r\n":
-                raise ValueError(f"chunk of {size} bytes not followed by CRLF")
-            if size:
-                self.chunks.append(bytes(self.buf[eol + 2:end]))
-            else:
-                self.ended = True
-            del self.buf[:end + 2]
+        """Decode *data*; FramingError (a ValueError) on bad framing."""
+        self.chunks.extend(e.data for e in self.decoder.feed(data) if isinstance(e, Chunk))
 
 
 class StreamClient:

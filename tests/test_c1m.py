@@ -22,17 +22,26 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import c1m  # noqa: E402
 
 
-def test_dry_run_prints_the_plan_and_every_sysctl_and_changes_nothing(tmp_path):
-    before = {name: c1m.read_sysctl(name) for name in c1m.SYSCTLS}
-    proc = subprocess.run([sys.executable, C1M, "--dry-run", "--connections", "40000",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+def test_dry_run_prints_the_plan_and_check_systems_sysctls_and_changes_nothing(tmp_path):
+    from cometd.syscheck import SYSCTLS
+
+    before = {name: c1m.read_sysctl(name) for name in SYSCTLS
+              if name not in ("fs.file-nr", "net.netfilter.nf_conntrack_count")}
+    proc = subprocess.run([sys.executable, C1M, "--dry-run", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "plan: 40,000 connections, 3 edges (pool), 3 floodtest processes" in proc.stderr
-    for name, value in c1m.SYSCTLS.items():
-        now = before[name] if before[name] is not None else "absent, skipped"
-        assert f"sysctl {name} = {value}   (now: {now})" in proc.stderr, name
-    assert {name: c1m.read_sysctl(name) for name in c1m.SYSCTLS} == before
+    assert "plan: 1,000,000 connections, 52 edges (pool), 53 floodtest processes" in proc.stderr
+    # The sysctls are cometd check-system's for the same plan, and only those.
+    check = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "cometd"), "check-system",
+                            "--connections", "1000000", "--mode", "pool", "--workers", "52",
+                            "--clients-here", "--json"], capture_output=True, text=True,
+                           timeout=60)
+    wanted = json.loads(check.stdout)["sysctls"]
+    printed = [line for line in proc.stderr.splitlines() if line.startswith("c1m:   sysctl ")]
+    assert len(printed) == len(wanted)
+    for name, value in wanted.items():
+        assert f"sysctl {name} = {value}   (now: {before[name]})" in proc.stderr, name
+    assert {name: c1m.read_sysctl(name) for name in before} == before
     assert not (tmp_path / "out").exists()
 
 
@@ -43,7 +52,12 @@ IN_NAMESPACE = textwrap.dedent("""
     sys.path.insert(0, "bench")
     import c1m
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    snap = lambda: {k: c1m.read_sysctl(k) for k in c1m.SYSCTLS}
+    # The namespace's own sysctls, set short of what 300 connections need,
+    # so that check-system asks c1m to raise them.
+    c1m.write_sysctl("net.core.somaxconn", "128")
+    c1m.write_sysctl("net.ipv4.tcp_max_tw_buckets", "100")
+    names = ["net.core.somaxconn", "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_wmem"]
+    snap = lambda: {k: c1m.read_sysctl(k) for k in names}
     before, seen = snap(), {}
     run = subprocess.Popen([sys.executable, "bench/c1m.py", *sys.argv[1:]],
                            stdout=subprocess.DEVNULL, stderr=open(sys.argv[-1] + ".log", "w"))
@@ -75,9 +89,10 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     # Every sysctl it could set was set during the run and is back afterwards.
     assert got["after"] == got["before"], log
     res = json.loads((out / "c1m.json").read_text())
-    assert res["sysctls"], log
+    # check-system's answer for 300 connections here: 4096 and 2 x 300 rounded up
+    assert res["sysctls"] == {"net.core.somaxconn": "4096",
+                              "net.ipv4.tcp_max_tw_buckets": "100000"}, log
     for name, value in res["sysctls"].items():
-        assert value == c1m.SYSCTLS[name]
         assert value in got["seen"][name], (name, got["seen"][name])
         assert res["sysctls_previous"][name] == got["before"][name]
     assert "restored" in log

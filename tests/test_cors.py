@@ -15,7 +15,14 @@ import threading
 import time
 
 import pytest
-from conftest import StreamClient, http_request, start_cometd, start_server
+from conftest import (
+    StreamClient,
+    get_stats,
+    http_request,
+    start_cometd,
+    start_server,
+    wait_for,
+)
 from test_workers import kill_leftovers, strays
 
 from cometd.config import ConfigError, from_json, load, to_json, to_toml
@@ -427,3 +434,26 @@ def test_a_browser_stream_with_its_token_in_a_cookie(tmp_path):
         srv.stop()
         pages.shutdown()
         pages.server_close()
+
+
+def test_a_stream_refused_by_the_limits_carries_the_headers(tmp_path, mode):
+    srv = start_server(str(tmp_path / "db"), "--mode", mode, "--cors-origin", APP,
+                       "--max-streams-per-user", "1")
+    try:
+        with open_stream(srv, "GET /test/u1 HTTP/1.1\r\nHost: x\r\n\r\n") as first:
+            first.chunk()
+            wait_for(lambda: get_stats(srv)["connections"] == 1, 10, what="the first stream")
+            for way, request in stream_requests(srv, APP).items():
+                if "head" in way:
+                    continue  # a HEAD opens no stream, so no limit refuses it
+                refused = open_stream(srv, request)
+                try:
+                    assert refused.status == 429, way
+                    assert cors_headers(refused.headers) == allowed(APP), (way, refused.headers)
+                finally:
+                    refused.close()
+            refused = open_stream(srv, stream_requests(srv, EVIL)["fast sse"])
+            assert refused.status == 429 and cors_headers(refused.headers) == {}
+            refused.close()
+    finally:
+        srv.stop()

@@ -18,9 +18,12 @@ import sys
 
 import pytest
 
-from cometd import bench
+from cometd.loadtest.idle import _ramp_rate
+from cometd.loadtest.report import fmt, machine_info, machine_lines
+from cometd.loadtest.sampling import kernel_counters
+from cometd.loadtest.servers import nchan_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "bin", "cometd-bench")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -61,7 +64,7 @@ MAX_RSS_PER_CONN = {"greenlet": 8.5 * 1024, "pool": 1.5 * 1024}
 
 def test_idle_small(tmp_path):
     out = tmp_path / "idle"
-    nchan = bench.nchan_available() is not None
+    nchan = nchan_available() is not None
     # Paced so the ramp spans several polls: unpaced, 2,000 connections can all
     # be there by the first, and the server-side ramp rate is then unknown.
     proc = run_bench("idle", "--n", str(IDLE_N), "--modes", "greenlet,pool",
@@ -97,7 +100,7 @@ def test_idle_small(tmp_path):
         assert "nchan skipped: not installed" in report
     for server, r in results.items():
         assert f"**{r['rss_per_conn'] / 1024:.2f}**" in report, server
-        assert f"| {bench._fmt(r['ramp_rate_first_last'], 0)} / " in report, server
+        assert f"| {fmt(r['ramp_rate_first_last'], 0)} / " in report, server
     graphs = ["idle-rss.png", "idle-kernel.png", "idle-ramp.png"]
     for g in graphs:
         assert f"]({g})" in report
@@ -163,12 +166,12 @@ def test_bad_modes_are_refused(tmp_path):
 def test_ramp_rate_interpolates_between_polls():
     # 0 -> 1000 connections in 1 s, polled every 0.25 s, on top of 5 already there
     points = [(10.0 + 0.25 * i, 5 + min(1000, 250 * i)) for i in range(8)]
-    assert bench._ramp_rate(points, 1000, 5) == pytest.approx(1000.0)
-    assert bench._ramp_rate(points[:2], 1000, 5) is None
+    assert _ramp_rate(points, 1000, 5) == pytest.approx(1000.0)
+    assert _ramp_rate(points[:2], 1000, 5) is None
 
 
 def test_kernel_counters_are_read():
-    k = bench.kernel_counters()
+    k = kernel_counters()
     assert k["slab"] > 0
     assert k["tcp_inuse"] >= 0 and k["tcp_mem"] >= 0
 
@@ -189,5 +192,5 @@ def test_report_names_nginx_only_when_nchan_ran_and_says_where_baselines_come_fr
     nginx = tmp_path / "nginx"
     nginx.write_text("#!/bin/sh\necho 'nginx version: nginx/1.99.9' >&2\n")
     nginx.chmod(0o755)
-    lines = bench.machine_lines(bench.machine_info(str(nginx)))
+    lines = machine_lines(machine_info(str(nginx)))
     assert "- Python " in lines[2] and lines[2].endswith(", nginx nginx/1.99.9"), lines

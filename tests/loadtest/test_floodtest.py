@@ -16,7 +16,7 @@ What the stand-in does:
 - ``GET /stats`` -> JSON: stream peers by source address and by server port, POST
   counts by subject and body size, how many bodies started with ``ts=``.
 
-Run it by hand with ``python tests/test_floodtest.py --port 8000 --tick 1``.
+Run it by hand with ``python tests/loadtest/test_floodtest.py --port 8000 --tick 1``.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FLOODTEST = ROOT / "bin" / "floodtest"
 
 
 # --------------------------------------------------------------------------------------
-# Protocol stand-in server (runs in its own process: python tests/test_floodtest.py ...)
+# Protocol stand-in server (runs in its own process: python tests/loadtest/test_floodtest.py ...)
 # --------------------------------------------------------------------------------------
 
 
@@ -150,7 +150,7 @@ def _standin_main() -> None:
 
 
 class StandIn:
-    """A running stand-in server process (also used by tests/test_msggen.py)."""
+    """A running stand-in server process (also used by tests/loadtest/test_msggen.py)."""
 
     def __init__(self, *args: str, nports: int = 1) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve())]
@@ -327,7 +327,7 @@ def test_client_memory_per_connection(tmp_path):
 
 
 def test_parser_handles_any_split():
-    from cometd.floodtest import FloodConfig, _Conn, _Worker
+    from cometd.loadtest.floodtest import _HEADERS, FloodConfig, _Conn, _Worker
 
     now = time.time()
     chunks = [b"Welcome, Url: '/test/7' Id: 7\n"] + [
@@ -338,7 +338,7 @@ def test_parser_handles_any_split():
     for step in (1, 2, 3, 7, 31, len(wire)):
         w = _Worker(FloodConfig(servers=[("127.0.0.1", 1)]), 0, 1, 0.0, 0.0)
         c = _Conn(None, b"", 0.0)
-        c.state = 1  # _HEADERS
+        c.phase = _HEADERS
         w.conns[5] = c
         w.open = 1
         for i in range(0, len(wire), step):
@@ -349,7 +349,7 @@ def test_parser_handles_any_split():
 
 
 def test_latency_histogram():
-    from cometd.floodtest import LatencyHistogram
+    from cometd.loadtest.common import LatencyHistogram
 
     h = LatencyHistogram()
     for ms in range(1, 1001):
@@ -364,7 +364,7 @@ def test_latency_histogram():
 
 
 def test_source_ip_parsing():
-    from cometd.floodtest import parse_server, parse_source_ips
+    from cometd.loadtest.floodtest import parse_server, parse_source_ips
 
     assert parse_source_ips("127.0.1.1-127.0.1.3") == ["127.0.1.1", "127.0.1.2", "127.0.1.3"]
     assert parse_source_ips("127.0.1.1-3,127.0.0.9") == [

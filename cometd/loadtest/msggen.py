@@ -3,7 +3,7 @@
 Every message is a ``POST /send/<subject>`` through the HTTP API, where the
 subject is drawn from ``1..--users`` (uniformly, or Zipf-skewed with ``--zipf S``
 so that user ``k`` is picked with weight ``1/k**S``). The body carries its send
-time so that :mod:`cometd.floodtest` can time delivery::
+time so that :mod:`cometd.loadtest.floodtest` can time delivery::
 
     ts=1764140000.123456;from=42;seq=17;xxxxxxxx...
 
@@ -46,7 +46,7 @@ import gevent
 import numpy as np
 from gevent import socket
 
-from cometd.floodtest import LatencyHistogram, check_loopback, finish
+from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
 
 __all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "run", "main"]
 

@@ -1,6 +1,6 @@
 """Tests for bin/msggen, run as a real subprocess against the protocol stand-in.
 
-The stand-in HTTP server lives in tests/test_floodtest.py (see its docstring);
+The stand-in HTTP server lives in tests/loadtest/test_floodtest.py (see its docstring);
 it is loaded here by path so both files share one stand-in. It counts every
 POST by subject and body size, so the tests check what actually went over the
 wire, not just what msggen says it sent.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import get_stats, http_json, start_server, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MSGGEN = ROOT / "bin" / "msggen"
 FLOODTEST = ROOT / "bin" / "floodtest"
 
@@ -173,7 +173,7 @@ def test_end_to_end_with_floodtest(tmp_path):
 
 
 def test_make_body_contract():
-    from cometd.msggen import SubjectSampler, make_body
+    from cometd.loadtest.msggen import SubjectSampler, make_body
 
     body = make_body(42, 17, 64, now=1764140000.1234567)
     assert body.startswith(b"ts=1764140000.123457;from=42;seq=17;") and len(body) == 64

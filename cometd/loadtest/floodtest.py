@@ -8,7 +8,7 @@ at ``--rate`` connections per second (ids ``--first-id`` upward), holds them for
 exits (a hard ``--timeout`` bounds every run). While it runs it prints
 the counters ``Open``, ``Closed``, ``Chunks`` and ``Bytes`` (plus connect errors
 and the delivery latency of messages whose body starts with ``ts=<send time>;``,
-as published by :mod:`cometd.msggen`) every ``--interval`` seconds, and a
+as published by :mod:`cometd.loadtest.msggen`) every ``--interval`` seconds, and a
 summary at the end (``--json FILE`` writes it for tools).
 
 Only loopback addresses (127.0.0.0/8) may be used, as targets and as sources.
@@ -75,12 +75,13 @@ from dataclasses import dataclass, field
 
 import click
 
+from cometd.loadtest.chunked import ChunkedDecoder, End, FramingError
+from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
+
 __all__ = [
-    "LatencyHistogram",
     "FloodConfig",
     "parse_source_ips",
     "parse_server",
-    "check_loopback",
     "default_processes",
     "run",
     "main",
@@ -91,125 +92,11 @@ __all__ = [
 PER_PROCESS_CONNECTIONS = 19000
 _FD_HEADROOM = 64
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
-
-
-# --------------------------------------------------------------------------------------
-# Latency histogram (shared with cometd.msggen)
-# --------------------------------------------------------------------------------------
-
-
-class LatencyHistogram:
-    """A fixed-size histogram of durations with log-spaced buckets (2% wide).
-
-    Bucket 0 holds everything below 1 microsecond; bucket ``i >= 1`` holds
-    ``[e**((i-1)/K), e**(i/K))`` microseconds with ``K = 1/ln(1.02)``, up to
-    about 1000 s (longer values land in the last bucket). Percentiles are
-    therefore accurate to ~2%; the maximum is tracked exactly. Memory is
-    constant (~1100 ints) however many values are recorded.
-    """
-
-    _K = 1.0 / math.log(1.02)
-    NBUCKETS = int(math.log(1e9) * _K) + 2
-
-    __slots__ = ("counts", "count", "max")
-
-    def __init__(self) -> None:
-        self.counts = [0] * self.NBUCKETS
-        self.count = 0
-        self.max = 0.0
-
-    @classmethod
-    def bucket(cls, seconds: float) -> int:
-        """Return the bucket index for a duration in seconds."""
-        us = seconds * 1e6
-        if us < 1.0:
-            return 0
-        return min(cls.NBUCKETS - 1, 1 + int(math.log(us) * cls._K))
-
-    def record(self, seconds: float) -> None:
-        """Add one duration (negative values, from clock rounding, count as 0)."""
-        if seconds < 0.0:
-            seconds = 0.0
-        self.counts[self.bucket(seconds)] += 1
-        self.count += 1
-        if seconds > self.max:
-            self.max = seconds
-
-    def merge_sparse(self, sparse: dict, max_seconds: float) -> None:
-        """Add a ``{bucket: count}`` mapping (keys may be str, as after JSON)."""
-        for idx, n in sparse.items():
-            self.counts[int(idx)] += n
-            self.count += n
-        if max_seconds > self.max:
-            self.max = max_seconds
-
-    def drain(self) -> tuple[dict[int, int], float]:
-        """Return ``({bucket: count}, max)`` for the non-empty buckets and reset."""
-        sparse = {i: n for i, n in enumerate(self.counts) if n}
-        mx = self.max
-        self.reset()
-        return sparse, mx
-
-    def reset(self) -> None:
-        """Forget everything recorded so far."""
-        self.counts = [0] * self.NBUCKETS
-        self.count = 0
-        self.max = 0.0
-
-    def percentile(self, q: float) -> float:
-        """Return the *q*-quantile (0 < q <= 1) in seconds; 0.0 if empty."""
-        if not self.count:
-            return 0.0
-        rank = max(1, math.ceil(q * self.count))
-        seen = 0
-        for idx, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank:
-                if idx == 0:
-                    return 0.0
-                mid_us = math.exp((idx - 0.5) / self._K)
-                return min(mid_us / 1e6, self.max)
-        return self.max
-
-    def summary_ms(self) -> dict[str, float | int]:
-        """Return ``{"count", "p50", "p99", "max"}`` with times in milliseconds."""
-        return {
-            "count": self.count,
-            "p50": round(self.percentile(0.50) * 1e3, 3),
-            "p99": round(self.percentile(0.99) * 1e3, 3),
-            "max": round(self.max * 1e3, 3),
-        }
 
 
 # --------------------------------------------------------------------------------------
 # Configuration and address checks
 # --------------------------------------------------------------------------------------
-
-
-def check_loopback(host: str, what: str = "address") -> str:
-    """Resolve *host* to an IPv4 address and return it if it is in 127.0.0.0/8.
-
-    Raises :class:`ValueError` with a readable message otherwise: the load tools
-    must never be pointed at (or send from) another machine.
-    """
-    try:
-        ip = ipaddress.IPv4Address(host)
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            raise ValueError(f"{what} {host!r}: cannot resolve ({e.strerror})") from None
-        ips = {ipaddress.IPv4Address(info[4][0]) for info in infos}
-        if not ips or any(a not in _LOOPBACK for a in ips):
-            shown = ", ".join(sorted(map(str, ips)))
-            raise ValueError(
-                f"{what} {host!r} resolves to {shown}: only loopback (127.0.0.0/8) is allowed"
-            ) from None
-        ip = min(ips)
-    if ip not in _LOOPBACK:
-        raise ValueError(f"{what} {host}: only loopback addresses (127.0.0.0/8) are allowed")
-    return str(ip)
 
 
 def parse_server(spec: str, default_port: int = 8000) -> tuple[str, int]:
@@ -296,28 +183,31 @@ class FloodConfig:
 # Worker: one epoll loop per process
 # --------------------------------------------------------------------------------------
 
-_CONNECTING, _HEADERS, _SIZE, _BODY, _RAW = range(5)
+_CONNECTING, _HEADERS, _STREAM, _RAW = range(4)
 _HEAD_MAX = 32  # payload bytes kept to recognise "ts=<float>;" / "Welcome"
 _MAX_LINE = 16384
 
 
-class _Conn:
-    """Per-connection state. Slots are reused by state to stay small:
+class _Conn(ChunkedDecoder):
+    """Per-connection state: the socket, the phase and, while streaming, the decoder.
+
+    Five slots in all; the decoder's are reused by phase before it starts:
 
     - ``_CONNECTING``: ``buf`` = the request to send, ``left`` = connect deadline.
-    - ``_HEADERS`` / ``_SIZE``: ``buf`` = partial header block / size line.
-    - ``_BODY``: ``left`` = bytes of chunk payload + CRLF still to skip,
-      ``need`` = payload-head bytes still wanted, ``buf`` = payload head so far.
+    - ``_HEADERS``: ``buf`` = partial header block.
+    - ``_STREAM``: the chunked decoder's own ``state``, ``buf``, ``left`` (it keeps
+      only each payload's first ``_HEAD_MAX`` bytes).
+    - ``_RAW``: a response that is not chunked; its bytes are counted, not parsed.
     """
 
-    __slots__ = ("sock", "state", "buf", "left", "need")
+    __slots__ = ("sock", "phase")
+    keep = _HEAD_MAX
 
     def __init__(self, sock: socket.socket, request: bytes, deadline: float) -> None:
         self.sock = sock
-        self.state = _CONNECTING
+        self.phase = _CONNECTING
         self.buf = request
         self.left = deadline
-        self.need = 0
 
 
 def _rss_kb() -> int:
@@ -432,14 +322,14 @@ class _Worker:
         if self.first_open is None:
             self.first_open = now
         self.last_open = now
-        c.state = _HEADERS
+        c.phase = _HEADERS
         c.buf = b""
         c.left = 0
         self.ep.modify(fd, select.EPOLLIN)
 
     def _expire_connects(self, now: float) -> None:
         late = [
-            fd for fd, c in self.conns.items() if c.state == _CONNECTING and c.left <= now
+            fd for fd, c in self.conns.items() if c.phase == _CONNECTING and c.left <= now
         ]
         for fd in late:
             self._connect_failed(fd, self.conns[fd], errno.ETIMEDOUT)
@@ -450,7 +340,7 @@ class _Worker:
         """Forget an established connection that ended during the run."""
         del self.conns[fd]
         self.open -= 1
-        if c.state in (_SIZE, _BODY, _RAW):
+        if c.phase in (_STREAM, _RAW):
             self.streaming -= 1
         self.closed += 1
         c.sock.close()
@@ -485,76 +375,44 @@ class _Worker:
 
     def _feed(self, fd: int, c: _Conn, data: bytes, now: float) -> None:
         """Advance the HTTP response parser of *c* over *data* (any split is fine)."""
-        if c.buf and c.state != _BODY:
-            data = c.buf + data
-            c.buf = b""
-        pos, end = 0, len(data)
-        while pos < end:
-            st = c.state
-            if st == _BODY:
-                left = c.left
-                take = left if left <= end - pos else end - pos
-                need = c.need
-                if need:
-                    piece = data[pos : pos + (need if need < take else take)]
-                    c.buf += piece
-                    need -= len(piece)
-                    c.need = need
-                    if not need:
-                        self._head(c.buf, now)
-                        c.buf = b""
-                pos += take
-                left -= take
-                c.left = left
-                if not left:
-                    self.chunks += 1
-                    c.state = _SIZE
-            elif st == _SIZE:
-                nl = data.find(b"\n", pos)
-                if nl < 0:
-                    if end - pos > _MAX_LINE:
-                        self._protocol_error(fd, c)
-                        return
-                    c.buf = data[pos:]
-                    return
-                line = data[pos:nl]
-                pos = nl + 1
-                semi = line.find(b";")
-                if semi >= 0:
-                    line = line[:semi]
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    size = int(line, 16)
-                except ValueError:
+        phase = c.phase
+        if phase != _STREAM:
+            if phase != _HEADERS:  # _RAW: bytes are counted, nothing else to find
+                return
+            if c.buf:
+                data = c.buf + data
+                c.buf = b""
+            idx = data.find(b"\r\n\r\n")
+            if idx < 0:
+                if len(data) > _MAX_LINE:
                     self._protocol_error(fd, c)
                     return
-                if size <= 0:  # last-chunk: the server ended the stream
-                    self._drop(fd, c)
-                    return
-                c.left = size + 2
-                c.need = size if size < _HEAD_MAX else _HEAD_MAX
-                c.state = _BODY
-            elif st == _HEADERS:
-                idx = data.find(b"\r\n\r\n", pos)
-                if idx < 0:
-                    if end - pos > _MAX_LINE:
-                        self._protocol_error(fd, c)
-                        return
-                    c.buf = data[pos:]
-                    return
-                block = data[pos:idx]
-                pos = idx + 4
-                status = block.split(b"\r\n", 1)[0].split(None, 2)
-                if len(status) < 2 or status[1] != b"200":
-                    self.http_errors += 1
-                    self._drop(fd, c)
-                    return
-                self.streaming += 1
-                c.state = _SIZE if b"chunked" in block.lower() else _RAW
-            else:  # _RAW: not chunked; bytes are counted, nothing else to find
+                c.buf = data
                 return
+            block = data[:idx]
+            status = block.split(b"\r\n", 1)[0].split(None, 2)
+            if len(status) < 2 or status[1] != b"200":
+                self.http_errors += 1
+                self._drop(fd, c)
+                return
+            self.streaming += 1
+            if b"chunked" not in block.lower():
+                c.phase = _RAW
+                return
+            c.phase = _STREAM
+            c.reset()
+            data = data[idx + 4:]
+        try:
+            events = c.feed(data)
+        except FramingError:
+            self._protocol_error(fd, c)
+            return
+        for event in events:
+            if event.__class__ is End:  # the server ended the stream
+                self._drop(fd, c)
+                return
+            self.chunks += 1
+            self._head(event.data, now)
 
     def _protocol_error(self, fd: int, c: _Conn) -> None:
         self.protocol_errors += 1
@@ -676,7 +534,7 @@ class _Worker:
                 c = conns.get(fd)
                 if c is None:
                     continue
-                if c.state == _CONNECTING:
+                if c.phase == _CONNECTING:
                     self._on_connect(fd, c, time.monotonic())
                 else:
                     self._on_readable(fd, c)
@@ -1084,19 +942,6 @@ def main(host, port, servers, n, rate, duration, first_id, source_ips, processes
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     finish(run(cfg), json_path)
-
-
-def finish(summary: dict, json_path: str | None) -> None:
-    """Write the summary as JSON (to a file, or stdout for '-'); exit 3 if timed out."""
-    if json_path:
-        text = json.dumps(summary, indent=2) + "\n"
-        if json_path == "-":
-            sys.stdout.write(text)
-        else:
-            with open(json_path, "w") as f:
-                f.write(text)
-    if summary["timed_out"]:
-        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""The package as a user installs it: `pip install .` into a fresh virtualenv.
+
+The plain install carries only what the server needs (no matplotlib); with the
+``loadtest`` extra, every command runs from the installed package, outside the
+checkout. pip resolves the dependencies from its index or cache (bin/dev's pip
+configuration), so this needs no more than the first `bin/dev test` did.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+COMMANDS = ["cometd", "genfriends", "floodtest", "msggen", "cometd-bench"]
+
+
+def _run(argv: list[str], cwd: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    # No PYTHONPATH: what runs must come from the virtualenv, not from this checkout.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_plain_install_leaves_out_the_load_tools_extras_and_loadtest_brings_them(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py, bindir = str(venv / "bin" / "python"), venv / "bin"
+
+    done = _run([py, "-m", "pip", "install", "-q", ROOT], cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert _run([py, "-m", "pip", "show", "matplotlib"], cwd=str(tmp_path)).returncode != 0
+    assert _run([py, "-c", "import networkx"], cwd=str(tmp_path)).returncode != 0
+    server = _run([py, "-m", "cometd", "--help"], cwd=str(tmp_path))
+    assert server.returncode == 0 and "Usage: cometd" in server.stdout, server.stderr
+
+    done = _run([py, "-m", "pip", "install", "-q", f"{ROOT}[loadtest]"], cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    shown = _run([py, "-m", "pip", "show", "matplotlib"], cwd=str(tmp_path))
+    assert shown.returncode == 0 and "Name: matplotlib" in shown.stdout
+    where = _run([py, "-c", "import cometd.loadtest.servers as s; print(s.__file__); "
+                  "print(s.NCHAN_TEMPLATE.exists())"], cwd=str(tmp_path))
+    assert where.stdout.split() == [
+        str(venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+            / "cometd" / "loadtest" / "servers.py"), "True"], where
+    for name in COMMANDS:
+        proc = _run([str(bindir / name), "--help"], cwd=str(tmp_path))
+        assert proc.returncode == 0 and f"Usage: {name}" in proc.stdout, (name, proc.stderr)
