@@ -47,14 +47,15 @@ only give the console to operators.
 from __future__ import annotations
 
 import hmac
+import logging
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import gevent
 from gevent.server import StreamServer
 
+from cometd import log
 from cometd.ids import InvalidId, check_id
 from cometd.loader import LoadError
 from cometd.store import SelfSubscription, check_pair
@@ -284,7 +285,8 @@ class AdminConsole(StreamServer):
         except (CommandError, InvalidId, SelfSubscription, LoadError) as exc:
             return ["ERR " + _one_line(str(exc))]
         except Exception as exc:  # noqa: BLE001 - a backend fault must not end the session
-            print(f"cometd admin: {name} failed: {exc!r}", file=sys.stderr, flush=True)
+            log.event("admin_command_failed", f"admin command {name} failed: "
+                      f"{type(exc).__name__}", logging.ERROR, command=name)
             return ["ERR " + _one_line(f"internal error: {type(exc).__name__}: {exc}")]
 
     @staticmethod

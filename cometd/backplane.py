@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import socket
 import time
@@ -65,7 +66,15 @@ import psutil
 import redis
 from gevent.event import AsyncResult, Event
 
+from cometd import log
 from cometd.connections import ConnectionTable
+from cometd.metrics import (
+    BACKPLANE_BATCH,
+    FANOUT_SIZE,
+    PUBLISH_TO_WRITE,
+    REDIS_RTT,
+    exposition,
+)
 from cometd.online import OnlineIndex, yield_to_hub
 from cometd.streamhttp import Message
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
@@ -81,6 +90,9 @@ CONTROL = "cometd:control"
 EDGE_TIMEOUT = 3.0
 EXPIRE_EVERY = 0.5  # how often the router looks for dead and silent edges
 HEARTBEAT = 1.0
+# An edge whose heartbeats no router has heard for this long is not ready
+# (/readyz): a heartbeat a second, so a lost router shows within ~2-3 s.
+ROUTER_LOST = 2.0
 PRESENCE_BATCH = 0.1
 CALL_TIMEOUT = 5.0
 RETRY = 0.5
@@ -260,10 +272,14 @@ class Presence:
         pipe = self.client.pipeline(transaction=False)
         for edge, entries in outbox.items():
             pipe.publish(EDGE.format(edge), encode_batch(entries))
+            BACKPLANE_BATCH.labels("delivery").observe(len(entries))
+        start = time.perf_counter()
         try:
             listeners = pipe.execute()
         except redis.RedisError:
             listeners = [0] * len(outbox)
+        else:
+            REDIS_RTT.labels("publish").observe(time.perf_counter() - start)
         return dict(zip(outbox, listeners, strict=True))
 
     @property
@@ -290,6 +306,8 @@ class RouterLink:
         self._greenlets: list[gevent.Greenlet] = []
         self._client = redis.Redis.from_url(url)
         self._replies = _Batches(self._publish_replies)
+        #: calls answered, by operation
+        self.calls: dict[str, int] = {}
 
     def start(self) -> None:
         self._greenlets = [
@@ -380,6 +398,7 @@ class RouterLink:
                 if item is None:
                     continue
                 calls = [item[1], *(client.lpop(REQUESTS, CALL_BATCH - 1) or ())]
+                BACKPLANE_BATCH.labels("calls_popped").observe(len(calls))
                 for call in calls:
                     gevent.spawn(self._answer, json.loads(call))
         except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -405,6 +424,7 @@ class RouterLink:
 
     def _call(self, op: str, args: list[Any]) -> Any:
         b = self.backend
+        self.calls[op] = self.calls.get(op, 0) + 1
         if op == "send":
             return b.send(args[0], args[1].encode("latin-1"))
         if op in ("add", "remove"):
@@ -436,7 +456,28 @@ class EdgeLink:
         self._requests = _Batches(self._push_requests)
         #: set while this edge listens for replies (and deliveries)
         self._listening = Event()
+        #: monotonic time a router last heard this edge's presence (0: never)
+        self.router_heard = 0.0
+        #: calls made, by operation
+        self.calls: dict[str, int] = {}
+        self._router_said: bool | None = None  # what the log last said
         table.on_presence = self._presence_changed
+
+    def _say_router(self, heard: bool) -> None:
+        # One line per change, not per heartbeat.
+        if heard == self._router_said:
+            return
+        if heard:
+            log.event("router_found", "the router hears this edge")
+        elif self._router_said:
+            log.event("router_lost", "no router heard this edge's heartbeat; sends and "
+                      "subscription calls get 503 until one does", logging.WARNING)
+        self._router_said = heard
+
+    def router_ok(self) -> bool:
+        """Whether Redis and a router heard this edge's last heartbeats (see ROUTER_LOST)."""
+        return (self._listening.is_set()
+                and time.monotonic() - self.router_heard < ROUTER_LOST)
 
     def start(self) -> None:
         self._greenlets = [
@@ -457,7 +498,10 @@ class EdgeLink:
         self._changed.clear()
         heard = self.client.publish(
             PRESENCE, json.dumps({"edge": self.edge_id, "snapshot": counts}))
-        if not heard:
+        if heard:
+            self.router_heard = time.monotonic()
+            self._say_router(True)
+        else:
             self._changed.update(counts)  # no router listening yet: report them as changes
 
     def _listen(self) -> None:
@@ -477,8 +521,13 @@ class EdgeLink:
                     if waiter is not None:
                         waiter.set(reply)
                 else:
-                    for message, users in decode_batch(item["data"]):
-                        self.table.deliver(users, message)
+                    entries = decode_batch(item["data"])
+                    BACKPLANE_BATCH.labels("delivery").observe(len(entries))
+                    for message, users in entries:
+                        start = time.perf_counter()
+                        delivered = self.table.deliver(users, message)
+                        PUBLISH_TO_WRITE.observe(time.perf_counter() - start)
+                        FANOUT_SIZE.observe(delivered)
         finally:
             self._listening.clear()
 
@@ -512,8 +561,9 @@ class EdgeLink:
         except (redis.ConnectionError, redis.TimeoutError):
             heard = 0
         if heard:
-            self._last_report = time.monotonic()
-        else:
+            self._last_report = self.router_heard = time.monotonic()
+        self._say_router(bool(heard))
+        if not heard:
             # Redis is down, or the router is not subscribed (restarting, or
             # still re-subscribing after Redis came back): the next heartbeat
             # reports these changes again rather than lose them.
@@ -527,6 +577,7 @@ class EdgeLink:
         deadline = time.monotonic() + CALL_TIMEOUT
         if not self._listening.wait(CALL_TIMEOUT):
             raise BackplaneUnavailable("the router is not reachable; try again")
+        self.calls[op] = self.calls.get(op, 0) + 1
         call_id = next(self._ids)
         waiter = AsyncResult()
         self._pending[call_id] = waiter
@@ -544,8 +595,11 @@ class EdgeLink:
         return reply["result"]
 
     def _push_requests(self, batch: list[tuple[str, AsyncResult]]) -> None:
+        BACKPLANE_BATCH.labels("calls_pushed").observe(len(batch))
+        start = time.perf_counter()
         try:
             self.client.rpush(REQUESTS, *(request for request, _ in batch))
+            REDIS_RTT.labels("rpush").observe(time.perf_counter() - start)
         except redis.RedisError:
             for _, waiter in batch:
                 waiter.set_exception(
@@ -563,9 +617,23 @@ class EdgeLink:
 class EdgeBackend:
     """The web app's backend on an edge: everything but streams goes to the router."""
 
-    def __init__(self, link: EdgeLink) -> None:
+    def __init__(self, link: EdgeLink, sharing: Any = None) -> None:
         self.link = link
+        #: the cometd.metrics.Sharing that merges every process's metrics
+        self.sharing = sharing
         self._process = psutil.Process()
+
+    def ready(self) -> list[str]:
+        """What keeps this edge from serving fully (empty: ready)."""
+        if not self.link._listening.is_set():
+            return ["redis: not reachable"]
+        if not self.link.router_ok():
+            return ["router: not heard from"]
+        return []
+
+    def metrics(self) -> bytes:
+        """Every live process's metrics, this edge's fresh (see cometd.metrics)."""
+        return self.sharing.everyone() if self.sharing is not None else exposition()
 
     def send(self, subject: str, body: bytes) -> int:
         return self.link.call("send", subject, body.decode("latin-1"))

@@ -134,7 +134,7 @@ def _serve(config: Config, role: str) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", "workers", "redis")
+@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", "workers", "redis", "log_format")
 @click.pass_context
 def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
@@ -156,8 +156,10 @@ def cli(ctx: click.Context, **flags) -> None:
     the subscription API and /stats need an API key (or the user's own
     token for its own affairs). A new stream past a limit (--max-connections:
     503; --max-streams-per-user, 10 by default, and the per-address ones:
-    429) is refused with Retry-After and counted in /stats. SIGINT or SIGTERM
-    stops the server cleanly.
+    429) is refused with Retry-After and counted in /stats. GET /metrics is
+    Prometheus text (an API key when auth is on); GET /healthz and /readyz
+    need no credential. Operator events go to stderr (--log-format json for
+    collectors). SIGINT or SIGTERM stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
@@ -166,9 +168,11 @@ def cli(ctx: click.Context, **flags) -> None:
     if config.backplane.workers is None:
         _serve(config, "single")
         return
+    from cometd import log
     from cometd.auth import Authenticator
     from cometd.workers import supervise
 
+    log.configure(config.log.format, "supervisor")
     try:
         Authenticator(config.auth)  # each edge reads the key files too: fail here, once
     except ConfigError as exc:
@@ -177,7 +181,7 @@ def cli(ctx: click.Context, **flags) -> None:
 
 
 @cli.command("router")
-@_flags("redis", "db", *_ADMIN)
+@_flags("redis", "db", *_ADMIN, "log_format")
 def router_command(**flags) -> None:
     """Run the scale-out router: the store, presence, the admin console and sends.
 
@@ -188,14 +192,16 @@ def router_command(**flags) -> None:
 
 
 @cli.command("edge")
-@_flags("redis", *_HTTP, "reuse_port", *_AUTH)
+@_flags("redis", *_HTTP, "reuse_port", *_AUTH, "log_format")
 def edge_command(**flags) -> None:
     """Run an edge: hold connections and serve HTTP; the router does the rest.
 
     POST /send and the subscription calls are passed to the router through
     Redis (503 if it does not answer within 5 s); logins and logouts are
     reported to it in batches. GET /stats answers the router's figures for
-    the whole service, and this edge's own under "edge".
+    the whole service, and this edge's own under "edge"; GET /metrics every
+    process's metrics, labelled by process; GET /readyz is 503 while no router
+    hears this edge.
     """
     _serve(_config("edge", flags), "edge")
 

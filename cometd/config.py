@@ -1,7 +1,7 @@
 """The server's configuration: every option, its default, type, range and help, once.
 
-A :class:`Config` is a frozen tree of five sections (``http``, ``admin``,
-``store``, ``backplane``, ``auth``). Each field carries its own description (see
+A :class:`Config` is a frozen tree of six sections (``http``, ``admin``,
+``store``, ``backplane``, ``auth``, ``log``). Each field carries its own description (see
 :func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
 TOML file, ``cometd config`` and the README all read it from here.
 
@@ -48,7 +48,7 @@ API_KEY = re.compile(r"[!-+\--~]+")
 
 __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "BackplaneConfig", "AuthConfig",
-    "ConfigError",
+    "LogConfig", "ConfigError",
     "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV", "load", "from_json", "to_json",
     "to_toml", "redacted", "url_host", "API_KEY",
 ]
@@ -177,6 +177,15 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Operator logs on stderr (see cometd.log)."""
+
+    format: str = _option("text", "operator log lines on stderr: text, or json (one object "
+                          "a line, for collectors)", flag="--log-format", kind=str,
+                          choices=("text", "json"))
+
+
+@dataclass(frozen=True)
 class Config:
     """Every server option, by section."""
 
@@ -185,6 +194,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def auth_enabled(self) -> bool:

@@ -62,7 +62,9 @@ import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
+from cometd.counts import DISCONNECT_REASONS
 from cometd.expiry import ExpiryWheel
+from cometd.log import Burst
 from cometd.online import OnlineIndex, yield_to_hub
 from cometd.streamhttp import (
     CHUNKED,
@@ -84,6 +86,8 @@ CLOSE_GRACE = 1.0
 _EPOLL_FLAGS = select.EPOLLIN | select.EPOLLRDHUP
 _GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+_SLOW_DROPS = Burst("slow_consumers_dropped",
+                    "stream(s) dropped for holding more than --max-pending unsent bytes")
 # Deliveries between yields (see cometd.online.yield_to_hub), so a huge
 # fan-out does not stall the hub. A concurrent small send needs several loop
 # turns (accept, read, dispatch, answer), one per batch: at 1000, a
@@ -150,7 +154,8 @@ class Connection:
         self._pending += len(data)
         if self._pending > self.table.max_pending:
             self.table.slow_consumers_dropped += 1
-            self.close()
+            _SLOW_DROPS.note()
+            self.close("slow")
 
     def _send(self, data: bytes) -> int | None:
         """Bytes the kernel took (0 when its buffer is full); None once closed on an error."""
@@ -159,7 +164,7 @@ class Connection:
         except BlockingIOError:
             return 0
         except OSError:
-            self.close()
+            self.close("error")
             return None
 
     def _flush(self) -> bool:
@@ -176,11 +181,15 @@ class Connection:
             return False
         return True
 
-    def close(self) -> None:
-        """Forget the connection and close its socket (idempotent)."""
+    def close(self, reason: str = "error") -> None:
+        """Forget the connection and close its socket (idempotent).
+
+        *reason* is counted in ``table.disconnects`` (see :data:`DISCONNECT_REASONS`).
+        """
         if self.closed:
             return
         self.closed = True
+        self.table.disconnects[reason] += 1
         self._out.clear()
         self._pending = 0
         waiter, self._waiter = self._waiter, None
@@ -259,6 +268,8 @@ class ConnectionTable:
         self.deliveries = 0
         #: connections closed because they did not read fast enough
         self.slow_consumers_dropped = 0
+        #: streams ended, by reason (see DISCONNECT_REASONS)
+        self.disconnects: dict[str, int] = dict.fromkeys(DISCONNECT_REASONS, 0)
         #: reason -> new streams refused for it (see cometd.limits)
         self.rejected: dict[str, int] = {}
         #: called with the user id after each login and logout (the backplane's presence)
@@ -385,7 +396,7 @@ class ConnectionTable:
         while True:
             gevent.sleep(1.0)
             for conn in list(self._expiring):
-                conn.close()
+                conn.close("expired")
             for conn in self._wheel.due(time.time()):
                 if conn.closed:
                     continue
@@ -395,7 +406,7 @@ class ConnectionTable:
                 if conn.kind in (CHUNKED, SSE_CHUNKED):
                     farewell += LAST_CHUNK
                 if not farewell:
-                    conn.close()  # a raw plain stream: its end is the close
+                    conn.close("expired")  # a raw plain stream: its end is the close
                     continue
                 self._expiring.add(conn)
                 conn.deliver(farewell)
@@ -413,7 +424,7 @@ class ConnectionTable:
                 data = b""
             # A stream client has nothing to say; whatever it sends is dropped.
             if not data or events & _GONE:
-                conn.close()
+                conn.close("client")
 
     def end_all(self, grace: float = CLOSE_GRACE) -> None:
         """End every stream: chunked ones with their last chunk, within *grace* seconds."""
@@ -429,7 +440,7 @@ class ConnectionTable:
         while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
             gevent.sleep(0.01)
         for conn in conns:
-            conn.close()
+            conn.close("shutdown")
 
     def close(self) -> None:
         """End every stream (see :meth:`end_all`) and stop watching for disconnects."""

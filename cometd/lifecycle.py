@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import errno as errnos
+import logging
 import os
 import re
 import signal
 import socket
-import sys
 from typing import Any
 
 import gevent
 from gevent import socket as gsocket
 from gevent.event import Event
 
+from cometd import log
 from cometd.config import Config, redacted, url_host
 
 __all__ = ["BANNER", "Server", "ListenError", "free_port", "listener", "redis_problem"]
@@ -88,6 +89,8 @@ class Server:
         self.config = config
         self.role = role
         self.banner = ""
+        #: where it serves, for the log (never the banner's words: tools search output for those)
+        self.serving = ""
         self._stops = contextlib.ExitStack()
 
     # -- parts ---------------------------------------------------------------
@@ -134,10 +137,9 @@ class Server:
         self._stops.callback(gevent.spawn(keepalives).kill)
         url = f"http://{url_host(http.host)}:{server.server_port}/"
         if self.config.open_to_network:  # only with --insecure: config refuses it otherwise
-            name = "cometd" if self.role == "single" else f"cometd {self.role}"
-            print(f"{name}: warning: --insecure: {url} serves with no authentication; anyone "
-                  "who can reach it reads every stream and publishes as anyone",
-                  file=sys.stderr, flush=True)
+            log.event("insecure", f"--insecure: {url} serves with no authentication; anyone "
+                      "who can reach it reads every stream and publishes as anyone",
+                      logging.WARNING)
         return url
 
     def _admin(self, backend: Any) -> str:
@@ -159,12 +161,29 @@ class Server:
         url = self.config.backplane.redis
         problem = redis_problem(url)
         if problem:
-            print(f"cometd {self.role}: warning: Redis at {redacted(url)} does not answer "
-                  f"({problem}); retrying until it does", file=sys.stderr, flush=True)
+            log.event("redis_unreachable", f"Redis at {redacted(url)} does not answer "
+                      f"({problem}); retrying until it does", logging.WARNING)
         elif self.role == "edge" and not _router_listening(url):
-            print(f"cometd edge: warning: no router is listening on Redis at {redacted(url)}; "
-                  "sends and subscription calls get 503 until one does",
-                  file=sys.stderr, flush=True)
+            log.event("router_lost", f"no router is listening on Redis at {redacted(url)}; "
+                      "sends and subscription calls get 503 until one does", logging.WARNING)
+
+    def _collect(self, **parts: Any) -> None:
+        """Expose *parts* at ``/metrics`` (cometd.metrics.StateCollector) while running."""
+        from cometd.metrics import REGISTRY, StateCollector
+
+        collector = StateCollector(**parts)
+        REGISTRY.register(collector)
+        self._stops.callback(REGISTRY.unregister, collector)
+
+    def _share(self, ident: str):
+        """Put this process's metrics in Redis every second, for any edge's scrape."""
+        import redis
+
+        from cometd.metrics import Sharing
+
+        sharing = Sharing(redis.Redis.from_url(self.config.backplane.redis), self.role, ident)
+        self._stops.callback(gevent.spawn(sharing.publish_forever).kill)
+        return sharing
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -183,8 +202,10 @@ class Server:
         store = self._store()
         table = self._table()
         backend = LocalBackend(store, Router(store, table), table)
+        self._collect(table=table, router=backend.router)
         url = self._http(backend, table)
         admin = self._admin(backend)
+        self.serving = f"HTTP at {url}{admin}"
         self.banner = (f"cometd: listening on {url}{admin} mode={self.config.http.mode} "
                        f"db={self.config.store.db}")
 
@@ -203,12 +224,15 @@ class Server:
         link = RouterLink(url, backend, presence)
         link.start()
         self._stops.callback(link.stop)
+        self._collect(router=backend.router, presence=presence, calls=link.calls)
+        self._share(f"{socket.gethostname()}-{os.getpid()}")
         # Ready means edges can reach it: wait (briefly) for its subscription.
         for _ in range(200):
             if _router_listening(url):
                 break
             gevent.sleep(0.01)
         admin = self._admin(backend)
+        self.serving = f"Redis at {redacted(url)}{admin}"
         self.banner = f"cometd router: redis {redacted(url)} db={self.config.store.db}{admin}"
 
     def _start_edge(self) -> None:
@@ -220,7 +244,9 @@ class Server:
         link = EdgeLink(url, table)
         link.start()
         self._stops.callback(link.stop)
-        http = self._http(EdgeBackend(link), table)
+        self._collect(table=table, link=link, calls=link.calls)
+        http = self._http(EdgeBackend(link, self._share(link.edge_id)), table)
+        self.serving = f"HTTP at {http}, edge {link.edge_id}"
         self.banner = (f"cometd edge {link.edge_id}: listening on {http} "
                        f"mode={self.config.http.mode} redis {redacted(url)}")
 
@@ -229,9 +255,10 @@ class Server:
         stopping = Event()
         gevent.signal_handler(signal.SIGTERM, stopping.set)
         gevent.signal_handler(signal.SIGINT, stopping.set)
-        print(self.banner, flush=True)
+        print(self.banner, flush=True)  # on stdout, as is: tools parse it
+        log.event("listening", f"ready: {self.serving} (pid {os.getpid()})")
         stopping.wait()
-        print("cometd: stopping", file=sys.stderr, flush=True)
+        log.event("stopping", "stopping")
 
     def shutdown(self) -> None:
         """Stop every started part once, newest first."""
@@ -239,11 +266,15 @@ class Server:
 
     def serve(self) -> None:
         """startup, run, shutdown."""
+        log.configure(self.config.log.format, self.role)
+        # No line before startup: a start that fails says only its one-line error.
         self.startup()
         try:
             self.run()
         finally:
             self.shutdown()
+            log.flush_bursts()
+            log.event("stopped", "stopped")
 
 
 def _router_listening(url: str) -> bool:

@@ -24,11 +24,13 @@ sent; sends from different subjects run concurrently.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from time import perf_counter
 from typing import Protocol
 
 from gevent.lock import Semaphore
 from gevent.pool import Pool
 
+from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
 from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import Message
@@ -65,6 +67,7 @@ class Router:
 
         *subject* must be a valid id (see :mod:`cometd.ids`).
         """
+        start = perf_counter()
         message = Message(subject, body)
         self.messages_sent += 1
         entry = self._subject_locks.get(subject)
@@ -73,7 +76,11 @@ class Router:
         entry[1] += 1
         try:
             with entry[0]:
-                return self._pool.spawn(self._dispatch, message).get()
+                delivered = self._pool.spawn(self._dispatch, message).get()
+            # Once per message, never per recipient (see cometd.metrics).
+            PUBLISH_TO_WRITE.observe(perf_counter() - start)
+            FANOUT_SIZE.observe(delivered)
+            return delivered
         finally:
             entry[1] -= 1
             if not entry[1]:

@@ -44,9 +44,11 @@ from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig, HttpConfig
 from cometd.connections import ConnectionTable
 from cometd.cors import CorsPolicy, with_lines
+from cometd.counts import COUNTS
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.limits import Admission
 from cometd.loader import load_friends
+from cometd.metrics import exposition
 from cometd.router import Router
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import (
@@ -198,6 +200,7 @@ class CometHandler(WSGIHandler):
             return None  # slowloris: just close, it gets no more of our time
         status, message = (ex.status, ex.message) if isinstance(ex, RequestError) else (
             400, "malformed HTTP request")
+        COUNTS.rejected[str(status)] += 1
         return (str(status), _response(f"{status} {_REASONS[status]}", {"error": message}))
 
     def _write_with_headers(self, data: bytes) -> None:
@@ -322,6 +325,7 @@ class CometServer(WSGIServer):
                     raise
                 self._guard = gevent.spawn(self._out_of_descriptors)
                 return None
+            COUNTS.accepts += 1
             sock = _socket.socket(listening.family, _socket.SOCK_STREAM, 0, fd)
             try:
                 first = sock.recv(FIRST_READ_BYTES, _socket.MSG_DONTWAIT)
@@ -418,6 +422,13 @@ class LocalBackend:
 
     def send(self, subject: str, body: bytes) -> int:
         return self.router.send(subject, body)
+
+    def ready(self) -> list[str]:
+        """What keeps this server from serving (empty: ready)."""
+        return [] if self.store.is_open else ["store: closed"]
+
+    def metrics(self) -> bytes:
+        return exposition()
 
     def subscribers(self, user: str) -> list[str]:
         return self.store.get_subscribers(user)

@@ -487,6 +487,11 @@ class SubscriptionStore:
         with self._write_lock:
             self._db.put(b"m:synced", b"", sync=True)
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the database is open (``/readyz``)."""
+        return not self._db.closed
+
     def close(self) -> None:
         """Close the database; the store cannot be used afterwards."""
         if not self._db.closed:

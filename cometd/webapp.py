@@ -11,6 +11,9 @@ Routes
                               (a ``[a, a]`` pair is refused: everyone gets their own messages)
 ``DELETE /subscriptions``     same body -> ``{"removed": N}``
 ``GET /stats``                counters as JSON
+``GET /metrics``              Prometheus text format (:mod:`cometd.metrics`)
+``GET /healthz``              ``{"status": "ok"}`` while the process serves (no auth)
+``GET /readyz``               200, or 503 with what is missing (no auth)
 
 With authentication configured, every route asks the
 :class:`~cometd.auth.Authenticator` first (see :mod:`cometd.auth` for who may
@@ -36,7 +39,9 @@ import bottle
 
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
+from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
+from cometd.log import Burst
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
 
@@ -45,6 +50,7 @@ __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "ST
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_JSON_BYTES = 16 * 1024 * 1024
 STREAM_KEY = "cometd.stream"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: the seed's answer to an invalid id on /test, kept word for word; /events names its own path
 NOT_FOUND_USER = "User id not found, try {route}123 instead"
 
@@ -58,6 +64,8 @@ class Backend(Protocol):
     def add(self, pairs: list[tuple[str, str]]) -> int: ...
     def remove(self, pairs: list[tuple[str, str]]) -> int: ...
     def stats(self) -> dict[str, Any]: ...
+    def metrics(self) -> bytes: ...
+    def ready(self) -> list[str]: ...
 
 
 class BackendUnavailable(RuntimeError):
@@ -74,11 +82,17 @@ def _unavailable_is_503(callback: Any) -> Any:
     return wrapper
 
 
+_AUTH_FAILURES = Burst("auth_failures", "request(s) refused for no or a bad credential (401)")
+
+
 def _refusals_are_401_or_403(callback: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return callback(*args, **kwargs)
         except AuthError as exc:
+            COUNTS.rejected[str(exc.status)] += 1
+            if exc.status == 401:
+                _AUTH_FAILURES.note()  # a count only: never the credential
             return bottle.HTTPResponse(
                 json.dumps({"error": exc.description}), status=exc.status,
                 headers={"Content-Type": "application/json",
@@ -94,6 +108,7 @@ def _json(status: int, payload: Any) -> bottle.HTTPResponse:
 
 
 def _error(status: int, message: str) -> bottle.HTTPResponse:
+    COUNTS.rejected[str(status)] += 1
     return _json(status, {"error": message})
 
 
@@ -156,6 +171,7 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
             user = check_id(user)
         except InvalidId:
             hint = NOT_FOUND_USER.format(route="/events/" if sse else "/test/")
+            COUNTS.rejected["404"] += 1
             raise bottle.HTTPResponse(
                 hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
             ) from None
@@ -228,7 +244,27 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         auth.permit(caller(), None)
         return _json(200, backend.stats())
 
+    @app.get("/metrics")
+    def get_metrics() -> bottle.HTTPResponse:
+        auth.permit(caller(), None)  # an API key when auth is on, like /stats
+        return bottle.HTTPResponse(backend.metrics(), status=200,
+                                   headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    # Health is for load balancers and orchestrators: no credential, and
+    # nothing in it but whether the process serves and which part is missing.
+    @app.get("/healthz")
+    def healthz() -> bottle.HTTPResponse:
+        return _json(200, {"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz() -> bottle.HTTPResponse:
+        missing = backend.ready()
+        if missing:
+            return _json(503, {"status": "not ready", "missing": missing})
+        return _json(200, {"status": "ready"})
+
     def on_error(res: bottle.HTTPError) -> str:
+        COUNTS.rejected[str(res.status_code)] += 1
         bottle.response.content_type = "application/json"
         reason = {404: "not found", 405: "method not allowed"}.get(res.status_code)
         if reason is None:

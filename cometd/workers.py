@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import time
 
 import cometd
+from cometd import log
 from cometd.config import CHILD_ENV, Config, redacted, to_json, url_host
 from cometd.lifecycle import free_port, redis_problem
 
@@ -62,8 +64,8 @@ def supervise(config: Config) -> int:
     http, admin, backplane = config.http, config.admin, config.backplane
     problem = redis_problem(backplane.redis)
     if problem:
-        print(f"cometd: error: Redis at {redacted(backplane.redis)} does not answer ({problem}); "
-              "not starting", file=sys.stderr, flush=True)
+        log.event("redis_unreachable", f"Redis at {redacted(backplane.redis)} does not "
+                  f"answer ({problem}); not starting", logging.ERROR)
         return 1
     port = http.port or free_port(http.host)
     admin_port = admin.port or free_port(admin.host)
@@ -95,14 +97,15 @@ def supervise(config: Config) -> int:
                 if (proc is None or proc.poll() is not None) and not stopping:
                     time.sleep(1)  # no tight loop if it cannot start at all
                     what = "did not start" if proc is None else f"exited with {proc.returncode}"
-                    print(f"cometd: {roles[i]} {what}; restarting", file=sys.stderr, flush=True)
+                    log.event("worker_restart", f"{roles[i]} {what}; restarting",
+                              logging.WARNING, worker=roles[i])
                     procs[i] = None
                     with contextlib.suppress(_NotReady):
                         procs[i] = _start(roles[i], env)
     except _NotReady as exc:
         if exc.code != 1:  # 1: the child printed its own one-line error
-            print(f"cometd: error: the {exc.role} exited with {exc.code} before it was ready",
-                  file=sys.stderr, flush=True)
+            log.event("worker_failed", f"the {exc.role} exited with {exc.code} before it was "
+                      "ready", logging.ERROR, worker=exc.role)
         return 1
     finally:
         live = [proc for proc in procs if proc is not None]
