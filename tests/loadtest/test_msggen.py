@@ -100,8 +100,9 @@ def test_slow_server_reports_achieved_rate_without_queueing(tmp_path):
     # cannot be sent is counted as missed, not queued: the run ends on time.
     assert 0 < s["achieved_rate"] <= 42
     assert s["missed"] > 1000
-    # (the slots of the last POSTs still in flight at the end are neither)
-    assert 1000 * (1.5 - 2 * 0.05) <= s["sent"] + s["missed"] <= 1000 * 1.5 + 2, s
+    # (the slots of the last POSTs still in flight at the end are neither: 50 ms
+    # each when idle, several times that on a loaded two-core box, so allow 0.5 s)
+    assert 1000 * (1.5 - 0.5) <= s["sent"] + s["missed"] <= 1000 * 1.5 + 2, s
     assert s["duration_s"] < 1.5 + 1.0
 
 
