@@ -248,9 +248,11 @@ def test_one_scrape_through_workers_shows_the_router_and_every_edge(redis_server
             sends = 4
             wait_for(lambda: http_json(srv, "GET", "/stats")[1].get("connections") == 8,
                      5, what="presence of 8 streams")
+            ids = []
             for i in range(sends):
                 status, reply = http_json(srv, "POST", f"/send/{subject}", f"m{i}".encode())
                 assert (status, reply["delivered"]) == (200, 8)
+                ids.append(reply["id"])
             for s in streams:
                 assert len(s.chunks(sends)) == sends
 
@@ -266,6 +268,20 @@ def test_one_scrape_through_workers_shows_the_router_and_every_edge(redis_server
             assert total(samples, "cometd_presence_users") == 8
             assert total(samples, "cometd_backplane_calls_total", op="send") == 2 * sends
             assert total(samples, "cometd_fanout_size_sum") == 2 * 8 * sends  # router + edges
+            assert total(samples, "cometd_history_bytes") > 0  # the router's
+            # Resumes through the edges (their replay is the router's): one complete, two not.
+            for since in (ids[0], "bogus", "also-bogus"):
+                with StreamClient.open(srv, f"/test/{users[0]}?since={since}") as resumed:
+                    assert resumed.headers["cometd-recovered"] == str(since == ids[0]).lower()
+                    resumed.chunk()
+
+            def replays():
+                samples = scrape(srv)
+                got = [total(samples, "cometd_replays_total", result=r)
+                       for r in ("recovered", "not_recovered")]
+                return got if got == [1, 2] else None
+
+            wait_for(replays, 10, interval=0.3, what="the edges' resumes counted")
         finally:
             for s in streams:
                 s.close()
