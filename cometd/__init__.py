@@ -13,6 +13,7 @@ module names in order follows a message from ``POST /send`` to a socket:
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
 - :mod:`cometd.admin` — the telnet-style admin console.
 - :mod:`cometd.server` — the HTTP server: pywsgi, handing streams to the table.
+- :mod:`cometd.cors` — which other origins' pages may read answers and streams (CORS).
 - :mod:`cometd.config` — every server option, its default and its sources.
 - :mod:`cometd.lifecycle` — builds a process in its role, runs it, shuts it down.
 - :mod:`cometd.backplane` — scale-out: a router process and edge processes over Redis.

@@ -24,6 +24,10 @@ Commands
                                             command's line), ``OK``
 ``quit``                                    ``OK bye``, then the session closes
 
+With ``--admin-password``, the console asks for it first; a wrong one gets
+``ERR wrong password`` (after a second's delay) and the prompt again, and the
+third wrong one in a session gets one last ``ERR`` line and the session closes.
+
 ``who`` lists the users online in this process (single-process server) or
 anywhere in the cluster (the router, from its presence table), in the order
 the server learned of them: sorting every online id to show a hundred would
@@ -57,7 +61,7 @@ from cometd.ids import InvalidId, check_id
 from cometd.loader import LoadError
 from cometd.store import SelfSubscription, check_pair
 
-__all__ = ["AdminConsole", "AdminBackend", "MAX_LINE", "PROMPT", "GREETING"]
+__all__ = ["AdminConsole", "AdminBackend", "MAX_LINE", "PROMPT", "GREETING", "PASSWORD_TRIES"]
 
 #: longest command line accepted, terminator included
 MAX_LINE = 64 * 1024
@@ -65,6 +69,8 @@ PROMPT = b"cometd> "
 GREETING = b"cometd admin console; type help\n"
 PASSWORD_PROMPT = b"password: "
 WRONG_PASSWORD_DELAY = 1.0  # seconds; slows down guessing over many connections
+#: wrong passwords after which a session is closed
+PASSWORD_TRIES = 3
 
 WHO_DEFAULT = 100
 WHO_MAX = 10_000
@@ -176,18 +182,22 @@ class _Session:
                 self.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
     def authenticate(self) -> bool:
-        self.write(PASSWORD_PROMPT)
-        try:
-            raw = self.readline()
-        except _LineTooLong:
-            raw = b""
-        if raw is None:
-            return False
+        """Ask for the password; False (the session ends) at EOF or after the last try."""
         expected = self.console.password.encode("utf-8")  # type: ignore[union-attr]
-        if hmac.compare_digest(raw, expected):
-            return True
-        gevent.sleep(self.console.wrong_password_delay)
-        self.write(b"ERR wrong password\n")
+        for tries_left in range(PASSWORD_TRIES - 1, -1, -1):
+            self.write(PASSWORD_PROMPT)
+            try:
+                raw = self.readline()
+            except _LineTooLong:
+                raw = b""
+            if raw is None:
+                return False
+            if hmac.compare_digest(raw, expected):
+                return True
+            gevent.sleep(self.console.wrong_password_delay)
+            if tries_left:
+                self.write(b"ERR wrong password\n")
+        self.write(b"ERR wrong password %d times; closing\n" % PASSWORD_TRIES)
         return False
 
     def close(self) -> None:

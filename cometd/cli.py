@@ -97,7 +97,8 @@ def _flags(*keys: str):
 
 _HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout",
          "max_connections", "max_streams_per_user", "max_streams_per_address",
-         "stream_rate_per_address", "drain_seconds", "sse_retry_min", "sse_retry_max")
+         "stream_rate_per_address", "drain_seconds", "sse_retry_min", "sse_retry_max",
+         "cors_origin", "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 _HISTORY = ("history_size", "history_ttl", "history_bytes", "replay_max")
 _AUTH = ("jwt_secret", "jwt_key", "jwt_audience", "jwt_issuer", "token_cookie", "api_key",

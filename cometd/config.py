@@ -122,6 +122,12 @@ class HttpConfig:
         flag="--stream-rate-per-address", kind=float, low=0, high=1_000_000, metavar="PER_SECOND")
     reuse_port: bool = _option(False, "share --port with other edges on this machine "
                                "(SO_REUSEPORT)", flag="--reuse-port", kind=bool)
+    cors_origin: tuple[str, ...] | None = _option(
+        None, "let pages of this origin (scheme://host[:port], or * for any) read responses "
+        "and streams (CORS); repeatable, or several in one variable separated by spaces",
+        flag="--cors-origin", kind=tuple, metavar="ORIGIN")
+    insecure: bool = _option(False, "serve with no authentication on a non-loopback --host "
+                             "(refused without this flag)", flag="--insecure", kind=bool)
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,11 @@ class Config:
         """The console's port, None for no console."""
         return None if self.admin.port < 0 else self.admin.port
 
+    @property
+    def open_to_network(self) -> bool:
+        """Whether the HTTP listener is on a non-loopback address with no authentication."""
+        return not self.auth_enabled and not _is_loopback(self.http.host)
+
 
 @dataclass(frozen=True)
 class Option:
@@ -297,6 +308,33 @@ def _number(value: Any, kind: type) -> int | float:
     raise ValueError(f"{value!r} is not {'an integer' if kind is int else 'a number'}")
 
 
+def _origin(value: str) -> str:
+    """A configured CORS origin as browsers serialise it (lower case, no default port)."""
+    if value == "*":
+        return value
+    if value.lower() == "null":
+        raise ValueError("'null' is not allowed: sandboxed and file: pages all send it")
+    parts = urlsplit(value.lower())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if not parts.scheme or not parts.hostname or port == -1 or parts.username is not None or (
+            value.count("/") != 2 or "?" in value or "#" in value):
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], or *)")
+    if {"http": 80, "https": 443}.get(parts.scheme) == port:
+        return f"{parts.scheme}://{parts.netloc.rsplit(':', 1)[0]}"
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _origins(value: Any) -> tuple[str, ...] | None:
+    """CORS origins from a list (flags, TOML, JSON) or text separated by spaces or commas."""
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"{value!r} is not a list of strings")
+    return tuple(dict.fromkeys(_origin(item) for item in items)) or None
+
+
 def _convert(opt: Option, value: Any) -> Any:
     """*value* (a string from flags or the environment, or a TOML/JSON value) as opt's type."""
     if value is None and opt.optional:
@@ -318,7 +356,7 @@ def _convert(opt: Option, value: Any) -> Any:
             raise ValueError(f"{_num(value)} is not in the range {opt.range}")
         return value
     if opt.kind is tuple:
-        return _api_keys(value)
+        return _api_keys(value) if opt.key == "api_key" else _origins(value)
     if not isinstance(value, str):
         raise ValueError("the value is not a string" if opt.secret else
                          f"{value!r} is not a string")
@@ -416,6 +454,12 @@ def _check(config: Config, role: str, sources: dict[str, str]) -> None:
         raise ConfigError(f"{role} needs --redis URL")
     if role == "single" and bp.redis:
         raise fail("redis", "needs --workers N, or the router or edge subcommand")
+    if role in ("single", "supervisor", "edge") and config.open_to_network and (
+            not config.http.insecure):
+        # Secure by default: open only where just this machine can reach it.
+        raise fail("host", f"{config.http.host} is not a loopback address and no "
+                           "authentication is configured: set --jwt-secret, --jwt-key or "
+                           "--api-key, or give --insecure to serve it openly")
     if role in ("single", "supervisor", "router") and config.admin_port is not None and (
             not _is_loopback(config.admin.host) and not config.admin.password):
         raise fail("admin_host", f"the admin console on non-loopback address "

@@ -117,16 +117,21 @@ class Server:
 
     def _http(self, backend: Any, table: Any, replay: Any = None):
         from cometd.auth import Authenticator
+        from cometd.cors import CorsPolicy
         from cometd.server import CometServer
         from cometd.webapp import make_app
 
         http = self.config.http
         auth = Authenticator(self.config.auth)  # a key file it cannot use: ConfigError
+        # Credentials (cookies) are in use when a token may come in one: with a JWT key.
+        cors = None if http.cors_origin is None else CorsPolicy(
+            http.cors_origin, credentials=bool(self.config.auth.jwt_secret
+                                               or self.config.auth.jwt_key))
         sock = listener(http.host, http.port, http.reuse_port)
         retry = (round(http.sse_retry_min * 1000), round(http.sse_retry_max * 1000))
         server = CometServer(sock, make_app(backend, auth), table,
                              request_timeout=http.request_timeout, auth=auth, limits=http,
-                             replay=replay, retry=retry)
+                             replay=replay, retry=retry, cors=cors)
         server.start()
         # Stopping: no new connections, the requests under way (sends) finish,
         # then the streams end, spread out (see ConnectionTable.drain).
@@ -140,7 +145,12 @@ class Server:
                 table.keepalive()
 
         self._stops.callback(gevent.spawn(keepalives).kill)
-        return f"http://{url_host(http.host)}:{server.server_port}/"
+        url = f"http://{url_host(http.host)}:{server.server_port}/"
+        if self.config.open_to_network:  # only with --insecure: config refuses it otherwise
+            log.event("insecure", f"--insecure: {url} serves with no authentication; anyone "
+                      "who can reach it reads every stream and publishes as anyone",
+                      logging.WARNING)
+        return url
 
     def _admin(self, backend: Any) -> str:
         admin = self.config.admin

@@ -55,6 +55,7 @@ from greenlet import greenlet
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig, HttpConfig
 from cometd.connections import ConnectionTable
+from cometd.cors import CorsPolicy, with_lines
 from cometd.counts import COUNTS
 from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
@@ -244,13 +245,15 @@ class CometHandler(WSGIHandler):
                 self.result = None
             return
         user, kind, path, expires, since = target
+        cors = self.server.cors
+        lines = "" if cors is None else cors.stream_lines(self.environ.get("HTTP_ORIGIN"))
         if self.command == "HEAD":
             if since is None:
-                head = stream_head(user, kind, path, retry=self.server.retry,
+                head = stream_head(user, kind, path, lines, retry=self.server.retry,
                                    last=self.server.table.newest)
             else:
                 head = resumed_head(user, kind, path, since, self.server.replay(user, since),
-                                    self.server.retry)
+                                    self.server.retry, lines)
             # The stream's status line and headers, no content (RFC 9110 9.3.2),
             # and no stream: a raw one's head says the connection closes.
             self.socket.sendall(head[:head.index(b"\r\n\r\n") + 4])
@@ -259,14 +262,14 @@ class CometHandler(WSGIHandler):
         address = _host(self.client_address)
         refused = self.server.admission.admit(user, address)
         if refused is not None:
-            self.socket.sendall(refused)
+            self.socket.sendall(with_lines(refused, lines) if lines else refused)
             self.close_connection = True
             return
         if since is None:
-            self.socket.sendall(stream_head(user, kind, path, retry=self.server.retry,
+            self.socket.sendall(stream_head(user, kind, path, lines, retry=self.server.retry,
                                             last=self.server.table.newest))
         # else a resume: CometServer.handle writes head and replay (see above).
-        self.stream = (self.socket, user, kind, expires, address, path, since)
+        self.stream = (self.socket, user, kind, expires, address, path, since, lines)
         self.socket = None  # pywsgi must not close it: the table owns it now
         self.close_connection = True
 
@@ -277,7 +280,11 @@ def _host(address: Any) -> str:
 
 
 class CometServer(WSGIServer):
-    """``WSGIServer`` whose stream requests end up in a connection table."""
+    """``WSGIServer`` whose stream requests end up in a connection table.
+
+    With a *cors* policy, the app's responses and every stream's head carry
+    its headers (see :mod:`cometd.cors`).
+    """
 
     handler_class = CometHandler
 
@@ -285,8 +292,10 @@ class CometServer(WSGIServer):
                  request_timeout: float = 10.0, auth: Authenticator | None = None,
                  limits: HttpConfig | None = None,
                  replay: Callable[[str, str], Replay] | None = None,
-                 retry: tuple[int, int] = DEFAULT_RETRY_MS, **kwargs: Any) -> None:
-        super().__init__(listener, application, **kwargs)
+                 retry: tuple[int, int] = DEFAULT_RETRY_MS, cors: CorsPolicy | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(listener, application if cors is None else cors.wrap(application),
+                         **kwargs)
         self.table = table
         self.request_timeout = request_timeout
         #: who may open a stream; the app's authenticator, so both ways agree
@@ -295,6 +304,8 @@ class CometServer(WSGIServer):
         self._replay = replay
         #: the SSE ``retry:`` range, milliseconds
         self.retry = retry
+        #: which origins' pages may read the answers (None: no CORS headers)
+        self.cors = cors
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
         # (cometd.streamhttp), and a client that says nothing costs no
@@ -331,6 +342,7 @@ class CometServer(WSGIServer):
         else it returns to :meth:`handle` in a new greenlet.
         """
         listening = self.socket
+        cors = self.cors
         for _ in range(self.max_accept):
             if self._guard is not None:
                 return None  # full: stopped accepting while in this loop
@@ -374,16 +386,19 @@ class CometServer(WSGIServer):
                     return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                           sock.detach()), address, _Unshown(first)
                 expires = identity.expires
+            lines = "" if cors is None else cors.stream_lines_for(first)
             host = address[0]
             refused = self.admission.admit(user, host)
             if refused is not None:
+                if lines:
+                    refused = with_lines(refused, lines)
                 try:
                     sock.send(refused, _socket.MSG_DONTWAIT)
                 except OSError:
                     pass
                 sock.close()
                 continue
-            head = stream_head(user, kind, path, retry=self.retry, last=self.table.newest)
+            head = stream_head(user, kind, path, lines, retry=self.retry, last=self.table.newest)
             try:
                 sent = sock.send(head, _socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -403,7 +418,7 @@ class CometServer(WSGIServer):
         del handler
         if stream is None:
             return
-        gsock, user, kind, expires, address, path, since = stream
+        gsock, user, kind, expires, address, path, since, lines = stream
         try:
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
@@ -422,7 +437,8 @@ class CometServer(WSGIServer):
         else:
             COUNTS.replays_not_recovered += 1
         if not conn.closed:
-            conn.release(resumed_head(user, kind, path, since, replay, self.retry), replay.head)
+            conn.release(resumed_head(user, kind, path, since, replay, self.retry, lines),
+                         replay.head)
 
     def replay(self, user: str, since: str) -> Replay:
         """What a stream of *user* resuming after *since* is sent first."""

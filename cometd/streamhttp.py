@@ -217,7 +217,7 @@ class Message:
 
 
 def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay,
-                 retry: tuple[int, int] = DEFAULT_RETRY_MS) -> bytes:
+                 retry: tuple[int, int] = DEFAULT_RETRY_MS, headers: str = "") -> bytes:
     """What a resumed stream starts with: its head, a gap event if due, the replay.
 
     The head says whether the replay is complete (``Cometd-Recovered``); an
@@ -227,8 +227,8 @@ def resumed_head(user: str, kind: int, path: str, since: str, replay: Replay,
     recovered = "true" if replay.recovered else "false"
     # The welcome's id is the replay's head: a safe point to resume from
     # again, even when the id asked for was malformed or unknown.
-    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n", retry,
-                         replay.head)]
+    parts = [stream_head(user, kind, path, f"{RECOVERED_HEADER}: {recovered}\r\n{headers}",
+                         retry, replay.head)]
     if not replay.recovered and kind in (SSE_CHUNKED, SSE_RAW):
         gap = json.dumps({"last_event_id": since[:100], "reason": replay.reason})
         parts.append(frame_bytes(kind, b"event: gap\ndata: %s\n\n" % gap.encode()))

@@ -324,14 +324,15 @@ def test_password(tmp_path):
         c = Console(srv.admin_port)
         c.read_until(b"password: ")
         c.sock.sendall(b"s3cret\n")
-        assert c.read_all() == b"ERR wrong password\n"
+        assert c.read_until(b"password: ") == b"ERR wrong password\npassword: "
         c.close()
 
         # Commands sent instead of a password are not run.
         c = Console(srv.admin_port)
         c.read_until(b"password: ")
-        c.sock.sendall(b"subscribe x y\nsubscribe x y\n")
-        assert c.read_all() == b"ERR wrong password\n"
+        c.sock.sendall(b"subscribe x y\nsubscribe x y\nsubscribe x y\n")
+        assert c.read_all() == (b"ERR wrong password\npassword: " * 2
+                                + b"ERR wrong password 3 times; closing\n")
         c.close()
         assert http_json(f"{srv.url}/subscriptions/x") == {"subscriptions": []}
     finally:
@@ -484,3 +485,38 @@ def test_kick_ends_every_stream_of_one_user(server):
         for s in [*alice, bob]:
             s.close()
         c.close()
+
+
+# -- password lockout --------------------------------------------------------------
+
+
+def test_three_wrong_passwords_close_the_session(tmp_path):
+    srv = start_server(str(tmp_path / "db"), "--admin-password", "right")
+    try:
+        # Two wrong tries still leave the third.
+        c = Console(srv.admin_port)
+        assert c.read_until(b"password: ") == GREETING + b"password: "
+        for guess in (b"wrong1", b"x" * (MAX_LINE + 10)):
+            c.sock.sendall(guess + b"\n")
+            assert c.read_until(b"password: ") == b"ERR wrong password\npassword: "
+        c.sock.sendall(b"right\n")
+        assert c.read_until(PROMPT) == PROMPT
+        assert c.cmd("online nobody") == ["OK 0"]
+        c.close()
+
+        # The third wrong one ends it, each after the delay; a new session starts afresh.
+        c = Console(srv.admin_port, timeout=10)
+        c.read_until(b"password: ")
+        start = time.monotonic()
+        for guess in (b"a", b"b", b"c"):
+            c.sock.sendall(guess + b"\n")
+            if guess != b"c":
+                c.read_until(b"password: ")
+        assert c.read_all() == b"ERR wrong password 3 times; closing\n"
+        assert time.monotonic() - start >= 2.9  # the 1 s delay stays, per wrong password
+        c.close()
+        c = Console(srv.admin_port)
+        assert c.start("right") == PROMPT and c.cmd("online nobody") == ["OK 0"]
+        c.close()
+    finally:
+        srv.stop()

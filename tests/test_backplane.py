@@ -816,8 +816,9 @@ def test_four_hosts_in_network_namespaces(namespaces, tmp_path):
         router = start_cometd(["router", "--redis", redis_url, "--db", str(tmp_path / "db"),
                                "--admin-port", "-1"], ROUTER_READY, prefix=exec_in(router_ns))
         cometds.append(router)
-        edge = start_cometd(["edge", "--redis", redis_url, "--host", edge_ip, "--port", "8000"],
-                            EDGE_READY, prefix=exec_in(edge_ns))
+        # --insecure: a non-loopback address with no authentication, on purpose.
+        edge = start_cometd(["edge", "--redis", redis_url, "--host", edge_ip, "--port", "8000",
+                             "--insecure"], EDGE_READY, prefix=exec_in(edge_ns))
         cometds.append(edge)
 
         n, m = 20, 5

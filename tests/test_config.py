@@ -440,3 +440,163 @@ def test_workers_children_get_the_whole_configuration(redis_server, tmp_path, mo
     finally:
         sup.stop()
         kill_leftovers(strays(redis_server.url))
+
+
+# -- secure by default: open only on loopback ------------------------------------------
+
+
+def _refusal(host: str, source: str = "the command line") -> str:
+    return (f"--host: {host} is not a loopback address and no authentication is configured: "
+            f"set --jwt-secret, --jwt-key or --api-key, or give --insecure to serve it openly "
+            f"(from {source})")
+
+
+def _interface_address() -> str | None:
+    """A non-loopback IPv4 address of this machine's own interfaces, if it has one."""
+    try:
+        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        address = line.split()[3].split("/")[0]
+        if not address.startswith("127."):
+            return address
+    return None
+
+
+PUBLIC_HOSTS = [h for h in ("0.0.0.0", "::", _interface_address()) if h]
+
+
+def test_open_serving_is_refused_off_loopback():
+    redis = {"redis": "redis://h/0"}
+    for host in PUBLIC_HOSTS:
+        for role, extra in (("single", {}), ("supervisor", {"workers": "2", **redis}),
+                            ("edge", redis)):
+            with pytest.raises(ConfigError) as refused:
+                load(role, {"host": host, **extra}, {})
+            assert str(refused.value) == _refusal(host), (host, role)
+            assert load(role, {"host": host, "insecure": True, **extra}, {}).http.insecure
+    with pytest.raises(ConfigError) as refused:
+        load("single", {}, {"COMETD_HOST": "0.0.0.0"})
+    assert str(refused.value) == _refusal("0.0.0.0", "COMETD_HOST")
+    assert load("single", {}, {"COMETD_HOST": "::", "COMETD_INSECURE": "yes"}).http.insecure
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost"):
+        assert not load("single", {"host": host}, {}).open_to_network
+    # The router has no HTTP listener; `cometd config` only checks values.
+    assert load("router", {"host": "0.0.0.0", **redis}, {}).open_to_network
+    assert load(None, {"host": "0.0.0.0"}, {}).http.host == "0.0.0.0"
+    # A supervisor's children inherit the --insecure that let it start.
+    child = load("edge", {}, {CHILD_ENV: to_json(load("supervisor", {
+        "host": "0.0.0.0", "insecure": True, "workers": "2", **redis}, {}))})
+    assert child.http.insecure and child.open_to_network
+
+
+@pytest.mark.parametrize("host", PUBLIC_HOSTS)
+def test_a_public_address_without_auth_does_not_start(tmp_path, host):
+    db = tmp_path / "db"
+    proc = _run(["--host", host, "--port", "0", "--admin-port", "-1", "--db", str(db)])
+    assert proc.returncode == 2
+    assert proc.stderr == f"cometd: error: {_refusal(host)}\n"
+    assert not db.exists()  # changed nothing
+
+
+def test_workers_on_a_public_address_without_auth_do_not_start(redis_server, tmp_path):
+    try:
+        proc = _run(["--workers", "2", "--redis", redis_server.url, "--host", "0.0.0.0",
+                     "--port", "0", "--admin-port", "-1", "--db", str(tmp_path / "db")])
+    finally:
+        leftovers = strays(redis_server.url)
+        kill_leftovers(leftovers)
+    assert proc.returncode == 2
+    assert proc.stderr == f"cometd: error: {_refusal('0.0.0.0')}\n"
+    assert not leftovers and not (tmp_path / "db").exists()
+
+
+def test_insecure_serves_openly_and_says_so(tmp_path):
+    # 0.0.0.0 inside a network namespace of its own: a wildcard listener that
+    # nothing outside this test can reach.
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    in_netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+    srv = start_cometd(["--host", "0.0.0.0", "--insecure", "--port", "0", "--admin-port", "-1",
+                        "--db", str(tmp_path / "db")], r"listening on http://0\.0\.0\.0:(\d+)/",
+                       prefix=in_netns)
+    try:
+        port = srv.match.group(1)
+        assert [line for line in srv.output if "warning" in line] == [
+            f"cometd: warning: --insecure: http://0.0.0.0:{port}/ serves with no "
+            "authentication; anyone who can reach it reads every stream and publishes as "
+            "anyone\n"], srv.output
+        client = (f"import socket; s = socket.create_connection(('127.0.0.1', {port}), "
+                  "timeout=5); s.sendall(b'GET /test/open HTTP/1.0\\r\\n\\r\\n'); "
+                  "print(s.recv(4096))")
+        got = subprocess.run(["nsenter", "-t", str(srv.pid), "-n", sys.executable, "-c", client],
+                             capture_output=True, text=True, timeout=30)
+        assert "Welcome, Url: '/test/open' Id: open" in got.stdout, got
+    finally:
+        srv.stop()
+
+
+def test_workers_with_insecure_serve_an_interface_address_and_each_edge_says_so(tmp_path):
+    # A namespace of its own with a veth pair: a real non-loopback interface
+    # address that nothing outside this test can reach, and its own Redis.
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    ns, address = f"cometd-insecure-{os.getpid() % 100000}", "10.232.0.1"
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, timeout=10)
+    in_ns = ["ip", "netns", "exec", ns]
+    redis = sup = None
+    try:
+        for cmd in (["ip", "link", "set", "lo", "up"],
+                    ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                    ["ip", "addr", "add", f"{address}/24", "dev", "v0"],
+                    ["ip", "link", "set", "v1", "up"], ["ip", "link", "set", "v0", "up"]):
+            subprocess.run([*in_ns, *cmd], check=True, capture_output=True, timeout=10)
+        port = free_port()
+        redis = subprocess.Popen([*in_ns, "redis-server", "--port", str(port), "--bind",
+                                  "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+                                  str(tmp_path)], stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        ping = [*in_ns, "redis-cli", "-p", str(port), "ping"]
+        deadline = time.monotonic() + 10
+        while subprocess.run(ping, capture_output=True, text=True).stdout.strip() != "PONG":
+            assert time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.05)
+        sup = start_cometd(["--workers", "2", "--redis", url, "--host", address, "--insecure",
+                            "--port", "0", "--admin-port", "-1", "--db", str(tmp_path / "db")],
+                           rf"^cometd: listening on http://{address}:(\d+)/ .*workers=2",
+                           timeout=60, prefix=in_ns)
+        http_port = sup.match.group(1)
+        assert [line for line in sup.output if "warning" in line] == [
+            f"cometd edge: warning: --insecure: http://{address}:{http_port}/ serves with no "
+            "authentication; anyone who can reach it reads every stream and publishes as "
+            "anyone\n"] * 2, sup.output
+        client = (f"import socket; s = socket.create_connection(('{address}', {http_port}), "
+                  "timeout=5); s.sendall(b'GET /test/open HTTP/1.0\\r\\n\\r\\n'); "
+                  "print(s.recv(4096))")
+        got = subprocess.run([*in_ns, sys.executable, "-c", client], capture_output=True,
+                             text=True, timeout=30)
+        assert "Welcome, Url: '/test/open' Id: open" in got.stdout, got
+    finally:
+        if sup is not None:
+            sup.stop()
+        if redis is not None:
+            redis.kill()
+            redis.wait(10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.parametrize("auth", [["--jwt-secret", "s" * 32], ["--api-key", "publisher-key"]])
+def test_with_auth_a_public_address_serves_without_insecure_or_warning(tmp_path, auth):
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root")
+    in_netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+    srv = start_cometd(["--host", "0.0.0.0", *auth, "--port", "0", "--admin-port", "-1",
+                        "--db", str(tmp_path / "db")], r"listening on http://0\.0\.0\.0:(\d+)/",
+                       prefix=in_netns)
+    try:
+        assert not [line for line in srv.output if "warning" in line], srv.output
+    finally:
+        srv.stop()
