@@ -35,7 +35,9 @@ that stopped on purpose from a crash (so does :meth:`ConnectionTable.kick`,
 the admin's ``kick``). A drain spreads the ends over ``--drain-seconds``, so
 the clients do not all come back in the same second; it waits at most
 a second for clients to take those bytes, and one that does not gets closed
-mid-stream as before. A slow consumer dropped for ``max_pending`` is closed
+mid-stream as before. Each end is counted by why (``table.disconnects``):
+``kicked``, ``drain``, and ``shutdown`` for :meth:`~ConnectionTable.end_all`.
+A slow consumer dropped for ``max_pending`` is closed
 without one: its last chunk may be cut short, and a last chunk after it would
 claim the stream was complete.
 
@@ -65,6 +67,7 @@ import gevent
 from gevent.hub import get_hub
 from greenlet import getcurrent
 
+from cometd import log
 from cometd.counts import DISCONNECT_REASONS
 from cometd.expiry import ExpiryWheel
 from cometd.log import Burst
@@ -512,7 +515,7 @@ class ConnectionTable:
         self._ending = True
         self.users.clear()
         self._index = None  # rebuilt from users (empty) if asked again
-        self._end(conns, grace)
+        self._end(conns, grace, "shutdown")
 
     def kick(self, user: str) -> int:
         """End every stream of *user* (as :meth:`end_all` does); return how many."""
@@ -520,7 +523,7 @@ class ConnectionTable:
         for conn in conns:
             self._forget(conn)  # nothing more is routed to it; the user logs out
         if conns:
-            gevent.spawn(self._end, conns, CLOSE_GRACE)
+            gevent.spawn(self._end, conns, CLOSE_GRACE, "kicked")
         return len(conns)
 
     def drain(self, seconds: float, min_rate: float = DRAIN_MIN_RATE) -> None:
@@ -533,6 +536,8 @@ class ConnectionTable:
         if not conns:
             return
         span = min(seconds, len(conns) / min_rate)
+        log.event("drain", f"draining {len(conns)} streams over {span:.3g} s",
+                  streams=len(conns), seconds=round(span, 3))
         start = time.monotonic()
         enders = []
         done = 0
@@ -543,12 +548,14 @@ class ConnectionTable:
             done = due
             for conn in batch:
                 self._forget(conn)
-            enders.append(gevent.spawn(self._end, batch, CLOSE_GRACE))
+            enders.append(gevent.spawn(self._end, batch, CLOSE_GRACE, "drain"))
             if done < len(conns):
                 gevent.sleep(DRAIN_STEP)
         gevent.joinall(enders)
+        log.event("drained", f"drained {len(conns)} streams in {time.monotonic() - start:.3g} s",
+                  streams=len(conns))
 
-    def _end(self, conns: list[Connection], grace: float) -> None:
+    def _end(self, conns: list[Connection], grace: float, reason: str) -> None:
         for conn in conns:
             if conn.kind in (CHUNKED, SSE_CHUNKED) and conn not in self._expiring:
                 conn.deliver(LAST_CHUNK)  # (an expiring stream has had it)
@@ -556,7 +563,7 @@ class ConnectionTable:
         while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
             gevent.sleep(0.01)
         for conn in conns:
-            conn.close("shutdown")
+            conn.close(reason)
 
     def close(self) -> None:
         """End every stream (see :meth:`end_all`) and stop watching for disconnects."""

@@ -32,8 +32,6 @@ class Counts:
         #: streams resumed with every missed message / with some lost (the history feature)
         self.replays_recovered = 0
         self.replays_not_recovered = 0
-        #: bytes of message history held (the history feature sets it)
-        self.history_bytes = 0
 
 
 COUNTS = Counts()

@@ -202,8 +202,10 @@ class StateCollector(Collector):
             replays.add_metric(["recovered"], COUNTS.replays_recovered)
             replays.add_metric(["not_recovered"], COUNTS.replays_not_recovered)
             yield replays
+        if self.router is not None:
+            # Read at scrape time: the history keeps its own total, so a publish pays nothing.
             yield GaugeMetricFamily("cometd_history_bytes", "Bytes of message history held",
-                                    value=COUNTS.history_bytes)
+                                    value=self.router.history.stats["history_bytes"])
 
     @staticmethod
     def _table(table: Any) -> Iterator[Metric]:

@@ -431,6 +431,11 @@ class CometServer(WSGIServer):
         conn = self._adopt(raw, user, kind, expires, address)
         conn.hold()
         replay = self.replay(user, since)
+        # Counted here, so a single server's and an edge's resumes alike.
+        if replay.recovered:
+            COUNTS.replays_recovered += 1
+        else:
+            COUNTS.replays_not_recovered += 1
         if not conn.closed:
             conn.release(resumed_head(user, kind, path, since, replay, self.retry, lines),
                          replay.head)

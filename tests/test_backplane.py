@@ -35,6 +35,7 @@ import psutil
 import pytest
 import redis
 from conftest import CometdProcess, StreamClient, start_cometd
+from prometheus_client.parser import text_string_to_metric_families
 
 from cometd.backplane import (
     CALL_TIMEOUT,
@@ -1060,6 +1061,17 @@ def test_kick_on_the_router_ends_a_users_streams_on_every_edge(cluster):
     assert wait_until(lambda: cluster.online("kicked") == 0, BACK_WITHIN)
     assert a.send("stays", b"still here") == (200, {"delivered": 1})
     assert other.wait_messages(1) == [b"still here"]
+
+    def kicked_ends(edge: Edge) -> float:
+        # A scrape merges every process's figures, labelled by process: read this edge's.
+        status, text = edge.http("GET", "/metrics")
+        assert status == 200
+        return sum(s.value for f in text_string_to_metric_families(text.decode())
+                   for s in f.samples if s.name == "cometd_disconnects_total"
+                   and s.labels.get("reason") == "kicked" and edge.id in s.labels["process"])
+
+    # One stream each, counted as kicked (not as a shutdown) on its own edge.
+    assert wait_until(lambda: (kicked_ends(a), kicked_ends(b)) == (1, 1), BACK_WITHIN)
     cluster.assert_healthy()
 
 

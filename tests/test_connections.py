@@ -286,6 +286,11 @@ def test_sigterm_drains_streams_spread_over_drain_seconds(tmp_path, srv):
         # Spread, not bunched: the middle half takes about half the time.
         assert times[3 * n // 4] - times[n // 4] > 0.3
         assert drained.proc.wait(10) == 0
+        # The operator is told when the drain starts and ends.
+        said = wait_for(lambda: [ln for ln in drained.output if ln.startswith("cometd: drain")], 5,
+                        what="the drain's log lines")
+        assert [line.split(" streams")[0] for line in said] == [
+            "cometd: draining 2000", "cometd: drained 2000"], said
     finally:
         for c in clients:
             c.close()
@@ -382,6 +387,22 @@ def test_a_clean_shutdown_ends_chunked_streams_with_the_last_chunk(table):
     # Nothing reaches a stream after its last chunk.
     assert table.deliver(["u", "w"], Message("s", b"late")) == 0 and table.keepalive() == 0
     assert table.connections == 0
+
+
+def test_kick_drain_and_shutdown_count_their_own_reason(table):
+    kicked = [Peer(table, "k", CHUNKED), Peer(table, "k", SSE_RAW)]
+    drained = [Peer(table, f"d{i}", RAW) for i in range(3)]
+    assert table.kick("k") == 2
+    for peer in kicked:
+        peer.rest()
+    table.drain(0.05)
+    for peer in drained:
+        peer.rest()
+    late = Peer(table, "late", SSE_CHUNKED)
+    table.end_all(grace=1)
+    assert late.rest() == LAST_CHUNK
+    assert {r: n for r, n in table.disconnects.items() if n} == {
+        "kicked": 2, "drain": 3, "shutdown": 1}
 
 
 def test_a_reader_that_stops_is_dropped_and_others_keep_up(table):

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from types import SimpleNamespace
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cometd.admin import PROMPT
 from cometd.metrics import Histogram, merged
 from tests.conftest import (
     StreamClient,
@@ -26,6 +28,7 @@ from tests.conftest import (
     unique_id,
     wait_for,
 )
+from tests.test_history import open_stream, post, subscribe
 from tests.test_workers import SUPERVISOR_READY, kill_leftovers, strays
 
 
@@ -132,7 +135,7 @@ def test_a_scripted_session_is_counted_exactly(tmp_path, mode):
         assert 0 < value(samples, "cometd_publish_to_write_seconds_sum") < 60
         for result in ("recovered", "not_recovered"):
             assert value(samples, "cometd_replays_total", result=result) == 0
-        assert value(samples, "cometd_history_bytes") == 0
+        assert value(samples, "cometd_history_bytes") > 0  # the sends are kept
         assert value(samples, "cometd_pending_output_bytes") >= 0
         for s in streams:
             s.close()
@@ -140,6 +143,66 @@ def test_a_scripted_session_is_counted_exactly(tmp_path, mode):
     finally:
         srv.stop()
     assert "Traceback" not in "".join(srv.output)
+
+
+def admin(srv, line: str) -> str:
+    """One admin console command's reply (its lines before the next prompt)."""
+    with socket.create_connection((srv.host, srv.admin_port), timeout=5) as sock:
+        got = b""
+        for ask in (b"", line.encode() + b"\n"):
+            sock.sendall(ask)
+            while not got.endswith(PROMPT):
+                data = sock.recv(65536)
+                assert data, got
+                got += data
+            reply, got = got[:-len(PROMPT)], b""
+        return reply.decode().strip()
+
+
+def test_kicks_resumes_and_history_are_counted_exactly(tmp_path):
+    srv = start_server(str(tmp_path / "db"))
+    try:
+        me, friend, victim = unique_id("me"), unique_id("f"), unique_id("v")
+        subscribe(srv, [(me, friend)])
+        kicked = [StreamClient.open(srv, f"/test/{victim}"),
+                  StreamClient.open(srv, f"/events/{victim}")]
+        for s in kicked:
+            s.chunk()
+        wait_for(lambda: value(scrape(srv), "cometd_users_online") == 1, 5, what="victim online")
+        assert admin(srv, f"kick {victim}") == "OK kicked 2"
+        for s in kicked:
+            s.wait_closed(5)
+        first = post(srv, friend, "one")
+        post(srv, friend, "two")
+        with open_stream(srv, f"/events/{me}", {"Last-Event-ID": first}) as c:
+            assert c.headers["cometd-recovered"] == "true"
+            c.chunk()
+        for asked in ("bogus", "also-bogus"):
+            with open_stream(srv, f"/test/{me}?since={asked}") as c:
+                assert c.headers["cometd-recovered"] == "false"
+                c.chunk()
+        samples = wait_for(lambda: (lambda s: s if value(s, "cometd_disconnects_total",
+                                                          reason="client") == 3 else None)(
+            scrape(srv)), 5, what="the resumed streams' hang-ups counted")
+        assert value(samples, "cometd_disconnects_total", reason="kicked") == 2
+        for reason in ("slow", "expired", "drain", "shutdown", "error"):
+            assert value(samples, "cometd_disconnects_total", reason=reason) == 0, reason
+        assert value(samples, "cometd_replays_total", result="recovered") == 1
+        assert value(samples, "cometd_replays_total", result="not_recovered") == 2
+        assert value(samples, "cometd_history_bytes") > 0
+    finally:
+        srv.stop()
+    assert "Traceback" not in "".join(srv.output)
+
+
+def test_no_history_holds_no_bytes(tmp_path):
+    srv = start_server(str(tmp_path / "db"), "--history-size", "0")
+    try:
+        for i in range(3):
+            post(srv, unique_id("s"), f"m{i}")
+        assert value(scrape(srv), "cometd_history_bytes") == 0
+    finally:
+        srv.stop()
 
 
 def test_metrics_need_an_api_key_when_auth_is_on(tmp_path):
@@ -185,9 +248,11 @@ def test_one_scrape_through_workers_shows_the_router_and_every_edge(redis_server
             sends = 4
             wait_for(lambda: http_json(srv, "GET", "/stats")[1].get("connections") == 8,
                      5, what="presence of 8 streams")
+            ids = []
             for i in range(sends):
                 status, reply = http_json(srv, "POST", f"/send/{subject}", f"m{i}".encode())
                 assert (status, reply["delivered"]) == (200, 8)
+                ids.append(reply["id"])
             for s in streams:
                 assert len(s.chunks(sends)) == sends
 
@@ -203,6 +268,20 @@ def test_one_scrape_through_workers_shows_the_router_and_every_edge(redis_server
             assert total(samples, "cometd_presence_users") == 8
             assert total(samples, "cometd_backplane_calls_total", op="send") == 2 * sends
             assert total(samples, "cometd_fanout_size_sum") == 2 * 8 * sends  # router + edges
+            assert total(samples, "cometd_history_bytes") > 0  # the router's
+            # Resumes through the edges (their replay is the router's): one complete, two not.
+            for since in (ids[0], "bogus", "also-bogus"):
+                with StreamClient.open(srv, f"/test/{users[0]}?since={since}") as resumed:
+                    assert resumed.headers["cometd-recovered"] == str(since == ids[0]).lower()
+                    resumed.chunk()
+
+            def replays():
+                samples = scrape(srv)
+                got = [total(samples, "cometd_replays_total", result=r)
+                       for r in ("recovered", "not_recovered")]
+                return got if got == [1, 2] else None
+
+            wait_for(replays, 10, interval=0.3, what="the edges' resumes counted")
         finally:
             for s in streams:
                 s.close()
