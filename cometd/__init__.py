@@ -2,22 +2,37 @@
 
 Clients hold long-lived HTTP streams; every message a user publishes is pushed to
 that user's own connections and to everyone subscribed to that user. Reading the
-module names in order follows a message from ``POST /send`` to a socket:
+module names in order follows a request from the socket to a message on every
+recipient's stream:
 
+- :mod:`cometd.server` — the HTTP server: plain stream requests answered in the
+  accept callback, everything else through pywsgi, streams handed to the table.
+- :mod:`cometd.httprequest` — the HTTP/1.1 request grammar, bytes in, a request or
+  an error out (no request smuggling).
+- :mod:`cometd.auth` — JWT stream tokens and publisher API keys.
+- :mod:`cometd.limits` — admission limits: whether a new stream may open.
+- :mod:`cometd.cors` — which other origins' pages may read answers and streams.
+- :mod:`cometd.webapp` — the bottle app: ``POST /send``, streams, subscriptions API.
+- :mod:`cometd.router` — routes a message: gives it an id, looks up its recipients.
 - :mod:`cometd.ids` — the user id grammar and its compact encoding.
 - :mod:`cometd.store` — the persistent subscription store (LevelDB).
-- :mod:`cometd.loader` — bulk loading a friends file into the store.
-- :mod:`cometd.graphgen` — the Barabási–Albert friends graph generator.
-- :mod:`cometd.webapp` — the bottle app: ``POST /send``, streams, subscriptions API.
-- :mod:`cometd.router` — looks up subscribers and fans a message out.
+- :mod:`cometd.online` — who is online, intersected with a subject's subscribers.
+- :mod:`cometd.history` — message ids and the persistent history streams resume from.
+- :mod:`cometd.streamhttp` — the bytes of a stream: its request, head and framing.
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
-- :mod:`cometd.admin` — the telnet-style admin console.
-- :mod:`cometd.server` — the HTTP server: pywsgi, handing streams to the table.
-- :mod:`cometd.cors` — which other origins' pages may read answers and streams (CORS).
+- :mod:`cometd.expiry` — closes streams when their token stops being accepted.
+
+Around that path:
+
 - :mod:`cometd.config` — every server option, its default and its sources.
 - :mod:`cometd.lifecycle` — builds a process in its role, runs it, shuts it down.
 - :mod:`cometd.backplane` — scale-out: a router process and edge processes over Redis.
 - :mod:`cometd.workers` — ``cometd --workers N``: one router and N edges, supervised.
+- :mod:`cometd.admin` — the telnet-style admin console.
+- :mod:`cometd.counts`, :mod:`cometd.metrics`, :mod:`cometd.log` — counters,
+  ``GET /metrics`` and operator logs.
+- :mod:`cometd.syscheck` — ``cometd check-system``.
+- :mod:`cometd.loader`, :mod:`cometd.graphgen` — bulk loading and generating a friends graph.
 - :mod:`cometd.cli` — the ``cometd`` command line.
 
 Load tools, in the :mod:`cometd.loadtest` subpackage (its graphs need the
