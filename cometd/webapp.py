@@ -173,7 +173,8 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
     """The bottle app over *backend*, with access as *auth* says (None: open to all)."""
     if auth is None:
         auth = Authenticator(AuthConfig())
-    app = bottle.Bottle(catchall=True, autojson=False)
+    app = bottle.Bottle(catchall=True)
+    app.config["json.disable"] = True  # every route sets its own body and type
     app.install(_unavailable_is_503)
     app.install(_refusals_are_401_or_403)
 
