@@ -89,6 +89,15 @@ def run_once(port: int, pid: int, streams: int, batch: int, split: int | None,
         time.sleep(1)  # the server handles the resets before the next run
 
 
+def print_table(title: str, results: dict[str, list[float]]) -> None:
+    """A Markdown table of CPU µs per stream: median and each run, per contender."""
+    print(f"| {title} | server CPU µs per stream, median | min–max (each run) |")
+    print("|---|---:|---|")
+    for name, values in results.items():
+        print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–"
+              f"{max(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)}) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", type=int, default=5000)
@@ -131,12 +140,7 @@ def main() -> None:
                 results[name].append(run_once(proc.port, proc.pid, args.streams, args.batch,
                                               split, first, variants[label][1]))
                 first += args.streams
-        print(f"| stream opened through ({args.runs} runs of {args.streams}) "
-              f"| server CPU µs per stream, median | min–max (each run) |")
-        print("|---|---:|---|")
-        for name, values in results.items():
-            print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–"
-                  f"{max(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)}) |")
+        print_table(f"stream opened through ({args.runs} runs of {args.streams})", results)
     finally:
         for proc in servers.values():
             proc.terminate()

@@ -20,14 +20,13 @@ import argparse
 import os
 import shutil
 import socket
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench_accept import server_cpu_ns
+from bench_accept import print_table, server_cpu_ns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGIN = "https://app.example"
@@ -103,12 +102,7 @@ def main() -> None:
                 results[name].append(run_once(port, proc.pid, args.streams, args.batch,
                                               configs[name][2], first))
                 first += args.streams
-        print(f"| accept callback, pool mode ({args.runs} runs of {args.streams}) "
-              f"| server CPU µs per stream, median | min–max (each run) |")
-        print("|---|---:|---|")
-        for name, values in results.items():
-            print(f"| {name} | {statistics.median(values):.1f} | {min(values):.1f}–"
-                  f"{max(values):.1f} ({' / '.join(f'{v:.1f}' for v in values)}) |")
+        print_table(f"accept callback, pool mode ({args.runs} runs of {args.streams})", results)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
