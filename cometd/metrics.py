@@ -133,7 +133,7 @@ REDIS_RTT = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
     registry=REGISTRY)
 
-_TRANSPORTS = ("chunked", "raw", "sse", "sse_raw")  # by stream kind, cometd.connections
+_TRANSPORTS = ("chunked", "raw", "sse", "sse_raw", "ws")  # by stream kind, cometd.connections
 
 
 class StateCollector(Collector):
@@ -209,7 +209,7 @@ class StateCollector(Collector):
 
     @staticmethod
     def _table(table: Any) -> Iterator[Metric]:
-        by_kind = [0, 0, 0, 0]
+        by_kind = [0] * len(_TRANSPORTS)
         pending = 0
         for conn in list(table._by_fd.values()):
             by_kind[conn.kind] += 1

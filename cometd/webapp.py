@@ -6,6 +6,8 @@ Routes
                               ``?since=<message id>`` resumes after that message
 ``GET /events/<id>``          the same as Server-Sent Events; a ``Last-Event-ID`` header
                               (or ``?last_event_id=``) resumes
+``GET /ws/<id>``              the same as a WebSocket (:mod:`cometd.websocket`); ``?since=``
+                              resumes
 ``POST /send/<subject>``      publish the request body -> ``{"delivered": N, "id": "<id>"}``
 ``GET /subscribers/<id>``     ``{"subscribers": [...]}``
 ``GET /subscriptions/<id>``   ``{"subscriptions": [...]}``
@@ -48,7 +50,7 @@ from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
 from cometd.log import Burst
 from cometd.store import SelfSubscription, check_pair
-from cometd.streamhttp import stream_kind
+from cometd.streamhttp import WEBSOCKET, stream_kind
 
 __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
 
@@ -182,14 +184,14 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         environ = bottle.request.environ
         return auth.caller(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
 
-    def stream(user: str, sse: bool) -> str:
+    def stream(user: str, sse: bool, route: str = "") -> str:
         environ = bottle.request.environ
         identity = auth.stream(user, environ.get("HTTP_AUTHORIZATION"),
                                environ.get("QUERY_STRING", ""), environ.get("HTTP_COOKIE"))
         try:
             user = check_id(user)
         except InvalidId:
-            hint = NOT_FOUND_USER.format(route="/events/" if sse else "/test/")
+            hint = NOT_FOUND_USER.format(route=route or ("/events/" if sse else "/test/"))
             COUNTS.rejected["404"] += 1
             raise bottle.HTTPResponse(
                 hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
@@ -199,7 +201,8 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
             raise _error(400, "a stream request has no body")
         http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
         expires = None if identity is None else identity.expires
-        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path, expires,
+        kind = WEBSOCKET if route else stream_kind(sse, http10)
+        environ[STREAM_KEY] = (user, kind, bottle.request.path, expires,
                                _resume_from(environ, sse))
         return ""
 
@@ -212,6 +215,10 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
     @app.get("/events/<user:re:.*>")
     def events_stream(user: str) -> str:
         return stream(user, sse=True)
+
+    @app.get("/ws/<user:re:.*>")  # the upgrade itself: cometd.websocket
+    def websocket_stream(user: str) -> str:
+        return stream(user, sse=False, route="/ws/")
 
     @app.post("/send/<subject>")
     def send(subject: str) -> bottle.HTTPResponse:
