@@ -33,7 +33,8 @@ first need (about 1.7 KB, so not for every idle socket). Pings are answered,
 a close is answered and the connection closed, text and binary data are
 ignored (publishing stays on the HTTP API) up to :data:`MAX_CLIENT_MESSAGE`
 bytes a message (1009 past it), and a protocol error (an unmasked frame, a
-bad opcode, ...) closes with wsproto's code, mostly 1002.
+bad opcode, ...) closes with wsproto's code for it, mostly 1002. Each of these
+ends counts as ``client`` in the disconnects.
 
 The server's close codes, by why a stream ends (:data:`CLOSE_FRAMES`):
 1001 shutdown, 1013 drain (try again later, elsewhere), 1008 token expired,
@@ -51,7 +52,6 @@ from typing import Any
 from wsproto.connection import Connection as _WsprotoConnection
 from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
-from wsproto.frame_protocol import ParseFailed
 from wsproto.utilities import generate_accept_token
 
 from cometd.cors import with_lines
@@ -224,21 +224,20 @@ def client_data(conn, data: bytes) -> None:
             return
         parser = conn.ws = _ClientFrames()
     parser.receive_data(data)
-    try:
-        for event in parser.events():
-            if isinstance(event, Ping):
-                conn.deliver(frame(OP_PONG, bytes(event.payload)))
-            elif isinstance(event, CloseConnection):
-                code = event.code if 1000 <= event.code < 5000 and event.code not in (
-                    1005, 1006, 1015) else 1000
-                conn.table.end(conn, close_frame(code), "client")
+    # A protocol error comes as a CloseConnection with wsproto's code for it,
+    # which the answer echoes like a client's own close.
+    for event in parser.events():
+        if isinstance(event, Ping):
+            conn.deliver(frame(OP_PONG, bytes(event.payload)))
+        elif isinstance(event, CloseConnection):
+            code = event.code if 1000 <= event.code < 5000 and event.code not in (
+                1005, 1006, 1015) else 1000  # those three are never sent
+            conn.table.end(conn, close_frame(code), "client")
+            return
+        elif isinstance(event, TextMessage | BytesMessage):
+            parser.message_bytes += len(event.data)
+            if parser.message_bytes > MAX_CLIENT_MESSAGE:
+                conn.table.end(conn, close_frame(1009, "message too big"), "client")
                 return
-            elif isinstance(event, TextMessage | BytesMessage):
-                parser.message_bytes += len(event.data)
-                if parser.message_bytes > MAX_CLIENT_MESSAGE:
-                    conn.table.end(conn, close_frame(1009, "message too big"), "error")
-                    return
-                if event.message_finished:
-                    parser.message_bytes = 0
-    except ParseFailed as exc:
-        conn.table.end(conn, close_frame(int(exc.code), str(exc)), "error")
+            if event.message_finished:
+                parser.message_bytes = 0

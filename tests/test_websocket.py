@@ -153,6 +153,7 @@ def test_only_a_whole_masked_pong_skips_the_parser():
     assert not _whole_pong(client.send(Pong(b"")) + client.send(Ping(b"")))  # more after it
     assert not _whole_pong(client.send(Ping(b"")))
     assert not _whole_pong(b"\x8a\x00")  # unmasked: the parser refuses it
+    assert not _whole_pong(b"\x8a\x00" * 3)  # three unmasked, six bytes like a masked one
 
 
 # -- system tests -------------------------------------------------------------------
@@ -216,16 +217,28 @@ class RawWebSocket:
                 return None
             self.parser.receive_data(data)
 
+    def past_pings(self, timeout: float = 5):
+        """The next event that is not one of the server's keep-alive pings (answered)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event = self.next_event(deadline - time.monotonic())
+            if not isinstance(event, Ping) or event.payload:
+                return event
+            self.send(self.parser.send(Pong(b"")))
+        raise AssertionError("only keep-alive pings within the timeout")
+
     def json(self) -> dict:
         event = self.next_event()
         assert isinstance(event, TextMessage), event
         return json.loads(event.data)
 
-    def closed_with(self) -> int | None:
+    def closed_with(self, timeout: float = 10) -> int | None:
         """The code of the server's close frame, after which the server ends the connection."""
         code = None
+        deadline = time.monotonic() + timeout
         while True:
-            event = self.next_event()
+            assert time.monotonic() < deadline, "the server did not end the connection"
+            event = self.next_event(deadline - time.monotonic())
             if event is None:
                 return code
             if isinstance(event, CloseConnection):
@@ -314,18 +327,14 @@ def test_client_frames_ping_pong_close_and_data_ignored(srv):
     try:
         assert c.status == 101 and "welcome" in c.json()
         c.send(client.send(Ping(b"are you there")))
-        event = c.next_event()
-        while isinstance(event, Ping):  # the server's keep-alives may come first
-            c.send(client.send(Pong(bytes(event.payload))))
-            event = c.next_event()
-        assert isinstance(event, Pong) and event.payload == b"are you there"
+        event = c.past_pings()
+        assert isinstance(event, Pong) and event.payload == b"are you there", event
         # data is ignored, fragmented or not; the connection stays
         c.send(client.send(Message(data="ignored", message_finished=False)))
         c.send(client.send(Message(data=" too")))
         c.send(client.send(Message(data=b"\x00\x01")))
         c.send(client.send(Ping(b"still")))
-        while isinstance(event := c.next_event(), Ping):
-            pass
+        event = c.past_pings()
         assert isinstance(event, Pong) and event.payload == b"still", event
         c.send(client.send(CloseConnection(code=1000, reason="bye")))
         assert c.closed_with() == 1000
@@ -343,9 +352,7 @@ def test_keepalive_pings_and_answering_pongs_keep_the_stream(srv):
             assert isinstance(event, Ping), event
             c.send(c.parser.send(Pong(b"")))
         assert send(srv, user, "after pings") == 1
-        while isinstance(event := c.next_event(), Ping):
-            pass
-        assert json.loads(event.data)["body"] == "after pings"
+        assert json.loads(c.past_pings().data)["body"] == "after pings"
     finally:
         c.close()
 
@@ -366,6 +373,7 @@ def masked(first_byte: int, payload: bytes, length: int | None = None) -> bytes:
 def test_unmasked_oversized_and_malformed_client_frames_are_closed(srv):
     cases = [
         (bytes((0x89, 0)), 1002),  # an unmasked ping: clients must mask (RFC 6455 5.1)
+        (b"\x8a\x00" * 3, 1002),  # unmasked pongs, as long as a masked one
         (masked(0x81, b"x" * (MAX_CLIENT_MESSAGE + 1)), 1009),
         (masked(0x81, b"\xff\xfe"), 1007),  # text that is not UTF-8
         (masked(0x83, b""), 1002),  # a reserved opcode
