@@ -53,6 +53,14 @@ Disconnects are noticed without any per-connection watcher: every stream's
 descriptor is registered (EPOLLIN | EPOLLRDHUP) in one epoll set, and a single
 gevent watcher on that epoll descriptor wakes when any client hangs up or
 sends something, typically within milliseconds.
+
+A WebSocket (:mod:`cometd.websocket`) ends the same ways with a close frame
+instead of a last chunk (its code says why), and is the one kind whose client
+speaks: what it sends is read from the same epoll set and handed to
+:func:`cometd.websocket.client_data`, which may answer a ping or end the
+stream (:meth:`ConnectionTable.end`). A WebSocket dropped as a slow consumer
+keeps only the outbox entry the kernel may have begun (each entry ends at a
+frame boundary), so its close frame can follow.
 """
 
 from __future__ import annotations
