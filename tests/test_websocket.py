@@ -9,12 +9,16 @@ connection modes (and one ``--workers`` case) against raw sockets and the
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
+import threading
 import time
 from contextlib import ExitStack
 
@@ -22,6 +26,7 @@ import pytest
 from conftest import get_stats, http_request, send, start_server, unique_id, wait_for
 from test_auth import KEY, SECRET, token
 from test_backplane import admin
+from test_cors import browser_run
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from wsproto.connection import Connection as WsConnection
@@ -517,3 +522,47 @@ def test_workers_stream_websockets_from_the_edges(tmp_path, redis_server):
         s.stop()
     assert "Traceback" not in "".join(s.output)
 
+
+
+# -- a real browser -----------------------------------------------------------------
+
+BROWSER_PAGE = """<!doctype html><html><body><pre id="out">pending</pre><script>
+const cometd = location.hash.slice(1);
+let finished = false;
+function finish(result) {
+  if (finished) return;
+  finished = true;
+  document.getElementById("out").textContent = JSON.stringify(result);
+}
+const ws = new WebSocket(cometd.replace(/^http/, "ws") + "/ws/b1");
+ws.onmessage = ev => {
+  const m = JSON.parse(ev.data);
+  if ("welcome" in m) fetch(cometd + "/send/b1", {method: "POST", body: "hi"});
+  else { ws.close(); finish({from: m.from, body: m.body, id: typeof m.id}); }
+};
+ws.onclose = () => finish({closed: true});
+</script></body></html>
+"""
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
+def test_a_websocket_opened_by_a_page_receives_a_message_if_its_origin_is_allowed(tmp_path):
+    (tmp_path / "page.html").write_text(BROWSER_PAGE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=pages.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{pages.server_port}"  # another port: another origin
+    try:
+        for allowed_origin, expected in (
+                (origin, {"from": "b1", "body": "hi", "id": "string"}),
+                ("http://127.0.0.1:1", {"closed": True})):
+            srv = start_server(str(tmp_path / "db"), "--cors-origin", allowed_origin)
+            try:
+                got = browser_run(f"{origin}/page.html#{srv.url}", str(tmp_path / "chrome"))
+            finally:
+                srv.stop()
+            assert got == expected, allowed_origin
+    finally:
+        pages.shutdown()
+        pages.server_close()
