@@ -444,6 +444,9 @@ def test_a_client_that_never_reads_is_dropped_and_counted(srv):
             if send(srv, user, body) == 0 or time.monotonic() > deadline:
                 break
         assert send(srv, user, body) == 0, "a client that never reads is still fed"
+        # Read at once, within the second the server gives the frame under
+        # way and the close after it.
+        assert c.closed_with() == 4000
         wait_for(lambda: get_stats(srv)["slow_consumers_dropped"] > before, 5,
                  what="the drop counted")
     finally:
