@@ -19,6 +19,7 @@ recipient's stream:
 - :mod:`cometd.online` — who is online, intersected with a subject's subscribers.
 - :mod:`cometd.history` — message ids and the persistent history streams resume from.
 - :mod:`cometd.streamhttp` — the bytes of a stream: its request, head and framing.
+- :mod:`cometd.websocket` — ``GET /ws/<id>``: the upgrade, its frames, what a client sends.
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
 - :mod:`cometd.expiry` — closes streams when their token stops being accepted.
 
