@@ -544,15 +544,32 @@ ws.onmessage = ev => {
   else { ws.close(); finish({from: m.from, body: m.body, id: typeof m.id}); }
 };
 ws.onclose = () => finish({closed: true});
+// Chromium's virtual time (--virtual-time-budget) stands still while a fetch
+// is pending, but not for a WebSocket: keep one pending until the end.
+function hold() { if (!finished) fetch("/hold").then(hold, hold); }
+hold();
 </script></body></html>
 """
+
+
+class _PageHandler(http.server.SimpleHTTPRequestHandler):
+    """The page's files, and ``/hold``: an empty answer a tenth of a second later."""
+
+    def do_GET(self) -> None:
+        if self.path != "/hold":
+            return super().do_GET()
+        time.sleep(0.1)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
 def test_a_websocket_opened_by_a_page_receives_a_message_if_its_origin_is_allowed(tmp_path):
     (tmp_path / "page.html").write_text(BROWSER_PAGE)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    handler = functools.partial(_PageHandler, directory=str(tmp_path))
     pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=pages.serve_forever, daemon=True).start()
     origin = f"http://127.0.0.1:{pages.server_port}"  # another port: another origin
