@@ -60,13 +60,16 @@ from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
 __all__ = [
-    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
+    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "POLL", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
     "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "resumed_head",
-    "stream_credentials", "stream_head", "stream_kind", "frame_bytes", "sse_event", "Message",
+    "stream_credentials", "stream_head", "stream_kind", "frame_bytes", "sse_event", "poll_entry",
+    "Message",
 ]
 
 #: stream kinds: plain message bodies or SSE events, with or without chunk framing
 CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
+#: a waiting long poll (cometd.longpoll): its frame is one JSON entry of the answer
+POLL = 4
 #: the SSE comment sent to keep idle event streams (and proxies) open
 KEEPALIVE = b": keepalive\n\n"
 #: the zero-length chunk that ends a chunked response (with no trailers)
@@ -190,6 +193,13 @@ def sse_event(key: int, subject: str, body: bytes) -> bytes:
     return b"id: %s\ndata: %s\n\n" % (format_id(key).encode(), data.encode())
 
 
+def poll_entry(key: int, subject: str, body: bytes) -> bytes:
+    """One message of a long poll's answer: its JSON object and a comma (see cometd.longpoll)."""
+    entry = json.dumps({"id": format_id(key), "from": subject,
+                        "body": body.decode("utf-8", "replace")})
+    return entry.encode() + b","
+
+
 class Message:
     """One published message; its wire bytes are built once per stream kind."""
 
@@ -200,7 +210,7 @@ class Message:
         self.key = key
         self.subject = subject
         self.body = body
-        self._frames: list[bytes | None] = [None, None, None, None]
+        self._frames: list[bytes | None] = [None, None, None, None, None]
 
     def frame(self, kind: int) -> bytes:
         frame = self._frames[kind]
@@ -209,6 +219,8 @@ class Message:
                 frame = self.body
             elif kind == CHUNKED:
                 frame = _chunk(self.body)
+            elif kind == POLL:
+                frame = poll_entry(self.key, self.subject, self.body)
             else:
                 event = sse_event(self.key, self.subject, self.body)
                 frame = event if kind == SSE_RAW else _chunk(event)
