@@ -18,15 +18,19 @@ same token, :mod:`cometd.limits`, CORS headers, the ``poll`` transport in
 
 Theory of operation
 -------------------
-The web app parses the request (:func:`parse_poll_query`) and marks the
-WSGI environ with a :class:`PollRequest`; :func:`take` (from the handler)
-admits it and takes the socket from pywsgi, and :func:`open_poll` (from
-:meth:`cometd.server.CometServer.handle`, once the handler is gone) files it
-in the :class:`~cometd.connections.ConnectionTable` as a
-:class:`PollConnection` of kind :data:`~cometd.streamhttp.POLL`. So a waiting
-poll is what an idle stream is, a connection in the table, plus a libev timer
-for its timeout, and it has no greenlet in either connection mode (nothing
-is written to it until its answer).
+A plain poll request (the grammar of :mod:`cometd.streamhttp`, whole in its
+first segment, a valid query and token) is taken in the server's accept
+callback (:func:`accept_poll`), as a plain stream is; anything else goes to
+pywsgi and the web app, which parse it (:func:`parse_poll_query`), answer
+its errors, and mark the WSGI environ with a :class:`PollRequest`, and
+:func:`take` (from the handler) admits it and takes the socket from pywsgi.
+Either way :func:`open_poll` files it in the
+:class:`~cometd.connections.ConnectionTable` as a :class:`PollConnection` of
+kind :data:`~cometd.streamhttp.POLL`. So a waiting poll is what an idle
+stream is, a connection in the table, with no greenlet in either connection
+mode (nothing is written to it until its answer) and no timer of its own:
+the timeouts of one table's polls are filed in a wheel of 0.1 s ticks that
+one timer sweeps while any poll waits (:class:`_Deadlines`).
 
 A message's frame for a poll is its JSON entry and a comma
 (:func:`cometd.streamhttp.poll_entry`), built once per message. The first
@@ -53,8 +57,9 @@ edge may still see two subjects' ids out of order (see
 :meth:`cometd.backplane.Presence.settle`): the same hole resumed streams have.
 
 After its answer a poll over HTTP/1.1 keeps its connection (unless the
-client asked to close): the socket goes back to pywsgi for the next request,
-with the request timeout. A client that sends anything while its poll waits
+client asked to close): a short-lived greenlet waits up to the request
+timeout for the next request, takes it if it is a plain poll, else hands it
+to pywsgi. A client that sends anything while its poll waits
 is closed (no pipelining). At a drain, shutdown or kick a waiting poll is
 answered with no messages and ``Connection: close``.
 """
@@ -68,26 +73,43 @@ import time
 from email.utils import formatdate
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs
+from weakref import WeakKeyDictionary
 
 import gevent
 from gevent import socket as gsocket
 
+from cometd.auth import AuthError
 from cometd.connections import Connection
 from cometd.cors import with_lines
 from cometd.counts import COUNTS
+from cometd.expiry import ExpiryWheel
 from cometd.history import Replay, format_id, parse_id
-from cometd.streamhttp import POLL, poll_entry
+from cometd.httprequest import FIELD_VALUE, TCHAR
+from cometd.ids import ID_PATTERN
+from cometd.streamhttp import (
+    FIRST_READ_BYTES,
+    POLL,
+    plain_fields,
+    poll_entry,
+    stream_credentials,
+)
 
-__all__ = ["POLL_KEY", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "PollError", "PollRequest",
-           "PollConnection", "parse_poll_query", "answer_body", "answer_response", "take",
-           "open_poll"]
+__all__ = ["POLL_KEY", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "TICK", "PollError", "PollRequest",
+           "PollConnection", "parse_poll_query", "parse_poll_request", "answer_body",
+           "answer_response", "accept_poll", "take", "open_poll"]
 
 #: the WSGI environ key the web app marks a poll request with
 POLL_KEY = "cometd.poll"
 #: seconds a poll waits when it names no timeout, and the most it may name
 DEFAULT_TIMEOUT = 25.0
 MAX_TIMEOUT = 60.0
+#: seconds per tick of the poll timeouts' wheel: how late past its timeout a poll may answer
+TICK = 0.1
 
+_POLL_REQUEST = re.compile(
+    rb"GET /poll/(" + ID_PATTERN.encode() + rb")(?:\?([!-~]*))? HTTP/1\.([01])\r"
+    rb"(\n(?:" + TCHAR.encode() + rb"+:" + FIELD_VALUE.encode() + rb"*\r\n)*)\r\n"
+)
 _TIMEOUT = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3})?\Z")
 #: how each entry of an answer starts (json.dumps' separators; see PollConnection._answer)
 _ENTRY_START = b'{"id": "'
@@ -156,35 +178,87 @@ def answer_response(status: int, body: bytes, headers: str = "", keep: bool = Fa
 
 
 class _Waiting(NamedTuple):
-    """What a waiting poll answers with, besides its messages."""
+    """What a waiting poll answers with, besides its messages: shared by many polls."""
 
     server: Any
-    address: Any
     lines: str
     keep: bool
 
 
-class PollConnection(Connection):
-    """A waiting poll in the connection table: collects entries, answers once."""
+#: (server, CORS lines, keep-alive) -> their one _Waiting: a poll holds no tuple of its own
+_WAITING: dict[tuple[Any, str, bool], _Waiting] = {}
 
-    __slots__ = ("_entries", "_timer", "_due", "waiting", "start", "recovered", "reason")
+
+class _Deadlines:
+    """Every waiting poll of one table by the tick its timeout ends at; one timer sweeps them.
+
+    An :class:`~cometd.expiry.ExpiryWheel` counting ticks of :data:`TICK`
+    seconds (of the monotonic clock) instead of seconds: a poll costs a set
+    entry rather than a timer of its own, and the timer runs only while some
+    poll waits. A poll is answered no earlier than its timeout and at most a
+    tick later.
+    """
+
+    def __init__(self, loop: Any) -> None:
+        self.wheel = ExpiryWheel(now=time.monotonic() / TICK)
+        self.count = 0  # polls filed
+        self.timer = loop.timer(TICK, TICK)
+
+    def add(self, conn: PollConnection, timeout: float) -> int:
+        """File *conn* to be answered *timeout* seconds from now; the tick it is under."""
+        tick = self.wheel.add(conn, (time.monotonic() + timeout) / TICK)
+        self.count += 1
+        if self.count == 1:
+            self.timer.start(self._sweep)
+        return tick
+
+    def discard(self, conn: PollConnection, tick: int) -> None:
+        self.wheel.discard(conn, tick)
+        self.count -= 1
+        if not self.count:
+            self.timer.stop()
+
+    def _sweep(self) -> None:
+        due = self.wheel.due(time.monotonic() / TICK)
+        self.count -= len(due)
+        if not self.count:
+            self.timer.stop()
+        for conn in due:
+            conn._tick = None
+            conn._answer()
+
+
+#: table -> its polls' deadlines (one timer per table's loop)
+_DEADLINES: WeakKeyDictionary[Any, _Deadlines] = WeakKeyDictionary()
+
+
+class PollConnection(Connection):
+    """A waiting poll in the connection table: collects entries, answers once.
+
+    ``after`` (a stream's replay head) is also where the poll started: an
+    answer with no messages gives it as its last_event_id.
+    """
+
+    __slots__ = ("_entries", "_tick", "_due", "waiting", "recovered", "reason")
 
     def __init__(self, table, sock, user: str, kind: int) -> None:
         super().__init__(table, sock, user, kind)
-        self._entries: list[bytes] = []
-        self._timer = None
+        self._entries: list[bytes] | None = None
+        #: the tick its timeout is filed under, while it is
+        self._tick: int | None = None
         #: the answer is scheduled
         self._due = False
         self.waiting: _Waiting | None = None
-        #: the answer's last_event_id when it has no messages
-        self.start: str | None = None
         self.recovered = True
         self.reason = ""
 
     def deliver(self, data: bytes) -> bool:
         if self.closed:
             return False  # answered: the message waits in the history for the next poll
-        self._entries.append(data)
+        if self._entries is None:
+            self._entries = [data]
+        else:
+            self._entries.append(data)
         if not self._due:
             self._due = True
             self.table.loop.run_callback(self._answer)
@@ -196,17 +270,19 @@ class PollConnection(Connection):
             self._due = True
             self.table.loop.run_callback(self._answer)
             return
-        self._timer = self.table.loop.timer(timeout)
-        self._timer.start(self._answer)
+        deadlines = _DEADLINES.get(self.table)
+        if deadlines is None:
+            deadlines = _DEADLINES[self.table] = _Deadlines(self.table.loop)
+        self._tick = deadlines.add(self, timeout)
 
     def release_replay(self, replay: Replay, timeout: float) -> None:
         """Keep the *replay* and what was held after its head (see :meth:`Connection.hold`)."""
         held, self.held = self.held or [], None
         self.after = replay.head
-        self.start = format_id(replay.head)
         self.recovered, self.reason = replay.recovered, replay.reason
-        self._entries = [poll_entry(*m) for m in replay.messages]
-        self._entries.extend(frame for key, frame in held if key > replay.head)
+        entries = [poll_entry(*m) for m in replay.messages]
+        entries.extend(frame for key, frame in held if key > replay.head)
+        self._entries = entries or None
         self.wait(timeout)
 
     def close(self, reason: str = "error") -> None:
@@ -214,27 +290,27 @@ class PollConnection(Connection):
             self.table.disconnects[reason] += 1
             self._answer(keep=False)
             return
-        self._stop_timer()
+        self._unfile()
         super().close(reason)
 
-    def _stop_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.stop()
-            timer.close()
+    def _unfile(self) -> None:
+        tick, self._tick = self._tick, None
+        if tick is not None:
+            _DEADLINES[self.table].discard(self, tick)
 
     def _answer(self, keep: bool = True) -> None:
         if self.closed:
             return
-        self._stop_timer()
+        self._unfile()
         self.closed = True
         self.table._forget(self)
-        entries = b"".join(self._entries)
-        self._entries = []
+        entries = b"".join(self._entries or ())
+        self._entries = None
         COUNTS.polls_answered["messages" if entries else "empty"] += 1
         waiting = self.waiting
         keep = keep and waiting.keep
-        body = answer_body(entries, self.start, self.recovered, self.reason)
+        start = format_id(self.after) if self.after > 0 else None
+        body = answer_body(entries, start, self.recovered, self.reason)
         _finish(waiting, self.sock, answer_response(200, body, waiting.lines, keep), keep)
 
 
@@ -264,13 +340,96 @@ def _finish_later(waiting: _Waiting, sock: _socket.socket, rest: bytes, keep: bo
         gsock.close()
         return
     if keep and not server.closed:
-        server.handle(gsock, waiting.address)  # the connection's next request
+        _next_request(server, gsock)
     else:
         gsock.close()
 
 
+def _next_request(server: Any, gsock: Any) -> None:
+    """A kept connection's next request: a plain poll taken here, anything else by pywsgi."""
+    try:
+        address = gsock.getpeername()
+        gsock.settimeout(server.request_timeout)
+        first = gsock.recv(FIRST_READ_BYTES)
+    except OSError:  # gone, or silent for the request timeout
+        gsock.close()
+        return
+    if not first:
+        gsock.close()
+        return
+    if first.startswith(b"GET /poll/"):
+        sock = _socket.socket(fileno=gsock.detach())
+        if accept_poll(server, sock, address, first):
+            return
+        gsock = gsocket.socket(fileno=sock.detach())
+    server.handle(gsock, address, first)
+
+
 def _host(address: Any) -> str:
     return address[0] if isinstance(address, tuple) else str(address)
+
+
+def parse_poll_request(data: bytes) -> tuple[str, str, bool] | None:
+    """``(user, query, keep-alive)`` when *data* is a complete plain poll request, else None.
+
+    The same grammar as :func:`cometd.streamhttp.parse_stream_request`;
+    anything else goes to pywsgi and the web app, which answer it.
+    """
+    match = _POLL_REQUEST.match(data)
+    if match is None:
+        return None
+    user, query, minor, fields = match.groups()
+    fields = fields.lower()
+    if not plain_fields(fields, minor == b"0"):
+        return None
+    keep = minor == b"1"
+    at = fields.find(b"\nconnection:")
+    if at >= 0:
+        if fields.find(b"\nconnection:", at + 1) >= 0:
+            return None  # pywsgi decides
+        keep = keep and b"close" not in fields[at:fields.index(b"\r", at)]
+    return user.decode(), (query or b"").decode("latin-1"), keep
+
+
+def accept_poll(server: Any, sock: _socket.socket, address: Any, first: bytes) -> bool:
+    """From the accept callback: take a plain, valid, admitted poll request (True).
+
+    False leaves the request (and *sock*) to pywsgi and the web app: not a
+    plain poll, a bad query, or a refused token, each of which they answer.
+    """
+    parsed = parse_poll_request(first)
+    if parsed is None:
+        return False
+    user, query, keep = parsed
+    try:
+        since, timeout = parse_poll_query(query)
+    except PollError:
+        return False
+    expires = None
+    if server.auth.enabled:
+        credentials = stream_credentials(first)
+        if credentials is None:
+            return False
+        try:
+            expires = server.auth.stream(user, *credentials).expires
+        except AuthError:
+            return False
+    cors = server.cors
+    lines = "" if cors is None else cors.stream_lines_for(first)
+    refused = server.admission.admit(user, _host(address))
+    if refused is not None:
+        try:
+            sock.send(with_lines(refused, lines) if lines else refused, _socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        sock.close()
+        return True
+    request = PollRequest(user, since, timeout, expires)
+    if since is None:
+        open_poll(server, sock, address, request, lines, keep)
+    else:
+        gevent.spawn(open_poll, server, sock, address, request, lines, keep)  # reads the replay
+    return True
 
 
 def take(handler: Any, request: PollRequest) -> tuple[Any, ...] | None:
@@ -282,32 +441,34 @@ def take(handler: Any, request: PollRequest) -> tuple[Any, ...] | None:
     cors = server.cors
     lines = "" if cors is None else cors.stream_lines(handler.environ.get("HTTP_ORIGIN"))
     refused = server.admission.admit(request.user, _host(handler.client_address))
-    handler_keeps = handler.request_version == "HTTP/1.1" and not handler.close_connection
+    keep = handler.request_version == "HTTP/1.1" and not handler.close_connection
     handler.close_connection = True
     if refused is not None:
         handler.socket.sendall(with_lines(refused, lines) if lines else refused)
         return None
-    sock, handler.socket = handler.socket, None  # pywsgi must not close it: the table owns it
-    return sock, handler.client_address, request, lines, handler_keeps
-
-
-def open_poll(server: Any, gsock: Any, address: Any, request: PollRequest, lines: str,
-              keep: bool) -> None:
-    """File the poll in the table; answer it from the history or wait (module docstring)."""
+    gsock, handler.socket = handler.socket, None  # pywsgi must not close it: the table owns it
     try:
-        raw = _socket.socket(fileno=gsock.detach())
+        sock = _socket.socket(fileno=gsock.detach())
     except OSError:
-        return
+        return None
+    return sock, handler.client_address, request, lines, keep
+
+
+def open_poll(server: Any, sock: _socket.socket, address: Any, request: PollRequest,
+              lines: str, keep: bool) -> None:
+    """File the poll in the table; answer it from the history or wait (module docstring)."""
     table = server.table
-    conn = table.adopt(raw, request.user, POLL, None, _host(address), factory=PollConnection)
-    conn.waiting = _Waiting(server, address, lines, keep)
+    conn = table.adopt(sock, request.user, POLL, None, _host(address), factory=PollConnection)
+    waiting = _WAITING.get((server, lines, keep))
+    if waiting is None:
+        waiting = _WAITING[(server, lines, keep)] = _Waiting(server, lines, keep)
+    conn.waiting = waiting
     timeout = request.timeout
     if request.expires is not None:
         # Answered by the time its token expires: the next poll needs a fresh one.
         timeout = min(timeout, max(0.0, request.expires - time.time()))
     if request.since is None:
         conn.after = table.newest
-        conn.start = format_id(table.newest) if table.newest else None
         conn.wait(timeout)
         return
     conn.hold()
@@ -321,6 +482,6 @@ def open_poll(server: Any, gsock: Any, address: Any, request: PollRequest, lines
         table._forget(conn)
         COUNTS.rejected["503"] += 1
         body = json.dumps({"error": replay.reason}).encode()
-        _finish(conn.waiting, raw, answer_response(503, body, lines), False)
+        _finish(conn.waiting, sock, answer_response(503, body, lines), False)
         return
     conn.release_replay(replay, timeout)

@@ -61,7 +61,7 @@ from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.limits import Admission
 from cometd.loader import load_friends
-from cometd.longpoll import POLL_KEY, open_poll
+from cometd.longpoll import POLL_KEY, accept_poll, open_poll
 from cometd.longpoll import take as take_poll
 from cometd.metrics import exposition
 from cometd.router import Router, Sent
@@ -378,6 +378,8 @@ class CometServer(WSGIServer):
                     continue
             stream = parse_stream_request(first)
             if stream is None:
+                if first.startswith(b"GET /poll/") and accept_poll(self, sock, address, first):
+                    continue  # a plain long poll: cometd.longpoll took it
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, _Unshown(first)
             user, kind, path = stream

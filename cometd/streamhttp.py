@@ -61,7 +61,7 @@ from cometd.ids import ID_PATTERN
 
 __all__ = [
     "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "POLL", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
-    "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "resumed_head",
+    "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "plain_fields", "resumed_head",
     "stream_credentials", "stream_head", "stream_kind", "frame_bytes", "sse_event", "poll_entry",
     "Message",
 ]
@@ -111,16 +111,24 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     if match is None:
         return None
     path, route, user, query, minor, fields = match.groups()
-    # pywsgi judges a body, and a Host missing (HTTP/1.1) or doubled; *fields*
-    # starts with the request line's LF, so every name follows one.
+    # *fields* starts with the request line's LF, so every name follows one.
     fields = fields.lower()
     if (query and _RESUME_PARAMS.search(query)) or b"\nlast-event-id:" in fields:
         return None  # a resume: the web app takes it
-    hosts = fields.count(b"\nhost:")
-    if (hosts != 1 and (hosts or minor == b"1")) or b"\ncontent-length:" in fields or (
-            b"\ntransfer-encoding:" in fields):
+    if not plain_fields(fields, minor == b"0"):
         return None
     return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
+
+
+def plain_fields(fields: bytes, http10: bool) -> bool:
+    """Whether a GET's lower-cased header block (from the request line's LF) is the
+    accept callback's to take: one Host (or none over HTTP/1.0), no body.
+
+    Otherwise pywsgi judges it (a Host missing or doubled, a body).
+    """
+    hosts = fields.count(b"\nhost:")
+    return not ((hosts != 1 and (hosts or not http10)) or b"\ncontent-length:" in fields
+                or b"\ntransfer-encoding:" in fields)
 
 
 def stream_credentials(data: bytes) -> tuple[str | None, str, str | None] | None:

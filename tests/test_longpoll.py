@@ -32,6 +32,7 @@ from cometd.longpoll import (
     answer_body,
     answer_response,
     parse_poll_query,
+    parse_poll_request,
 )
 from cometd.streamhttp import POLL, Message
 
@@ -77,6 +78,22 @@ def test_answer_takes_its_last_id_from_the_entries():
         "messages": [], "last_event_id": "2-0", "recovered": False, "reason": "unknown id"}
     assert json.loads(answer_body(b"", None, True)) == {
         "messages": [], "last_event_id": None, "recovered": True}
+
+
+def test_plain_poll_requests_are_recognised_and_others_left_to_pywsgi():
+    get = b"GET /poll/alice?since=1-2&timeout=5 HTTP/1.1\r\nHost: x\r\n"
+    assert parse_poll_request(get + b"\r\n") == ("alice", "since=1-2&timeout=5", True)
+    assert parse_poll_request(get + b"Connection: keep-alive\r\n\r\n")[2] is True
+    assert parse_poll_request(get + b"connection: Close\r\n\r\n")[2] is False
+    assert parse_poll_request(b"GET /poll/bob HTTP/1.0\r\n\r\n") == ("bob", "", False)
+    for other in (get,  # incomplete
+                  get + b"Content-Length: 0\r\n\r\n", get + b"Host: y\r\n\r\n",
+                  get + b"Connection: close\r\nConnection: close\r\n\r\n",
+                  b"GET /poll/a%20b HTTP/1.1\r\nHost: x\r\n\r\n",
+                  b"GET /poll/alice HTTP/1.1\r\n\r\n",  # no Host
+                  b"HEAD /poll/alice HTTP/1.1\r\nHost: x\r\n\r\n",
+                  b"GET /polls/alice HTTP/1.1\r\nHost: x\r\n\r\n"):
+        assert parse_poll_request(other) is None, other
 
 
 def test_poll_frame_is_built_once_and_replaces_bad_utf8():
@@ -254,6 +271,44 @@ def test_keeps_the_connection_for_the_next_request(srv):
         while chunk := sock.recv(65536):  # to the end: the server closes it
             data += chunk
         assert b"\r\nConnection: close\r\n" in data and data.endswith(b"}")
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, dict]:
+    """One whole poll answer from *sock*: (head, JSON body)."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(body) >= length:
+                return head, json.loads(body[:length])
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+
+
+def test_accept_callback_and_pywsgi_answer_alike_on_one_connection(srv):
+    # Each answer leaves the connection open; the next request is whole (taken
+    # at once, as in the accept callback) or split in two (pywsgi and bottle).
+    me = unique_id("ways")
+    first = send(srv, me, "one")
+    second = send(srv, me, "two")
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        answers = []
+        for split in (False, True, False, True):
+            request = (f"GET /poll/{me}?since={first}&timeout=5 HTTP/1.1\r\n"
+                       "Host: x\r\n\r\n").encode()
+            if split:
+                sock.sendall(request[:12])
+                time.sleep(0.05)
+                sock.sendall(request[12:])
+            else:
+                sock.sendall(request)
+            head, answer = read_answer(sock)
+            assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" not in head
+            answers.append(answer)
+    assert answers == [{"messages": [{"id": second, "from": me, "body": "two"}],
+                        "last_event_id": second, "recovered": True}] * 4
 
 
 def test_a_client_that_leaves_is_forgotten(srv):
