@@ -225,7 +225,7 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         try:
             user = check_id(user)
         except InvalidId as exc:
-            return _error(404, str(exc))
+            return _error(400, str(exc))
         if bottle.request.method == "HEAD":
             COUNTS.rejected["405"] += 1
             return bottle.HTTPResponse(json.dumps({"error": "a poll is GET only"}), status=405,

@@ -243,7 +243,11 @@ def test_bad_requests_are_clear_400s_and_change_nothing(srv):
         status, head, answer = poll(srv, f"/poll/{me}?{query}")
         assert status == 400 and words in answer["error"], answer
     status, _, answer = poll(srv, "/poll/no%20such")
-    assert status == 404 and "error" in answer
+    assert status == 400 and "invalid id" in answer["error"], answer
+    status, head, data = http_request(srv, "HEAD", f"/poll/{me}")
+    assert status == 405 and head["allow"] == "GET"
+    status, _, data = http_request(srv, "GET", f"/poll/{me}?timeout=0", b"x")
+    assert status == 400 and b"no body" in data
     status, _, data = http_request(srv, "POST", f"/poll/{me}", b"x")
     assert status == 405
     assert connections(srv) == 0
