@@ -57,9 +57,9 @@ edge may still see two subjects' ids out of order (see
 :meth:`cometd.backplane.Presence.settle`): the same hole resumed streams have.
 
 After its answer a poll over HTTP/1.1 keeps its connection (unless the
-client asked to close): a short-lived greenlet waits up to the request
-timeout for the next request, takes it if it is a plain poll, else hands it
-to pywsgi. A client that sends anything while its poll waits
+client asked to close): a read watcher, again no greenlet, waits up to the
+request timeout for the next request (:class:`_Kept`), takes it if it is a
+plain poll, else hands it to pywsgi. A client that sends anything while its poll waits
 is closed (no pipelining). At a drain, shutdown or kick a waiting poll is
 answered with no messages and ``Connection: close``.
 """
@@ -190,7 +190,8 @@ _WAITING: dict[tuple[Any, str, bool], _Waiting] = {}
 
 
 class _Deadlines:
-    """Every waiting poll of one table by the tick its timeout ends at; one timer sweeps them.
+    """Every waiting poll (and kept connection, :class:`_Kept`) of one table by the tick its
+    timeout ends at; one timer sweeps them, calling each one's ``_answer``.
 
     An :class:`~cometd.expiry.ExpiryWheel` counting ticks of :data:`TICK`
     seconds (of the monotonic clock) instead of seconds: a poll costs a set
@@ -204,7 +205,7 @@ class _Deadlines:
         self.count = 0  # polls filed
         self.timer = loop.timer(TICK, TICK)
 
-    def add(self, conn: PollConnection, timeout: float) -> int:
+    def add(self, conn: Any, timeout: float) -> int:
         """File *conn* to be answered *timeout* seconds from now; the tick it is under."""
         tick = self.wheel.add(conn, (time.monotonic() + timeout) / TICK)
         self.count += 1
@@ -212,7 +213,7 @@ class _Deadlines:
             self.timer.start(self._sweep)
         return tick
 
-    def discard(self, conn: PollConnection, tick: int) -> None:
+    def discard(self, conn: Any, tick: int) -> None:
         self.wheel.discard(conn, tick)
         self.count -= 1
         if not self.count:
@@ -230,6 +231,13 @@ class _Deadlines:
 
 #: table -> its polls' deadlines (one timer per table's loop)
 _DEADLINES: WeakKeyDictionary[Any, _Deadlines] = WeakKeyDictionary()
+
+
+def _deadlines(table: Any) -> _Deadlines:
+    deadlines = _DEADLINES.get(table)
+    if deadlines is None:
+        deadlines = _DEADLINES[table] = _Deadlines(table.loop)
+    return deadlines
 
 
 class PollConnection(Connection):
@@ -270,10 +278,7 @@ class PollConnection(Connection):
             self._due = True
             self.table.loop.run_callback(self._answer)
             return
-        deadlines = _DEADLINES.get(self.table)
-        if deadlines is None:
-            deadlines = _DEADLINES[self.table] = _Deadlines(self.table.loop)
-        self._tick = deadlines.add(self, timeout)
+        self._tick = _deadlines(self.table).add(self, timeout)
 
     def release_replay(self, replay: Replay, timeout: float) -> None:
         """Keep the *replay* and what was held after its head (see :meth:`Connection.hold`)."""
@@ -296,7 +301,7 @@ class PollConnection(Connection):
     def _unfile(self) -> None:
         tick, self._tick = self._tick, None
         if tick is not None:
-            _DEADLINES[self.table].discard(self, tick)
+            _deadlines(self.table).discard(self, tick)
 
     def _answer(self, keep: bool = True) -> None:
         if self.closed:
@@ -315,7 +320,7 @@ class PollConnection(Connection):
 
 
 def _finish(waiting: _Waiting, sock: _socket.socket, response: bytes, keep: bool) -> None:
-    """Send *response* (non-blocking, from the hub), then close or serve the next request."""
+    """Send *response* (non-blocking, from the hub), then close or wait for the next request."""
     try:
         sent = sock.send(response)
     except BlockingIOError:
@@ -323,46 +328,81 @@ def _finish(waiting: _Waiting, sock: _socket.socket, response: bytes, keep: bool
     except OSError:
         sock.close()
         return
-    if sent == len(response) and not keep:
+    if sent < len(response):
+        gevent.spawn(_finish_later, waiting, sock, response[sent:], keep)
+    elif keep and not waiting.server.closed:
+        _Kept(waiting.server, sock)
+    else:
         sock.close()
-        return
-    gevent.spawn(_finish_later, waiting, sock, response[sent:], keep)
 
 
 def _finish_later(waiting: _Waiting, sock: _socket.socket, rest: bytes, keep: bool) -> None:
     server = waiting.server
     gsock = gsocket.socket(fileno=sock.detach())
     try:
-        if rest:
-            gsock.settimeout(server.request_timeout)
-            gsock.sendall(rest)
+        gsock.settimeout(server.request_timeout)
+        gsock.sendall(rest)
     except OSError:
         gsock.close()
         return
+    sock = _socket.socket(fileno=gsock.detach())
     if keep and not server.closed:
-        _next_request(server, gsock)
+        sock.setblocking(False)
+        _Kept(server, sock)
     else:
-        gsock.close()
+        sock.close()
 
 
-def _next_request(server: Any, gsock: Any) -> None:
-    """A kept connection's next request: a plain poll taken here, anything else by pywsgi."""
-    try:
-        address = gsock.getpeername()
-        gsock.settimeout(server.request_timeout)
-        first = gsock.recv(FIRST_READ_BYTES)
-    except OSError:  # gone, or silent for the request timeout
-        gsock.close()
-        return
-    if not first:
-        gsock.close()
-        return
-    if first.startswith(b"GET /poll/"):
-        sock = _socket.socket(fileno=gsock.detach())
-        if accept_poll(server, sock, address, first):
+class _Kept:
+    """A kept connection between an answer and its next request: a read watcher, no greenlet.
+
+    Filed in the table's timeout wheel, so it is closed after the request
+    timeout if no request comes. The next request, once its first bytes are
+    in, is taken here if it is a plain poll, else handed to pywsgi.
+    """
+
+    __slots__ = ("server", "sock", "watcher", "_tick")
+
+    def __init__(self, server: Any, sock: _socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.watcher = server.table.loop.io(sock.fileno(), 1)
+        self.watcher.start(self._readable)
+        self._tick: int | None = _deadlines(server.table).add(self, server.request_timeout)
+
+    def _stop(self) -> None:
+        self.watcher.stop()
+        self.watcher.close()
+        tick, self._tick = self._tick, None
+        if tick is not None:
+            _deadlines(self.server.table).discard(self, tick)
+
+    def _answer(self) -> None:
+        """The request timeout ran out (the wheel's call): close."""
+        self._tick = None
+        self._stop()
+        self.sock.close()
+
+    def _readable(self) -> None:
+        sock = self.sock
+        try:
+            first = sock.recv(FIRST_READ_BYTES)
+            address = sock.getpeername()
+        except BlockingIOError:
+            return
+        except OSError:
+            first = b""
+        self._stop()
+        if not first:
+            sock.close()
+            return
+        server = self.server
+        if first.startswith(b"GET /poll/") and accept_poll(server, sock, address, first):
             return
         gsock = gsocket.socket(fileno=sock.detach())
-    server.handle(gsock, address, first)
+        # Not spawn(server.handle, ..., first): gevent prints a failed
+        # greenlet's arguments, and a token in them would reach the log.
+        gevent.spawn(lambda: server.handle(gsock, address, first))
 
 
 def _host(address: Any) -> str:

@@ -357,7 +357,8 @@ def guarded(tmp_path_factory):
     """Auth, CORS and a per-user limit of 1 (pool mode: auth does not depend on it)."""
     s = start_server(str(tmp_path_factory.mktemp("guarded") / "db"), "--mode", "pool",
                      "--admin-port", "-1", "--jwt-secret", SECRET, "--api-key", KEY,
-                     "--cors-origin", ORIGIN, "--max-streams-per-user", "1")
+                     "--cors-origin", ORIGIN, "--max-streams-per-user", "1",
+                     "--request-timeout", "1")
     yield s
     s.stop()
     output = "".join(s.output)
@@ -399,6 +400,19 @@ def test_polls_carry_cors_headers_and_the_stream_limits(guarded):
     status, head, answer = waiting.result()
     assert status == 200 and [m["id"] for m in answer["messages"]] == [sent]
     assert head["access-control-allow-origin"] == ORIGIN and head["vary"] == "Origin"
+
+
+def test_a_kept_connection_closes_after_the_request_timeout(guarded):
+    me = unique_id("idle")
+    token = mint(SECRET, me, 60)
+    with socket.create_connection((guarded.host, guarded.port), timeout=10) as sock:
+        sock.sendall(f"GET /poll/{me}?timeout=0&token={token} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     .encode())
+        head, answer = read_answer(sock)
+        assert b"Connection: close" not in head and answer["messages"] == []
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server, about a second later
+        assert 0.9 < time.monotonic() - started < 4
 
 
 def test_a_drain_answers_a_waiting_poll(tmp_path):
