@@ -21,16 +21,20 @@ import socket
 import threading
 import time
 
+import gevent
 import pytest
 from conftest import http_json, http_request, start_cometd, start_server, unique_id, wait_for
 
 from cometd.auth import LEEWAY, mint
-from cometd.connections import MODES
+from cometd.connections import MODES, ConnectionTable
+from cometd.history import Replay
 from cometd.longpoll import (
     DEFAULT_TIMEOUT,
     PollError,
+    PollRequest,
     answer_body,
     answer_response,
+    open_poll,
     parse_poll_query,
     parse_poll_request,
 )
@@ -94,6 +98,43 @@ def test_plain_poll_requests_are_recognised_and_others_left_to_pywsgi():
                   b"HEAD /poll/alice HTTP/1.1\r\nHost: x\r\n\r\n",
                   b"GET /polls/alice HTTP/1.1\r\nHost: x\r\n\r\n"):
         assert parse_poll_request(other) is None, other
+
+
+class OneServer:
+    """What open_poll asks of its server; the replay routes two messages while it is read."""
+
+    closed = False
+    request_timeout = 5.0
+
+    def __init__(self, table: ConnectionTable, head: int) -> None:
+        self.table = table
+        self.head = head
+
+    def replay(self, user: str, since: str) -> Replay:
+        # Routed while the history is read: one it has (at its head), one after it.
+        self.table.deliver([user], Message(user, b"two", self.head))
+        self.table.deliver([user], Message(user, b"three", self.head + 1))
+        return Replay([(self.head - 1, user, b"one"), (self.head, user, b"two")], True, "",
+                      self.head)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_messages_routed_while_the_replay_is_read_are_answered_once(mode):
+    epoch = 1 << 64
+    table = ConnectionTable(mode)
+    ours, theirs = socket.socketpair()
+    try:
+        open_poll(OneServer(table, epoch | 2), ours, ("127.0.0.1", 1),
+                  PollRequest("alice", "1-0", 5.0, None), "", False)
+        gevent.sleep(0.05)  # the answer is written at the end of the loop turn
+        theirs.settimeout(5)
+        head, answer = read_answer(theirs)
+        assert head.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in head
+        assert [m["id"] for m in answer["messages"]] == ["1-1", "1-2", "1-3"]
+        assert answer["last_event_id"] == "1-3" and table.connections == 0
+    finally:
+        theirs.close()
+        table.close()
 
 
 def test_poll_frame_is_built_once_and_replaces_bad_utf8():
