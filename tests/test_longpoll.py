@@ -1,14 +1,17 @@
 """Long polling, ``GET /poll/<id>`` (cometd.longpoll).
 
-In-process: the query's parse and its errors, the answer's JSON (the last
-id found in the entries, ``reason`` only when not recovered), the poll frame
-of a message. Against real servers in both connection modes: an immediate
+In-process: the query's parse and its errors, which requests the accept
+callback takes, the answer's JSON (the last id found in the entries,
+``reason`` only when not recovered), the poll frame of a message, and (a
+real table and socket, a stand-in server) messages routed while a replay is
+read, answered once. Against real servers in both connection modes: an immediate
 answer from the history, wait and wake, the timeout, successive polls across
 concurrent publishing from two subjects (none lost, none twice), bad input,
-keep-alive, a client that leaves, a few hundred concurrent polls woken by one
-message; with auth, CORS and a per-user limit: 401/403, both token carriers,
-the wait cut at the token's expiry, the CORS headers, 429; a drain answers a
-waiting poll; and through ``--workers`` with Redis, the same seam via the
+keep-alive (the accept callback and pywsgi alike on one connection), a
+client that leaves, a few hundred concurrent polls woken by one message; with
+auth, CORS and a per-user limit: 401/403, both token carriers, the wait cut
+at the token's expiry, the CORS headers, 429, a kept connection closed after
+the request timeout; a drain answers a waiting poll; and through ``--workers`` with Redis, the same seam via the
 router's replay.
 """
 
