@@ -11,8 +11,8 @@ keep-alive (the accept callback and pywsgi alike on one connection), a
 client that leaves, a few hundred concurrent polls woken by one message; with
 auth, CORS and a per-user limit: 401/403, both token carriers, the wait cut
 at the token's expiry, the CORS headers, 429, a kept connection closed after
-the request timeout; a drain answers a waiting poll; and through ``--workers`` with Redis, the same seam via the
-router's replay.
+the request timeout; a drain answers a waiting poll; and through
+``--workers`` with Redis, the same seam via the router's replay.
 """
 
 from __future__ import annotations
