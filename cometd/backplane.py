@@ -27,7 +27,11 @@ trip. Calls and replies travel in batches as well: an edge pushes every call
 made while its previous push was in flight with one RPUSH, and the router pops
 up to ``CALL_BATCH`` calls per round trip and pipelines the replies that are
 ready. Per-subject ordering holds end to end: the router serialises sends per
-subject and Redis keeps a list's and a channel's order.
+subject and Redis keeps a list's and a channel's order. So does id order
+across subjects, per edge: the router publishes a message only once every
+smaller id is grouped (see :meth:`Presence._grouped_key`), so a stream on an
+edge sees ids rise, as in one process, and a resume from its last id misses
+nothing.
 
 Presence is soft state, rebuilt rather than persisted. Edges publish the
 connection counts of users that changed (batched over 100 ms) and a heartbeat
@@ -200,7 +204,17 @@ class Presence:
         self.edges: dict[str, float] = {}
         #: delivery batches that could not be published (Redis down)
         self.batches_lost = 0
-        self._sends = _Batches(self._publish, pause=DELIVERY_FLUSH)
+        # Routed messages on their way out, in id order (see _publish_in_order)
+        #: key -> (message, edge -> users, waiter) of messages grouped, not yet published
+        self._outbox: dict[int, tuple[Message, dict[str, list[str]], AsyncResult]] = {}
+        #: every key up to this one is grouped (published, queued, or for nobody here)
+        self._grouped_upto = 0
+        #: keys above _grouped_upto already grouped
+        self._grouped: set[int] = set()
+        self._newest = 0
+        self._unkeyed = itertools.count(-(1 << 62))
+        self._wanted = Event()
+        self._flusher: gevent.Greenlet | None = None
         #: connections written to, as counted from presence
         self.deliveries = 0
         #: slow consumers are dropped, and counted, by the edges
@@ -269,7 +283,14 @@ class Presence:
         return sum(self.users.get(user, {}).values())
 
     def settle(self, low: int | None) -> None:
-        """Not kept across edges (yet): an edge may see two subjects' ids out of order."""
+        """*low* is the smallest key the router still routes: every smaller one is done."""
+        self._grouped_upto = max(self._grouped_upto, self._newest if low is None else low - 1)
+        self._advance()
+
+    def stop(self) -> None:
+        """Stop publishing (the router's end)."""
+        if self._flusher is not None:
+            self._flusher.kill()
 
     def kick(self, user: str) -> int:
         """Ask every edge to end *user*'s streams; how many presence counts."""
@@ -293,8 +314,14 @@ class Presence:
             if i % GROUP_BATCH == 0:
                 yield_to_hub()
         if not per_edge:
+            self._grouped_key(message.key)
             return 0
-        heard = self._sends.add((message, per_edge)).get()
+        done = AsyncResult()
+        # A message without an id (not routed by a Router) goes in arrival order.
+        key = message.key or next(self._unkeyed)
+        self._outbox[key] = (message, per_edge, done)
+        self._grouped_key(message.key)
+        heard = done.get()
         for edge, batch in per_edge.items():
             if not heard.get(edge):
                 # Redis is down, or the edge is not (yet) re-subscribed after a
@@ -303,6 +330,65 @@ class Presence:
                 delivered -= sum(self.users.get(u, {}).get(edge, 0) for u in batch)
         self.deliveries += delivered
         return delivered
+
+    # Theory of operation (id order per edge): the router gives ids in send
+    # order but groups the recipients of several sends at once, and a large
+    # fan-out yields while it groups, so a later id could be published first
+    # and an edge would write two subjects' ids out of order (then a stream
+    # that resumes from the later one would skip the earlier one, and say it
+    # recovered). In one process the connection table holds back the later
+    # message (ConnectionTable.settle); here it is the publisher that waits,
+    # since Redis keeps each edge channel's order and an edge delivers its
+    # batches one after the other. Ids come one by one (History.record), so
+    # the presence knows which smaller ids are still being grouped: a
+    # message goes out once every smaller id is grouped, in the same flush
+    # as those or after them, each edge's entries sorted by id. The router's
+    # settle() says which ids are done even if their grouping never reached
+    # deliver() (a failed lookup). The wait is bounded by the grouping of the
+    # smaller ids, not by their publishing: a flush carries all that is ready.
+
+    def _grouped_key(self, key: int) -> None:
+        if key <= 0:
+            self._wanted.set()
+        elif key > self._grouped_upto:
+            self._newest = max(self._newest, key)
+            self._grouped.add(key)
+        self._advance()
+
+    def _advance(self) -> None:
+        upto, grouped = self._grouped_upto, self._grouped
+        if grouped:
+            for key in [k for k in grouped if k <= upto]:
+                grouped.discard(key)
+            while upto + 1 in grouped:
+                upto += 1
+                grouped.discard(upto)
+            self._grouped_upto = upto
+        if self._outbox and min(self._outbox) <= upto:
+            self._wanted.set()
+            if self._flusher is None:
+                self._flusher = gevent.spawn(self._publish_in_order)
+
+    def _publish_in_order(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            upto = self._grouped_upto
+            ready = sorted(k for k in self._outbox if k <= upto)
+            if not ready:
+                continue
+            sends = [self._outbox.pop(k) for k in ready]
+            try:
+                heard = self._publish([(m, per_edge) for m, per_edge, _ in sends])
+            except Exception as exc:  # handed to every waiter of the batch
+                for _, _, done in sends:
+                    done.set_exception(exc)
+            else:
+                for _, _, done in sends:
+                    done.set(heard)
+            gevent.sleep(DELIVERY_FLUSH)
+            if self._outbox and min(self._outbox) <= self._grouped_upto:
+                self._wanted.set()
 
     def _publish(self, sends: list[tuple[Message, dict[str, list[str]]]]) -> dict[str, int]:
         # Theory: a message reaches ~30 friends on ~25 edges, and each Redis
