@@ -15,8 +15,9 @@ Redis keys and channels
 ``cometd:reply:<edge>``    channel: router -> one edge, call results
 ``cometd:edge:<edge>``     channel: router -> one edge, delivery batches
 ``cometd:presence``        channel: edges -> router, presence changes and heartbeats
-``cometd:control``         channel: router -> all edges, "send me a full snapshot", or
-                           ``{"kick": user}``: end that user's streams
+``cometd:control``         channel: router -> all edges, "send me a full snapshot",
+                           ``{"kick": user}``: end that user's streams, or
+                           ``{"head": id}``: the newest message id handed out
 
 Theory of operation
 -------------------
@@ -57,6 +58,14 @@ the stream meanwhile (see :mod:`cometd.server`). The router counts the user
 online on that edge before it reads the replay (:meth:`Presence.resumed`), so
 no message routed after the replay misses the stream.
 
+A fresh SSE stream's welcome carries an ``id:`` to resume from, as in one
+process: the newest id this edge knows of, from the messages routed to it and
+from the router, which tells every edge its head (``{"head": id}``) when it
+hears a snapshot and every ``EXPIRE_EVERY`` when it moved. That id is never
+above the router's head when the stream is counted online, so a client that
+connects and drops at once resumes without a gap (what was routed in between
+is replayed, as is anything from just before it connected).
+
 Both processes run with gevent's monkey patching, so redis-py's blocking
 sockets cooperate with the hub (see :mod:`cometd.cli`, which patches by role).
 """
@@ -80,7 +89,7 @@ from gevent.event import AsyncResult, Event
 
 from cometd import log
 from cometd.connections import ConnectionTable
-from cometd.history import Replay
+from cometd.history import Replay, format_id, parse_id
 from cometd.metrics import (
     BACKPLANE_BATCH,
     FANOUT_SIZE,
@@ -438,6 +447,7 @@ class RouterLink:
         self._greenlets: list[gevent.Greenlet] = []
         self._client = redis.Redis.from_url(url)
         self._replies = _Batches(self._publish_replies)
+        self._head_told = 0  # the head last told the edges (see _tell_head)
         #: calls answered, by operation
         self.calls: dict[str, int] = {}
 
@@ -476,6 +486,7 @@ class RouterLink:
             if "snapshot" in update:
                 self.presence.update(edge, update["snapshot"], snapshot=True,
                                      stamp=update.get("stamp"))
+                self._tell_head(force=True)  # a new or reconnected edge: its welcome id
             else:
                 self.presence.update(edge, update.get("counts", {}), stamp=update.get("stamp"))
                 if not known:
@@ -486,6 +497,16 @@ class RouterLink:
             gevent.sleep(EXPIRE_EVERY)
             self.presence.expire()
             self._forget_unsubscribed()
+            self._tell_head()
+
+    def _tell_head(self, force: bool = False) -> None:
+        head = self.backend.router.history.last
+        if force or head != self._head_told:
+            try:
+                self._client.publish(CONTROL, json.dumps({"head": format_id(head)}))
+            except redis.RedisError:
+                return  # told at the next tick
+            self._head_told = head
 
     def _forget_unsubscribed(self) -> None:
         # A killed edge sends no goodbye, and waiting out EDGE_TIMEOUT left its
@@ -658,8 +679,14 @@ class EdgeLink:
                 if channel == CONTROL:
                     if item["data"] == b"resync":
                         self._snapshot()
+                        continue
+                    control = json.loads(item["data"])
+                    if "head" in control:
+                        # A fresh SSE stream's welcome id (see the module docstring).
+                        head = parse_id(control["head"]) or 0
+                        self.table.newest = max(self.table.newest, head)
                     else:
-                        self.table.kick(json.loads(item["data"])["kick"])
+                        self.table.kick(control["kick"])
                 elif channel.startswith("cometd:reply:"):
                     reply = json.loads(item["data"])
                     waiter = self._pending.pop(reply["id"], None)

@@ -1029,6 +1029,42 @@ def test_the_seam_holds_across_edges(cluster):
     cluster.assert_healthy()
 
 
+def _welcome_id(edge: Edge, user: str) -> str | None:
+    """Open a fresh SSE stream of *user*, read its welcome, drop it: the welcome's id."""
+    sock = socket.create_connection(edge.addr, timeout=10)
+    sock.sendall(f"GET /events/{user} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    with StreamClient(sock) as client:
+        welcome = client.chunk().decode()
+    lines = [line[4:] for line in welcome.split("\n") if line.startswith("id: ")]
+    return lines[0] if lines else None
+
+
+def test_a_fresh_stream_on_an_edge_that_routed_nothing_can_resume(cluster):
+    """The welcome carries the router's head, so connect, drop, resume loses nothing."""
+    a, b = cluster.edges
+    cluster.subscribe(a, [["me", "f"]])
+    ids = [a.http("POST", "/send/f", b"before %d" % i)[1]["id"] for i in range(3)]
+    # Nobody is online: no edge has had a message routed to it, yet both
+    # learn the head (within a tick) and put it in a fresh stream's welcome.
+    for edge in (a, b):
+        assert wait_until(lambda e=edge: _welcome_id(e, "me") == ids[-1], BACK_WITHIN)
+    welcome = _welcome_id(b, "me")  # connect, and drop at once
+    assert welcome == ids[-1]
+    after = [a.http("POST", f"/send/{s}", f"{s} after".encode())[1]["id"]
+             for s in ("f", "stranger", "me")]
+    with _resume(b, "/events/me", welcome) as again:
+        assert again.headers["cometd-recovered"] == "true"
+        again.chunk()
+        assert _events(again, 2) == [(after[0], "f", "f after"), (after[2], "me", "me after")]
+    # A router restart starts a new epoch: the edges hear its head at once.
+    old = cluster.router
+    old.stop(signal.SIGKILL)
+    cluster.start_router()
+    assert wait_until(lambda: (_welcome_id(a, "me") or "0-0").split("-")[0]
+                      == str(int(ids[0].split("-")[0]) + 1), BACK_WITHIN)
+    cluster.assert_healthy(old)
+
+
 def _events_until(client: StreamClient, n: int, timeout: float) -> list[dict]:
     """Up to *n* SSE events (fewer if *timeout* passes first), each as {"id", "event", "data"}."""
     from test_history import events
