@@ -61,8 +61,9 @@ with ``--reconnect`` a stream that ends, or a connect that fails, is opened
 again after a backoff (0.1 s doubling per failed connect, at most 5 s, each
 +-50%) with ``Last-Event-ID`` set to the last id it saw (a message's, or its
 welcome's), so it resumes where it was (``reconnects`` counts them). With
-``--record FILE`` every SSE message's id is written as ``<user> <id>`` (a
-file per worker, joined at the end) for :mod:`cometd.loadtest.delivery`.
+``--record FILE`` every SSE message's id is written as ``<user> <id> <time>``
+(the unix time it was read; a file per worker, joined at the end) for
+:mod:`cometd.loadtest.delivery` and for timing a catch-up (bench/bench_storm.py).
 """
 
 from __future__ import annotations
@@ -407,7 +408,7 @@ class _Worker:
             if end > 4:
                 c.last = head[4:end]
                 if self.record is not None:
-                    self.record.write(b"%d %s\n" % (self.cfg.first_id + c.k, c.last))
+                    self.record.write(b"%d %s %.3f\n" % (self.cfg.first_id + c.k, c.last, now))
         elif head.startswith(b": Welcome"):  # an SSE welcome, maybe with an id to resume from
             self.welcomed += 1
             at = head.find(b"\nid: ")
@@ -1001,8 +1002,8 @@ def _print_summary(s: dict, out) -> None:
                    "up to 5 s, each +-50%; with --events it resumes from the last id it "
                    "saw (Last-Event-ID).")
 @click.option("--record", default=None, metavar="FILE",
-              help="With --events: write '<user> <message id>' to FILE for every event "
-                   "received (for the delivery check, cometd.loadtest.delivery).")
+              help="With --events: write '<user> <message id> <unix time>' to FILE for "
+                   "every event received (for the delivery check, cometd.loadtest.delivery).")
 def main(host, port, servers, n, rate, duration, first_id, source_ips, processes, interval,
          json_path, timeout, connect_timeout, max_pending, rst_close, events, reconnect,
          record) -> None:
