@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Reconnect storms: every stream kicked at once, or an edge killed, while messages flow.
 
-    bench/bench_storm.py [--users 15000] [--friends 15] [--rate 200] [--workers 0]
-                         [--scenario kick|kill] [--runs 3] [--json FILE]
+    bench/bench_storm.py [--users 15000] [--friends 15] [--rate 200] [--publish 10]
+                         [--workers 0] [--scenario kick|kill] [--runs 3] [--json FILE]
 
 Each of --runs rounds starts afresh in a temp dir: ``genfriends --n USERS --m
 FRIENDS --seed 1`` loaded into a new database, then the server (one process
 in pool mode, or with --workers N a router and N edges over a Redis started
 here), ``floodtest --events --reconnect --record`` holding one SSE stream per
 user, and, once all are counted, ``msggen --record`` publishing --rate
-messages a second from random users. Two seconds into it, the storm:
+messages a second from random users for --publish seconds. Two seconds into
+it, the storm:
 
 - *kick*: one admin connection sends ``kick <user>`` for every user at once
   (pipelined) and reads the replies;
@@ -140,7 +141,7 @@ class Round:
 
     def storm(self) -> dict:
         a = self.a
-        duration = 2 + a.storm_budget
+        duration = a.publish
         self.gen = self.spawn("msggen", [
             *tool("msggen"), "--url", f"http://127.0.0.1:{self.port}", "--rate", str(a.rate),
             "--duration", str(duration), "--users", str(a.users), "--seed", "1",
@@ -159,7 +160,7 @@ class Round:
         back = self.wait(lambda: self.connections() == a.users, a.storm_budget, "all back")
         marker = self.send(MARKER)
         self.gen.wait(duration + 30)
-        time.sleep(3)  # the last messages' deliveries
+        time.sleep(2)  # the last messages' deliveries
         self.flood.send_signal(signal.SIGTERM)
         self.flood.wait(60)
         return self.figures(t0, back, marker)
@@ -241,12 +242,16 @@ def main() -> None:
     p.add_argument("--mode", default="pool", choices=("pool", "greenlet"))
     p.add_argument("--workers", type=int, default=0, help="edges (0: one process)")
     p.add_argument("--scenario", default="kick", choices=("kick", "kill"))
+    p.add_argument("--publish", type=float, default=10,
+                   help="seconds msggen publishes for (the storm comes 2 s in)")
     p.add_argument("--storm-budget", type=float, default=30,
                    help="seconds all may take to come back before the run fails")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", help="write every run's figures and the medians here")
     p.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs)")
     a = p.parse_args()
+    if a.publish <= 2:
+        p.error("--publish must be over 2 s: the storm comes 2 s in")
     if a.scenario == "kill" and a.workers < 2:
         p.error("--scenario kill needs --workers >= 2")
     raise_nofile()
