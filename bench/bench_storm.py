@@ -29,6 +29,9 @@ Then, from the storm's start (T0):
   follows; its id marks the storm's end. Caught up is the time the last
   delivery of a message older than that marker was read by floodtest (its
   record's time column): everything missed during the storm has arrived;
+- *server CPU*: CPU seconds the server's processes (all of them, Redis
+  aside) used from T0 to all back: next to *all back*, whether the server's
+  CPU is what bounds it;
 - *lost*, *dup*, *unexpected*: the delivery check (:mod:`cometd.loadtest.delivery`)
   over the whole run, every message msggen published against every user.
   A send whose reply msggen lost (its connection was on the killed edge)
@@ -148,6 +151,7 @@ class Round:
             "--record", str(self.published), "--interval", "60",
             "--json", str(self.tmp / "msggen.json")])
         time.sleep(2)
+        cpu0 = self.server_cpu()
         t0 = time.time()
         if a.scenario == "kick":
             self.kick_all()
@@ -158,12 +162,33 @@ class Round:
             # gone (<= 0.5 s), and the reconnected ones beside them meanwhile.
             self.wait(lambda: self.connections() not in (-1, a.users), 10, "the count to move")
         back = self.wait(lambda: self.connections() == a.users, a.storm_budget, "all back")
+        cpu1 = self.server_cpu()
+        self.storm_cpu = sum(t - cpu0.get(pid, 0.0) for pid, t in cpu1.items())
         marker = self.send(MARKER)
         self.gen.wait(duration + 30)
         time.sleep(2)  # the last messages' deliveries
         self.flood.send_signal(signal.SIGTERM)
         self.flood.wait(60)
         return self.figures(t0, back, marker)
+
+    def server_cpu(self) -> dict[int, float]:
+        """pid -> CPU seconds (user + system) each of the server's processes used so far.
+
+        A killed edge is missing from a later call: its CPU in between is not counted.
+        """
+        try:
+            procs = [psutil.Process(self.server.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.Error:
+            return {}
+        out = {}
+        for proc in procs:
+            try:
+                cpu = proc.cpu_times()
+            except psutil.Error:
+                continue
+            out[proc.pid] = cpu.user + cpu.system
+        return out
 
     def kick_all(self) -> None:
         with socket.create_connection(("127.0.0.1", self.admin_port), timeout=30) as sock:
@@ -211,6 +236,7 @@ class Round:
         gen = json.loads((self.tmp / "msggen.json").read_text())
         flood = json.loads((self.tmp / "floodtest.json").read_text())
         return {"all_back_s": round(back - t0, 3), "caught_up_s": round(caught - t0, 3),
+                "server_cpu_s": round(self.storm_cpu, 2),
                 "lost": report.missing, "dup": report.duplicates,
                 "unexpected": report.unexpected - unrecorded, "unrecorded": unrecorded,
                 "msggen_errors": gen["errors_by_kind"],
@@ -264,7 +290,7 @@ def main() -> None:
         finally:
             r.close()
         log(f"run {i + 1}: {json.dumps(runs[-1])}" + (f" (kept {r.tmp})" if a.keep else ""))
-    keys = ("all_back_s", "caught_up_s", "lost", "dup", "unexpected")
+    keys = ("all_back_s", "caught_up_s", "server_cpu_s", "lost", "dup", "unexpected")
     medians = {k: statistics.median(run[k] for run in runs) for k in keys}
     setup = (f"{a.users} users, {a.scenario}, "
              + (f"--workers {a.workers}" if a.workers else f"one process, {a.mode} mode")
