@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -138,7 +139,7 @@ class Round:
         self.flood = self.spawn("floodtest", [
             *tool("floodtest"), "--server", f"127.0.0.1:{self.port}", "--n", str(a.users),
             "--rate", "0", "--events", "--reconnect", "--record", str(self.received),
-            "--source-ips", "127.0.3.1-127.0.3.4", "--duration", "120", "--interval", "60",
+            "--source-ips", "127.0.3.1-127.0.3.4", "--duration", "180", "--interval", "0.5",
             "--json", str(self.tmp / "floodtest.json")])
         self.wait(lambda: self.connections() == a.users, 120, f"{a.users} streams")
 
@@ -166,10 +167,39 @@ class Round:
         self.storm_cpu = sum(t - cpu0.get(pid, 0.0) for pid, t in cpu1.items())
         marker = self.send(MARKER)
         self.gen.wait(duration + 30)
-        time.sleep(2)  # the last messages' deliveries
+        self.settle()
+        self.not_recovered = self.metric("cometd_replays_total", 'result="not_recovered"')
+        self.ended = {reason: self.metric("cometd_disconnects_total", f'reason="{reason}"')
+                      for reason in ("client", "slow", "error", "kicked", "expired")}
         self.flood.send_signal(signal.SIGTERM)
         self.flood.wait(60)
         return self.figures(t0, back, marker)
+
+    def settle(self, quiet: float = 2.0, most: float = 60.0) -> None:
+        """Wait until floodtest has read no message for *quiet* s (at most *most* s).
+
+        A loaded server may still be delivering seconds after msggen's last
+        reply: stopping floodtest then would count those deliveries missing.
+        """
+        log_path = self.tmp / "floodtest.log"
+        seen, since, deadline = -1, time.monotonic(), time.monotonic() + most
+        while time.monotonic() < deadline:
+            found = re.findall(r"Chunks=(\d+)", log_path.read_text())
+            chunks = int(found[-1]) if found else 0
+            if chunks != seen:
+                seen, since = chunks, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.25)
+        log(f"deliveries still coming after {most:g}s")
+
+    def metric(self, name: str, label: str) -> float:
+        """The sum of the server's /metrics samples of *name* with *label* (every process's)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        (self.tmp / "metrics.txt").write_text("\n".join(lines))
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith(name + "{") and label in line)
 
     def server_cpu(self) -> dict[int, float]:
         """pid -> CPU seconds (user + system) each of the server's processes used so far.
@@ -239,6 +269,8 @@ class Round:
                 "server_cpu_s": round(self.storm_cpu, 2),
                 "lost": report.missing, "dup": report.duplicates,
                 "unexpected": report.unexpected - unrecorded, "unrecorded": unrecorded,
+                "not_recovered": self.not_recovered, "ended": self.ended,
+                "lost_examples": report.examples.get("missing", []),
                 "msggen_errors": gen["errors_by_kind"],
                 "published": report.published, "expected": report.expected,
                 "reconnects": flood.get("reconnects")}
