@@ -29,11 +29,14 @@ STREAMS KEY >``. The entries of one read are routed side by side (each in
 its own greenlet, in stream order, so one subject's messages keep their
 order: the router serialises sends per subject in arrival order), and once
 every one is routed, one pipelined round trip sends the replies and
-``XACK``\\s them all. So an entry read but not acknowledged, because cometd
-died or Redis went away, stays in the group's pending list; each time the
-reader (re)connects it first reads its own pending entries (``STREAMS KEY
-0``), and every ``CLAIM_EVERY`` it takes over (``XAUTOCLAIM``) entries
-another consumer has left pending for ``CLAIM_IDLE`` seconds. Nothing a
+``XACK``\\s them all. Up to ``IN_FLIGHT`` reads are being routed at once:
+the next read does not wait for the previous one's fan-out. So an entry
+read but not acknowledged, because cometd died or Redis went away, stays in
+the group's pending list; each time the reader (re)connects it first lets
+the reads under way finish, then reads its own pending entries (``STREAMS
+KEY 0``, then on past the last one read), and every ``CLAIM_EVERY`` it
+takes over (``XAUTOCLAIM``) entries another consumer has left pending for
+``CLAIM_IDLE`` seconds. Nothing a
 backend added is lost while the stream keeps it (a ``MAXLEN`` trim of an
 entry never read loses it; such entries, read back empty, count as
 rejected, "trimmed").
@@ -64,6 +67,7 @@ from typing import Any
 import gevent
 import redis
 from gevent.event import Event
+from gevent.pool import Pool
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -80,6 +84,7 @@ REFUSED_RETRY = 5.0  # ... and while it refuses a command (no permission, not a 
 CLAIM_IDLE = 30.0  # seconds an entry may wait in another consumer's pending list
 CLAIM_EVERY = 10.0
 INFO_EVERY = 1.0  # how often the lag is read (XINFO GROUPS)
+IN_FLIGHT = 4  # reads routed at once
 STOP_WAIT = 2.0  # seconds a stop waits for the read under way to be routed and acked
 
 
@@ -121,6 +126,9 @@ class Ingest(Collector):
         self._info_at = 0.0
         self._claim_at = 0.0
         self._reachable: bool | None = None
+        self._acks = Pool(IN_FLIGHT)
+        self._failed: redis.RedisError | None = None
+        self._last_ack: gevent.Greenlet | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -136,6 +144,8 @@ class Ingest(Collector):
         if self._greenlet is not None:
             self._greenlet.join(STOP_WAIT)
             self._greenlet.kill()
+        self._acks.join(STOP_WAIT)
+        self._acks.kill()
 
     def _forever(self) -> None:
         while not self._stopping.is_set():
@@ -164,17 +174,24 @@ class Ingest(Collector):
     # -- reading -------------------------------------------------------------
 
     def _run(self, client: redis.Redis) -> None:
+        # Reads still being routed from before a reconnect: let them finish
+        # (routed, marked) first, or the re-read below could route one again.
+        self._acks.join()
+        if self._failed is not None:
+            self._failed = None
         try:
             client.xgroup_create(self.stream, self.group, id="$", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
         # (Re)connected: first what this consumer read and did not ack.
+        after = "0"
         while not self._stopping.is_set():
-            entries = self._read(client, "0")
+            entries = self._read(client, after)
             if not entries:
                 break
             self._handle(client, entries, reread=True)
+            after = entries[-1][0]  # they stay pending until acked: read on past them
         self._say_reachable(True)
         while not self._stopping.is_set():
             now = time.monotonic()
@@ -188,7 +205,7 @@ class Ingest(Collector):
             if entries:
                 self._handle(client, entries, reread=False)
 
-    def _read(self, client: redis.Redis, start: str) -> list[tuple[bytes, dict | None]]:
+    def _read(self, client: redis.Redis, start: str | bytes) -> list[tuple[bytes, dict | None]]:
         reply = client.xreadgroup(self.group, self.consumer, {self.stream: start},
                                   count=self.batch, block=BLOCK_MS if start == ">" else None)
         return reply[0][1] if reply else []
@@ -220,7 +237,31 @@ class Ingest(Collector):
 
     def _handle(self, client: redis.Redis, entries: list[tuple[bytes, dict | None]],
                 reread: bool) -> None:
-        """Route one read's entries side by side, then reply and ack them in one round trip."""
+        """Start routing one read's entries; a greenlet acks them once they are routed.
+
+        Up to IN_FLIGHT reads are routed at once, so the next read does not
+        wait for the previous one's fan-out (the router flushes to the edges
+        every few ms). Their sends start here, in stream order, so one
+        subject's messages keep that order across reads too.
+        """
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed  # an ack failed: reconnect, and re-read what is pending
+        jobs = self._route(entries, reread)
+        # Waits while IN_FLIGHT are under way; each acks after the one before it.
+        self._last_ack = self._acks.spawn(self._acked, client, jobs, self._last_ack)
+
+    def _acked(self, client: redis.Redis, jobs: list[tuple[bytes, Any, bytes | None]],
+               before: gevent.Greenlet | None) -> None:
+        try:
+            if before is not None:
+                before.join()  # replies and acks in stream order
+            self._finish(client, jobs)
+        except redis.RedisError as exc:
+            self._failed = exc
+
+    def _route(self, entries: list[tuple[bytes, dict | None]],
+               reread: bool) -> list[tuple[bytes, Any, bytes | None]]:
         jobs: list[tuple[bytes, Any, bytes | None]] = []  # (entry id, greenlet or answer, reply)
         for entry_id, fields in entries:
             reply_to = fields.get(b"reply") if fields else None
@@ -237,6 +278,10 @@ class Ingest(Collector):
                     jobs.append((entry_id, format_id(int.from_bytes(done, "big")), reply_to))
                     continue
             jobs.append((entry_id, gevent.spawn(self._send, subject, body, mark), reply_to))
+        return jobs
+
+    def _finish(self, client: redis.Redis, jobs: list[tuple[bytes, Any, bytes | None]]) -> None:
+        """Wait for the sends, then reply and ack in one round trip, then drop the marks."""
         answers: list[tuple[bytes, str, bytes | None]] = []
         for entry_id, job, reply_to in jobs:
             if isinstance(job, gevent.Greenlet):
