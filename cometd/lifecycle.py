@@ -49,6 +49,13 @@ BANNER = re.compile(r"listening on http://\[?([\d.]+|[0-9a-f:]+)\]?:(\d+)/"
                     r"(?: admin \[?([\d.]+|[0-9a-f:]+)\]?:(\d+))?")
 
 
+#: sends a scale-out router fans out at once. Its fan-out only groups
+#: recipients by edge and waits for the next delivery flush (>= 10 ms apart),
+#: so the pool bounds sends per flush: 64 held the ingested stream to ~1,500
+#: msg/s at 100,000 connections with the router at 0.3 of a core.
+ROUTER_POOL = 1024
+
+
 class ListenError(Exception):
     """A port could not be bound; the message is one line."""
 
@@ -254,7 +261,7 @@ class Server:
         self._check_redis()
         store = self._store()
         presence = Presence(redis.Redis.from_url(url))
-        router = Router(store, presence, self._history(store))
+        router = Router(store, presence, self._history(store), pool_size=ROUTER_POOL)
         backend = LocalBackend(store, router, presence, self.config.history.replay_max)
         link = RouterLink(url, backend, presence)
         link.start()
