@@ -456,6 +456,12 @@ class Run:
         self.commands["msggen"] = shlex.join(msg_cmd)
         msg = self.spawn(msg_cmd, "msggen.log")
         self.watch("msgs", lambda s: msg.poll() is not None, every=3)
+        if a.publish == "redis-stream":
+            # What the router has not routed yet is still in the stream: let it
+            # catch up (bounded) before the drain ends floodtest.
+            behind_end = time.monotonic() + 120
+            self.watch("behind", lambda s: stream_done(url) or time.monotonic() >= behind_end,
+                       every=1)
         time.sleep(3)  # as after the ramp: let RSS / slab settle before the sample
         self.after_msgs = self.sample("after msgs")
         self.progress(self.after_msgs)
@@ -562,6 +568,18 @@ class Run:
             "floodtest": flood,
             "msggen": mg,
         }
+
+
+def stream_done(url: str) -> bool:
+    """Whether the router's group has read and acked every entry of the stream."""
+    import redis
+
+    try:
+        for group in redis.Redis.from_url(url).xinfo_groups(STREAM):
+            return not group["pending"] and not group["lag"]
+    except redis.RedisError:
+        pass
+    return True
 
 
 def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
@@ -729,7 +747,7 @@ def _finish(plt, fig, ax, samples: list[dict], ylabel: str, legend: str, path: s
 def _phases(ax, samples: list[dict]) -> None:
     last = None
     for s in samples:
-        if s["phase"] != last and s["phase"] in ("hold", "msgs", "drain"):
+        if s["phase"] != last and s["phase"] in ("hold", "msgs", "behind", "drain"):
             ax.axvline(s["t"], color="grey", lw=0.8, ls=":")
             ax.text(s["t"], ax.get_ylim()[1] * 0.02, " " + s["phase"], fontsize=7, color="grey")
         last = s["phase"]

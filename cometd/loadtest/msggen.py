@@ -21,7 +21,8 @@ Redis Stream cometd ingests (``--ingest-stream``; see :mod:`cometd.ingest`)::
 The latency reported is then the XADD's, and there is no delivered count
 (nothing answers with one). ``--record`` adds a ``reply`` list to each entry,
 into which cometd writes each entry's message id once routed; msggen reads it
-at the end (waiting up to ``--request-timeout`` for the last ones) and writes
+at the end (waiting while they keep coming, up to ``--request-timeout``
+without a new one) and writes
 ``<subject> <message id>`` as for HTTP.
 
 Only loopback URLs are accepted (the Redis one too).
@@ -361,10 +362,14 @@ class _Generator:
         cfg = self.cfg
         conn = _RedisConn(cfg.redis, cfg.request_timeout)
         try:
-            deadline = time.monotonic() + cfg.request_timeout
-            while (conn.call(b"LLEN", self.reply_key) < len(self.entries)
-                   and time.monotonic() < deadline):
+            # cometd may still be working through a backlog: wait while the
+            # ids keep coming, up to --request-timeout without a new one.
+            got, deadline = 0, time.monotonic() + cfg.request_timeout
+            while got < len(self.entries) and time.monotonic() < deadline:
                 gevent.sleep(0.05)
+                now = conn.call(b"LLEN", self.reply_key)
+                if now > got:
+                    got, deadline = now, time.monotonic() + cfg.request_timeout
             seen: set[bytes] = set()
             for line in conn.call(b"LRANGE", self.reply_key, b"0", b"-1"):
                 entry, _, answer = line.partition(b" ")
