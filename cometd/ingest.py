@@ -212,6 +212,9 @@ class Ingest(Collector):
 
     def _claim(self, client: redis.Redis) -> None:
         """Take over entries a consumer that went away left pending."""
+        # Our own reads still being acked are pending too: XAUTOCLAIM would
+        # report one that was trimmed meanwhile a second time.
+        self._acks.join()
         start = "0-0"
         while not self._stopping.is_set():
             reply = client.xautoclaim(self.stream, self.group, self.consumer,

@@ -187,3 +187,23 @@ def test_ingest_options_are_checked():
     config = load("supervisor", {"workers": "2", "redis": "redis://127.0.0.1:1/0",
                                  "ingest_stream": "s", "ingest_batch": "50"}, {})
     assert (config.ingest.stream, config.ingest.batch, config.ingest.group) == ("s", 50, "cometd")
+
+
+def test_an_entry_trimmed_while_pending_is_acked_and_counted_not_retried(
+        tmp_path, redis_server):
+    r = redis.Redis.from_url(redis_server.url)
+    r.xgroup_create(STREAM, "cometd", id="$", mkstream=True)
+    gone = r.xadd(STREAM, {"from": "a", "body": "read, then trimmed"})
+    r.xreadgroup("cometd", "c1", {STREAM: ">"})  # read by c1, which then died
+    r.xdel(STREAM, gone)
+    srv = ingesting(tmp_path, redis_server.url)
+    try:
+        wait_for(lambda: pending(r) == 0, 10, what="the trimmed entry acked")
+        wait_for(lambda: metric(srv, 'cometd_ingest_entries_total{result="rejected"}') == 1, 5)
+        time.sleep(0.5)  # the claim at start has run: it must not count it again
+        assert metric(srv, 'cometd_ingest_entries_total{result="rejected"}') == 1
+        assert metric(srv, 'cometd_ingest_entries_total{result="routed"}') == 0
+    finally:
+        srv.stop()
+    out = "".join(srv.output)
+    assert "stream entry rejected (trimmed)" in out and "Traceback" not in out
