@@ -51,7 +51,8 @@ counts connections that ended during the run (server EOF, reset, HTTP error,
 end of the chunked body) - not the ones floodtest itself closes at the end.
 ``bytes`` are raw bytes read from the sockets (headers and framing included);
 ``chunks`` are complete chunks (welcome included); ``messages`` are chunks that
-carried ``ts=`` and so fed the latency histogram. A connect that fails
+carried ``ts=`` (with ``--events``, an event whose body does) and so fed the
+latency histogram. A connect that fails
 (``ECONNREFUSED``, ``EADDRNOTAVAIL``, ``EMFILE``, timeout...) is counted in
 ``connect_errors`` (by errno name too) and is not retried, unless
 ``--reconnect``.
@@ -409,6 +410,9 @@ class _Worker:
                 c.last = head[4:end]
                 if self.record is not None:
                     self.record.write(b"%d %s %.3f\n" % (self.cfg.first_id + c.k, c.last, now))
+            body = head.find(b'"body": "ts=')  # data: {"from": ..., "body": "ts=...;..."}
+            if body > 0:
+                self._timed(head[body + 9:], now)
         elif head.startswith(b": Welcome"):  # an SSE welcome, maybe with an id to resume from
             self.welcomed += 1
             at = head.find(b"\nid: ")
@@ -416,15 +420,19 @@ class _Worker:
             if at > 0 and end > 0:
                 c.last = head[at + 5:end]
         elif head.startswith(b"ts="):
-            semi = head.find(b";", 3)
-            try:
-                ts = float(head[3:semi] if semi > 0 else head[3:])
-            except ValueError:
-                return
-            self.messages += 1
-            self.hist.record(now - ts)
+            self._timed(head, now)
         elif head.startswith(b"Welcome"):
             self.welcomed += 1
+
+    def _timed(self, head: bytes, now: float) -> None:
+        """A message body ``ts=<send time>;...``: count it and time its delivery."""
+        semi = head.find(b";", 3)
+        try:
+            ts = float(head[3:semi] if semi > 0 else head[3:])
+        except ValueError:
+            return
+        self.messages += 1
+        self.hist.record(now - ts)
 
     def _feed(self, fd: int, c: _Conn, data: bytes, now: float) -> None:
         """Advance the HTTP response parser of *c* over *data* (any split is fine)."""
