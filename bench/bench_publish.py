@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Server CPU per publish: the fast path, the bottle path and nginx + nchan, single and batched.
+
+    bench/bench_publish.py [--count 10000] [--rate 2000] [--rounds 3] [--batch 100]
+                           [--size 100] [--no-nchan] [--profile FILE]
+
+Contenders: ``bin/cometd`` in pool and greenlet mode, each with the fast
+path (the default) and with ``--no-fast-publish`` (pywsgi and bottle), and
+nginx + nchan (one worker, cometd/loadtest/nchan.conf) when installed. Every
+server is pinned to CPU 0 (taskset), this client to CPU 1. Each round sends
+--count messages of --size bytes, from subjects cycling over 1..1000 with
+nobody online, paced at --rate messages a second on one keep-alive
+connection, one request at a time: ``POST /send/<id>`` each, and for cometd
+also ``POST /publish`` with --batch messages a request. The figure is the
+server's CPU (user + system, from /proc/<pid>/schedstat over the process and
+its children) divided by the messages answered 2xx. Rounds alternate between
+the contenders; the table shows the median and each round.
+
+With ``--profile FILE``, one more pool-mode fast-path server runs under
+cProfile (``python -m cProfile -o FILE``) for one round of single sends, so
+the profile shows where the fast path's microseconds go. Loopback only; every
+loop is bounded by --count and a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cometd.loadtest.servers import NCHAN_MODULE, NCHAN_TEMPLATE, nchan_available  # noqa: E402
+
+SERVER_CPU, CLIENT_CPU = 0, 1
+USERS = 1000
+
+
+def tree_cpu_ns(pid: int) -> int:
+    """CPU nanoseconds run so far by *pid* and its children (nginx's worker)."""
+    total = 0
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+class Client:
+    """One keep-alive connection: a request, its Content-Length answer."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def request(self, data: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(data)
+        while b"\r\n\r\n" not in self.buf:
+            more = self.sock.recv(65536)
+            if not more:
+                raise RuntimeError("connection closed before the answer")
+            self.buf += more
+        head, _, rest = self.buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            more = self.sock.recv(65536)
+            if not more:
+                raise RuntimeError("connection closed inside the answer")
+            rest += more
+        self.buf = rest[length:]
+        return int(head.split(b" ", 2)[1]), rest[:length]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def requests(count: int, size: int, batch: int) -> list[tuple[bytes, int]]:
+    """The requests of one round and how many messages each carries."""
+    body = b"m" * size
+    out = []
+    if batch <= 1:
+        for i in range(count):
+            out.append((b"POST /send/%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                        % (i % USERS + 1, size, body), 1))
+        return out
+    line = b'{"from": "%d", "body": "' + body + b'"}\n'
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        payload = b"".join(line % ((start + j) % USERS + 1) for j in range(n))
+        out.append((b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                    % (len(payload), payload), n))
+    return out
+
+
+def run_round(port: int, pid: int, reqs: list[tuple[bytes, int]], rate: float) -> float:
+    """Server CPU microseconds per message answered 2xx, paced at *rate* messages a second."""
+    client = Client(port)
+    try:
+        client.request(reqs[0][0])  # warm: the connection and the first request's path
+        before = tree_cpu_ns(pid)
+        start = time.monotonic()
+        deadline = start + 10 + 2 * sum(n for _, n in reqs) / rate
+        sent = due = 0
+        for data, n in reqs:
+            delay = start + due / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            status, _ = client.request(data)
+            if 200 <= status < 300:
+                sent += n
+            due += n
+            if time.monotonic() > deadline:
+                raise RuntimeError("round over its time limit")
+        time.sleep(0.05)  # the last answer's tail of work
+        return (tree_cpu_ns(pid) - before) / max(sent, 1) / 1000
+    finally:
+        client.close()
+
+
+def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
+                 profile: str | None = None) -> tuple[subprocess.Popen, int]:
+    python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
+    proc = subprocess.Popen(
+        ["taskset", "-c", str(SERVER_CPU), *python, str(ROOT / "bin" / "cometd"), "--port", "0",
+         "--admin-port", "-1", "--mode", mode, "--db", str(tmp / name), *flags],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "http://127.0.0.1:" in line:
+            return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"cometd {name} did not start")
+
+
+def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
+    work = tmp / "nchan"
+    (work / "client_body").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = NCHAN_TEMPLATE.read_text().format(module=NCHAN_MODULE, nofile=4096, prefix=work,
+                                             host="127.0.0.1", port=port,
+                                             worker_connections=1024)
+    (work / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), nginx, "-p", str(work), "-c",
+                             str(work / "nginx.conf"), "-e", str(work / "error.log")])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("nginx + nchan did not start")
+
+
+def print_table(title: str, results: dict[str, list[float]], reference: str | None) -> None:
+    ref = statistics.median(results[reference]) if reference in results else None
+    print(f"| {title} | server CPU µs per message, median | × nchan | min–max (each round) |")
+    print("|---|---:|---:|---|")
+    for name, values in results.items():
+        med = statistics.median(values)
+        ratio = f"{med / ref:.2f}" if ref else "–"
+        print(f"| {name} | {med:.1f} | {ratio} | {min(values):.1f}–{max(values):.1f} "
+              f"({' / '.join(f'{v:.1f}' for v in values)}) |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--count", type=int, default=10_000, help="messages per round")
+    ap.add_argument("--rate", type=float, default=2000, help="messages a second")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=100, help="messages per /publish request")
+    ap.add_argument("--size", type=int, default=100, help="bytes per message")
+    ap.add_argument("--no-nchan", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile output of a fast-path round")
+    args = ap.parse_args()
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    tmp = Path(tempfile.mkdtemp(prefix="bench-publish-"))
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        for mode in ("pool", "greenlet"):
+            servers[f"cometd {mode}, fast path"] = start_cometd(tmp, f"{mode}-fast", mode, [])
+            servers[f"cometd {mode}, bottle"] = start_cometd(tmp, f"{mode}-bottle", mode,
+                                                             ["--no-fast-publish"])
+        nginx = None if args.no_nchan else nchan_available()
+        if nginx:
+            servers["nginx + nchan"] = start_nchan(nginx, tmp)
+        single = requests(args.count, args.size, 1)
+        batched = requests(args.count, args.size, args.batch)
+        one: dict[str, list[float]] = {name: [] for name in servers}
+        many: dict[str, list[float]] = {name: [] for name in servers if name.startswith("cometd")}
+        for _ in range(args.rounds):
+            for name, (proc, port) in servers.items():
+                one[name].append(run_round(port, proc.pid, single, args.rate))
+                if name in many:
+                    many[name].append(run_round(port, proc.pid, batched, args.rate))
+        print_table(f"POST /send, {args.count} × {args.size} B at {args.rate:g}/s, "
+                    f"nobody online ({args.rounds} rounds)", one, "nginx + nchan")
+        print()
+        many_ref = {**many, "nginx + nchan (single /send)": one["nginx + nchan"]} if nginx else many
+        print_table(f"POST /publish, {args.batch} a request, same messages", many_ref,
+                    "nginx + nchan (single /send)")
+        print(json.dumps({"single": one, "batch": many}), file=sys.stderr)
+        if args.profile:
+            proc, port = start_cometd(tmp, "profiled", "pool", [], profile=args.profile)
+            servers["profiled"] = (proc, port)
+            run_round(port, proc.pid, single, args.rate)
+    finally:
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
