@@ -12,8 +12,8 @@ server is pinned to CPU 0 (taskset), this client to CPU 1. Each round sends
 nobody online, paced at --rate messages a second on one keep-alive
 connection, one request at a time: ``POST /send/<id>`` each, and for cometd
 also ``POST /publish`` with --batch messages a request. The figure is the
-server's CPU (user + system, from /proc/<pid>/schedstat over the process and
-its children) divided by the messages answered 2xx. nginx ends a keep-alive
+server's CPU (user + system, from the schedstat of every thread of the process
+and its children) divided by the messages answered 2xx. nginx ends a keep-alive
 connection after 1,000 requests (keepalive_requests), and the client then
 opens the next: 10 connections in 10,000 publishes. Rounds alternate between
 the contenders; the table shows the median and each round.
@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cometd.loadtest.sampling import schedstat_cpu_ns  # noqa: E402
 from cometd.loadtest.servers import NCHAN_MODULE, NCHAN_TEMPLATE, nchan_available  # noqa: E402
 
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -49,21 +50,14 @@ USERS = 1000
 
 
 def tree_cpu_ns(pid: int) -> int:
-    """CPU nanoseconds run so far by *pid* and its children (nginx's worker)."""
-    total = 0
+    """CPU nanoseconds run so far by every thread of *pid* and of its children (nginx's worker)."""
     pids = [pid]
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             pids += [int(p) for p in f.read().split()]
     except OSError:
         pass
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:
-            pass
-    return total
+    return sum(schedstat_cpu_ns(p) for p in pids)
 
 
 class Client:
