@@ -18,17 +18,21 @@ connection after 1,000 requests (keepalive_requests), and the client then
 opens the next: 10 connections in 10,000 publishes. Rounds alternate between
 the contenders; the table shows the median and each round.
 
-With ``--profile FILE``, one more pool-mode fast-path server runs under
-cProfile (``python -m cProfile -o FILE``) for one round of single sends, so
-the profile shows where the fast path's microseconds go. Loopback only; every
-loop is bounded by --count and a timeout.
+With ``--profile DIR``, one more pool-mode fast-path server is sampled by
+py-spy (the ``profile`` extra; 500 Hz, idle excluded) through one round of
+single sends and one of batches: DIR gets the collapsed stacks
+(``single.txt``, ``batch.txt``), and the table printed is CPU µs per message
+by function, inclusive, from the samples. Loopback only; every loop is
+bounded by --count and a timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -143,11 +147,10 @@ def run_round(port: int, pid: int, reqs: list[tuple[bytes, int]], rate: float) -
         client.close()
 
 
-def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
-                 profile: str | None = None) -> tuple[subprocess.Popen, int]:
-    python = [sys.executable, *(["-m", "cProfile", "-o", profile] if profile else [])]
+def start_cometd(tmp: Path, name: str, mode: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        ["taskset", "-c", str(SERVER_CPU), *python, str(ROOT / "bin" / "cometd"), "--port", "0",
+        ["taskset", "-c", str(SERVER_CPU), sys.executable, str(ROOT / "bin" / "cometd"),
+         "--port", "0",
          "--admin-port", "-1", "--mode", mode, "--db", str(tmp / name), *flags],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 30
@@ -184,6 +187,40 @@ def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("nginx + nchan did not start")
 
 
+SAMPLE_US = 2000  # py-spy at 500 Hz
+
+
+def profile(port: int, pid: int, reqs: list[tuple[bytes, int]], rate: float, out: Path,
+            title: str) -> None:
+    """One round under py-spy; print CPU µs per message by function, inclusive."""
+    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "-r", "500",
+                            "--nonblocking", "--format", "raw", "-o", str(out),
+                            "--pid", str(pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    measured = run_round(port, pid, reqs, rate)
+    spy.send_signal(signal.SIGINT)
+    spy.wait(30)
+    messages = sum(n for _, n in reqs)
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        names = set()
+        for frame in stack.split(";"):
+            m = re.match(r"(.*) \((.*?):\d+\)", frame)
+            names.add(f"{m[1]} ({Path(m[2]).name})" if m else frame)
+        for name in names:
+            inclusive[name] += int(count)
+    print(f"| {title}: {measured:.1f} µs measured, {total * SAMPLE_US / messages:.1f} µs "
+          "sampled | µs per message, inclusive |")
+    print("|---|---:|")
+    for name, count in inclusive.most_common(25):
+        print(f"| `{name}` | {count * SAMPLE_US / messages:.1f} |")
+    print()
+
+
 def print_table(title: str, results: dict[str, list[float]], reference: str | None) -> None:
     ref = statistics.median(results[reference]) if reference in results else None
     print(f"| {title} | server CPU µs per message, median | × nchan | min–max (each round) |")
@@ -203,7 +240,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100, help="messages per /publish request")
     ap.add_argument("--size", type=int, default=100, help="bytes per message")
     ap.add_argument("--no-nchan", action="store_true")
-    ap.add_argument("--profile", metavar="FILE", help="cProfile output of a fast-path round")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy a fast-path server into DIR")
     args = ap.parse_args()
     os.sched_setaffinity(0, {CLIENT_CPU})
     tmp = Path(tempfile.mkdtemp(prefix="bench-publish-"))
@@ -233,9 +270,15 @@ def main() -> None:
                     "nginx + nchan (single /send)")
         print(json.dumps({"single": one, "batch": many}), file=sys.stderr)
         if args.profile:
-            proc, port = start_cometd(tmp, "profiled", "pool", [], profile=args.profile)
+            out = Path(args.profile)
+            out.mkdir(parents=True, exist_ok=True)
+            proc, port = start_cometd(tmp, "profiled", "pool", [])
             servers["profiled"] = (proc, port)
-            run_round(port, proc.pid, single, args.rate)
+            print()
+            profile(port, proc.pid, single, args.rate, out / "single.txt",
+                    "pool, fast path, POST /send")
+            profile(port, proc.pid, batched, args.rate, out / "batch.txt",
+                    f"pool, fast path, POST /publish of {args.batch}")
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
