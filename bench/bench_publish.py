@@ -193,7 +193,8 @@ SAMPLE_US = 2000  # py-spy at 500 Hz
 def profile(port: int, pid: int, reqs: list[tuple[bytes, int]], rate: float, out: Path,
             title: str) -> None:
     """One round under py-spy; print CPU µs per message by function, inclusive."""
-    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "-r", "500",
+    beside = Path(sys.executable).with_name("py-spy")  # the venv's, when not on PATH
+    spy = subprocess.Popen([shutil.which("py-spy") or str(beside), "record", "-r", "500",
                             "--nonblocking", "--format", "raw", "-o", str(out),
                             "--pid", str(pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
