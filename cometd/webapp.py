@@ -9,6 +9,8 @@ Routes
 ``POST /send/<subject>``      publish the request body -> ``{"delivered": N, "id": "<id>"}``
 ``POST /publish``             many messages, one JSON object a line (see :mod:`cometd.publish`)
                               -> ``{"results": [{"delivered": N, "id": "<id>"}, ...]}``
+``GET /poll/<id>``            long poll: ``?since=<message id>&timeout=<s>`` -> one JSON answer
+                              (:mod:`cometd.longpoll`)
 ``GET /subscribers/<id>``     ``{"subscribers": [...]}``
 ``GET /subscriptions/<id>``   ``{"subscriptions": [...]}``
 ``POST /subscriptions``       JSON ``[[subscriber, subscribee], ...]`` -> ``{"added": N}``
@@ -48,6 +50,7 @@ from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
+from cometd.longpoll import POLL_KEY, PollError, PollRequest, parse_poll_query
 from cometd.publish import AUTH_FAILURES as _AUTH_FAILURES
 from cometd.publish import Answer, BackendUnavailable, BodyError, answer_publish, answer_send
 from cometd.store import SelfSubscription, check_pair
@@ -215,6 +218,31 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
     @app.get("/events/<user:re:.*>")
     def events_stream(user: str) -> str:
         return stream(user, sse=True)
+
+    @app.get("/poll/<user:re:.*>")
+    def poll(user: str) -> Any:
+        # Parsed here, answered by the server (cometd.longpoll), as a stream is.
+        environ = bottle.request.environ
+        identity = auth.stream(user, environ.get("HTTP_AUTHORIZATION"),
+                               environ.get("QUERY_STRING", ""), environ.get("HTTP_COOKIE"))
+        try:
+            user = check_id(user)
+        except InvalidId as exc:
+            return _error(400, str(exc))
+        if bottle.request.method == "HEAD":
+            COUNTS.rejected["405"] += 1
+            return bottle.HTTPResponse(json.dumps({"error": "a poll is GET only"}), status=405,
+                                       headers={"Content-Type": "application/json",
+                                                "Allow": "GET"})
+        if environ.get("HTTP_TRANSFER_ENCODING") or int(environ.get("CONTENT_LENGTH") or 0):
+            return _error(400, "a poll request has no body")
+        try:
+            since, timeout = parse_poll_query(environ.get("QUERY_STRING", ""))
+        except PollError as exc:
+            return _error(400, str(exc))
+        environ[POLL_KEY] = PollRequest(user, since, timeout,
+                                        None if identity is None else identity.expires)
+        return ""
 
     # The same functions as the server's fast path (cometd.publish), which
     # takes most publishes before they get here.
