@@ -277,6 +277,8 @@ class _Generator:
                         self.recorded.append(f"{subject} {answer['id']}\n")
                 except (ValueError, AttributeError, TypeError, KeyError):
                     st.error("bad-json")
+            elif status in (201, 202):  # nginx + nchan's publisher (the fan-out bench's peer)
+                st.sent += 1
             else:
                 st.error(f"http-{status}")
             if not keep:
