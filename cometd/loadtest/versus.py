@@ -104,13 +104,13 @@ def feed_paths(friends: dict[int, list[int]], users: int) -> tuple[list[str], li
     return cometd, nchan
 
 
-def spread(values: list[float]) -> str:
-    """``median (min–max)`` of *values*."""
+def spread(values: list[float], unit: str = "") -> str:
+    """``median (min–max)`` of *values*, *unit* after the median."""
     if not values:
         return "n/a"
     if len(values) == 1:
-        return fmt(values[0])
-    return f"{fmt(statistics.median(values))} ({fmt(min(values))}–{fmt(max(values))})"
+        return fmt(values[0]) + unit
+    return f"{fmt(statistics.median(values))}{unit} ({fmt(min(values))}–{fmt(max(values))})"
 
 
 def _read_friends(path: Path) -> dict[int, list[int]]:
@@ -266,7 +266,7 @@ def versus_report(results: list[dict], opts: dict, info: dict, notes: list[str],
                     (base[r["round"]] / r[key])
                     for r in by[(scenario, c)] if r.get(key) and base.get(r["round"])]
             ratios[(scenario, c)] = vals
-            rcells.append(spread(vals) + "×" if vals else "n/a")
+            rcells.append(spread(vals, "×"))
         L.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(rcells) + " |")
     L += ["", "Ratios: cometd's figure over nchan's in the same round (for `send`, nchan's CPU "
           "per publish over cometd's: above 1 is cometd cheaper).", "", "## Targets", ""]
@@ -275,7 +275,7 @@ def versus_report(results: list[dict], opts: dict, info: dict, notes: list[str],
         if vals is None:
             continue
         med = statistics.median(vals) if vals else 0.0
-        L.append(f"- {scenario}, {mode}: ≥ {target:g}× nchan: {spread(vals)}× — "
+        L.append(f"- {scenario}, {mode}: ≥ {target:g}× nchan: {spread(vals, '×')} — "
                  + ("met" if med >= target else "**missed**"))
     L += ["", "## Every run", "",
           "| round | scenario | contender | published | streams | deliveries (cometd's "
