@@ -132,6 +132,8 @@ class MsgGenConfig:
     request_timeout: float = 5.0
     timeout: float = 0.0  # 0: duration + request_timeout + 10
     seed: int | None = None
+    #: stop after this many slots (0: no limit; --duration still bounds the run)
+    count: int = 0
     #: write "<subject> <message id>" for every message the server took
     #: (see cometd.loadtest.delivery)
     record: str | None = None
@@ -219,15 +221,19 @@ class _Generator:
             return None
         i = self.next_slot
         rate = self.cfg.rate
+        if self.cfg.count and i >= self.cfg.count:
+            return None
         if not rate:
             self.next_slot = i + 1
             return i, now
         due = self.t0 + i / rate
         if now - due > SLACK:  # the server is behind: skip, do not queue
             j = int((now - self.t0) * rate)
+            if self.cfg.count:
+                j = min(j, self.cfg.count)
             self.stats.missed += j - i
             i, due = j, self.t0 + j / rate
-        if due >= self.end:
+        if due >= self.end or (self.cfg.count and i >= self.cfg.count):
             return None
         self.next_slot = i + 1
         return i, due
@@ -432,11 +438,14 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Hard limit on the whole run in seconds. "
                    "Default: duration + request timeout + 10.")
 @click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
+@click.option("--count", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many slots, sent or missed (0: no limit); --duration "
+                   "still bounds the run.")
 @click.option("--record", default=None, metavar="FILE",
               help="Write '<subject> <message id>' to FILE for every message the server "
                    "took, in reply order (for the delivery check, cometd.loadtest.delivery).")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
-         request_timeout, timeout, seed, record) -> None:
+         request_timeout, timeout, seed, count, record) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for
     --duration seconds, from random subjects in 1..--users.
 
@@ -447,7 +456,8 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
     cfg = MsgGenConfig(
         url=url, rate=rate, duration=duration, users=users, zipf=zipf,
         concurrency=concurrency, size=size, interval=interval,
-        request_timeout=request_timeout, timeout=timeout, seed=seed, record=record,
+        request_timeout=request_timeout, timeout=timeout, seed=seed, count=count,
+        record=record,
     )
     try:
         _validate(cfg)

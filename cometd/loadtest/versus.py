@@ -174,10 +174,9 @@ def _run(server: Server, paths: list[str], users: int, count: int, rate: float,
     c0 = server.counters()
     u0, s0 = server.cpu_split()
     t0 = time.monotonic()
-    # Slot i is due at i / rate and slots due before the end are sent: this
-    # duration makes exactly *count* of them.
-    mg, mjson = msggen(server.url, rate, (count - 0.5) / rate, users, 1, logdir, tag,
-                       seed=opts["seed"], size=BODY_SIZE, cpus=client)
+    # Exactly *count* slots; the duration leaves the last replies time to come.
+    mg, mjson = msggen(server.url, rate, count / rate + 2, users, 1, logdir, tag,
+                       seed=opts["seed"], size=BODY_SIZE, count=count, cpus=client)
     wait_proc(mg, count / rate + 60)
     stop(mg)
     last, quiet_since = _reader_status(status)["deliveries"], time.monotonic()
