@@ -128,6 +128,10 @@ class HttpConfig:
         None, "let pages of this origin (scheme://host[:port], or * for any) read responses "
         "and streams (CORS); repeatable, or several in one variable separated by spaces",
         flag="--cors-origin", kind=tuple, metavar="ORIGIN")
+    fast_publish: bool = _option(True, "serve POST /send and POST /publish on keep-alive "
+                                 "connections without pywsgi and bottle (--no-fast-publish: "
+                                 "through them, like every other request)",
+                                 flag="--fast-publish", kind=bool)
     insecure: bool = _option(False, "serve with no authentication on a non-loopback --host "
                              "(refused without this flag)", flag="--insecure", kind=bool)
 

@@ -133,6 +133,13 @@ class Ingest(Collector):
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
+        # The group first, before the server says it is ready: an entry added
+        # after the banner is then read, never skipped by a group made at "$"
+        # a moment later. Redis down: the loop below makes it once it answers.
+        try:
+            self._create_group(redis.Redis.from_url(self.url, socket_timeout=2))
+        except (redis.RedisError, OSError):
+            pass
         self._greenlet = gevent.spawn(self._forever)
         log.event("ingest_started", f"routing Redis Stream {self.stream} at "
                   f"{redacted(self.url)} (group {self.group}, consumer {self.consumer})",
@@ -173,17 +180,20 @@ class Ingest(Collector):
 
     # -- reading -------------------------------------------------------------
 
+    def _create_group(self, client: redis.Redis) -> None:
+        try:
+            client.xgroup_create(self.stream, self.group, id="$", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
     def _run(self, client: redis.Redis) -> None:
         # Reads still being routed from before a reconnect: let them finish
         # (routed, marked) first, or the re-read below could route one again.
         self._acks.join()
         if self._failed is not None:
             self._failed = None
-        try:
-            client.xgroup_create(self.stream, self.group, id="$", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self._create_group(client)
         # (Re)connected: first what this consumer read and did not ack.
         after = "0"
         while not self._stopping.is_set():
