@@ -16,6 +16,8 @@ Routes
 ``GET /metrics``              Prometheus text format (:mod:`cometd.metrics`)
 ``GET /healthz``              ``{"status": "ok"}`` while the process serves (no auth)
 ``GET /readyz``               200, or 503 with what is missing (no auth)
+``GET /``                     the demo page, with ``/page.css`` and ``/page.js``
+                              (:mod:`cometd.page`; no auth: the files hold no secret)
 
 With authentication configured, every route asks the
 :class:`~cometd.auth.Authenticator` first (see :mod:`cometd.auth` for who may
@@ -47,6 +49,7 @@ from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
 from cometd.log import Burst
+from cometd.page import install as install_page
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
 
@@ -270,6 +273,8 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         auth.permit(caller(), None)  # an API key when auth is on, like /stats
         return bottle.HTTPResponse(backend.metrics(), status=200,
                                    headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    install_page(app)  # GET /: the demo page (cometd.page)
 
     # Health is for load balancers and orchestrators: no credential, and
     # nothing in it but whether the process serves and which part is missing.

@@ -8,13 +8,13 @@ import functools
 import http.server
 import json
 import re
-import shutil
 import socket
 import subprocess
 import threading
 import time
 
 import pytest
+from browser import CHROMIUM, chrome_flags, needs_chromium
 from conftest import (
     StreamClient,
     get_stats,
@@ -308,15 +308,14 @@ es.onerror = () => { es.close(); finish("stream", "error"); };
 def browser_run(page_url: str, profile: str) -> dict:
     """What BROWSER_PAGE found, loaded by headless Chromium at *page_url*."""
     out = subprocess.run(
-        [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
-         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", page_url],
+        [CHROMIUM, *chrome_flags(profile), "--virtual-time-budget=10000", "--dump-dom", page_url],
         capture_output=True, text=True, timeout=30).stdout
     found = re.search(r'<pre id="out">([^<]*)</pre>', out)
     assert found and found.group(1) != "pending", out
     return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
+@needs_chromium
 def test_a_browser_page_reads_only_when_its_origin_is_allowed(tmp_path):
     (tmp_path / "page.html").write_text(BROWSER_PAGE)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -417,7 +416,7 @@ es.onerror = () => { es.close(); out.textContent = JSON.stringify({stream: "erro
 """
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
+@needs_chromium
 def test_a_browser_stream_with_its_token_in_a_cookie(tmp_path):
     (tmp_path / "page.html").write_text(COOKIE_PAGE)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
