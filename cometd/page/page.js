@@ -136,18 +136,36 @@
     return source;
   }
 
-  function openSocket(mine) {
-    // What this expects of /ws/<id>: text frames, each a JSON object like the
-    // SSE data ({"from", "body"}, with "id" when the server has one); any other
-    // frame goes to the connection log, not to the feed.
+  // /ws/<id> (cometd/websocket.py): text frames of JSON, a welcome first
+  // ({"welcome", "id"}; a resume's adds "recovered" and, when false, "reason"),
+  // then one {"id", "from", "body"} per message. A WebSocket does not come
+  // back by itself, so after a close that is not final the page reopens it
+  // with ?since=<the last id> as EventSource would with Last-Event-ID.
+  const WS_FINAL = new Set([1000, 1008]);  // closed by the page / token expired
+  const WS_RETRIES = 5;
+
+  function openSocket(mine, since = "", failures = 0) {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    const socket = new WebSocket(
-      `${scheme}//${location.host}/ws/${encodeURIComponent(user)}${streamQuery()}`);
+    const query = new URLSearchParams();
+    if (token) query.set("token", token);
+    if (since) query.set("since", since);
+    const search = query.toString();
+    const socket = new WebSocket(`${scheme}//${location.host}/ws/${encodeURIComponent(user)}` +
+      (search ? "?" + search : ""));
+    let open = false, welcomeId = "";
     socket.onopen = () => {
       if (mine !== generation) return;
+      open = true;
       opens += 1;
-      setState("open", "connected (WebSocket)");
-      log(`WebSocket open for ${user}`);
+      if (opens === 1) {
+        setState("open", "connected (WebSocket)");
+        log(`WebSocket open for ${user}`);
+        return;
+      }
+      reconnects += 1;
+      $("reconnects").textContent = String(reconnects);
+      setState("open", "reconnected (WebSocket)");
+      log(`reconnected, resuming after ${since}`);
     };
     socket.onmessage = event => {
       if (mine !== generation) return;
@@ -159,16 +177,36 @@
       }
       if (data && typeof data === "object" && "body" in data) {
         showMessage(String(data.id ?? ""), String(data.from ?? "?"), String(data.body));
+      } else if (data && typeof data === "object" && "welcome" in data) {
+        welcomeId = String(data.id ?? "");
+        if (data.recovered === true) {
+          setResume("recovered", `after ${since}: complete`);
+        } else if (data.recovered === false) {
+          setResume("gap", `gap after ${data.last_event_id || since}: ${data.reason || "unknown"}`);
+          log(`gap: ${data.reason || "unknown"}; some messages are missing (reload for the rest)`);
+        }
       } else {
         log(`server: ${String(event.data).slice(0, 200)}`);
       }
     };
     socket.onclose = event => {
       if (mine !== generation) return;
-      setState(opens ? "closed" : "failed", opens ? "closed" : "refused");
-      log(`WebSocket closed (${event.code}${event.reason ? ": " + event.reason : ""})` +
-        (opens ? "" : "; this server may offer no /ws: choose EventSource"));
-      connected(false);
+      const why = `${event.code}${event.reason ? ": " + event.reason : ""}`;
+      const tries = open ? 0 : failures + 1;
+      if (!opens || WS_FINAL.has(event.code) || tries >= WS_RETRIES) {
+        setState(opens ? "closed" : "failed", opens ? "closed" : "refused");
+        log(`WebSocket closed (${why})` +
+          (opens ? "" : "; this server may offer no /ws: choose EventSource"));
+        connected(false);
+        return;
+      }
+      const after = lastId || welcomeId || since;
+      setState("reconnecting", "reconnecting...");
+      log(`WebSocket closed (${why}); reopening with since=${after || "(none)"}`);
+      // 1 to 2 s, as a welcome's retry: clients cut off together come back spread out.
+      setTimeout(() => {
+        if (mine === generation) stream = openSocket(mine, after, tries);
+      }, 1000 + Math.random() * 1000);
     };
     return socket;
   }
