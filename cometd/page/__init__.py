@@ -4,7 +4,7 @@ One page (``index.html``) with its stylesheet (``/page.css``) and script
 (``/page.js``): no build step, nothing from another site, so it works
 offline. It talks only to the API of the server that served it: the user's
 feed through ``EventSource`` on ``/events/<id>`` (or a WebSocket on
-``/ws/<id>`` when the server offers one), ``POST /send/<id>``,
+``/ws/<id>`` when the server offers one, reopened with ``?since=``), ``POST /send/<id>``,
 ``/subscriptions/<id>`` and ``/subscribers/<id>``; a pasted token goes on
 the stream as ``?token=`` and on the API as ``Authorization: Bearer``.
 
