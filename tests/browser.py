@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["CHROMIUM", "CHROMEDRIVER", "needs_chromium", "chrome", "chrome_flags"]
+__all__ = ["CHROMIUM", "CHROMEDRIVER", "needs_chromium", "chrome"]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -23,12 +23,6 @@ needs_chromium = pytest.mark.skipif(
     reason="no chromium and chromium-driver here (bin/dev test installs them)")
 
 
-def chrome_flags(profile: str) -> list[str]:
-    """The flags every headless run takes: no sandbox (root), no GPU, its own profile."""
-    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}"]
-
-
 def chrome(profile: str, width: int = 1200, height: int = 900) -> Any:
     """A selenium WebDriver on headless Chromium with a *width* x *height* window."""
     from selenium import webdriver
@@ -36,7 +30,9 @@ def chrome(profile: str, width: int = 1200, height: int = 900) -> Any:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in [*chrome_flags(profile), f"--window-size={width},{height}",
+    # No sandbox: the tests run as root. Its own profile: nothing left from another run.
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", f"--window-size={width},{height}",
                  "--no-first-run", "--no-default-browser-check", "--disable-extensions",
                  "--disable-background-networking", "--disable-component-update"]:
         options.add_argument(flag)
