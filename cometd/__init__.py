@@ -20,6 +20,7 @@ recipient's stream:
 - :mod:`cometd.history` — message ids and the persistent history streams resume from.
 - :mod:`cometd.streamhttp` — the bytes of a stream: its request, head and framing.
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
+- :mod:`cometd.longpoll` — ``GET /poll/<id>``: a poll waits in the table, answered once.
 - :mod:`cometd.expiry` — closes streams when their token stops being accepted.
 
 Around that path:

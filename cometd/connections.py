@@ -77,6 +77,7 @@ from cometd.streamhttp import (
     EXPIRED_EVENT,
     KEEPALIVE,
     LAST_CHUNK,
+    POLL,
     SSE_CHUNKED,
     SSE_RAW,
     Message,
@@ -354,14 +355,16 @@ class ConnectionTable:
         return len(self.users.get(user, ()))
 
     def adopt(self, sock: socket.socket, user: str, kind: int,
-              expires: float | None = None, address: str | None = None) -> Connection:
+              expires: float | None = None, address: str | None = None,
+              factory: type[Connection] = Connection) -> Connection:
         """Take over a stream whose headers have been sent; the user logs in.
 
         *expires*: when its token stops being accepted (Unix time); the stream ends then.
         *address*: the client's, counted in ``addresses`` while the stream is open.
+        *factory*: the connection's class (a long poll's is cometd.longpoll's).
         """
         sock.setblocking(False)
-        conn = Connection(self, sock, user, kind)
+        conn = factory(self, sock, user, kind)
         if address is not None:
             conn.address = address
             self.addresses[address] = self.addresses.get(address, 0) + 1
@@ -501,11 +504,12 @@ class ConnectionTable:
             try:
                 data = conn.sock.recv(4096)
             except BlockingIOError:
-                data = b"?"
+                data = None
             except OSError:
                 data = b""
             # A stream client has nothing to say; whatever it sends is dropped.
-            if not data or events & _GONE:
+            # A waiting poll's may not speak before its answer (no pipelining).
+            if data == b"" or events & _GONE or (data and conn.kind == POLL):
                 conn.close("client")
 
     def end_all(self, grace: float = CLOSE_GRACE) -> None:

@@ -32,6 +32,8 @@ class Counts:
         #: streams resumed with every missed message / with some lost (the history feature)
         self.replays_recovered = 0
         self.replays_not_recovered = 0
+        #: long polls answered, by whether the answer had messages ("messages", "empty")
+        self.polls_answered: Counter[str] = Counter()
 
 
 COUNTS = Counts()

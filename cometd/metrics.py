@@ -133,7 +133,7 @@ REDIS_RTT = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
     registry=REGISTRY)
 
-_TRANSPORTS = ("chunked", "raw", "sse", "sse_raw")  # by stream kind, cometd.connections
+_TRANSPORTS = ("chunked", "raw", "sse", "sse_raw", "poll")  # by kind, cometd.streamhttp
 
 
 class StateCollector(Collector):
@@ -202,6 +202,11 @@ class StateCollector(Collector):
             replays.add_metric(["recovered"], COUNTS.replays_recovered)
             replays.add_metric(["not_recovered"], COUNTS.replays_not_recovered)
             yield replays
+            polls = CounterMetricFamily("cometd_polls_answered", "Long polls answered, by "
+                                        "whether the answer had messages", labels=["result"])
+            for result in ("messages", "empty"):
+                polls.add_metric([result], COUNTS.polls_answered[result])
+            yield polls
         if self.router is not None:
             # Read at scrape time: the history keeps its own total, so a publish pays nothing.
             yield GaugeMetricFamily("cometd_history_bytes", "Bytes of message history held",
@@ -209,7 +214,7 @@ class StateCollector(Collector):
 
     @staticmethod
     def _table(table: Any) -> Iterator[Metric]:
-        by_kind = [0, 0, 0, 0]
+        by_kind = [0] * len(_TRANSPORTS)
         pending = 0
         for conn in list(table._by_fd.values()):
             by_kind[conn.kind] += 1

@@ -61,6 +61,8 @@ from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.limits import Admission
 from cometd.loader import load_friends
+from cometd.longpoll import POLL_KEY, accept_poll, open_poll
+from cometd.longpoll import take as take_poll
 from cometd.metrics import exposition
 from cometd.router import Router, Sent
 from cometd.store import SubscriptionStore
@@ -139,6 +141,8 @@ class CometHandler(WSGIHandler):
 
     #: (socket, user, kind, expires, address, path, since) once the request turned into a stream
     stream: tuple[Any, str, int, float | None, str, str, str | None] | None = None
+    #: what cometd.longpoll.open_poll takes, once the request turned into a waiting poll
+    poll: tuple[Any, ...] | None = None
 
     def __init__(self, sock, address, server, first: bytes = b"") -> None:
         sock.settimeout(server.request_timeout)
@@ -236,6 +240,10 @@ class CometHandler(WSGIHandler):
 
     def run_application(self) -> None:
         result = self.application(self.environ, self.start_response)
+        poll = self.environ.get(POLL_KEY)
+        if poll is not None:  # a long poll: cometd.longpoll answers it
+            self.poll = take_poll(self, poll)
+            return
         target = self.environ.get(STREAM_KEY)
         if target is None:
             self.result = result
@@ -370,6 +378,8 @@ class CometServer(WSGIServer):
                     continue
             stream = parse_stream_request(first)
             if stream is None:
+                if first.startswith(b"GET /poll/") and accept_poll(self, sock, address, first):
+                    continue  # a plain long poll: cometd.longpoll took it
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, _Unshown(first)
             user, kind, path = stream
@@ -414,8 +424,11 @@ class CometServer(WSGIServer):
     def handle(self, sock, address, first: bytes = b"") -> None:
         handler = self.handler_class(sock, address, self, first)
         handler.handle()
-        stream = handler.stream
+        stream, poll = handler.stream, handler.poll
         del handler
+        if poll is not None:
+            open_poll(self, *poll)
+            return
         if stream is None:
             return
         gsock, user, kind, expires, address, path, since, lines = stream

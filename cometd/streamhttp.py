@@ -60,13 +60,16 @@ from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
 
 __all__ = [
-    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
-    "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "resumed_head",
-    "stream_credentials", "stream_head", "stream_kind", "frame_bytes", "sse_event", "Message",
+    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "POLL", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
+    "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "plain_fields", "resumed_head",
+    "stream_credentials", "stream_head", "stream_kind", "frame_bytes", "sse_event", "poll_entry",
+    "Message",
 ]
 
 #: stream kinds: plain message bodies or SSE events, with or without chunk framing
 CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
+#: a waiting long poll (cometd.longpoll): its frame is one JSON entry of the answer
+POLL = 4
 #: the SSE comment sent to keep idle event streams (and proxies) open
 KEEPALIVE = b": keepalive\n\n"
 #: the zero-length chunk that ends a chunked response (with no trailers)
@@ -108,16 +111,24 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     if match is None:
         return None
     path, route, user, query, minor, fields = match.groups()
-    # pywsgi judges a body, and a Host missing (HTTP/1.1) or doubled; *fields*
-    # starts with the request line's LF, so every name follows one.
+    # *fields* starts with the request line's LF, so every name follows one.
     fields = fields.lower()
     if (query and _RESUME_PARAMS.search(query)) or b"\nlast-event-id:" in fields:
         return None  # a resume: the web app takes it
-    hosts = fields.count(b"\nhost:")
-    if (hosts != 1 and (hosts or minor == b"1")) or b"\ncontent-length:" in fields or (
-            b"\ntransfer-encoding:" in fields):
+    if not plain_fields(fields, minor == b"0"):
         return None
     return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
+
+
+def plain_fields(fields: bytes, http10: bool) -> bool:
+    """Whether a GET's lower-cased header block (from the request line's LF) is the
+    accept callback's to take: one Host (or none over HTTP/1.0), no body.
+
+    Otherwise pywsgi judges it (a Host missing or doubled, a body).
+    """
+    hosts = fields.count(b"\nhost:")
+    return not ((hosts != 1 and (hosts or not http10)) or b"\ncontent-length:" in fields
+                or b"\ntransfer-encoding:" in fields)
 
 
 def stream_credentials(data: bytes) -> tuple[str | None, str, str | None] | None:
@@ -190,6 +201,13 @@ def sse_event(key: int, subject: str, body: bytes) -> bytes:
     return b"id: %s\ndata: %s\n\n" % (format_id(key).encode(), data.encode())
 
 
+def poll_entry(key: int, subject: str, body: bytes) -> bytes:
+    """One message of a long poll's answer: its JSON object and a comma (see cometd.longpoll)."""
+    entry = json.dumps({"id": format_id(key), "from": subject,
+                        "body": body.decode("utf-8", "replace")})
+    return entry.encode() + b","
+
+
 class Message:
     """One published message; its wire bytes are built once per stream kind."""
 
@@ -200,7 +218,7 @@ class Message:
         self.key = key
         self.subject = subject
         self.body = body
-        self._frames: list[bytes | None] = [None, None, None, None]
+        self._frames: list[bytes | None] = [None, None, None, None, None]
 
     def frame(self, kind: int) -> bytes:
         frame = self._frames[kind]
@@ -209,6 +227,8 @@ class Message:
                 frame = self.body
             elif kind == CHUNKED:
                 frame = _chunk(self.body)
+            elif kind == POLL:
+                frame = poll_entry(self.key, self.subject, self.body)
             else:
                 event = sse_event(self.key, self.subject, self.body)
                 frame = event if kind == SSE_RAW else _chunk(event)

@@ -7,6 +7,8 @@ Routes
 ``GET /events/<id>``          the same as Server-Sent Events; a ``Last-Event-ID`` header
                               (or ``?last_event_id=``) resumes
 ``POST /send/<subject>``      publish the request body -> ``{"delivered": N, "id": "<id>"}``
+``GET /poll/<id>``            long poll: ``?since=<message id>&timeout=<s>`` -> one JSON answer
+                              (:mod:`cometd.longpoll`)
 ``GET /subscribers/<id>``     ``{"subscribers": [...]}``
 ``GET /subscriptions/<id>``   ``{"subscriptions": [...]}``
 ``POST /subscriptions``       JSON ``[[subscriber, subscribee], ...]`` -> ``{"added": N}``
@@ -49,6 +51,7 @@ from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
 from cometd.log import Burst
+from cometd.longpoll import POLL_KEY, PollError, PollRequest, parse_poll_query
 from cometd.page import install as install_page
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
@@ -215,6 +218,31 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
     @app.get("/events/<user:re:.*>")
     def events_stream(user: str) -> str:
         return stream(user, sse=True)
+
+    @app.get("/poll/<user:re:.*>")
+    def poll(user: str) -> Any:
+        # Parsed here, answered by the server (cometd.longpoll), as a stream is.
+        environ = bottle.request.environ
+        identity = auth.stream(user, environ.get("HTTP_AUTHORIZATION"),
+                               environ.get("QUERY_STRING", ""), environ.get("HTTP_COOKIE"))
+        try:
+            user = check_id(user)
+        except InvalidId as exc:
+            return _error(400, str(exc))
+        if bottle.request.method == "HEAD":
+            COUNTS.rejected["405"] += 1
+            return bottle.HTTPResponse(json.dumps({"error": "a poll is GET only"}), status=405,
+                                       headers={"Content-Type": "application/json",
+                                                "Allow": "GET"})
+        if environ.get("HTTP_TRANSFER_ENCODING") or int(environ.get("CONTENT_LENGTH") or 0):
+            return _error(400, "a poll request has no body")
+        try:
+            since, timeout = parse_poll_query(environ.get("QUERY_STRING", ""))
+        except PollError as exc:
+            return _error(400, str(exc))
+        environ[POLL_KEY] = PollRequest(user, since, timeout,
+                                        None if identity is None else identity.expires)
+        return ""
 
     @app.post("/send/<subject>")
     def send(subject: str) -> bottle.HTTPResponse:
