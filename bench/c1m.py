@@ -69,6 +69,7 @@ sys.path.insert(0, ROOT)
 from cometd.lifecycle import free_port  # noqa: E402
 from cometd.loadtest.procs import tool  # noqa: E402
 
+STREAM = "cometd:messages"  # the stream msggen XADDs to and the router ingests
 PER_EDGE = 19_500  # connections per edge (20,000 files per process, minus headroom)
 PER_CLIENT = 19_000  # connections per floodtest process
 PER_SOURCE = PORTS_PER_SOURCE  # connections per source address (well inside 1024-65535)
@@ -354,7 +355,8 @@ class Run:
             if done.returncode:
                 raise RuntimeError(f"{name} failed ({done.returncode}); see {self.tmp}/{name}.log")
             log(f"{name}: {time.monotonic() - t:.1f}s")
-        os.remove(path)
+        if not a.check:  # the delivery check reads it at the end
+            os.remove(path)
 
     # -- main --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -373,8 +375,9 @@ class Run:
         self.commands = {}
         if a.friends:
             self.load_friends(cometd, db)
-        router = self.spawn(cometd + ["router", "--redis", url, "--db", db, "--admin-port", "-1"],
-                            "router.log")
+        ingest = ["--ingest-stream", STREAM] if a.publish == "redis-stream" else []
+        router = self.spawn(cometd + ["router", "--redis", url, "--db", db, "--admin-port", "-1",
+                                      *ingest], "router.log")
         edges = [self.spawn(cometd + ["edge", "--redis", url, "--port", str(port),
                                       "--reuse-port", "--mode", a.mode,
                                       "--request-timeout", str(a.request_timeout)],
@@ -415,6 +418,8 @@ class Run:
                      "--interval", "3", "--rst-close", "--connect-timeout", "30",
                      "--timeout", str(max(60, a.timeout - (time.monotonic() - self.t0) - 60)),
                      "--json", os.path.join(self.tmp, "floodtest.json")]
+        if a.check:
+            flood_cmd += ["--events", "--record", os.path.join(self.tmp, "received.txt")]
         self.commands["floodtest"] = shlex.join(flood_cmd)
         self.flood = self.spawn(flood_cmd, "floodtest.log")
         t_ramp = time.monotonic()
@@ -441,13 +446,22 @@ class Run:
         self.watch("hold", lambda s: time.monotonic() >= hold_end, every=5)
         self.held = self.sample("held")
 
-        msg_cmd = [*tool("msggen"), "--url", f"http://127.0.0.1:{port}",
+        via = (["--via", "redis-stream", "--redis", url, "--stream", STREAM]
+               if a.publish == "redis-stream" else ["--url", f"http://127.0.0.1:{port}"])
+        check = ["--record", os.path.join(self.tmp, "published.txt")] if a.check else []
+        msg_cmd = [*tool("msggen"), *via, *check,
                    "--rate", str(a.msg_rate), "--duration", str(a.msg_duration),
                    "--users", str(n), "--concurrency", str(a.msg_concurrency), "--interval", "5",
                    "--json", os.path.join(self.tmp, "msggen.json")]
         self.commands["msggen"] = shlex.join(msg_cmd)
         msg = self.spawn(msg_cmd, "msggen.log")
         self.watch("msgs", lambda s: msg.poll() is not None, every=3)
+        if a.publish == "redis-stream":
+            # What the router has not routed yet is still in the stream: let it
+            # catch up (bounded) before the drain ends floodtest.
+            behind_end = time.monotonic() + 120
+            self.watch("behind", lambda s: stream_done(url) or time.monotonic() >= behind_end,
+                       every=1)
         time.sleep(3)  # as after the ramp: let RSS / slab settle before the sample
         self.after_msgs = self.sample("after msgs")
         self.progress(self.after_msgs)
@@ -464,7 +478,22 @@ class Run:
             flood = json.load(f)
         with open(os.path.join(self.tmp, "msggen.json")) as f:
             mg = json.load(f)
-        return self.results(flood, mg, ramp_wall)
+        res = self.results(flood, mg, ramp_wall)
+        if a.check:
+            res["delivery_check"] = self.check_deliveries()
+        return res
+
+    def check_deliveries(self) -> str:
+        """cometd-bench check: every message published reached every friend online, once."""
+        t = self.tmp
+        cmd = [sys.executable, "-m", "cometd.loadtest.cli", "check",
+               os.path.join(t, "friends.txt"), os.path.join(t, "published.txt"),
+               os.path.join(t, "received.txt"),
+               "--users", f"1-{self.a.connections}"]
+        self.commands["check"] = shlex.join(cmd)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        log(f"delivery check: {done.stdout.strip()}")
+        return done.stdout.strip() or done.stderr.strip()
 
     def results(self, flood: dict, mg: dict, ramp_wall: float) -> dict:
         a, b, full = self.a, self.base, self.full
@@ -521,6 +550,7 @@ class Run:
             "total_mem_used_bytes": used,
             "total_bytes_per_conn": round(used / per),
             "msg_rate_target": a.msg_rate,
+            "publish": a.publish,
             "msg_rate_achieved": mg.get("achieved_rate"),
             "msg_duration_s": a.msg_duration,
             "msgs_sent": mg.get("sent"),
@@ -538,6 +568,18 @@ class Run:
             "floodtest": flood,
             "msggen": mg,
         }
+
+
+def stream_done(url: str) -> bool:
+    """Whether the router's group has read and acked every entry of the stream."""
+    import redis
+
+    try:
+        for group in redis.Redis.from_url(url).xinfo_groups(STREAM):
+            return not group["pending"] and not group["lag"]
+    except redis.RedisError:
+        pass
+    return True
 
 
 def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
@@ -626,10 +668,16 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"{res['msgs_missed']} missed |",
         f"| deliveries | {res['msg_deliveries_reported']:,} reported by the server "
         f"({res['msg_deliveries_reported'] / max(res['msgs_sent'], 1):.1f} per message; "
-        f"{_friends(res['friends_m'])}), {res['msgs_received']:,} received by floodtest |",
+        f"{_friends(res['friends_m'])}), {res['msgs_received']:,} received by floodtest "
+        f"({res['msgs_received'] / max(res['msg_duration_s'], 1e-9):,.0f}/s over the "
+        f"{res['msg_duration_s']:g} s of publishing) |",
+        f"| published via | {res['publish']} |",
+        f"| delivery check (cometd-bench check) | "
+        f"{res.get('delivery_check', 'not run (--check)')} |",
         f"| delivery latency (send -> client) | p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
         f"max {lat.get('max')} ms |",
-        f"| POST /send latency | p50 {plat.get('p50')} ms, p99 {plat.get('p99')} ms, "
+        f"| publish latency (POST /send or XADD) | p50 {plat.get('p50')} ms, "
+        f"p99 {plat.get('p99')} ms, "
         f"max {plat.get('max')} ms |",
         f"| wall time | {res['wall_s']} s |",
         "",
@@ -699,7 +747,7 @@ def _finish(plt, fig, ax, samples: list[dict], ylabel: str, legend: str, path: s
 def _phases(ax, samples: list[dict]) -> None:
     last = None
     for s in samples:
-        if s["phase"] != last and s["phase"] in ("hold", "msgs", "drain"):
+        if s["phase"] != last and s["phase"] in ("hold", "msgs", "behind", "drain"):
             ax.axvline(s["t"], color="grey", lw=0.8, ls=":")
             ax.text(s["t"], ax.get_ylim()[1] * 0.02, " " + s["phase"], fontsize=7, color="grey")
         last = s["phase"]
@@ -733,6 +781,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "can send a request line more than the default 10 s after its connect "
                         "(at 1M that closed 33,241 streams before their welcome)")
     p.add_argument("--msg-duration", type=float, default=30.0)
+    p.add_argument("--publish", choices=["redis-stream", "http"], default="redis-stream",
+                   help="how msggen publishes: one XADD per message to the stream the router "
+                        "ingests (--ingest-stream), or POST /send through the edges")
+    p.add_argument("--check", action="store_true",
+                   help="floodtest --events --record and msggen --record, then cometd-bench "
+                        "check: every delivery expected arrived, once (the loss checker)")
     p.add_argument("--msg-concurrency", type=int, default=64,
                    help="msggen --concurrency: POSTs in flight (at 1M, 256 gave no more "
                         "messages than 64, only longer queues)")

@@ -15,8 +15,9 @@ Redis keys and channels
 ``cometd:reply:<edge>``    channel: router -> one edge, call results
 ``cometd:edge:<edge>``     channel: router -> one edge, delivery batches
 ``cometd:presence``        channel: edges -> router, presence changes and heartbeats
-``cometd:control``         channel: router -> all edges, "send me a full snapshot", or
-                           ``{"kick": user}``: end that user's streams
+``cometd:control``         channel: router -> all edges, "send me a full snapshot",
+                           ``{"kick": user}``: end that user's streams, or
+                           ``{"head": id}``: the newest message id handed out
 
 Theory of operation
 -------------------
@@ -27,7 +28,11 @@ trip. Calls and replies travel in batches as well: an edge pushes every call
 made while its previous push was in flight with one RPUSH, and the router pops
 up to ``CALL_BATCH`` calls per round trip and pipelines the replies that are
 ready. Per-subject ordering holds end to end: the router serialises sends per
-subject and Redis keeps a list's and a channel's order.
+subject and Redis keeps a list's and a channel's order. So does id order
+across subjects, per edge: the router publishes a message only once every
+smaller id is grouped (see :meth:`Presence._grouped_key`), so a stream on an
+edge sees ids rise, as in one process, and a resume from its last id misses
+nothing.
 
 Presence is soft state, rebuilt rather than persisted. Edges publish the
 connection counts of users that changed (batched over 100 ms) and a heartbeat
@@ -53,6 +58,14 @@ the stream meanwhile (see :mod:`cometd.server`). The router counts the user
 online on that edge before it reads the replay (:meth:`Presence.resumed`), so
 no message routed after the replay misses the stream.
 
+A fresh SSE stream's welcome carries an ``id:`` to resume from, as in one
+process: the newest id this edge knows of, from the messages routed to it and
+from the router, which tells every edge its head (``{"head": id}``) when it
+hears a snapshot and every ``EXPIRE_EVERY`` when it moved. That id is never
+above the router's head when the stream is counted online, so a client that
+connects and drops at once resumes without a gap (what was routed in between
+is replayed, as is anything from just before it connected).
+
 Both processes run with gevent's monkey patching, so redis-py's blocking
 sockets cooperate with the hub (see :mod:`cometd.cli`, which patches by role).
 """
@@ -66,7 +79,7 @@ import os
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import gevent
@@ -76,7 +89,7 @@ from gevent.event import AsyncResult, Event
 
 from cometd import log
 from cometd.connections import ConnectionTable
-from cometd.history import Replay
+from cometd.history import Replay, format_id, parse_id
 from cometd.metrics import (
     BACKPLANE_BATCH,
     FANOUT_SIZE,
@@ -200,7 +213,17 @@ class Presence:
         self.edges: dict[str, float] = {}
         #: delivery batches that could not be published (Redis down)
         self.batches_lost = 0
-        self._sends = _Batches(self._publish, pause=DELIVERY_FLUSH)
+        # Routed messages on their way out, in id order (see _publish_in_order)
+        #: key -> (message, edge -> users, waiter) of messages grouped, not yet published
+        self._outbox: dict[int, tuple[Message, dict[str, list[str]], AsyncResult]] = {}
+        #: every key up to this one is grouped (published, queued, or for nobody here)
+        self._grouped_upto = 0
+        #: keys above _grouped_upto already grouped
+        self._grouped: set[int] = set()
+        self._newest = 0
+        self._unkeyed = itertools.count(-(1 << 62))
+        self._wanted = Event()
+        self._flusher: gevent.Greenlet | None = None
         #: connections written to, as counted from presence
         self.deliveries = 0
         #: slow consumers are dropped, and counted, by the edges
@@ -269,7 +292,14 @@ class Presence:
         return sum(self.users.get(user, {}).values())
 
     def settle(self, low: int | None) -> None:
-        """Not kept across edges (yet): an edge may see two subjects' ids out of order."""
+        """*low* is the smallest key the router still routes: every smaller one is done."""
+        self._grouped_upto = max(self._grouped_upto, self._newest if low is None else low - 1)
+        self._advance()
+
+    def stop(self) -> None:
+        """Stop publishing (the router's end)."""
+        if self._flusher is not None:
+            self._flusher.kill()
 
     def kick(self, user: str) -> int:
         """Ask every edge to end *user*'s streams; how many presence counts."""
@@ -293,8 +323,14 @@ class Presence:
             if i % GROUP_BATCH == 0:
                 yield_to_hub()
         if not per_edge:
+            self._grouped_key(message.key)
             return 0
-        heard = self._sends.add((message, per_edge)).get()
+        done = AsyncResult()
+        # A message without an id (not routed by a Router) goes in arrival order.
+        key = message.key or next(self._unkeyed)
+        self._outbox[key] = (message, per_edge, done)
+        self._grouped_key(message.key)
+        heard = done.get()
         for edge, batch in per_edge.items():
             if not heard.get(edge):
                 # Redis is down, or the edge is not (yet) re-subscribed after a
@@ -303,6 +339,65 @@ class Presence:
                 delivered -= sum(self.users.get(u, {}).get(edge, 0) for u in batch)
         self.deliveries += delivered
         return delivered
+
+    # Theory of operation (id order per edge): the router gives ids in send
+    # order but groups the recipients of several sends at once, and a large
+    # fan-out yields while it groups, so a later id could be published first
+    # and an edge would write two subjects' ids out of order (then a stream
+    # that resumes from the later one would skip the earlier one, and say it
+    # recovered). In one process the connection table holds back the later
+    # message (ConnectionTable.settle); here it is the publisher that waits,
+    # since Redis keeps each edge channel's order and an edge delivers its
+    # batches one after the other. Ids come one by one (History.record), so
+    # the presence knows which smaller ids are still being grouped: a
+    # message goes out once every smaller id is grouped, in the same flush
+    # as those or after them, each edge's entries sorted by id. The router's
+    # settle() says which ids are done even if their grouping never reached
+    # deliver() (a failed lookup). The wait is bounded by the grouping of the
+    # smaller ids, not by their publishing: a flush carries all that is ready.
+
+    def _grouped_key(self, key: int) -> None:
+        if key <= 0:
+            self._wanted.set()
+        elif key > self._grouped_upto:
+            self._newest = max(self._newest, key)
+            self._grouped.add(key)
+        self._advance()
+
+    def _advance(self) -> None:
+        upto, grouped = self._grouped_upto, self._grouped
+        if grouped:
+            for key in [k for k in grouped if k <= upto]:
+                grouped.discard(key)
+            while upto + 1 in grouped:
+                upto += 1
+                grouped.discard(upto)
+            self._grouped_upto = upto
+        if self._outbox and min(self._outbox) <= upto:
+            self._wanted.set()
+            if self._flusher is None:
+                self._flusher = gevent.spawn(self._publish_in_order)
+
+    def _publish_in_order(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            upto = self._grouped_upto
+            ready = sorted(k for k in self._outbox if k <= upto)
+            if not ready:
+                continue
+            sends = [self._outbox.pop(k) for k in ready]
+            try:
+                heard = self._publish([(m, per_edge) for m, per_edge, _ in sends])
+            except Exception as exc:  # handed to every waiter of the batch
+                for _, _, done in sends:
+                    done.set_exception(exc)
+            else:
+                for _, _, done in sends:
+                    done.set(heard)
+            gevent.sleep(DELIVERY_FLUSH)
+            if self._outbox and min(self._outbox) <= self._grouped_upto:
+                self._wanted.set()
 
     def _publish(self, sends: list[tuple[Message, dict[str, list[str]]]]) -> dict[str, int]:
         # Theory: a message reaches ~30 friends on ~25 edges, and each Redis
@@ -352,6 +447,7 @@ class RouterLink:
         self._greenlets: list[gevent.Greenlet] = []
         self._client = redis.Redis.from_url(url)
         self._replies = _Batches(self._publish_replies)
+        self._head_told = 0  # the head last told the edges (see _tell_head)
         #: calls answered, by operation
         self.calls: dict[str, int] = {}
 
@@ -390,6 +486,7 @@ class RouterLink:
             if "snapshot" in update:
                 self.presence.update(edge, update["snapshot"], snapshot=True,
                                      stamp=update.get("stamp"))
+                self._tell_head(force=True)  # a new or reconnected edge: its welcome id
             else:
                 self.presence.update(edge, update.get("counts", {}), stamp=update.get("stamp"))
                 if not known:
@@ -400,6 +497,16 @@ class RouterLink:
             gevent.sleep(EXPIRE_EVERY)
             self.presence.expire()
             self._forget_unsubscribed()
+            self._tell_head()
+
+    def _tell_head(self, force: bool = False) -> None:
+        head = self.backend.router.history.last
+        if force or head != self._head_told:
+            try:
+                self._client.publish(CONTROL, json.dumps({"head": format_id(head)}))
+            except redis.RedisError:
+                return  # told at the next tick
+            self._head_told = head
 
     def _forget_unsubscribed(self) -> None:
         # A killed edge sends no goodbye, and waiting out EDGE_TIMEOUT left its
@@ -493,6 +600,25 @@ class RouterLink:
 # -- edge side ----------------------------------------------------------------
 
 
+def _published(pubsub: redis.client.PubSub) -> Iterator[tuple[bytes, bytes]]:
+    """(channel, data) of each message published to *pubsub*'s channels, read lean.
+
+    Theory: ``pubsub.listen()`` spends most of an edge's time per Redis
+    message on its own machinery (a health check, a dict per message, a
+    handler lookup, the channel decoded). This reads the connection's replies
+    directly: each recv takes whatever has arrived, hiredis parses it, and the
+    messages already in its buffer come out without another wakeup, so under
+    load one wakeup handles many. Subscription confirmations are skipped.
+    """
+    read = pubsub.connection.read_response
+    while True:
+        # As PubSub.parse_response reads: messages may come as push replies,
+        # and the socket's own timeout must not end a quiet wait.
+        reply = read(push_request=True, timeout=None)
+        if reply[0] == b"message":
+            yield reply[1], reply[2]
+
+
 class EdgeLink:
     """An edge's side: batches in, presence out, calls to the router."""
 
@@ -567,20 +693,26 @@ class EdgeLink:
             pubsub.subscribe(EDGE.format(self.edge_id), REPLY.format(self.edge_id), CONTROL)
             self._snapshot()  # (re)connected: the router may have missed changes
             self._listening.set()
-            for item in pubsub.listen():
-                channel = item["channel"].decode()
-                if channel == CONTROL:
-                    if item["data"] == b"resync":
+            control, replies = CONTROL.encode(), REPLY.format(self.edge_id).encode()
+            for channel, data in _published(pubsub):
+                if channel == control:
+                    if data == b"resync":
                         self._snapshot()
+                        continue
+                    command = json.loads(data)
+                    if "head" in command:
+                        # A fresh SSE stream's welcome id (see the module docstring).
+                        head = parse_id(command["head"]) or 0
+                        self.table.newest = max(self.table.newest, head)
                     else:
-                        self.table.kick(json.loads(item["data"])["kick"])
-                elif channel.startswith("cometd:reply:"):
-                    reply = json.loads(item["data"])
+                        self.table.kick(command["kick"])
+                elif channel == replies:
+                    reply = json.loads(data)
                     waiter = self._pending.pop(reply["id"], None)
                     if waiter is not None:
                         waiter.set(reply)
                 else:
-                    entries = decode_batch(item["data"])
+                    entries = decode_batch(data)
                     BACKPLANE_BATCH.labels("delivery").observe(len(entries))
                     for message, users in entries:
                         start = time.perf_counter()

@@ -101,6 +101,7 @@ _HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout",
          "cors_origin", "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 _HISTORY = ("history_size", "history_ttl", "history_bytes", "replay_max")
+_INGEST = ("ingest_stream", "ingest_redis", "ingest_group", "ingest_consumer", "ingest_batch")
 _AUTH = ("jwt_secret", "jwt_key", "jwt_audience", "jwt_issuer", "token_cookie", "api_key",
          "api_keys_file")
 
@@ -119,7 +120,7 @@ def _config(role: str | None, flags: dict) -> Config:
 
 def _serve(config: Config, role: str) -> None:
     """Run one server process in *role*; a port or store it cannot use is a one-line error."""
-    if role in ("router", "edge"):
+    if role in ("router", "edge") or config.ingest.stream:
         # redis-py's blocking sockets must cooperate with gevent: patch
         # before anything imports redis (cometd.lifecycle imports it lazily).
         from gevent import monkey
@@ -136,7 +137,7 @@ def _serve(config: Config, role: str) -> None:
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", *_HISTORY, "workers", "redis", "log_format")
+@_flags(*_HTTP, *_ADMIN, *_AUTH, "db", *_HISTORY, "workers", "redis", *_INGEST, "log_format")
 @click.pass_context
 def cli(ctx: click.Context, **flags) -> None:
     """cometd: a comet (HTTP push) server.
@@ -160,8 +161,10 @@ def cli(ctx: click.Context, **flags) -> None:
     503; --max-streams-per-user, 10 by default, and the per-address ones:
     429) is refused with Retry-After and counted in /stats. GET /metrics is
     Prometheus text (an API key when auth is on); GET /healthz and /readyz
-    need no credential. Operator events go to stderr (--log-format json for
-    collectors). SIGINT or SIGTERM stops the server cleanly.
+    need no credential. With --ingest-stream KEY (and --ingest-redis URL, or
+    --workers), the entries a backend adds to that Redis Stream (XADD KEY *
+    from ID body TEXT) are routed like sends. Operator events go to stderr
+    (--log-format json for collectors). SIGINT or SIGTERM stops the server cleanly.
     """
     if ctx.invoked_subcommand is not None:
         ctx.obj = {"flags": {k: v for k, v in flags.items() if v is not None}}
@@ -183,12 +186,13 @@ def cli(ctx: click.Context, **flags) -> None:
 
 
 @cli.command("router")
-@_flags("redis", "db", *_HISTORY, *_ADMIN, "log_format")
+@_flags("redis", "db", *_HISTORY, *_ADMIN, *_INGEST, "log_format")
 def router_command(**flags) -> None:
     """Run the scale-out router: the store, presence, the admin console and sends.
 
     Edges (cometd edge) hold the connections; they reach the router through
-    Redis. Only one router may run per database.
+    Redis. Only one router may run per database. With --ingest-stream KEY it
+    also routes the entries a backend adds to that Redis Stream.
     """
     _serve(_config("router", flags), "router")
 

@@ -1,7 +1,7 @@
 """The server's configuration: every option, its default, type, range and help, once.
 
-A :class:`Config` is a frozen tree of six sections (``http``, ``admin``,
-``store``, ``history``, ``backplane``, ``auth``, ``log``). Each field carries its
+A :class:`Config` is a frozen tree of eight sections (``http``, ``admin``,
+``store``, ``history``, ``backplane``, ``ingest``, ``auth``, ``log``). Each field carries its
 own description (see :func:`_option`); the command line (:mod:`cometd.cli`), the environment, the
 TOML file, ``cometd config`` and the README all read it from here.
 
@@ -48,7 +48,8 @@ API_KEY = re.compile(r"[!-+\--~]+")
 
 __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "HistoryConfig", "BackplaneConfig",
-    "AuthConfig", "LogConfig", "ConfigError", "Option", "OPTIONS", "CHILD_ENV", "CONFIG_ENV",
+    "IngestConfig", "AuthConfig", "LogConfig", "ConfigError", "Option", "OPTIONS", "CHILD_ENV",
+    "CONFIG_ENV",
     "load", "from_json", "to_json", "to_toml", "redacted", "url_host", "API_KEY",
 ]
 
@@ -183,6 +184,26 @@ class BackplaneConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """Messages read from a Redis Stream (see cometd.ingest)."""
+
+    stream: str | None = _option(None, "route the entries of this Redis Stream (fields from "
+                                 "and body), read in a consumer group and acknowledged once "
+                                 "routed", flag="--ingest-stream", kind=str, metavar="KEY")
+    redis: str | None = _option(None, "Redis holding --ingest-stream (default: --redis; the "
+                                "single-process server needs this one)", flag="--ingest-redis",
+                                kind=str, metavar="URL")
+    group: str = _option("cometd", "consumer group cometd reads --ingest-stream in",
+                         flag="--ingest-group", kind=str, metavar="NAME")
+    consumer: str | None = _option(None, "this reader's consumer name in the group (default: "
+                                   "the host name); keep it across restarts, so entries read "
+                                   "but not acknowledged are re-read", flag="--ingest-consumer",
+                                   kind=str, metavar="NAME")
+    batch: int = _option(100, "most entries read (and routed side by side) per round trip",
+                         flag="--ingest-batch", kind=int, low=1, high=10_000, metavar="N")
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     """Who may open a stream (JWT tokens for users) and call the API (keys); see cometd.auth."""
 
@@ -224,6 +245,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     backplane: BackplaneConfig = field(default_factory=BackplaneConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -364,7 +386,8 @@ def _convert(opt: Option, value: Any) -> Any:
         raise ValueError(f"{value!r} is not one of {', '.join(opt.choices)}")
     if not value and not opt.secret:
         raise ValueError("the value is empty")
-    if opt.key == "redis" and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    if opt.key in ("redis", "ingest_redis") and urlsplit(value).scheme not in (
+            "redis", "rediss", "unix"):
         raise ValueError(f"{redacted(value)!r} is not a redis://, rediss:// or unix:// URL")
     if opt.key == "jwt_secret" and len(value.encode()) < 32:
         # RFC 7518 3.2: an HS256 key is at least as long as the hash (256 bits).
@@ -464,6 +487,11 @@ def _check(config: Config, role: str, sources: dict[str, str]) -> None:
             not _is_loopback(config.admin.host) and not config.admin.password):
         raise fail("admin_host", f"the admin console on non-loopback address "
                                  f"{config.admin.host} needs --admin-password")
+    ingest = config.ingest
+    if ingest.redis and not ingest.stream:
+        raise fail("ingest_redis", "needs --ingest-stream KEY")
+    if role == "single" and ingest.stream and not ingest.redis:
+        raise fail("ingest_stream", "needs --ingest-redis URL (or --workers N and --redis)")
     auth = config.auth
     if auth.jwt_secret and auth.jwt_key:
         raise fail("jwt_key", "give --jwt-secret or --jwt-key, not both")
@@ -547,7 +575,7 @@ def to_toml(config: Config) -> str:
             value = getattr(getattr(config, section), opt.name)
             if opt.secret and value:
                 lines.append(f"# {opt.name} = (set, not shown)")
-            elif opt.key == "redis" and value and redacted(value) != value:
+            elif opt.key in ("redis", "ingest_redis") and value and redacted(value) != value:
                 lines.append(f"# {opt.name} = {_toml_value(redacted(value))}  "
                              "(its password is not shown)")
             elif value is None:

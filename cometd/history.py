@@ -20,6 +20,7 @@ Keyspaces (beside the store's ``r`` and ``f``)::
     t <id>                     -> <time f64><size u32><subject key>   all of them, in id order
     k <subject key>            -> <id>            the newest id trimmed from a subject's history
     m:epoch, m:history-epoch, m:history-floor     see below
+    i...                       -> <id>            an entry routed, not acked (cometd.ingest)
 
 A message is written (``h`` and ``t`` in one batch) in the same loop turn
 that gives it its id, so at any moment every id handed out is in the history.
@@ -181,10 +182,16 @@ class History:
         """The newest key handed out."""
         return self._last
 
-    def record(self, subject: str, body: bytes) -> int:
-        """Give a message of *subject* the next id, keep it; return its key."""
+    def record(self, subject: str, body: bytes, mark: bytes | None = None) -> int:
+        """Give a message of *subject* the next id, keep it; return its key.
+
+        *mark*, if given, is a key written with the message, in the same
+        batch, holding its id (:mod:`cometd.ingest` marks a stream entry routed).
+        """
         self._last = key = self._last + 1
         if not self.size:
+            if mark is not None:
+                self._db.put(mark, id_bytes(key))
             return key
         skey = encode_key(subject)
         idb = id_bytes(key)
@@ -192,6 +199,8 @@ class History:
         with self._db.write_batch() as batch:
             batch.put(_prefix(skey) + idb, body)
             batch.put(TIMELINE + idb, _T_VALUE.pack(now, len(body)) + skey)
+            if mark is not None:
+                batch.put(mark, idb)
             count = self._counts.get(skey, 0) + 1
             if count > self.size + max(4, self.size // 4):
                 count = self._trim_subject(batch, skey, count - self.size)

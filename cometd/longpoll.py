@@ -53,8 +53,8 @@ An answer with no messages carries the point the poll started from (the
 replay's head, or for a poll without ``since`` the newest id this process
 had routed; ``null`` when it had routed none yet), so a message routed while
 the poll waited but missed is replayed by the next one. Scaled out, an
-edge may still see two subjects' ids out of order (see
-:meth:`cometd.backplane.Presence.settle`): the same hole resumed streams have.
+edge sees ids in order too: the router publishes a message only once every
+smaller id is grouped (see :mod:`cometd.backplane`).
 
 After its answer a poll over HTTP/1.1 keeps its connection (unless the
 client asked to close): a read watcher, again no greenlet, waits up to the

@@ -89,10 +89,11 @@ class Router:
         # while a smaller key is still on its way (see ConnectionTable.settle).
         self._inflight: deque[list] = deque()
 
-    def send(self, subject: str, body: bytes) -> Sent:
+    def send(self, subject: str, body: bytes, mark: bytes | None = None) -> Sent:
         """Deliver *body* from *subject*: connections written to and the message id.
 
-        *subject* must be a valid id (see :mod:`cometd.ids`).
+        *subject* must be a valid id (see :mod:`cometd.ids`); *mark* is written
+        with the message's history (see :meth:`History.record`).
         """
         start = perf_counter()
         message = Message(subject, body)
@@ -106,7 +107,7 @@ class Router:
                 # The id comes in lock order, so one subject's ids follow its
                 # delivery order; it is kept in the same loop turn (see
                 # cometd.history: every id handed out is in the history).
-                message.key = self.history.record(subject, body)
+                message.key = self.history.record(subject, body, mark)
                 flight = [message.key, False]
                 self._inflight.append(flight)
                 if len(self._inflight) == 1:

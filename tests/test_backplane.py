@@ -1029,6 +1029,134 @@ def test_the_seam_holds_across_edges(cluster):
     cluster.assert_healthy()
 
 
+def _welcome_id(edge: Edge, user: str) -> str | None:
+    """Open a fresh SSE stream of *user*, read its welcome, drop it: the welcome's id."""
+    sock = socket.create_connection(edge.addr, timeout=10)
+    sock.sendall(f"GET /events/{user} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    with StreamClient(sock) as client:
+        welcome = client.chunk().decode()
+    lines = [line[4:] for line in welcome.split("\n") if line.startswith("id: ")]
+    return lines[0] if lines else None
+
+
+def test_a_fresh_stream_on_an_edge_that_routed_nothing_can_resume(cluster):
+    """The welcome carries the router's head, so connect, drop, resume loses nothing."""
+    a, b = cluster.edges
+    cluster.subscribe(a, [["me", "f"]])
+    ids = [a.http("POST", "/send/f", b"before %d" % i)[1]["id"] for i in range(3)]
+    # Nobody is online: no edge has had a message routed to it, yet both
+    # learn the head (within a tick) and put it in a fresh stream's welcome.
+    for edge in (a, b):
+        assert wait_until(lambda e=edge: _welcome_id(e, "me") == ids[-1], BACK_WITHIN)
+    welcome = _welcome_id(b, "me")  # connect, and drop at once
+    assert welcome == ids[-1]
+    after = [a.http("POST", f"/send/{s}", f"{s} after".encode())[1]["id"]
+             for s in ("f", "stranger", "me")]
+    with _resume(b, "/events/me", welcome) as again:
+        assert again.headers["cometd-recovered"] == "true"
+        again.chunk()
+        assert _events(again, 2) == [(after[0], "f", "f after"), (after[2], "me", "me after")]
+    # A router restart starts a new epoch: the edges hear its head at once.
+    old = cluster.router
+    old.stop(signal.SIGKILL)
+    cluster.start_router()
+    assert wait_until(lambda: (_welcome_id(a, "me") or "0-0").split("-")[0]
+                      == str(int(ids[0].split("-")[0]) + 1), BACK_WITHIN)
+    cluster.assert_healthy(old)
+
+
+def _events_until(client: StreamClient, n: int, timeout: float) -> list[dict]:
+    """Up to *n* SSE events (fewer if *timeout* passes first), each as {"id", "event", "data"}."""
+    from test_history import events
+
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < n:
+            out += events(client, 1, timeout=max(deadline - time.monotonic(), 0.001))
+    except TimeoutError:
+        pass
+    return out
+
+
+def test_an_edge_sees_ids_in_order_while_a_large_fan_out_races_small_ones(redis_server,
+                                                                           tmp_path):
+    """A subject with 70,000 subscribers (2,500 online) publishes while a small one does too.
+
+    The large send yields while it looks its subscribers up, so a small one
+    given the next id can be routed first: the router must still hand the
+    edge both in id order. Follower ``c`` follows both and drops for real
+    half-way, then resumes: per subject no gap and no duplicate, and
+    ``Cometd-Recovered: true`` only when that holds. Then, from every id
+    it saw (as if it had dropped just then), a resume must bring exactly
+    what it had not seen yet. Its ids must rise throughout.
+    """
+    db = str(tmp_path / "db")
+    online = [str(100_000 + i) for i in range(2_500)]
+    with SubscriptionStore(db) as store:
+        store.add_subscriptions([(100_000 + i, "big") for i in range(70_000)]
+                                + [("c", "big"), ("c", "small")])
+    c = Cluster(redis_server, db)
+    try:
+        c.start_router()
+        edge = c.start_edge("pool")
+        fans = []
+        for user in online:
+            sock = socket.create_connection(edge.addr, timeout=10)
+            sock.sendall(f"GET /test/{user} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            fans.append(sock)
+        sock = socket.create_connection(edge.addr, timeout=10)
+        sock.sendall(b"GET /events/c HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = StreamClient(sock)
+        first.chunk()
+        assert wait_until(lambda: c.connections() == len(online) + 1, BACK_WITHIN)
+        sent: dict[str, set[str]] = {"big": set(), "small": set()}
+        rounds = threading.Barrier(4)  # each round's four sends leave together
+
+        def publish(subject: str) -> None:
+            for i in range(20):
+                rounds.wait(timeout=10)
+                status, reply = edge.http("POST", f"/send/{subject}", f"{subject}:{i}".encode())
+                assert status == 200, reply
+                sent[subject].add(reply["id"])
+
+        total = 20 * 4
+        seen: list[tuple[str, str]] = []  # (id, subject) in arrival order, across the drop
+        with ThreadPoolExecutor(4) as pool:  # one large publisher, three small ones
+            runs = [pool.submit(publish, s) for s in ("big", "small", "small", "small")]
+            for e in _events_until(first, total // 2, 10):
+                seen.append((e["id"], json.loads(e["data"])["from"]))
+            first.close()
+            for run in runs:
+                run.result()
+        with _resume(edge, "/events/c", seen[-1][0]) as again:
+            recovered = again.headers["cometd-recovered"] == "true"
+            again.chunk()
+            for e in _events_until(again, total - len(seen), 3):
+                seen.append((e["id"], json.loads(e["data"])["from"]))
+        for subject, ids in sent.items():
+            got = [i for i, s in seen if s == subject]
+            assert got == sorted(ids, key=parse_id), (subject, recovered)
+        assert recovered
+        # Had c dropped after any message it saw, the resume would have been exact.
+        everything = {i for ids in sent.values() for i in ids}
+        for j in range(total - 1):
+            with _resume(edge, "/events/c", seen[j][0]) as later:
+                assert later.headers["cometd-recovered"] == "true"
+                later.chunk()
+                rest = [e["id"] for e in _events_until(later, total - j - 1, 1)]
+            assert len(rest) == len(set(rest)) == total - j - 1, (j, sorted(
+                everything - {i for i, _ in seen[:j + 1]} - set(rest), key=parse_id))
+            assert {i for i, _ in seen[:j + 1]} | set(rest) == everything, j
+        ids = [parse_id(i) for i, _ in seen]
+        assert ids == sorted(ids), "the edge handed c two subjects' ids out of order"
+        for sock in fans:
+            sock.close()
+        c.assert_healthy()
+    finally:
+        c.close()
+
+
 def test_a_report_made_before_a_resume_does_not_undo_it():
     """Presence.resumed counts the user online at once; only a later-stamped report counts."""
     from cometd.backplane import Presence
@@ -1120,7 +1248,7 @@ def presence():
 
     yield make
     for p in made:
-        p._sends.stop()
+        p.stop()
 
 
 def _state(presence: Presence) -> tuple[dict, int, int, set[str]]:
@@ -1209,3 +1337,30 @@ def test_a_batch_nobody_heard_is_counted_lost_not_delivered(presence):
     client.down = True
     assert p.deliver(["alice", "bob"], Message("s", b"y")) == 0
     assert (p.deliveries, p.batches_lost) == (2, 3)
+
+
+def test_a_later_id_grouped_first_waits_for_the_earlier_one(presence):
+    """Ids leave in order, each edge's batch sorted; settle() frees one a lookup never grouped."""
+    client = PublishOnly()
+    p = presence(client)
+    p.update("e1", {"alice": 1})
+    p.update("e2", {"bob": 1})
+    base = 1 << 64
+    p.settle(base + 1)  # the router: base + 1 is the smallest id on its way
+    later = gevent.spawn(p.deliver, ["alice", "bob"], Message("small", b"2", base + 2))
+    gevent.sleep(0.05)
+    assert client.rounds == []  # base + 1 is still being grouped
+    assert p.deliver(["alice"], Message("big", b"1", base + 1)) == 1
+    assert later.get(timeout=5) == 2
+    assert _published(client) == [{
+        EDGE.format("e1"): [(b"1", ["alice"]), (b"2", ["alice"])],
+        EDGE.format("e2"): [(b"2", ["bob"])],
+    }]
+    # base + 3's lookup failed, so it never reached deliver(): the router's
+    # settle() says it is done, and base + 4 goes.
+    stuck = gevent.spawn(p.deliver, ["alice"], Message("s", b"4", base + 4))
+    gevent.sleep(0.05)
+    assert len(client.rounds) == 1
+    p.settle(base + 4)
+    assert stuck.get(timeout=5) == 1
+    assert _published(client)[1:] == [{EDGE.format("e1"): [(b"4", ["alice"])]}]

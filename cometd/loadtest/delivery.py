@@ -3,7 +3,8 @@
 msggen ``--record`` writes ``<subject> <message id>`` for every message the
 server took; floodtest ``--events --record`` writes ``<user> <message id>``
 for every event a stream received (across its reconnects, with
-``--reconnect``). :func:`check` holds the two against the friends graph: a
+``--reconnect``; a third column, the time it was read, is not needed here).
+:func:`check` holds the two against the friends graph: a
 user should get every message from itself and from everyone it subscribes
 to, exactly once. It reports, per run, the messages that should have reached
 a recipient and did not (*missing*), those that reached one more than once
@@ -55,7 +56,7 @@ class DeliveryReport:
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
-    """The ``<a> <b>`` lines of a file (blank lines skipped)."""
+    """The ``<a> <b>`` lines of a file (blank lines skipped, further columns ignored)."""
     pairs = []
     with open(path) as f:
         for line in f:

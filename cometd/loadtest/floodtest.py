@@ -51,7 +51,8 @@ counts connections that ended during the run (server EOF, reset, HTTP error,
 end of the chunked body) - not the ones floodtest itself closes at the end.
 ``bytes`` are raw bytes read from the sockets (headers and framing included);
 ``chunks`` are complete chunks (welcome included); ``messages`` are chunks that
-carried ``ts=`` and so fed the latency histogram. A connect that fails
+carried ``ts=`` (with ``--events``, an event whose body does) and so fed the
+latency histogram. A connect that fails
 (``ECONNREFUSED``, ``EADDRNOTAVAIL``, ``EMFILE``, timeout...) is counted in
 ``connect_errors`` (by errno name too) and is not retried, unless
 ``--reconnect``.
@@ -61,8 +62,9 @@ with ``--reconnect`` a stream that ends, or a connect that fails, is opened
 again after a backoff (0.1 s doubling per failed connect, at most 5 s, each
 +-50%) with ``Last-Event-ID`` set to the last id it saw (a message's, or its
 welcome's), so it resumes where it was (``reconnects`` counts them). With
-``--record FILE`` every SSE message's id is written as ``<user> <id>`` (a
-file per worker, joined at the end) for :mod:`cometd.loadtest.delivery`.
+``--record FILE`` every SSE message's id is written as ``<user> <id> <time>``
+(the unix time it was read; a file per worker, joined at the end) for
+:mod:`cometd.loadtest.delivery` and for timing a catch-up (bench/bench_storm.py).
 """
 
 from __future__ import annotations
@@ -407,7 +409,10 @@ class _Worker:
             if end > 4:
                 c.last = head[4:end]
                 if self.record is not None:
-                    self.record.write(b"%d %s\n" % (self.cfg.first_id + c.k, c.last))
+                    self.record.write(b"%d %s %.3f\n" % (self.cfg.first_id + c.k, c.last, now))
+            body = head.find(b'"body": "ts=')  # data: {"from": ..., "body": "ts=...;..."}
+            if body > 0:
+                self._timed(head[body + 9:], now)
         elif head.startswith(b": Welcome"):  # an SSE welcome, maybe with an id to resume from
             self.welcomed += 1
             at = head.find(b"\nid: ")
@@ -415,15 +420,19 @@ class _Worker:
             if at > 0 and end > 0:
                 c.last = head[at + 5:end]
         elif head.startswith(b"ts="):
-            semi = head.find(b";", 3)
-            try:
-                ts = float(head[3:semi] if semi > 0 else head[3:])
-            except ValueError:
-                return
-            self.messages += 1
-            self.hist.record(now - ts)
+            self._timed(head, now)
         elif head.startswith(b"Welcome"):
             self.welcomed += 1
+
+    def _timed(self, head: bytes, now: float) -> None:
+        """A message body ``ts=<send time>;...``: count it and time its delivery."""
+        semi = head.find(b";", 3)
+        try:
+            ts = float(head[3:semi] if semi > 0 else head[3:])
+        except ValueError:
+            return
+        self.messages += 1
+        self.hist.record(now - ts)
 
     def _feed(self, fd: int, c: _Conn, data: bytes, now: float) -> None:
         """Advance the HTTP response parser of *c* over *data* (any split is fine)."""
@@ -1001,8 +1010,8 @@ def _print_summary(s: dict, out) -> None:
                    "up to 5 s, each +-50%; with --events it resumes from the last id it "
                    "saw (Last-Event-ID).")
 @click.option("--record", default=None, metavar="FILE",
-              help="With --events: write '<user> <message id>' to FILE for every event "
-                   "received (for the delivery check, cometd.loadtest.delivery).")
+              help="With --events: write '<user> <message id> <unix time>' to FILE for "
+                   "every event received (for the delivery check, cometd.loadtest.delivery).")
 def main(host, port, servers, n, rate, duration, first_id, source_ips, processes, interval,
          json_path, timeout, connect_timeout, max_pending, rst_close, events, reconnect,
          record) -> None:

@@ -13,7 +13,19 @@ the achieved rate, the deliveries reported by the server (the sum of
 ``delivered`` in the replies), errors and the POST latency every ``--interval``
 seconds, and a summary at the end (``--json FILE`` writes it for tools).
 
-Only loopback URLs are accepted.
+With ``--via redis-stream`` each message is instead one ``XADD`` to the
+Redis Stream cometd ingests (``--ingest-stream``; see :mod:`cometd.ingest`)::
+
+    XADD <--stream> MAXLEN ~ 1000000 * from <subject> body <body>
+
+The latency reported is then the XADD's, and there is no delivered count
+(nothing answers with one). ``--record`` adds a ``reply`` list to each entry,
+into which cometd writes each entry's message id once routed; msggen reads it
+at the end (waiting while they keep coming, up to ``--request-timeout``
+without a new one) and writes
+``<subject> <message id>`` as for HTTP.
+
+Only loopback URLs are accepted (the Redis one too).
 
 Theory of operation
 -------------------
@@ -35,23 +47,28 @@ replaced; the whole run is also capped by a hard ``--timeout``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from signal import SIGINT, SIGTERM
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import click
 import gevent
+import hiredis
 import numpy as np
 from gevent import socket
 
 from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
 
-__all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "run", "main"]
+__all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "parse_redis_url",
+           "run", "main", "VIAS"]
 
 SLACK = 0.25  # seconds a slot may be late before the sender skips ahead
 _MAX_SIZE = 1 << 20
+VIAS = ("http", "redis-stream")
+STREAM_MAXLEN = 1_000_000  # entries a stream keeps (MAXLEN ~): cometd reads them in ms
 
 
 def make_body(subject: int, seq: int, size: int = 0, now: float | None = None) -> bytes:
@@ -79,6 +96,65 @@ def parse_url(url: str) -> tuple[str, int, str]:
     except ValueError:
         raise ValueError(f"url {url!r}: bad port") from None
     return ip, port, parts.path.rstrip("/")
+
+
+def parse_redis_url(url: str) -> tuple[str, int, str | None, str | None, int]:
+    """Split ``redis://[[user]:password@]HOST[:PORT][/DB]`` into loopback parts.
+
+    Returns ``(ip, port, user, password, db)``; raises :class:`ValueError`.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"--redis {parts.scheme}://...: only redis:// URLs are supported")
+    if not parts.hostname:
+        raise ValueError("--redis: no host")
+    ip = check_loopback(parts.hostname, "--redis host")
+    try:
+        port = parts.port or 6379
+        db = int(parts.path.strip("/") or 0)
+    except ValueError:
+        raise ValueError("--redis: bad port or database number") from None
+    password = unquote(parts.password) if parts.password is not None else None
+    return ip, port, parts.username or None, password, db
+
+
+def _resp(*args: bytes) -> bytes:
+    """One Redis command in RESP."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+class _RedisConn:
+    """One Redis connection for a sender: a command, its reply (hiredis parses)."""
+
+    __slots__ = ("sock", "reader")
+
+    def __init__(self, url: str, timeout: float) -> None:
+        host, port, user, password, db = parse_redis_url(url)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = hiredis.Reader()
+        if password is not None:
+            self.call(b"AUTH", *([user.encode()] if user else []), password.encode())
+        if db:
+            self.call(b"SELECT", b"%d" % db)
+
+    def call(self, *args: bytes):
+        """Send one command and return its reply; a Redis error raises ValueError."""
+        self.sock.sendall(_resp(*args))
+        while True:
+            reply = self.reader.gets()
+            if reply is not False:
+                break
+            more = self.sock.recv(65536)
+            if not more:
+                raise ConnectionResetError("Redis closed the connection")
+            self.reader.feed(more)
+        if isinstance(reply, hiredis.ReplyError):
+            raise ValueError(f"redis: {reply}")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class SubjectSampler:
@@ -135,6 +211,10 @@ class MsgGenConfig:
     #: write "<subject> <message id>" for every message the server took
     #: (see cometd.loadtest.delivery)
     record: str | None = None
+    #: "http" (POST /send) or "redis-stream" (XADD to *stream* at *redis*)
+    via: str = "http"
+    redis: str = "redis://127.0.0.1:6379/0"
+    stream: str = "cometd:messages"
 
 
 class _Stats:
@@ -211,6 +291,9 @@ class _Generator:
         self.hostport = f"{self.host}:{self.port}".encode()
         self.interrupted = False
         self.recorded: list[str] = []
+        #: --via redis-stream --record: the list cometd writes ids to, entry id -> subject
+        self.reply_key = f"msggen:ids:{os.getpid()}:{time.time_ns()}".encode()
+        self.entries: dict[bytes, int] = {}
 
     def take_slot(self) -> tuple[int, float] | None:
         """Claim the next send slot ``(seq, due time)``, or None when the run is over."""
@@ -231,6 +314,79 @@ class _Generator:
             return None
         self.next_slot = i + 1
         return i, due
+
+    def stream_sender(self) -> None:
+        """One XADD per slot on this sender's own Redis connection (--via redis-stream)."""
+        cfg, st = self.cfg, self.stats
+        conn: _RedisConn | None = None
+        head = [b"XADD", cfg.stream.encode(), b"MAXLEN", b"~", b"%d" % STREAM_MAXLEN, b"*"]
+        if cfg.record is not None:
+            head += [b"reply", self.reply_key]
+        while True:
+            slot = self.take_slot()
+            if slot is None:
+                break
+            seq, due = slot
+            delay = due - time.monotonic()
+            if delay > 0:
+                gevent.sleep(delay)
+            if conn is None:
+                try:
+                    conn = _RedisConn(cfg.redis, cfg.request_timeout)
+                except (OSError, ValueError) as e:
+                    st.error(f"connect:{type(e).__name__}")
+                    gevent.sleep(0.05)
+                    continue
+            subject = self.sample()
+            body = make_body(subject, seq, cfg.size)
+            t = time.perf_counter()
+            try:
+                entry = conn.call(*head, b"from", b"%d" % subject, b"body", body)
+            except (OSError, ValueError) as e:
+                st.error(type(e).__name__)
+                conn.close()
+                conn = None
+                continue
+            lat = time.perf_counter() - t
+            st.hist.record(lat)
+            st.ihist.record(lat)
+            st.last_done = time.monotonic()
+            st.sent += 1
+            if cfg.record is not None:
+                self.entries[entry] = subject
+        if conn is not None:
+            conn.close()
+
+    def collect_ids(self) -> None:
+        """--via redis-stream --record: the ids cometd wrote back, as "<subject> <id>" lines."""
+        cfg = self.cfg
+        conn = _RedisConn(cfg.redis, cfg.request_timeout)
+        try:
+            # cometd may still be working through a backlog: wait while the
+            # ids keep coming, up to --request-timeout without a new one.
+            got, deadline = 0, time.monotonic() + cfg.request_timeout
+            while got < len(self.entries) and time.monotonic() < deadline:
+                gevent.sleep(0.05)
+                now = conn.call(b"LLEN", self.reply_key)
+                if now > got:
+                    got, deadline = now, time.monotonic() + cfg.request_timeout
+            seen: set[bytes] = set()
+            for line in conn.call(b"LRANGE", self.reply_key, b"0", b"-1"):
+                entry, _, answer = line.partition(b" ")
+                if entry in seen or entry not in self.entries:
+                    continue  # cometd may say it twice after a crash: the same id
+                seen.add(entry)
+                if answer.startswith(b"rejected"):
+                    self.stats.error("rejected")
+                else:
+                    self.recorded.append(f"{self.entries[entry]} {answer.decode()}\n")
+            missing = len(self.entries) - len(seen)
+            if missing:
+                self.stats.errors_by["no-id"] = missing
+                self.stats.errors += missing
+            conn.call(b"DEL", self.reply_key)
+        finally:
+            conn.close()
 
     def sender(self) -> None:
         cfg, st = self.cfg, self.stats
@@ -315,7 +471,8 @@ class _Generator:
             self.end = time.monotonic()
 
         handlers = [gevent.signal_handler(sig, _interrupt) for sig in (SIGINT, SIGTERM)]
-        senders = [gevent.spawn(self.sender) for _ in range(cfg.concurrency)]
+        send = self.stream_sender if cfg.via == "redis-stream" else self.sender
+        senders = [gevent.spawn(send) for _ in range(cfg.concurrency)]
         rep = gevent.spawn(self.reporter)
         gevent.joinall(senders, timeout=max(0.0, hard - time.monotonic()))
         timed_out = not all(g.dead for g in senders)
@@ -323,6 +480,11 @@ class _Generator:
         for h in handlers:
             h.cancel()
         finished = time.monotonic()
+        if cfg.record is not None and cfg.via == "redis-stream":
+            try:
+                self.collect_ids()
+            except (OSError, ValueError) as e:
+                self.stats.error(f"collect-ids:{type(e).__name__}")
         if cfg.record is not None:
             with open(cfg.record, "w") as f:
                 f.writelines(self.recorded)
@@ -331,6 +493,7 @@ class _Generator:
         lat = st.hist.summary_ms()
         return {
             "url": cfg.url,
+            "via": cfg.via,
             "target_rate": cfg.rate,
             "concurrency": cfg.concurrency,
             "users": cfg.users,
@@ -352,6 +515,12 @@ class _Generator:
 
 def _validate(cfg: MsgGenConfig) -> MsgGenConfig:
     parse_url(cfg.url)
+    if cfg.via not in VIAS:
+        raise ValueError(f"--via must be one of {', '.join(VIAS)}")
+    if cfg.via == "redis-stream":
+        parse_redis_url(cfg.redis)
+        if not cfg.stream:
+            raise ValueError("--stream must not be empty")
     if cfg.rate < 0:
         raise ValueError("--rate must be >= 0 (0: as fast as the server answers)")
     if cfg.duration < 0:
@@ -379,8 +548,10 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
     gen = _Generator(cfg, out)
     dist = f"zipf {cfg.zipf:g}" if cfg.zipf is not None else "uniform"
     rate = f"{cfg.rate:g}/s" if cfg.rate else "max"
+    where = (f"XADD {cfg.stream} at {cfg.redis} from <1..{cfg.users}>"
+             if cfg.via == "redis-stream" else f"POST {cfg.url}/send/<1..{cfg.users}>")
     print(
-        f"msggen: POST {cfg.url}/send/<1..{cfg.users}> ({dist}) at {rate} for "
+        f"msggen: {where} ({dist}) at {rate} for "
         f"{cfg.duration:g}s, concurrency {cfg.concurrency}, size {cfg.size or 'unpadded'}",
         file=out,
         flush=True,
@@ -430,11 +601,21 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Hard limit on the whole run in seconds. "
                    "Default: duration + request timeout + 10.")
 @click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
+@click.option("--via", type=click.Choice(VIAS), default="http", show_default=True,
+              help="http: POST /send/<subject> to --url; redis-stream: one XADD per message "
+                   "(fields from, body) to --stream, which cometd reads with --ingest-stream.")
+@click.option("--redis", "redis_url", default="redis://127.0.0.1:6379/0", show_default=True,
+              metavar="URL", help="With --via redis-stream: the Redis holding --stream "
+                                  "(loopback only).")
+@click.option("--stream", default="cometd:messages", show_default=True, metavar="KEY",
+              help="With --via redis-stream: the stream to XADD to (kept to ~1,000,000 "
+                   "entries).")
 @click.option("--record", default=None, metavar="FILE",
               help="Write '<subject> <message id>' to FILE for every message the server "
-                   "took, in reply order (for the delivery check, cometd.loadtest.delivery).")
+                   "took, in reply order (for the delivery check, cometd.loadtest.delivery); "
+                   "with --via redis-stream, from the ids cometd writes back.")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
-         request_timeout, timeout, seed, record) -> None:
+         request_timeout, timeout, seed, record, via, redis_url, stream) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for
     --duration seconds, from random subjects in 1..--users.
 
@@ -445,7 +626,8 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
     cfg = MsgGenConfig(
         url=url, rate=rate, duration=duration, users=users, zipf=zipf,
         concurrency=concurrency, size=size, interval=interval,
-        request_timeout=request_timeout, timeout=timeout, seed=seed, record=record,
+        request_timeout=request_timeout, timeout=timeout, seed=seed, record=record, via=via,
+        redis=redis_url, stream=stream,
     )
     try:
         _validate(cfg)

@@ -217,3 +217,52 @@ def test_end_to_end_with_floodtest_against_real_cometd(tmp_path, mode):
     assert f["chunks"] == f["messages"] + n
     assert f["latency_ms"]["count"] == f["messages"]
     assert "Traceback" not in "".join(srv.output)
+
+
+def test_via_redis_stream_every_message_is_recorded_and_delivered(tmp_path, redis_server):
+    """msggen XADDs, cometd ingests; the ids written back match what floodtest received."""
+    n = 30
+    friends = tmp_path / "friends.txt"
+    friends.write_text("".join(f"{i} {i % n + 1}\n" for i in range(1, n + 1)))
+    srv = start_server(str(tmp_path / "db"), "--admin-port", "-1", "--ingest-stream", "s",
+                       "--ingest-redis", redis_server.url)
+    received, published = tmp_path / "received.txt", tmp_path / "published.txt"
+    try:
+        pairs = [[a, b] for a, b in (line.split() for line in friends.read_text().splitlines())]
+        assert http_json(srv, "POST", "/subscriptions", pairs)[0] == 200
+        pairs += [[b, a] for a, b in pairs]
+        assert http_json(srv, "POST", "/subscriptions", pairs)[0] == 200
+        flood = subprocess.Popen(
+            [sys.executable, str(FLOODTEST), "--port", str(srv.port), "--n", str(n), "--events",
+             "--record", str(received), "--duration", "4", "--interval", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: get_stats(srv)["connections"] == n, 10, what="floodtest's streams")
+        m, text = run_tool(
+            MSGGEN, "--via", "redis-stream", "--redis", redis_server.url, "--stream", "s",
+            "--rate", "200", "--duration", "1.5", "--users", str(n), "--record", str(published),
+            tmp_path=tmp_path)
+        out, _ = flood.communicate(timeout=20)
+        assert flood.returncode == 0, out
+    finally:
+        srv.stop()
+    assert m["via"] == "redis-stream" and m["errors"] == 0 and m["sent"] >= 250, m
+    assert "XADD s at redis://" in text
+    lines = published.read_text().splitlines()
+    assert len(lines) == m["sent"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bin" / "cometd-bench"), "check", str(friends),
+         str(published), str(received), "--users", f"1-{n}"],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{m['sent']} messages published, {3 * m['sent']} deliveries expected" in done.stdout
+    assert "Traceback" not in "".join(srv.output)
+
+
+@pytest.mark.parametrize("target", ["redis://10.0.0.1:6379/0", "rediss://127.0.0.1:6379/0",
+                                    "redis://127.0.0.1:x/0"])
+def test_via_redis_stream_refuses_other_redis_urls(target, tmp_path):
+    done = subprocess.run([sys.executable, str(MSGGEN), "--via", "redis-stream", "--redis",
+                           target, "--duration", "0.1"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "--redis" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
