@@ -12,6 +12,8 @@ recipient's stream:
 - :mod:`cometd.auth` — JWT stream tokens and publisher API keys.
 - :mod:`cometd.limits` — admission limits: whether a new stream may open.
 - :mod:`cometd.cors` — which other origins' pages may read answers and streams.
+- :mod:`cometd.publish` — ``POST /send`` and batch ``POST /publish``: their checks
+  and answers, and the fast path that serves them without pywsgi and bottle.
 - :mod:`cometd.webapp` — the bottle app: ``POST /send``, streams, subscriptions API.
 - :mod:`cometd.router` — routes a message: gives it an id, looks up its recipients.
 - :mod:`cometd.ids` — the user id grammar and its compact encoding.

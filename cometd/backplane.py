@@ -588,6 +588,8 @@ class RouterLink:
         self.calls[op] = self.calls.get(op, 0) + 1
         if op == "send":
             return b.send(args[0], args[1].encode("latin-1"))
+        if op == "send_batch":
+            return b.send_batch([(s, body.encode("latin-1")) for s, body in args[0]])
         if op in ("add", "remove"):
             return getattr(b, op)([tuple(p) for p in args[0]])
         if op in ("subscribers", "subscriptions"):
@@ -830,6 +832,11 @@ class EdgeBackend:
     def send(self, subject: str, body: bytes) -> tuple[int, str]:
         delivered, message_id = self.link.call("send", subject, body.decode("latin-1"))
         return delivered, message_id
+
+    def send_batch(self, messages: list[tuple[str, bytes]]) -> list[tuple[int, str]]:
+        """A batch in one call: the router sends it in order (see cometd.publish)."""
+        sent = self.link.call("send_batch", [(s, b.decode("latin-1")) for s, b in messages])
+        return [(delivered, message_id) for delivered, message_id in sent]
 
     def subscribers(self, user: str) -> list[str]:
         return self.link.call("subscribers", user)

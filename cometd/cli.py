@@ -79,7 +79,9 @@ def _flags(*keys: str):
                 facts.append(opt.range)
             helptext = f"{opt.help}  [{'; '.join([*facts, 'env ' + opt.env])}]"
             if opt.kind is bool:
-                decorator = click.option(opt.flag, key, is_flag=True, default=None, help=helptext)
+                # An option on by default can be turned off: --no-<name>.
+                flag = f"{opt.flag}/--no-{opt.flag[2:]}" if opt.default else opt.flag
+                decorator = click.option(flag, key, is_flag=True, default=None, help=helptext)
             elif opt.kind is tuple:
                 decorator = click.option(opt.flag, key, multiple=True, metavar=opt.metavar,
                                          callback=lambda _c, _p, v: v or None, help=helptext)
@@ -98,7 +100,7 @@ def _flags(*keys: str):
 _HTTP = ("host", "port", "mode", "keepalive", "max_pending", "request_timeout",
          "max_connections", "max_streams_per_user", "max_streams_per_address",
          "stream_rate_per_address", "drain_seconds", "sse_retry_min", "sse_retry_max",
-         "cors_origin", "insecure")
+         "cors_origin", "fast_publish", "insecure")
 _ADMIN = ("admin_host", "admin_port", "admin_password")
 _HISTORY = ("history_size", "history_ttl", "history_bytes", "replay_max")
 _INGEST = ("ingest_stream", "ingest_redis", "ingest_group", "ingest_consumer", "ingest_batch")

@@ -80,8 +80,9 @@ class HttpConfig:
                         metavar="ADDRESS")
     port: int = _option(8000, "HTTP port (0: any free port)", flag="--port", kind=int,
                         low=0, high=65535)
-    mode: str = _option("greenlet", "greenlet: one parked greenlet per connection; pool: no "
-                        "greenlet per connection, writes straight from the router",
+    mode: str = _option("greenlet", "greenlet: one parked greenlet per connection writes what "
+                        "the kernel did not take at once; pool: no greenlet per connection, a "
+                        "write watcher does (both send straight from the router first)",
                         flag="--mode", kind=str, choices=MODES)
     keepalive: float = _option(25.0, "seconds between SSE keep-alive comments",
                                flag="--keepalive", kind=float, low=0.1, high=3600,
@@ -127,6 +128,10 @@ class HttpConfig:
         None, "let pages of this origin (scheme://host[:port], or * for any) read responses "
         "and streams (CORS); repeatable, or several in one variable separated by spaces",
         flag="--cors-origin", kind=tuple, metavar="ORIGIN")
+    fast_publish: bool = _option(True, "serve POST /send and POST /publish on keep-alive "
+                                 "connections without pywsgi and bottle (--no-fast-publish: "
+                                 "through them, like every other request)",
+                                 flag="--fast-publish", kind=bool)
     insecure: bool = _option(False, "serve with no authentication on a non-loopback --host "
                              "(refused without this flag)", flag="--insecure", kind=bool)
 

@@ -29,6 +29,8 @@ class Counts:
         self.rejected: Counter[str] = Counter()
         #: connections accepted by the HTTP listener
         self.accepts = 0
+        #: publish requests answered by the fast path (cometd.publish), not bottle
+        self.fast_publishes = 0
         #: streams resumed with every missed message / with some lost (the history feature)
         self.replays_recovered = 0
         self.replays_not_recovered = 0

@@ -139,7 +139,8 @@ class Server:
         retry = (round(http.sse_retry_min * 1000), round(http.sse_retry_max * 1000))
         server = CometServer(sock, make_app(backend, auth), table,
                              request_timeout=http.request_timeout, auth=auth, limits=http,
-                             replay=replay, retry=retry, cors=cors)
+                             replay=replay, retry=retry, cors=cors,
+                             publisher=backend if http.fast_publish else None)
         server.start()
         # Stopping: no new connections, the requests under way (sends) finish,
         # then the streams end, spread out (see ConnectionTable.drain).

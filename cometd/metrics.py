@@ -197,6 +197,9 @@ class StateCollector(Collector):
         if table is not None:
             yield CounterMetricFamily("cometd_accepts", "Connections accepted by the HTTP "
                                       "listener", value=COUNTS.accepts)
+            yield CounterMetricFamily("cometd_fast_publishes", "Publish requests answered by "
+                                      "the fast path, without pywsgi and bottle",
+                                      value=COUNTS.fast_publishes)
             replays = CounterMetricFamily("cometd_replays", "Stream resumes, by whether every "
                                           "missed message was replayed", labels=["result"])
             replays.add_metric(["recovered"], COUNTS.replays_recovered)

@@ -8,6 +8,10 @@ pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
 the connection (and, in greenlet mode, a parked greenlet with a shallow stack)
 stays; no handler, WSGI environ or read buffer does.
 
+A connection whose first request is a publish goes to
+:func:`cometd.publish.serve_publisher` instead, which serves publishes on it
+without pywsgi and bottle, and hands it on when another request comes.
+
 A resuming stream (see :mod:`cometd.history`) is opened after its handler
 is done. The socket is adopted first, holding what is routed to it, then the
 replay is read (in this process, in the same loop turn; on an edge, from the
@@ -64,6 +68,7 @@ from cometd.loader import load_friends
 from cometd.longpoll import POLL_KEY, accept_poll, open_poll
 from cometd.longpoll import take as take_poll
 from cometd.metrics import exposition
+from cometd.publish import FAST_PREFIXES, Publisher, serve_publisher
 from cometd.router import Router, Sent
 from cometd.store import SubscriptionStore
 from cometd.streamhttp import (
@@ -291,7 +296,8 @@ class CometServer(WSGIServer):
     """``WSGIServer`` whose stream requests end up in a connection table.
 
     With a *cors* policy, the app's responses and every stream's head carry
-    its headers (see :mod:`cometd.cors`).
+    its headers (see :mod:`cometd.cors`). With a *publisher* (the app's
+    backend), publishes take the fast path of :mod:`cometd.publish`.
     """
 
     handler_class = CometHandler
@@ -301,7 +307,7 @@ class CometServer(WSGIServer):
                  limits: HttpConfig | None = None,
                  replay: Callable[[str, str], Replay] | None = None,
                  retry: tuple[int, int] = DEFAULT_RETRY_MS, cors: CorsPolicy | None = None,
-                 **kwargs: Any) -> None:
+                 publisher: Publisher | None = None, **kwargs: Any) -> None:
         super().__init__(listener, application if cors is None else cors.wrap(application),
                          **kwargs)
         self.table = table
@@ -314,6 +320,8 @@ class CometServer(WSGIServer):
         self.retry = retry
         #: which origins' pages may read the answers (None: no CORS headers)
         self.cors = cors
+        #: where the fast path publishes (None: publishes go through bottle too)
+        self.publisher = publisher
         # The kernel holds a connection until its request begins to arrive, so
         # the accept callback can usually answer a stream at once
         # (cometd.streamhttp), and a client that says nothing costs no
@@ -422,6 +430,11 @@ class CometServer(WSGIServer):
         return None
 
     def handle(self, sock, address, first: bytes = b"") -> None:
+        if self.publisher is not None and first.startswith(FAST_PREFIXES):
+            first = serve_publisher(self, sock, first)
+            if first is None:
+                sock.close()
+                return
         handler = self.handler_class(sock, address, self, first)
         handler.handle()
         stream, poll = handler.stream, handler.poll
@@ -492,6 +505,9 @@ class LocalBackend:
 
     def send(self, subject: str, body: bytes) -> Sent:
         return self.router.send(subject, body)
+
+    def send_batch(self, messages: list[tuple[str, bytes]]) -> list[Sent]:
+        return [self.router.send(subject, body) for subject, body in messages]
 
     def replay(self, user: str, since: str) -> Replay:
         """What *user* missed after message id *since*: its own and its subscriptions' messages."""

@@ -7,6 +7,8 @@ Routes
 ``GET /events/<id>``          the same as Server-Sent Events; a ``Last-Event-ID`` header
                               (or ``?last_event_id=``) resumes
 ``POST /send/<subject>``      publish the request body -> ``{"delivered": N, "id": "<id>"}``
+``POST /publish``             many messages, one JSON object a line (see :mod:`cometd.publish`)
+                              -> ``{"results": [{"delivered": N, "id": "<id>"}, ...]}``
 ``GET /poll/<id>``            long poll: ``?since=<message id>&timeout=<s>`` -> one JSON answer
                               (:mod:`cometd.longpoll`)
 ``GET /subscribers/<id>``     ``{"subscribers": [...]}``
@@ -50,9 +52,10 @@ from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
-from cometd.log import Burst
 from cometd.longpoll import POLL_KEY, PollError, PollRequest, parse_poll_query
 from cometd.page import install as install_page
+from cometd.publish import AUTH_FAILURES as _AUTH_FAILURES
+from cometd.publish import Answer, BackendUnavailable, BodyError, answer_publish, answer_send
 from cometd.store import SelfSubscription, check_pair
 from cometd.streamhttp import stream_kind
 
@@ -70,6 +73,7 @@ class Backend(Protocol):
     """What the app needs from the server (an edge passes these to the router)."""
 
     def send(self, subject: str, body: bytes) -> tuple[int, str]: ...
+    def send_batch(self, messages: list[tuple[str, bytes]]) -> list[tuple[int, str]]: ...
     def subscribers(self, user: str) -> list[str]: ...
     def subscriptions(self, user: str) -> list[str]: ...
     def add(self, pairs: list[tuple[str, str]]) -> int: ...
@@ -77,10 +81,6 @@ class Backend(Protocol):
     def stats(self) -> dict[str, Any]: ...
     def metrics(self) -> bytes: ...
     def ready(self) -> list[str]: ...
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot answer now (a scaled-out router is unreachable): 503."""
 
 
 def _unavailable_is_503(callback: Any) -> Any:
@@ -91,9 +91,6 @@ def _unavailable_is_503(callback: Any) -> Any:
             return _error(503, str(exc))
 
     return wrapper
-
-
-_AUTH_FAILURES = Burst("auth_failures", "request(s) refused for no or a bad credential (401)")
 
 
 def _refusals_are_401_or_403(callback: Any) -> Any:
@@ -123,7 +120,13 @@ def _error(status: int, message: str) -> bottle.HTTPResponse:
     return _json(status, {"error": message})
 
 
+def _answered(answer: Answer) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(answer.payload), status=answer.status,
+                               headers={"Content-Type": "application/json", **dict(answer.headers)})
+
+
 def _read_body(limit: int) -> bytes:
+    """This request's body, at most *limit* bytes; :class:`BodyError` when it cannot be."""
     # Read this request's wsgi.input itself, not bottle's request.body: bottle's
     # request is a thread-local shared by every greenlet of the (unpatched)
     # server, and while this read waits for the network another request
@@ -133,14 +136,14 @@ def _read_body(limit: int) -> bytes:
     environ = bottle.request.environ
     length = int(environ.get("CONTENT_LENGTH") or -1)
     if length > limit:
-        raise _error(413, f"request body over {limit} bytes")
+        raise BodyError(413, f"request body over {limit} bytes")
     try:
         body = environ["wsgi.input"].read(limit + 1)
     except OSError:
         # The client went away, ran out of time or sent broken chunk framing.
-        raise _error(400, "incomplete request body") from None
+        raise BodyError(400, "incomplete request body") from None
     if len(body) > limit:
-        raise _error(413, f"request body over {limit} bytes")
+        raise BodyError(413, f"request body over {limit} bytes")
     return body
 
 
@@ -244,19 +247,19 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
                                         None if identity is None else identity.expires)
         return ""
 
+    # The same functions as the server's fast path (cometd.publish), which
+    # takes most publishes before they get here.
     @app.post("/send/<subject>")
     def send(subject: str) -> bottle.HTTPResponse:
-        verdict = caller()
-        try:
-            subject = check_id(subject)
-        except InvalidId as exc:
-            return _error(400, str(exc))
-        auth.permit(verdict, subject)
-        body = _read_body(MAX_MESSAGE_BYTES)
-        if not body:
-            return _error(400, "empty message: the request body is the message")
-        delivered, message_id = backend.send(subject, body)
-        return _json(200, {"delivered": delivered, "id": message_id})
+        environ = bottle.request.environ
+        return _answered(answer_send(backend, auth, environ.get("HTTP_AUTHORIZATION"),
+                                     environ.get("HTTP_X_API_KEY"), subject, _read_body))
+
+    @app.post("/publish")
+    def publish() -> bottle.HTTPResponse:
+        environ = bottle.request.environ
+        return _answered(answer_publish(backend, auth, environ.get("HTTP_AUTHORIZATION"),
+                                        environ.get("HTTP_X_API_KEY"), _read_body))
 
     def lookup(user: str, key: str) -> bottle.HTTPResponse:
         verdict = caller()
@@ -278,7 +281,11 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
 
     def own_pairs(adding: bool) -> list[tuple[str, str]]:
         verdict = caller()
-        pairs = _pairs(_read_body(MAX_JSON_BYTES), adding=adding)
+        try:
+            body = _read_body(MAX_JSON_BYTES)
+        except BodyError as exc:
+            raise _error(exc.status, exc.message) from None
+        pairs = _pairs(body, adding=adding)
         for subscriber, _ in pairs:  # all or nothing
             auth.permit(verdict, subscriber)
         return pairs

@@ -79,6 +79,18 @@ def start_server(db: str, *args: str, timeout: float = 20,
                          int(m.group(4)) if m.group(4) else None, db, lines)
 
 
+#: server variants a module's server runs as: each connection mode, and publishes
+#: through bottle (--no-fast-publish) instead of cometd.publish's fast path
+VARIANTS = ("greenlet", "pool", "bottle-publish")
+
+
+def variant_args(variant: str) -> tuple[str, ...]:
+    """The flags of a server variant of :data:`VARIANTS`."""
+    if variant == "bottle-publish":
+        return ("--mode", "greenlet", "--no-fast-publish")
+    return ("--mode", variant)
+
+
 @pytest.fixture(params=["greenlet", "pool"])
 def mode(request) -> str:
     """Both connection modes: the server suite runs against each."""

@@ -23,10 +23,12 @@ import pytest
 from conftest import (
     COMETD,
     ROOT,
+    VARIANTS,
     StreamClient,
     http_request,
     start_server,
     unique_id,
+    variant_args,
     wait_for,
 )
 from cryptography.hazmat.primitives import serialization
@@ -288,9 +290,9 @@ def auth_args(*extra: str) -> list[str]:
     return ["--jwt-secret", SECRET, "--api-key", KEY, *extra]
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=VARIANTS)
 def srv(request, tmp_path_factory):
-    s = start_server(str(tmp_path_factory.mktemp("auth") / "db"), "--mode", request.param,
+    s = start_server(str(tmp_path_factory.mktemp("auth") / "db"), *variant_args(request.param),
                      "--admin-port", "-1", "--keepalive", "0.3", *auth_args())
     yield s
     s.stop()

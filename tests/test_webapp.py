@@ -2,7 +2,8 @@
 
 Streams (chunked, HTTP/1.0 raw, SSE), the id grammar, publishing limits, the
 subscription API and `/stats`, and the seed's shell session end to end. One
-server per mode serves the whole module; every test uses its own user ids.
+server per mode, and one publishing through bottle (``--no-fast-publish``),
+serves the whole module; every test uses its own user ids.
 The in-process tests at the end call the bottle app of ``make_app`` through
 WSGI over a fake backend, for each route's answers and errors.
 """
@@ -21,6 +22,7 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 from conftest import (
+    VARIANTS,
     StreamClient,
     get_stats,
     http_json,
@@ -28,19 +30,19 @@ from conftest import (
     send,
     start_server,
     unique_id,
+    variant_args,
     wait_for,
 )
 
-from cometd.connections import MODES
 from cometd.streamhttp import CHUNKED, RAW, SSE_CHUNKED, SSE_RAW
 from cometd.webapp import MAX_MESSAGE_BYTES, STREAM_KEY, BackendUnavailable, make_app
 
 KEEPALIVE = 0.3
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=VARIANTS)
 def srv(request, tmp_path_factory):
-    s = start_server(str(tmp_path_factory.mktemp("webapp") / "db"), "--mode", request.param,
+    s = start_server(str(tmp_path_factory.mktemp("webapp") / "db"), *variant_args(request.param),
                      "--admin-port", "-1", "--keepalive", str(KEEPALIVE))
     yield s
     s.stop()
@@ -422,6 +424,10 @@ class FakeBackend:
         self._call("send", subject, body)
         return 3, "2-9"
 
+    def send_batch(self, messages: list[tuple[str, bytes]]) -> list[tuple[int, str]]:
+        self._call("send_batch", messages)
+        return [(i, f"2-{i}") for i in range(len(messages))]
+
     def subscribers(self, user: str) -> list[str]:
         self._call("subscribers", user)
         return ["1", "bob"]
@@ -597,6 +603,15 @@ def test_a_bad_subscription_change_is_refused_whole(method, body, problem):
     assert backend.calls == []  # not even the good pairs before the bad one
 
 
+def test_publish_passes_the_checked_batch_and_answers_each():
+    backend = FakeBackend()
+    body = b'{"from": "a", "body": "x"}\n\n{"from": "b", "body": "\xc3\xa9"}'
+    status, headers, data, _ = call_app(backend, "POST", "/publish", body)
+    assert json_answer(status, headers, data) == (
+        200, {"results": [{"delivered": 0, "id": "2-0"}, {"delivered": 1, "id": "2-1"}]})
+    assert backend.calls == [("send_batch", [("a", b"x"), ("b", "é".encode())])]
+
+
 def test_stats_are_the_backends():
     status, headers, data, _ = call_app(FakeBackend(), "GET", "/stats")
     assert json_answer(status, headers, data) == (200, {"connections": 2, "mode": "pool"})
@@ -604,6 +619,7 @@ def test_stats_are_the_backends():
 
 @pytest.mark.parametrize("method, path, body", [
     ("POST", "/send/s", b"x"),
+    ("POST", "/publish", b'{"from": "s", "body": "x"}\n'),
     ("GET", "/subscribers/s", b""),
     ("GET", "/subscriptions/s", b""),
     ("POST", "/subscriptions", b"[[1, 2]]"),

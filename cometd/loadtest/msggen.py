@@ -42,6 +42,11 @@ sends as fast as the server answers, and reports the achieved rate next to the
 target. ``--rate 0`` means "as fast as the server answers". A reply that does
 not arrive within ``--request-timeout`` is an error and the connection is
 replaced; the whole run is also capped by a hard ``--timeout``.
+
+With ``--batch N`` a sender takes N slots and, once the last of them is due,
+posts their N messages in one ``POST /publish`` (one JSON object a line, see
+:mod:`cometd.publish`): ``--rate`` still counts messages, ``sent`` and the
+deliveries count each message the server took, latency is per request.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ import numpy as np
 from gevent import socket
 
 from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
+from cometd.publish import MAX_BATCH_MESSAGES
 
 __all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "parse_redis_url",
            "run", "main", "VIAS"]
@@ -208,9 +214,13 @@ class MsgGenConfig:
     request_timeout: float = 5.0
     timeout: float = 0.0  # 0: duration + request_timeout + 10
     seed: int | None = None
+    #: stop after this many slots (0: no limit; --duration still bounds the run)
+    count: int = 0
     #: write "<subject> <message id>" for every message the server took
     #: (see cometd.loadtest.delivery)
     record: str | None = None
+    #: messages per request: 1 posts /send/<subject>, more post a batch to /publish
+    batch: int = 1
     #: "http" (POST /send) or "redis-stream" (XADD to *stream* at *redis*)
     via: str = "http"
     redis: str = "redis://127.0.0.1:6379/0"
@@ -302,15 +312,19 @@ class _Generator:
             return None
         i = self.next_slot
         rate = self.cfg.rate
+        if self.cfg.count and i >= self.cfg.count:
+            return None
         if not rate:
             self.next_slot = i + 1
             return i, now
         due = self.t0 + i / rate
         if now - due > SLACK:  # the server is behind: skip, do not queue
             j = int((now - self.t0) * rate)
+            if self.cfg.count:
+                j = min(j, self.cfg.count)
             self.stats.missed += j - i
             i, due = j, self.t0 + j / rate
-        if due >= self.end:
+        if due >= self.end or (self.cfg.count and i >= self.cfg.count):
             return None
         self.next_slot = i + 1
         return i, due
@@ -388,15 +402,41 @@ class _Generator:
         finally:
             conn.close()
 
-    def sender(self) -> None:
-        cfg, st = self.cfg, self.stats
-        conn: _HttpConn | None = None
-        path = self.prefix.encode() + b"/send/"
-        while True:
+    def _request(self, seqs: list[int]) -> tuple[bytes, list[int]]:
+        """The request for the messages of slots *seqs*, and their subjects."""
+        cfg = self.cfg
+        subjects = [self.sample() for _ in seqs]
+        if cfg.batch == 1:
+            body = make_body(subjects[0], seqs[0], cfg.size)
+            path = b"%s/send/%d" % (self.prefix.encode(), subjects[0])
+        else:
+            now = time.time()
+            body = b"".join(b'{"from":"%d","body":"%s"}\n' % (
+                subject, make_body(subject, seq, cfg.size, now)) for subject, seq in zip(
+                    subjects, seqs, strict=True))
+            path = self.prefix.encode() + b"/publish"
+        return b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+            path, self.hostport, len(body), body), subjects
+
+    def _slots(self) -> tuple[list[int], float]:
+        """The next --batch slots (fewer at the end of the run) and when the last is due."""
+        seqs: list[int] = []
+        due = 0.0
+        while len(seqs) < self.cfg.batch:
             slot = self.take_slot()
             if slot is None:
                 break
-            seq, due = slot
+            seqs.append(slot[0])
+            due = slot[1]
+        return seqs, due
+
+    def sender(self) -> None:
+        cfg, st = self.cfg, self.stats
+        conn: _HttpConn | None = None
+        while True:
+            seqs, due = self._slots()
+            if not seqs:
+                break
             delay = due - time.monotonic()
             if delay > 0:
                 gevent.sleep(delay)
@@ -407,11 +447,7 @@ class _Generator:
                     st.error(f"connect:{type(e).__name__}")
                     gevent.sleep(0.05)  # do not spin on a dead server
                     continue
-            subject = self.sample()
-            body = make_body(subject, seq, cfg.size)
-            req = b"POST %s%d HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-                path, subject, self.hostport, len(body), body,
-            )
+            req, subjects = self._request(seqs)
             t = time.perf_counter()
             try:
                 status, reply, keep = conn.request(req)
@@ -425,14 +461,20 @@ class _Generator:
             st.ihist.record(lat)
             st.last_done = time.monotonic()
             if status == 200:
-                st.sent += 1
                 try:
                     answer = json.loads(reply)
-                    st.deliveries += int(answer.get("delivered", 0))
-                    if cfg.record is not None:
-                        self.recorded.append(f"{subject} {answer['id']}\n")
+                    answers = answer["results"] if cfg.batch > 1 else [answer]
+                    if len(answers) != len(subjects):
+                        raise ValueError("one answer per message")
+                    st.sent += len(answers)
+                    for subject, one in zip(subjects, answers, strict=True):
+                        st.deliveries += int(one.get("delivered", 0))
+                        if cfg.record is not None:
+                            self.recorded.append(f"{subject} {one['id']}\n")
                 except (ValueError, AttributeError, TypeError, KeyError):
                     st.error("bad-json")
+            elif status in (201, 202):  # nginx + nchan's publisher (the fan-out bench's peer)
+                st.sent += 1
             else:
                 st.error(f"http-{status}")
             if not keep:
@@ -538,6 +580,10 @@ def _validate(cfg: MsgGenConfig) -> MsgGenConfig:
     SubjectSampler(1, cfg.zipf)  # validates --zipf
     if cfg.users < 1:
         raise ValueError("--users must be at least 1")
+    if not 1 <= cfg.batch <= MAX_BATCH_MESSAGES:
+        raise ValueError(f"--batch must be between 1 and {MAX_BATCH_MESSAGES}")
+    if cfg.batch > 1 and cfg.via != "http":
+        raise ValueError("--batch posts to /publish: it needs --via http")
     return cfg
 
 
@@ -548,8 +594,12 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
     gen = _Generator(cfg, out)
     dist = f"zipf {cfg.zipf:g}" if cfg.zipf is not None else "uniform"
     rate = f"{cfg.rate:g}/s" if cfg.rate else "max"
-    where = (f"XADD {cfg.stream} at {cfg.redis} from <1..{cfg.users}>"
-             if cfg.via == "redis-stream" else f"POST {cfg.url}/send/<1..{cfg.users}>")
+    if cfg.via == "redis-stream":
+        where = f"XADD {cfg.stream} at {cfg.redis} from <1..{cfg.users}>"
+    elif cfg.batch == 1:
+        where = f"POST {cfg.url}/send/<1..{cfg.users}>"
+    else:
+        where = f"POST {cfg.url}/publish ({cfg.batch} a request from 1..{cfg.users})"
     print(
         f"msggen: {where} ({dist}) at {rate} for "
         f"{cfg.duration:g}s, concurrency {cfg.concurrency}, size {cfg.size or 'unpadded'}",
@@ -601,6 +651,9 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Hard limit on the whole run in seconds. "
                    "Default: duration + request timeout + 10.")
 @click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
+@click.option("--count", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many slots, sent or missed (0: no limit); --duration "
+                   "still bounds the run.")
 @click.option("--via", type=click.Choice(VIAS), default="http", show_default=True,
               help="http: POST /send/<subject> to --url; redis-stream: one XADD per message "
                    "(fields from, body) to --stream, which cometd reads with --ingest-stream.")
@@ -614,8 +667,11 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Write '<subject> <message id>' to FILE for every message the server "
                    "took, in reply order (for the delivery check, cometd.loadtest.delivery); "
                    "with --via redis-stream, from the ids cometd writes back.")
+@click.option("--batch", default=1, show_default=True, type=int, metavar="N",
+              help="Messages per request: more than 1 posts them together to /publish "
+                   "(one JSON object a line); --rate still counts messages. --via http only.")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
-         request_timeout, timeout, seed, record, via, redis_url, stream) -> None:
+         request_timeout, timeout, seed, count, record, via, redis_url, stream, batch) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for
     --duration seconds, from random subjects in 1..--users.
 
@@ -626,8 +682,8 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
     cfg = MsgGenConfig(
         url=url, rate=rate, duration=duration, users=users, zipf=zipf,
         concurrency=concurrency, size=size, interval=interval,
-        request_timeout=request_timeout, timeout=timeout, seed=seed, record=record, via=via,
-        redis=redis_url, stream=stream,
+        request_timeout=request_timeout, timeout=timeout, seed=seed, count=count,
+        record=record, via=via, redis=redis_url, stream=stream, batch=batch,
     )
     try:
         _validate(cfg)

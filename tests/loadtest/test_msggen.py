@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import get_stats, http_json, start_server, wait_for
+from conftest import get_stats, http_json, http_request, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MSGGEN = ROOT / "bin" / "msggen"
@@ -60,6 +60,16 @@ def test_rate_is_honoured_and_bodies_carry_ts(server, tmp_path):
     assert 0 < s["latency_ms"]["p50"] <= s["latency_ms"]["p99"] < 500
     assert 1.9 <= s["duration_s"] < 2 + 3
     assert text.count("sent=") >= 3 and "deliveries=" in text
+
+
+def test_count_stops_after_that_many_slots(server, tmp_path):
+    s, _ = run_tool(
+        MSGGEN, "--url", url(server), "--rate", "100", "--duration", "5", "--count", "37",
+        "--users", "5", tmp_path=tmp_path,
+    )
+    assert s["errors"] == 0 and s["sent"] + s["missed"] == 37, s
+    assert sum(server.stats()["posts"].values()) == s["sent"]
+    assert s["duration_s"] < 3  # it ends after slot 37, not at --duration
 
 
 def test_zipf_skews_subjects(server, tmp_path):
@@ -217,6 +227,30 @@ def test_end_to_end_with_floodtest_against_real_cometd(tmp_path, mode):
     assert f["chunks"] == f["messages"] + n
     assert f["latency_ms"]["count"] == f["messages"]
     assert "Traceback" not in "".join(srv.output)
+
+
+def test_batch_posts_n_messages_a_request_and_records_every_id(tmp_path):
+    """--batch 10 against `bin/cometd`: /publish gets ten messages a request; each is
+    taken, counted and recorded with its own id."""
+    srv = start_server(str(tmp_path / "db"), "--admin-port", "-1")
+    record = tmp_path / "ids.txt"
+    try:
+        m, text = run_tool(
+            MSGGEN, "--url", srv.url, "--rate", "200", "--duration", "1", "--users", "20",
+            "--batch", "10", "--concurrency", "2", "--record", str(record), tmp_path=tmp_path,
+        )
+        stats = get_stats(srv)
+        _, _, metrics = http_request(srv, "GET", "/metrics")
+    finally:
+        srv.stop()
+    assert "/publish (10 a request" in text
+    assert (m["errors"], m["missed"]) == (0, 0) and m["sent"] >= 150, m
+    assert stats["messages_sent"] == m["sent"]
+    lines = record.read_text().splitlines()
+    assert len(lines) == m["sent"] == len({line.split()[1] for line in lines})
+    assert {line.split()[0] for line in lines} <= {str(i) for i in range(1, 21)}
+    requests = re.search(rb"\ncometd_fast_publishes_total (\S+)", metrics)
+    assert requests and float(requests[1]) == m["sent"] / 10, m
 
 
 def test_via_redis_stream_every_message_is_recorded_and_delivered(tmp_path, redis_server):

@@ -1,0 +1,301 @@
+"""Publishing, on the fast path and through bottle: the same answers, batches all or nothing.
+
+Two servers, alike but for ``--no-fast-publish``, get the same raw requests
+(good and bad publishes, credentials, CORS, the smuggling corpus, pipelined
+requests behind them) and must answer byte for byte alike, Date and message
+ids aside; ``cometd_fast_publishes_total`` shows which way each went. Then
+what only the fast path does: many publishes on one keep-alive connection,
+handing the connection to pywsgi for another route, the idle timeout; and
+``POST /publish`` on a single server and through an edge.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import pytest
+from conftest import RedisServer, StreamClient, start_cometd, start_server, unique_id
+from test_backplane import EDGE_READY, ROUTER_READY
+from test_server import SMUGGLING
+
+from cometd.auth import mint
+from cometd.history import parse_id
+
+KEY = "publish-test-key"
+SECRET = "s" * 32
+ORIGIN = "http://page.example"
+TIMEOUT = 1.0
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def _start(tmp_path_factory, *extra: str):
+    return start_server(str(tmp_path_factory.mktemp("publish") / "db"), "--admin-port", "-1",
+                        "--api-key", KEY, "--jwt-secret", SECRET, "--cors-origin", ORIGIN,
+                        "--request-timeout", str(TIMEOUT), *extra)
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    s = _start(tmp_path_factory)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    s = _start(tmp_path_factory, "--no-fast-publish")
+    yield s
+    s.stop()
+
+
+def _exchange(srv, data: bytes) -> bytes:
+    """*data* on one connection; all the server sends until it closes."""
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+    return out
+
+
+def _responses(data: bytes) -> list[tuple[str, list[str], object]]:
+    """(status line, header lines but Date, JSON body with ids masked) of each response."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, data
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(int(v) for k, _, v in (x.partition(": ") for x in lines)
+                      if k.lower() == "content-length")
+        body = json.loads(rest[:length])
+        text = re.sub(r'"id": "[^"]+"', '"id": "ID"', json.dumps(body))
+        out.append((lines[0], sorted(x for x in lines[1:] if not x.startswith("Date:")),
+                    json.loads(text)))
+        data = rest[length:]
+    return out
+
+
+def _fast_count(srv) -> int:
+    data = _exchange(srv, b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n"
+                     b"Connection: close\r\n\r\n" % KEY.encode())
+    match = re.search(rb"\ncometd_fast_publishes_total (\S+)", data)
+    assert match, data[:300]
+    return int(float(match[1]))
+
+
+def _post(path: str, body: bytes, *fields: str) -> bytes:
+    head = "".join(f"{f}\r\n" for f in fields)
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+def _batch(*items: object) -> bytes:
+    return b"".join(json.dumps(i).encode() + b"\n" for i in items)
+
+
+ALICE = mint(SECRET, "alice", 600)
+BOB = mint(SECRET, "bob", 600)
+API = f"X-API-Key: {KEY}"
+# name: (request bytes, how many of them the fast path answers)
+CASES = {
+    "send": (_post("/send/alice", b"hi", API), 1),
+    "send-cors": (_post("/send/alice", b"hi", API, f"Origin: {ORIGIN}"), 1),
+    "send-other-origin": (_post("/send/alice", b"hi", API, "Origin: http://evil"), 1),
+    "send-as-itself": (_post("/send/alice", b"hi", f"Authorization: Bearer {ALICE}"), 1),
+    "send-as-another": (_post("/send/alice", b"hi", f"Authorization: Bearer {BOB}"), 1),
+    "send-no-credential": (_post("/send/alice", b"hi"), 1),
+    "send-bad-key": (_post("/send/alice", b"hi", "X-API-Key: nope"), 1),
+    "send-bad-token": (_post("/send/alice", b"hi", "Authorization: Bearer a.b.c"), 1),
+    "send-empty": (_post("/send/alice", b"", API), 1),
+    "send-too-long": (_post("/send/alice", b"x" * (64 * 1024 + 1), API), 1),
+    "send-bad-subject": (_post("/send/" + "x" * 65, b"hi", API), 1),
+    "send-query": (_post("/send/alice?x=1", b"hi", API), 1),
+    "send-escaped": (_post("/send/%61lice", b"hi", API), 0),
+    "send-chunked": (b"POST /send/alice HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"%s\r\n\r\n2\r\nhi\r\n0\r\n\r\n" % API.encode(), 0),
+    "send-two-keys": (_post("/send/alice", b"hi", API, API), 0),
+    "send-close": (_post("/send/alice", b"hi", API, "Connection: close"), 1),
+    "send-subpath": (_post("/send/alice/x", b"hi", API), 0),
+    "publish": (_post("/publish", _batch({"from": "alice", "body": "a"},
+                                         {"from": "bob", "body": "b"}), API), 1),
+    "publish-as-itself": (_post("/publish", _batch({"from": "alice", "body": "a"}),
+                                f"Authorization: Bearer {ALICE}"), 1),
+    "publish-as-another": (_post("/publish", _batch({"from": "alice", "body": "a"},
+                                                    {"from": "bob", "body": "b"}),
+                                 f"Authorization: Bearer {ALICE}"), 1),
+    "publish-bad-json": (_post("/publish", b'{"from": "a", "body": "x"}\n{nope\n', API), 1),
+    "publish-bad-id": (_post("/publish", _batch({"from": "a b", "body": "x"}), API), 1),
+    "publish-empty-body": (_post("/publish", _batch({"from": "a", "body": ""}), API), 1),
+    "publish-extra-field": (_post("/publish", _batch({"from": "a", "body": "x", "to": 1}), API),
+                            1),
+    "publish-not-object": (_post("/publish", b"[1, 2]\n", API), 1),
+    "publish-nothing": (_post("/publish", b"\n\n", API), 1),
+    "publish-no-credential": (_post("/publish", _batch({"from": "a", "body": "x"})), 1),
+    "publish-trailing-slash": (_post("/publish/", b"x", API), 0),
+    "extra-crlf": (_post("/send/alice", b"hi", API) + b"\r\n", 1),
+    **{f"smuggle-{name}": (b"POST /send/alice HTTP/1.1\r\nHost: x\r\n%s\r\n%s" % (f, b), 0)
+       for name, (f, b, _) in SMUGGLING.items()},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_both_paths_answer_alike(fast, slow, case):
+    request, taken = CASES[case]
+    before = _fast_count(fast)
+    # Every case, then a publish and a request for another route on the same connection.
+    data = request + _post("/send/bob", b"next", API) + HEALTH[:-2] + b"Connection: close\r\n\r\n"
+    got, want = _responses(_exchange(fast, data)), _responses(_exchange(slow, data))
+    assert got == want
+    assert got, "no answer at all"
+    closed_early = len(got) == 1
+    assert _fast_count(fast) - before == taken + (taken and not closed_early)
+    assert _fast_count(slow) == 0
+
+
+def test_a_keepalive_publisher_is_served_request_after_request(fast):
+    user = unique_id("ka")
+    token = mint(SECRET, user, 60)
+    before = _fast_count(fast)
+    with StreamClient.open(fast, f"/test/{user}?token={token}") as stream, \
+            socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        stream.chunk()
+        reader = sock.makefile("rb")
+        for i in range(50):
+            sock.sendall(_post(f"/send/{user}", b"m%d" % i, API))
+            status = reader.readline()
+            assert status == b"HTTP/1.1 200 OK\r\n", status
+            length = 0
+            while (line := reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert json.loads(reader.read(length))["delivered"] == 1
+        assert [stream.chunk() for _ in range(50)] == [b"m%d" % i for i in range(50)]
+        # another route hands the connection to pywsgi, which serves what follows
+        sock.sendall(HEALTH + _post(f"/send/{user}", b"after", API))
+        assert reader.readline() == b"HTTP/1.1 200 OK\r\n"
+        assert stream.chunk() == b"after"
+    assert _fast_count(fast) - before == 50
+
+
+def test_an_idle_keepalive_publisher_is_closed_after_the_request_timeout(fast):
+    with socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        sock.sendall(_post("/send/alice", b"hi", API))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        start = time.monotonic()
+        assert sock.recv(65536) == b""
+        assert TIMEOUT * 0.8 < time.monotonic() - start < TIMEOUT * 3
+
+
+def _watch(srv, user: str) -> StreamClient:
+    stream = StreamClient.open(srv, f"/test/{user}?token={mint(SECRET, user, 60)}")
+    stream.chunk()
+    return stream
+
+
+def _publish(srv, body: bytes, *fields: str) -> tuple[int, dict]:
+    answers = _responses(_exchange(srv, _post("/publish", body, *fields, "Connection: close")))
+    status = int(answers[0][0].split()[1])
+    return status, answers[0][2]
+
+
+def _raw_publish(srv, body: bytes) -> tuple[int, dict]:
+    data = _exchange(srv, _post("/publish", body, API, "Connection: close"))
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(rest)
+
+
+@pytest.mark.system  # the server fixture is named at run time, out of the tier walk's sight
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_a_batch_is_delivered_in_order_with_an_id_each(request, path):
+    srv = request.getfixturevalue(path)
+    a, b = unique_id("ba"), unique_id("bb")
+    with _watch(srv, a) as sa, _watch(srv, b) as sb:
+        items = [{"from": a if i % 3 else b, "body": f"n{i} é"} for i in range(30)]
+        status, answer = _raw_publish(srv, _batch(*items))
+        assert status == 200, answer
+        results = answer["results"]
+        assert [r["delivered"] for r in results] == [1] * 30
+        keys = [parse_id(r["id"]) for r in results]
+        assert keys == sorted(keys) and len(set(keys)) == 30
+        assert [sa.chunk() for _ in range(20)] == [
+            i["body"].encode() for i in items if i["from"] == a]
+        assert [sb.chunk() for _ in range(10)] == [
+            i["body"].encode() for i in items if i["from"] == b]
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (b'{"from": "x", "body": 3}', 'line 3: not an object with a "from" and a "body" string'),
+    (b'{"from": "x", "body": "' + b"y" * (64 * 1024 + 1) + b'"}', "line 3: body over 65536"),
+    (b"nope", "line 3: not JSON"),
+], ids=["not-a-string", "too-long", "not-json"])
+def test_a_bad_line_refuses_the_whole_batch(fast, bad, problem):
+    user = unique_id("bad")
+    with _watch(fast, user) as stream:
+        good = json.dumps({"from": user, "body": "good"}).encode()
+        status, answer = _raw_publish(fast, good + b"\n" + good + b"\n" + bad + b"\n")
+        assert status == 400 and answer["error"].startswith(problem), answer
+        status, answer = _raw_publish(fast, _batch({"from": user, "body": "later"}))
+        assert status == 200
+        assert stream.chunk() == b"later"  # nothing of the refused batch came first
+
+
+def test_a_token_publishes_a_batch_only_as_itself(fast):
+    user, other = unique_id("me"), unique_id("other")
+    token = mint(SECRET, user, 60)
+    with _watch(fast, user) as stream:
+        status, answer = _publish(fast, _batch({"from": user, "body": "1"},
+                                               {"from": other, "body": "2"}),
+                                  f"Authorization: Bearer {token}")
+        assert (status, answer) == (403, {"error": "the token is for another user"})
+        status, answer = _publish(fast, _batch({"from": user, "body": "mine"}),
+                                  f"Authorization: Bearer {token}")
+        assert status == 200 and answer["results"][0]["delivered"] == 1
+        assert stream.chunk() == b"mine"
+
+
+def test_an_edge_publishes_a_batch_in_one_router_call(tmp_path):
+    redis = RedisServer(str(tmp_path))
+    redis.start()
+    procs = []
+    try:
+        procs.append(start_cometd(["router", "--redis", redis.url, "--db", str(tmp_path / "db"),
+                                   "--admin-port", "-1"], ROUTER_READY))
+        edge = start_cometd(["edge", "--redis", redis.url, "--port", "0"],
+                            EDGE_READY)
+        procs.append(edge)
+        srv = type("Srv", (), {"host": edge.match.group(2), "port": int(edge.match.group(3))})
+        user = unique_id("edge")
+        with StreamClient.open(srv, f"/test/{user}") as stream:
+            stream.chunk()
+            deadline = time.monotonic() + 10
+            while True:  # the router learns of the stream from the edge
+                status, answer = _raw_publish(srv, _batch({"from": user, "body": "x"}))
+                if answer["results"][0]["delivered"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert stream.chunk() == b"x"
+            before = _fast_count_open(srv)
+            status, answer = _raw_publish(srv, _batch(*({"from": user, "body": f"e{i}"}
+                                                        for i in range(5))))
+            assert status == 200 and [r["delivered"] for r in answer["results"]] == [1] * 5
+            assert [stream.chunk() for _ in range(5)] == [b"e%d" % i for i in range(5)]
+            assert _fast_count_open(srv) > before
+    finally:
+        for proc in procs:
+            proc.stop()
+        redis.stop()
+
+
+def _fast_count_open(srv) -> int:
+    data = _exchange(srv, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    found = re.findall(rb'\ncometd_fast_publishes_total\{process="edge[^"]*"\} (\S+)', data)
+    return int(sum(float(v) for v in found))
