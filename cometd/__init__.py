@@ -33,6 +33,7 @@ Around that path:
 - :mod:`cometd.backplane` — scale-out: a router process and edge processes over Redis.
 - :mod:`cometd.workers` — ``cometd --workers N``: one router and N edges, supervised.
 - :mod:`cometd.admin` — the telnet-style admin console.
+- :mod:`cometd.page` — the demo page at ``GET /`` (HTML, CSS and JavaScript as package data).
 - :mod:`cometd.counts`, :mod:`cometd.metrics`, :mod:`cometd.log` — counters,
   ``GET /metrics`` and operator logs.
 - :mod:`cometd.syscheck` — ``cometd check-system``.

@@ -22,6 +22,8 @@ Routes
 ``GET /metrics``              Prometheus text format (:mod:`cometd.metrics`)
 ``GET /healthz``              ``{"status": "ok"}`` while the process serves (no auth)
 ``GET /readyz``               200, or 503 with what is missing (no auth)
+``GET /``                     the demo page, with ``/page.css`` and ``/page.js``
+                              (:mod:`cometd.page`; no auth: the files hold no secret)
 
 With authentication configured, every route asks the
 :class:`~cometd.auth.Authenticator` first (see :mod:`cometd.auth` for who may
@@ -53,6 +55,7 @@ from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
 from cometd.longpoll import POLL_KEY, PollError, PollRequest, parse_poll_query
+from cometd.page import install as install_page
 from cometd.publish import AUTH_FAILURES as _AUTH_FAILURES
 from cometd.publish import Answer, BackendUnavailable, BodyError, answer_publish, answer_send
 from cometd.store import SelfSubscription, check_pair
@@ -312,6 +315,8 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         auth.permit(caller(), None)  # an API key when auth is on, like /stats
         return bottle.HTTPResponse(backend.metrics(), status=200,
                                    headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    install_page(app)  # GET /: the demo page (cometd.page)
 
     # Health is for load balancers and orchestrators: no credential, and
     # nothing in it but whether the process serves and which part is missing.
