@@ -14,7 +14,6 @@ import http.server
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
@@ -23,6 +22,7 @@ import time
 from contextlib import ExitStack
 
 import pytest
+from browser import chrome, needs_chromium
 from conftest import get_stats, http_request, send, start_server, unique_id, wait_for
 from test_auth import KEY, SECRET, token
 from test_backplane import admin
@@ -544,32 +544,23 @@ ws.onmessage = ev => {
   else { ws.close(); finish({from: m.from, body: m.body, id: typeof m.id}); }
 };
 ws.onclose = () => finish({closed: true});
-// Chromium's virtual time (--virtual-time-budget) stands still while a fetch
-// is pending, but not for a WebSocket: keep one pending until the end.
-function hold() { if (!finished) fetch("/hold").then(hold, hold); }
-hold();
 </script></body></html>
 """
 
 
-class _PageHandler(http.server.SimpleHTTPRequestHandler):
-    """The page's files, and ``/hold``: an empty answer a tenth of a second later."""
-
-    def do_GET(self) -> None:
-        if self.path != "/hold":
-            return super().do_GET()
-        time.sleep(0.1)
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    browser = chrome(str(tmp_path_factory.mktemp("chrome")))
+    yield browser
+    browser.quit()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
-def test_a_websocket_opened_by_a_page_receives_a_message_if_its_origin_is_allowed(tmp_path):
+@needs_chromium
+def test_a_websocket_opened_by_a_page_receives_a_message_if_its_origin_is_allowed(driver,
+                                                                                  tmp_path):
     (tmp_path / "page.html").write_text(BROWSER_PAGE)
-    handler = functools.partial(_PageHandler, directory=str(tmp_path))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
     pages = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=pages.serve_forever, daemon=True).start()
     origin = f"http://127.0.0.1:{pages.server_port}"  # another port: another origin
@@ -579,7 +570,7 @@ def test_a_websocket_opened_by_a_page_receives_a_message_if_its_origin_is_allowe
                 ("http://127.0.0.1:1", {"closed": True})):
             srv = start_server(str(tmp_path / "db"), "--cors-origin", allowed_origin)
             try:
-                got = browser_run(f"{origin}/page.html#{srv.url}", str(tmp_path / "chrome"))
+                got = browser_run(driver, f"{origin}/page.html#{srv.url}")
             finally:
                 srv.stop()
             assert got == expected, allowed_origin
