@@ -238,8 +238,21 @@ def test_with_auth_the_page_takes_a_token_and_never_shows_it(driver, tmp_path):
 
 
 @needs_chromium
-def test_the_websocket_transport_says_so_when_the_server_has_none(driver, srv):
-    if http_request(srv, "GET", "/ws/x")[0] != 404:
-        pytest.skip("this server offers /ws: the WebSocket tests cover it")
-    open_page(driver, srv, unique_id("ws"), transport="ws", state="failed")
-    assert "may offer no /ws" in page(driver)["log"]
+def test_over_a_websocket_the_page_gets_messages_and_resumes_after_a_kick(driver, srv):
+    me = unique_id("wsme")
+    open_page(driver, srv, me, transport="ws")
+    ids = [published(srv, me, "over ws")]
+    assert feed_of(driver, 1) == [[ids[0], me, "over ws"]]
+    console = Console(srv.admin_port)
+    try:
+        console.start()
+        assert console.cmd(f"kick {me}") == ["OK kicked 1"]
+        wait_online(console, me, 0)
+        ids += [published(srv, me, f"while away {i}") for i in range(2)]
+        wait_for(lambda: page(driver)["resume"] == "recovered", 15, what="the resume")
+    finally:
+        console.close()
+    expected = [[ids[0], me, "over ws"]] + [[ids[i + 1], me, f"while away {i}"] for i in range(2)]
+    assert feed_of(driver, 3) == expected
+    time.sleep(0.3)  # nothing more comes: no message twice
+    assert page(driver)["feed"] == expected and page(driver)["state"] == "open"

@@ -196,7 +196,7 @@
       if (!opens || WS_FINAL.has(event.code) || tries >= WS_RETRIES) {
         setState(opens ? "closed" : "failed", opens ? "closed" : "refused");
         log(`WebSocket closed (${why})` +
-          (opens ? "" : "; this server may offer no /ws: choose EventSource"));
+          (opens ? "" : "; refused before it opened (token, origin or limits)"));
         connected(false);
         return;
       }
