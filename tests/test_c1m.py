@@ -56,7 +56,10 @@ IN_NAMESPACE = textwrap.dedent("""
     # so that check-system asks c1m to raise them.
     c1m.write_sysctl("net.core.somaxconn", "128")
     c1m.write_sysctl("net.ipv4.tcp_max_tw_buckets", "100")
-    names = ["net.core.somaxconn", "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_wmem"]
+    # 400 ports: 300 connections a source address do not fit in half of them
+    c1m.write_sysctl("net.ipv4.ip_local_port_range", "40000 40399")
+    names = ["net.core.somaxconn", "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_wmem",
+             "net.ipv4.ip_local_port_range"]
     snap = lambda: {k: c1m.read_sysctl(k) for k in names}
     before, seen = snap(), {}
     run = subprocess.Popen([sys.executable, "bench/c1m.py", *sys.argv[1:]],
@@ -89,8 +92,10 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     # Every sysctl it could set was set during the run and is back afterwards.
     assert got["after"] == got["before"], log
     res = json.loads((out / "c1m.json").read_text())
-    # check-system's answer for 300 connections here: 4096 and 2 x 300 rounded up
+    # check-system's answer for 300 connections here: 4096, 2 x 300 rounded up, and
+    # the wide port range
     assert res["sysctls"] == {"net.core.somaxconn": "4096",
+                              "net.ipv4.ip_local_port_range": "1024 65535",
                               "net.ipv4.tcp_max_tw_buckets": "100000"}, log
     for name, value in res["sysctls"].items():
         assert value in got["seen"][name], (name, got["seen"][name])

@@ -88,6 +88,7 @@ def test_one_million_here_on_a_stock_machine(tmp_path):
     assert f["memory"].ok
     assert not report.ok
     assert report.sysctls == {
+        "net.ipv4.ip_local_port_range": "1024 65535",
         "net.ipv4.tcp_wmem": "4096 4096 16384", "net.ipv4.tcp_rmem": "4096 4096 16384",
         "net.ipv4.tcp_mem": "2000000 3000000 4000000",
         "net.ipv4.tcp_max_orphans": "2000000", "net.ipv4.tcp_max_tw_buckets": "2000000",
@@ -99,6 +100,28 @@ def test_one_million_here_on_a_stock_machine(tmp_path):
     assert "processes: 52 edges + a router (up to 19,231 connections each); 53 client" in text
     assert 'sysctl -w net.ipv4.tcp_mem="2000000 3000000 4000000"' in text
     assert "verdict: NO; " in text
+
+
+@pytest.mark.parametrize("ports, ok", [("32768 60999", False), ("20000 59999", True),
+                                       ("20000 59998", False), ("1024 65535", True)])
+def test_ports_per_source_address_fit_in_half_the_range(tmp_path, ports, ok):
+    """connect() searches one parity of the range first: 20,000 connections from one
+    source address need 40,000 ports (at 1M with the stock range, a ramp stalled at
+    684,576, near the 705,800 this says)."""
+    report = check(read_system(*make_tree(tmp_path, {"net.ipv4.ip_local_port_range": ports})),
+                   Plan(1_000_000, "pool", clients_here=True))
+    f = by_limit(report)["net.ipv4.ip_local_port_range"]
+    assert f.ok is ok
+    if ok:
+        assert "net.ipv4.ip_local_port_range" not in report.sysctls
+    else:
+        lo, hi = map(int, ports.split())
+        assert f.breaks_at == (hi - lo + 1) // 2 * 50  # 50 source addresses of 20,000
+        assert report.sysctls["net.ipv4.ip_local_port_range"] == "1024 65535"
+        assert "half the range" in f.why
+    # with no clients here the server's ports are not in question
+    assert "net.ipv4.ip_local_port_range" not in by_limit(
+        check(read_system(*make_tree(tmp_path / "server")), Plan(1_000_000, "pool")))
 
 
 def test_fixed_values_pass_their_own_check(tmp_path):
@@ -193,7 +216,8 @@ def test_apply_writes_the_fixes_prints_the_undo_and_nothing_without_it(tmp_path)
     assert dry.returncode == 1 and snapshot(tmp_path) == stock  # no --apply: nothing changed
     done = run(*args, "--apply")
     assert done.returncode == 1, done.stderr  # the report is the one from before applying
-    assert "applied:\n  net.ipv4.tcp_wmem: 4096 16384 4194304 -> 4096 4096 16384\n" in done.stdout
+    assert "applied:\n  net.ipv4.ip_local_port_range: 32768 60999 -> 1024 65535\n" in done.stdout
+    assert "\n  net.ipv4.tcp_wmem: 4096 16384 4194304 -> 4096 4096 16384\n" in done.stdout
     assert 'to undo:\n  sysctl -w net.netfilter.nf_conntrack_max="262144"\n' in done.stdout
     assert run(*args).returncode == 0  # now it holds
     # The undo lines put every file back as it was.
