@@ -164,6 +164,81 @@ def sockstat() -> dict[str, int]:
     return {}
 
 
+#: kernel TCP counters (/proc/net/netstat TcpExt, /proc/net/snmp Tcp) that say who
+#: drops, refuses or kills connections; c1m reports how much each grew
+KERNEL_COUNTERS = (
+    "ListenOverflows", "ListenDrops", "SyncookiesSent", "TCPReqQFullDrop",
+    "TCPDeferAcceptDrop", "TCPAbortOnMemory", "TCPAbortOnTimeout", "TCPAbortOnClose",
+    "TCPAbortOnData", "TCPMemoryPressures", "TCPTimeWaitOverflow", "TCPOrphanNoMem",
+    "TCPSynRetrans", "AttemptFails", "EstabResets", "ActiveOpens", "PassiveOpens",
+    "OutRsts")
+
+
+def kernel_counters() -> dict[str, int]:
+    """The machine's TCP counters named in :data:`KERNEL_COUNTERS`."""
+    out = {}
+    for path in ("/proc/net/netstat", "/proc/net/snmp"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for names, values in zip(lines[::2], lines[1::2], strict=False):
+            if names.split(":")[0] not in ("TcpExt", "Tcp"):
+                continue
+            for k, v in zip(names.split()[1:], values.split()[1:], strict=False):
+                if k in KERNEL_COUNTERS:
+                    out[k] = int(v)
+    return out
+
+
+_SAMPLE = re.compile(rb"^(cometd_(?:disconnects_total|rejected_requests_total|"
+                     rb"streams_refused_total|connections|slow_consumers_dropped_total))"
+                     rb"(?:\{([^}]*)\})? ([0-9.e+]+)$", re.M)
+
+
+def edge_counts(url: str) -> dict:
+    """What the edges say of their streams, from the metrics each shares in Redis.
+
+    Streams ended by reason, requests and streams refused, and how evenly the
+    shared port spread the streams (fewest and most on one edge).
+    """
+    import redis
+
+    out: dict = {"disconnects": {}, "rejected": {}, "refused": {}, "slow": 0,
+                 "edges": 0, "edge_conns_min": 0, "edge_conns_max": 0}
+    try:
+        r = redis.Redis.from_url(url)
+        keys = list(r.scan_iter(match=b"cometd:metrics:edge:*", count=1000))
+        texts = r.mget(keys) if keys else []
+    except redis.RedisError:
+        return out
+    per_edge = []
+    for text in texts:
+        if not text:
+            continue
+        conns = 0
+        for name, labels, value in _SAMPLE.findall(text):
+            n = int(float(value))
+            label = labels.split(b'"')[1].decode() if labels else ""
+            if name == b"cometd_connections":
+                conns += n
+            elif name == b"cometd_slow_consumers_dropped_total":
+                out["slow"] += n
+            else:
+                kind = {b"cometd_disconnects_total": "disconnects",
+                        b"cometd_rejected_requests_total": "rejected",
+                        b"cometd_streams_refused_total": "refused"}[name]
+                out[kind][label] = out[kind].get(label, 0) + n
+        per_edge.append(conns)
+    for kind in ("disconnects", "rejected", "refused"):
+        out[kind] = {k: v for k, v in sorted(out[kind].items()) if v}
+    if per_edge:
+        out.update(edges=len(per_edge), edge_conns_min=min(per_edge),
+                   edge_conns_max=max(per_edge))
+    return out
+
+
 def tree_rss(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -288,6 +363,12 @@ class Run:
             "t": round(time.monotonic() - self.t0, 2),
             "phase": phase,
             "tcp_inuse": ss.get("inuse", 0),
+            "tcp_tw": ss.get("tw", 0),
+            "tcp_orphan": ss.get("orphan", 0),
+            "kernel": kernel_counters(),
+            "edge_counts": edge_counts(self.redis_url) if getattr(self, "redis_url", None)
+            else {},
+            "client": self.client_counts(),
             "tcp_mem_bytes": ss.get("mem", 0) * 4096,
             "slab_bytes": mi["Slab"],
             "mem_available": mi["MemAvailable"],
@@ -307,6 +388,21 @@ class Run:
         self.samples.append(s)
         return s
 
+    def client_counts(self) -> dict[str, int]:
+        """floodtest's last progress line: closed streams, connect errors, no response yet."""
+        try:
+            with open(os.path.join(self.tmp, "floodtest.log"), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 2000))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return {}
+        m = re.findall(r"Closed=(\d+).*?ConnectErrors=(\d+) Pending=(\d+) NoResponse=(-?\d+)",
+                       tail)
+        if not m:
+            return {}
+        return dict(zip(("closed", "connect_errors", "pending", "no_response"),
+                        map(int, m[-1]), strict=True))
+
     def client_open(self) -> int:
         try:
             with open(os.path.join(self.tmp, "floodtest.log")) as f:
@@ -324,6 +420,14 @@ class Run:
             f"server RSS {s['server_rss'] / 2**20:,.0f} MiB client RSS "
             f"{s['client_rss'] / 2**20:,.0f} MiB kernel +{kern / 2**20:,.0f} MiB "
             f"used +{(b['mem_available'] - s['mem_available']) / 2**20:,.0f} MiB")
+        # Who ends or refuses streams: the kernel, the edges, floodtest (deltas).
+        grown = {k: v - b["kernel"].get(k, 0) for k, v in s["kernel"].items()
+                 if v != b["kernel"].get(k, 0) and k not in ("ActiveOpens", "PassiveOpens")}
+        e = s["edge_counts"]
+        log(f"           tw {s['tcp_tw']:,} orphan {s['tcp_orphan']:,} client {s['client']} "
+            f"edges {e.get('edges')} ({e.get('edge_conns_min'):,}-{e.get('edge_conns_max'):,} "
+            f"streams) ended {e.get('disconnects')} refused {e.get('rejected')} "
+            f"{e.get('refused')} kernel +{grown}")
 
     def check_deadline(self) -> None:
         if time.monotonic() - self.t0 > self.a.timeout:
@@ -369,7 +473,7 @@ class Run:
                                  "--save", "", "--appendonly", "no", "--maxclients", "10000"],
                                 "redis.log")
         wait_port(rport, 10, [self.redis])
-        url = f"redis://127.0.0.1:{rport}/0"
+        url = self.redis_url = f"redis://127.0.0.1:{rport}/0"
         cometd = [*tool("cometd")]
         db = os.path.join(self.tmp, "db")
         self.commands = {}
@@ -509,7 +613,16 @@ class Run:
         am = self.after_msgs
         am_conns = (am["tcp_inuse"] - b["tcp_inuse"]) // 2
         am_per = max(am_conns, 1)
+        def grown(later: dict) -> dict[str, int]:
+            return {k: v - b["kernel"].get(k, 0) for k, v in later["kernel"].items()
+                    if v != b["kernel"].get(k, 0)}
+
         return {
+            "kernel_counters_ramp": grown(full),
+            "kernel_counters_run": grown(am),
+            "tcp_tw_max": max(s["tcp_tw"] for s in self.samples),
+            "edge_counts_full": full["edge_counts"],
+            "edge_counts_after_msgs": am["edge_counts"],
             "ramp_cpu_us_per_conn": ramp_cpu(b, full, per),
             "connections_target": a.connections,
             "connections_held": conns,
@@ -619,6 +732,7 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
     plots(out, samples)
     lat, plat = res["delivery_latency_ms"] or {}, res["post_latency_ms"] or {}
     n = res["connections_held"]
+    ec, ea = res["edge_counts_full"], res["edge_counts_after_msgs"]
     title = "C1M" if n >= 1_000_000 else f"C1M harness at {n:,} connections (not 1M)"
     lines = [
         f"# {title}",
@@ -658,6 +772,15 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"{_mib(res['server_rss_after_msgs_bytes'])}) / "
         f"{res['kernel_bytes_per_conn_after_msgs']:,} B / "
         f"{res['total_bytes_per_conn_after_msgs']:,} B |",
+        f"| streams per edge when all were open (fewest-most) | "
+        f"{ec.get('edge_conns_min', 0):,}-{ec.get('edge_conns_max', 0):,} over "
+        f"{ec.get('edges', 0)} edges |",
+        f"| streams ended on the edges, by reason (end of the run) | "
+        f"{ea.get('disconnects') or 'none'}; slow consumers {ea.get('slow', 0)} |",
+        f"| requests / streams refused by the edges (end of the run) | "
+        f"{ea.get('rejected') or 'none'} / {ea.get('refused') or 'none'} |",
+        f"| kernel TCP counters grown, ramp / whole run | {res['kernel_counters_ramp']} / "
+        f"{res['kernel_counters_run']}; TIME_WAIT at most {res['tcp_tw_max']:,} |",
         f"| client userland per connection | {res['client_bytes_per_conn']} B "
         f"(floodtest RSS {_mib(res['client_rss_full_bytes'])}) |",
         f"| Redis RSS | {_mib(res['redis_rss_full_bytes'])} |",
