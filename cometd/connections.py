@@ -216,6 +216,7 @@ class Connection:
         out = self._out
         out.append(data)
         self._pending += len(data)
+        self.table.pending += len(data)
         if self._pending > self.table.max_pending + self._allowance:
             self.table.slow_consumers_dropped += 1
             _SLOW_DROPS.note()
@@ -225,6 +226,7 @@ class Connection:
             # Every outbox entry ends at a frame boundary: keep the one the
             # kernel may have begun, so the close frame (4000) can follow.
             del out[1:]
+            self.table.pending -= self._pending - len(out[0])
             self._pending = len(out[0])
             self._allowance = self._pending + len(CLOSE_FRAMES["slow"])
             self.table.end(self, CLOSE_FRAMES["slow"], "slow")
@@ -248,6 +250,7 @@ class Connection:
         if sent is None:
             return True
         self._pending -= sent
+        self.table.pending -= sent
         if sent < len(data):
             out.append(data[sent:])
             return False
@@ -264,6 +267,7 @@ class Connection:
         self.closed = True
         self.table.disconnects[reason] += 1
         self._out.clear()
+        self.table.pending -= self._pending
         self._pending = 0
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
@@ -337,6 +341,12 @@ class ConnectionTable:
         self.addresses: dict[str, int] = {}
         self._index: OnlineIndex | None = None
         self._by_fd: dict[int, Connection] = {}
+        # Kept as they change, so /metrics (read every second when scaled out)
+        # does not walk every connection.
+        #: open connections by kind (cometd.streamhttp: CHUNKED ... WEBSOCKET)
+        self.by_kind = [0] * (WEBSOCKET + 1)
+        #: bytes accepted from the router but not yet by the kernel, all connections
+        self.pending = 0
         #: messages written to connections
         self.deliveries = 0
         #: the newest message key routed here: a fresh SSE stream's welcome id
@@ -405,6 +415,7 @@ class ConnectionTable:
             if self._sweeper is None:
                 self._sweeper = gevent.spawn(self._sweep)
         self._by_fd[conn.fd] = conn
+        self.by_kind[conn.kind] += 1
         self._epoll.register(conn.fd, _EPOLL_FLAGS)
         conns = self.users.get(user)
         if conns is None:
@@ -420,6 +431,7 @@ class ConnectionTable:
     def _forget(self, conn: Connection) -> None:
         if self._by_fd.get(conn.fd) is conn:
             del self._by_fd[conn.fd]
+            self.by_kind[conn.kind] -= 1
             if conn.address is not None:
                 left = self.addresses.pop(conn.address) - 1
                 if left:

@@ -450,3 +450,38 @@ def test_a_hang_up_is_noticed_with_nothing_to_send(table, reset):
         while table.online("u"):
             gevent.sleep(0.005)
     assert table.connections == 0 and table.presence_log == ["u", "u"]
+
+
+def test_counts_by_kind_and_pending_output_follow_the_connections(table):
+    """What /metrics reads (kept as things change, not walked) agrees with a walk."""
+
+    def walked() -> tuple[list[int], int]:
+        by_kind = [0] * len(table.by_kind)
+        for conn in table._by_fd.values():
+            by_kind[conn.kind] += 1
+        return by_kind, sum(conn._pending for conn in table._by_fd.values())
+
+    peers = [Peer(table, "a", CHUNKED), Peer(table, "b", SSE_CHUNKED), Peer(table, "c", RAW)]
+    paused = Peer(table, "p", RAW, rcvbuf=4096)
+    stalled = Peer(table, "s", CHUNKED, rcvbuf=4096)
+    gevent.sleep(0.01)
+    assert (table.by_kind, table.pending) == walked() == ([2, 2, 1, 0, 0, 0], 0)
+    body = b"z" * 8000
+    for _ in range(8):  # past the kernel's buffers, within MAX_PENDING
+        table.deliver(["p"], Message("s", body))
+    assert table.pending > 0 and (table.by_kind, table.pending) == walked()
+    assert paused.read(8 * len(body)) == body * 8  # read: the outbox drains
+    with gevent.Timeout(2):
+        while paused.conn._out:
+            gevent.sleep(0.005)
+    assert (table.by_kind, table.pending) == walked() and table.pending == 0
+    for _ in range(200):  # a slow consumer dropped with output queued
+        table.deliver(["s"], Message("s", b"x" * 16384))
+        if stalled.conn.closed:
+            break
+    assert stalled.conn.closed and table.slow_consumers_dropped == 1
+    peers[1].sock.close()  # a hang-up
+    with gevent.Timeout(2):
+        while table.by_kind[SSE_CHUNKED]:
+            gevent.sleep(0.005)
+    assert (table.by_kind, table.pending) == walked() == ([1, 2, 0, 0, 0, 0], 0)
