@@ -548,3 +548,39 @@ def test_head_of_a_stream_is_its_head_alone(srv, watcher, route):
         assert [s[0] for s in stats] == [200]
         assert json.loads(stats[0][2])["connections"] == 2  # the watcher and `stream`
     _still_serving(srv, watcher[0], watcher[1])
+
+
+def _wakeups(pid: int) -> int:
+    """Times the server's main thread went to sleep (in epoll_wait) so far."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_streams_arriving_one_by_one_are_accepted_in_batches(srv):
+    """A stream every 5 ms does not wake the server for each (ACCEPT_PAUSE, 20 ms),
+    and each still gets its welcome, a few ms later at most."""
+    n, gap = 40, 0.005
+    socks = []
+    before = _wakeups(srv.proc.pid)
+    started = time.monotonic()
+    try:
+        for i in range(n):
+            s = socket.create_connection((srv.host, srv.port), timeout=5)
+            s.sendall(b"GET /test/%s HTTP/1.1\r\nHost: x\r\n\r\n" % unique_id("b").encode())
+            socks.append(s)
+            time.sleep(max(0.0, started + (i + 1) * gap - time.monotonic()))
+        for s in socks:
+            head = b""
+            while b"Welcome" not in head:
+                data = s.recv(4096)
+                assert data, head
+                head += data
+        woken = _wakeups(srv.proc.pid) - before
+    finally:
+        for s in socks:
+            s.close()
+    # one wakeup a stream without batching; ~(40 x 5 ms) / 20 ms = 10 with it
+    assert woken < n * 0.6, woken
