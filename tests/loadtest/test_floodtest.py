@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -234,6 +235,22 @@ def test_ramp_rate_is_honoured(ticking, tmp_path):
     # busy machine costs, not by half (the exact rate is the benchmarks' business).
     assert s["ramp_rate"] <= 200 * 1.05, s
     assert 1.0 <= s["ramp_s"] <= 2.4, s
+
+
+def test_a_ramp_wakes_once_for_several_connects(tmp_path):
+    """At 200 connects/s a worker does not sleep and wake for each one (RAMP_GRAIN):
+    without the grain it woke ~2 times a connection (the connect, then its welcome)."""
+    server = StandIn()  # no ticks: nothing but the ramp wakes floodtest
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw
+        s, _ = run_tool(FLOODTEST, "--port", str(server.port), "--n", "200", "--rate", "200",
+                        "--duration", "0.1", "--processes", "1", tmp_path=tmp_path)
+        woke = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nvcsw - before
+    finally:
+        server.close()
+    assert s["opened"] == s["welcomed"] == 200 and s["ramp_rate"] <= 200 * 1.05, s
+    # floodtest and its worker together, start-up and progress lines included
+    assert woke < 200, woke
 
 
 def test_processes_servers_and_source_ips_spread(tmp_path):
