@@ -395,3 +395,39 @@ def test_source_ip_parsing():
 
 if __name__ == "__main__":
     _standin_main()
+
+
+def test_a_connect_the_kernel_made_is_no_timeout_however_late_it_is_seen():
+    """A starved worker may see a connect only after --connect-timeout: the kernel made it,
+    so it is opened, not ETIMEDOUT; one the kernel did not make still times out."""
+    import select
+
+    from cometd.loadtest.floodtest import FloodConfig, _Worker
+
+    made = socket.socket()
+    made.bind(("127.0.0.1", 0))
+    made.listen(64)
+    # A backlog of 0 takes one connection; SYNs to it after that get no answer.
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    filler = [socket.create_connection(full.getsockname(), timeout=5)]
+    try:
+        worker = _Worker(FloodConfig(servers=[made.getsockname(), full.getsockname()], n=4,
+                                     connect_timeout=1.0), 0, 1, time.monotonic(), 1e12)
+        worker.ep = select.epoll()
+        now = time.monotonic()
+        for k in range(4):  # 0 and 2 to the listener, 1 and 3 to the full one
+            worker._start(k, now)
+        time.sleep(0.2)  # the kernel connects 0 and 2; the loop does not look
+        worker._expire_connects(now + 0.5)  # not late yet: nothing happens
+        assert (worker.connecting, worker.opened, worker.connect_errors) == (4, 0, 0)
+        worker._expire_connects(now + 2.0)
+        assert (worker.opened, worker.connect_errors) == (2, 2), worker.errors_by
+        assert worker.errors_by == {"ETIMEDOUT": 2} and worker.connecting == 0
+        assert sorted(c.k for c in worker.conns.values()) == [0, 2]
+    finally:
+        for c in list(worker.conns.values()):
+            c.sock.close()
+        for s in (made, full, *filler):
+            s.close()
