@@ -513,9 +513,11 @@ class Run:
         n = a.connections
         nsrc = math.ceil(n / PER_SOURCE) + 1
         srcs = f"127.1.0.1-127.1.0.{nsrc}" if nsrc < 255 else f"127.1.0.1-127.1.{nsrc // 250}.250"
-        # floodtest's hold starts when its own connects finish, which can be
-        # well before this script sees them all: keep the streams up meanwhile.
-        flood_hold = a.hold + a.msg_duration + 60
+        # floodtest's hold starts when each worker's own connects finish, which
+        # can be minutes before this script sees them all (at 951,215 of 1M, the
+        # first workers ended their hold during the messages): so floodtest
+        # holds until this script ends it (SIGTERM, after the messages).
+        flood_hold = a.timeout
         flood_cmd = [*tool("floodtest"), "--port", str(port), "--n", str(n),
                      "--rate", str(a.ramp_rate), "--duration", str(flood_hold),
                      "--source-ips", srcs, "--processes", str(a.client_processes),
@@ -569,9 +571,8 @@ class Run:
         time.sleep(3)  # as after the ramp: let RSS / slab settle before the sample
         self.after_msgs = self.sample("after msgs")
         self.progress(self.after_msgs)
-        # The last messages have reached floodtest by now or within seconds; its
-        # hold is padded (see flood_hold), so end it then rather than wait the
-        # padding out.
+        # The last messages have reached floodtest by now or within seconds; it
+        # holds until told (see flood_hold): end it.
         drain_end = time.monotonic() + 2
         self.watch("drain", lambda s: self.flood.poll() is not None
                    or time.monotonic() >= drain_end, every=1)
