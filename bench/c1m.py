@@ -484,7 +484,8 @@ class Run:
                                       *ingest], "router.log")
         edges = [self.spawn(cometd + ["edge", "--redis", url, "--port", str(port),
                                       "--reuse-port", "--mode", a.mode,
-                                      "--request-timeout", str(a.request_timeout)],
+                                      "--request-timeout", str(a.request_timeout),
+                                      "--keepalive", str(a.keepalive)],
                             f"edge{i}.log")
                  for i in range(a.edges)]
         self.server_pids = [router.pid] + [e.pid for e in edges]
@@ -631,6 +632,8 @@ class Run:
             "client_open_max": flood.get("open_max"),
             "hold_s": a.hold,
             "edges": a.edges,
+            "keepalive_s": a.keepalive,
+            "hold_cpu_cores": hold_cpu(full, self.held),
             "client_processes": a.client_processes,
             "mode": a.mode,
             "ramp_rate_target": a.ramp_rate,
@@ -696,6 +699,18 @@ def stream_done(url: str) -> bool:
     return True
 
 
+def hold_cpu(full: dict, held: dict) -> dict[str, float]:
+    """Cores busy by process group while the streams were only held (no ramp, no messages):
+    keep-alives and the edges' periodic work."""
+    dt = max(held["t"] - full["t"], 1e-9)
+    out = {g: (held["cpu_s"][g] - full["cpu_s"][g]) / dt
+           for g in ("edges", "router", "redis", "floodtest")}
+    mf, mh = full["cpu_s"]["machine"], held["cpu_s"]["machine"]
+    for col in ("user", "system", "softirq", "idle"):
+        out[f"machine_{col}"] = (mh[col] - mf[col]) / dt
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
     """CPU microseconds per connection spent from the first connect to all open.
 
@@ -753,8 +768,10 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| connections held | {n:,} (target {res['connections_target']:,}; "
         f"{res['connections_after_hold']:,} still open after the hold) |",
         f"| hold | {res['hold_s']} s, then messages for {res['msg_duration_s']} s |",
-        f"| edges / client processes | {res['edges']} ({res['mode']} mode) / "
-        f"{res['client_processes']} |",
+        f"| edges / client processes | {res['edges']} ({res['mode']} mode, keep-alive "
+        f"{res['keepalive_s']:g} s) / {res['client_processes']} |",
+        "| cores busy during the hold | "
+        + ", ".join(f"{k} {v:g}" for k, v in res["hold_cpu_cores"].items()) + " |",
         f"| ramp rate, first to last connect (floodtest) | {res['ramp_rate']:,} conn/s "
         f"(target {res['ramp_rate_target']:,}); ramp {res['ramp_s']} s |",
         f"| ramp rate, floodtest start to all open (this script's watch, 3 s samples) | "
@@ -904,6 +921,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="edges' --request-timeout: with ~100 processes on two cores, floodtest "
                         "can send a request line more than the default 10 s after its connect "
                         "(at 1M that closed 33,241 streams before their welcome)")
+    p.add_argument("--keepalive", type=float, default=25.0,
+                   help="edges' --keepalive: seconds between keep-alive comments on SSE "
+                        "streams (--check's); at 1M, 25 s (the server's default) is 40,000 "
+                        "writes and reads a second with no message at all")
     p.add_argument("--msg-duration", type=float, default=30.0)
     p.add_argument("--publish", choices=["redis-stream", "http"], default="redis-stream",
                    help="how msggen publishes: one XADD per message to the stream the router "
