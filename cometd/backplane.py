@@ -294,8 +294,18 @@ class Presence:
             del self._resumed[key]
 
     def expire(self) -> list[str]:
+        """Forget the edges silent for EDGE_TIMEOUT while others were heard from.
+
+        A router behind on reading presence (a saturated machine) hears no
+        edge for a while: taken for dead, every edge's next report came from
+        an unknown edge and asked for snapshots, which put the router further
+        behind; at ~930,000 streams its presence subscription outgrew Redis's
+        32 MB output buffer and was cut, again and again.
+        """
         now = time.monotonic()
-        dead = [e for e, seen in self.edges.items() if now - seen > EDGE_TIMEOUT]
+        latest = max(self.edges.values(), default=now)
+        dead = [e for e, seen in self.edges.items()
+                if now - seen > EDGE_TIMEOUT and latest - seen > EDGE_TIMEOUT]
         for edge in dead:
             self.forget_edge(edge)
         return dead
@@ -451,7 +461,6 @@ class RouterLink:
         self.url = url
         self.backend = backend
         self.presence = presence
-        self._last_resync = 0.0
         self._synced = Event()
         #: monotonic times: _listen last (re)subscribed; _serve_calls last lost Redis
         self._subscribed = 0.0
@@ -474,17 +483,19 @@ class RouterLink:
         gevent.killall(self._greenlets, timeout=2)
         self._replies.stop()
 
-    def _resync(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_resync > 1.0:
-            self._last_resync = now
-            self.presence.client.publish(CONTROL, "resync")
+    def _resync(self) -> None:
+        self.presence.client.publish(CONTROL, "resync")  # every edge's snapshot
+
+    def _resync_edge(self, edge: str) -> None:
+        # Only that edge's snapshot: all fifty edges' (1M users) for one
+        # unknown edge kept a loaded router behind on presence.
+        self.presence.client.publish(CONTROL, json.dumps({"resync": edge}))
 
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.url)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(PRESENCE)
-        self._resync(force=True)  # (re)connected: presence may be stale
+        self._resync()  # (re)connected: presence may be stale
         self._subscribed = time.monotonic()
         if not self._synced.is_set():
             gevent.spawn_later(SYNC_GRACE, self._synced.set)
@@ -502,7 +513,7 @@ class RouterLink:
             else:
                 self.presence.update(edge, update.get("counts", {}), stamp=update.get("stamp"))
                 if not known:
-                    self._resync()
+                    self._resync_edge(edge)
 
     def _expire(self) -> None:
         while True:
@@ -718,6 +729,9 @@ class EdgeLink:
                         # A fresh SSE stream's welcome id (see the module docstring).
                         head = parse_id(command["head"]) or 0
                         self.table.newest = max(self.table.newest, head)
+                    elif "resync" in command:  # the router does not know this edge
+                        if command["resync"] == self.edge_id:
+                            self._snapshot()
                     else:
                         self.table.kick(command["kick"])
                 elif channel == replies:

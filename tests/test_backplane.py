@@ -41,6 +41,8 @@ from cometd.backplane import (
     CALL_TIMEOUT,
     EDGE,
     EDGE_TIMEOUT,
+    HEARTBEAT,
+    PRESENCE,
     BackplaneUnavailable,
     EdgeBackend,
     Presence,
@@ -1196,6 +1198,33 @@ def test_a_snapshot_or_a_dead_edge_changes_only_that_edges_users():
     assert p.users == {} and len(p.index) == 0
 
 
+def test_an_edge_the_router_does_not_know_alone_sends_its_snapshot(cluster, redis_server):
+    """The router forgot edge A (as after taking it for dead): A's next heartbeat gets
+    A's snapshot asked for, not every edge's (at 1M, 52 snapshots of 19,000 users)."""
+    a, b = cluster.edges
+    watcher = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    watcher.subscribe(PRESENCE)
+    def snapshots(seconds: float) -> set[str]:
+        seen, deadline = set(), time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            item = watcher.get_message(timeout=0.1)
+            if item is not None and b'"snapshot"' in item["data"]:
+                seen.add(json.loads(item["data"])["edge"])
+        return seen
+
+    try:
+        watcher.get_message(timeout=1)
+        for _ in range(10):  # the start-up's snapshots are over
+            if not snapshots(1.5):
+                break
+        redis.Redis.from_url(redis_server.url).publish(
+            PRESENCE, json.dumps({"edge": a.id, "bye": True}))  # the router forgets A
+        assert snapshots(2 * HEARTBEAT + 1) == {a.id}, (a.id, b.id)
+    finally:
+        watcher.close()
+    cluster.assert_healthy()
+
+
 def test_kick_on_the_router_ends_a_users_streams_on_every_edge(cluster):
     a, b = cluster.edges
     mine = [cluster.stream(a, "kicked"), cluster.stream(b, "kicked")]
@@ -1306,6 +1335,20 @@ def test_an_edge_not_heard_from_expires_with_its_users(presence):
     assert p.expire() == ["quiet"]
     assert _state(p) == ({"bob": {"live": 2}}, 2, 1, {"bob"})
     assert p.expire() == []  # the live edge was heard from just now
+
+
+def test_a_router_behind_on_presence_takes_no_edge_for_dead(presence):
+    """Every edge unheard for as long: the router is what is late, not they (a saturated
+    machine); forgetting them all made each one's next report ask for a snapshot."""
+    p = presence()
+    p.update("e1", {"alice": 1})
+    p.update("e2", {"bob": 1})
+    for edge in ("e1", "e2"):
+        p.edges[edge] = time.monotonic() - EDGE_TIMEOUT - 2
+    assert p.expire() == []
+    assert _state(p) == ({"alice": {"e1": 1}, "bob": {"e2": 1}}, 2, 2, {"alice", "bob"})
+    p.update("e2", {})  # e2 heard again, e1 still silent: now e1 is the one gone quiet
+    assert p.expire() == ["e1"]
 
 
 def _published(client: PublishOnly) -> list[dict[str, list[tuple[bytes, list[str]]]]]:
