@@ -59,6 +59,7 @@ def main() -> None:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(w)  # so that the parent's end, even by a crash, ends the child's wait
         _hold_accepted(ls, a.n, r)
     ls.close()
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
