@@ -584,7 +584,9 @@ class Run:
                    or time.monotonic() >= drain_end, every=1)
         if self.flood.poll() is None:
             self.flood.send_signal(signal.SIGTERM)  # it writes its summary, then exits
-            self.flood.wait(60)
+            # At 1M its workers' closes (and the edges' and the router's work on
+            # them) took more than a minute: wait as long as the run may last.
+            self.flood.wait(max(60.0, a.timeout - (time.monotonic() - self.t0)))
         with open(os.path.join(self.tmp, "floodtest.json")) as f:
             flood = json.load(f)
         with open(os.path.join(self.tmp, "msggen.json")) as f:
@@ -1009,7 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = r.run()
         rc = 0
-    except (Timeout, KeyboardInterrupt, RuntimeError, OSError) as e:
+    except (Timeout, KeyboardInterrupt, RuntimeError, OSError,
+            subprocess.TimeoutExpired) as e:
         log(f"run aborted: {type(e).__name__}: {e}; logs in {r.tmp}")
     finally:
         signal.alarm(0)
