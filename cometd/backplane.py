@@ -215,6 +215,8 @@ class Presence:
         self._on_edge: dict[str, set[str]] = {}
         #: edge -> monotonic time last heard from
         self.edges: dict[str, float] = {}
+        #: edge -> when it sent what was last heard from it (its clock, time.time())
+        self._sent: dict[str, float] = {}
         #: delivery batches that could not be published (Redis down)
         self.batches_lost = 0
         # Routed messages on their way out, in id order (see _publish_in_order)
@@ -257,9 +259,11 @@ class Presence:
                 self.index.discard(user)
 
     def update(self, edge: str, counts: dict[str, int], snapshot: bool = False,
-               stamp: int | None = None) -> None:
-        """Apply an edge's report; *stamp* is its presence stamp when it counted."""
+               stamp: int | None = None, sent: float | None = None) -> None:
+        """Apply an edge's report; *stamp* is its presence stamp when it counted, *sent*
+        the time it sent it (by its clock; None: now, as far as the router knows)."""
         self.edges[edge] = time.monotonic()
+        self._sent[edge] = time.time() if sent is None else sent
         if snapshot:  # whom the edge no longer holds; the rest are set below
             for user in self._on_edge.get(edge, set()) - counts.keys():
                 self._set(edge, user, 0)
@@ -290,22 +294,26 @@ class Presence:
         for user in list(self._on_edge.get(edge, ())):
             self._set(edge, user, 0)
         self.edges.pop(edge, None)
+        self._sent.pop(edge, None)
         for key in [k for k in self._resumed if k[0] == edge]:
             del self._resumed[key]
 
     def expire(self) -> list[str]:
-        """Forget the edges silent for EDGE_TIMEOUT while others were heard from.
+        """Forget the edges silent for EDGE_TIMEOUT while others kept reporting.
 
-        A router behind on reading presence (a saturated machine) hears no
-        edge for a while: taken for dead, every edge's next report came from
-        an unknown edge and asked for snapshots, which put the router further
-        behind; at ~930,000 streams its presence subscription outgrew Redis's
-        32 MB output buffer and was cut, again and again.
+        Silence is measured in the reports' own time (when each edge sent its
+        last one), not in when the router read them: a router behind on
+        presence (a saturated machine) reads an hour's worth of reports in
+        more than an hour, so by the clock every edge seemed silent, and an
+        edge reporting each second seemed silent beside those read last.
+        Taken for dead, each one's next report asked for its snapshot, which
+        put the router further behind: at 1M, half the router's time went to
+        forgetting edges and reading their snapshots again (py-spy).
         """
         now = time.monotonic()
-        latest = max(self.edges.values(), default=now)
+        newest = max(self._sent.values(), default=0.0)
         dead = [e for e, seen in self.edges.items()
-                if now - seen > EDGE_TIMEOUT and latest - seen > EDGE_TIMEOUT]
+                if now - seen > EDGE_TIMEOUT and newest - self._sent[e] > EDGE_TIMEOUT]
         for edge in dead:
             self.forget_edge(edge)
         return dead
@@ -508,10 +516,11 @@ class RouterLink:
             known = edge in self.presence.edges
             if "snapshot" in update:
                 self.presence.update(edge, update["snapshot"], snapshot=True,
-                                     stamp=update.get("stamp"))
+                                     stamp=update.get("stamp"), sent=update.get("t"))
                 self._tell_head(force=True)  # a new or reconnected edge: its welcome id
             else:
-                self.presence.update(edge, update.get("counts", {}), stamp=update.get("stamp"))
+                self.presence.update(edge, update.get("counts", {}), stamp=update.get("stamp"),
+                                     sent=update.get("t"))
                 if not known:
                     self._resync_edge(edge)
 
@@ -704,7 +713,7 @@ class EdgeLink:
         counts = {u: len(c) for u, c in self.table.users.items()}
         self._changed.clear()
         heard = self.client.publish(PRESENCE, json.dumps(
-            {"edge": self.edge_id, "snapshot": counts, "stamp": self.stamp}))
+            {"edge": self.edge_id, "snapshot": counts, "stamp": self.stamp, "t": time.time()}))
         if heard:
             self.router_heard = time.monotonic()
             self._say_router(True)
@@ -777,7 +786,8 @@ class EdgeLink:
         counts = {u: self.table.online(u) for u in changed}
         try:
             heard = self.client.publish(PRESENCE, json.dumps(
-                {"edge": self.edge_id, "counts": counts, "stamp": self.stamp}))
+                {"edge": self.edge_id, "counts": counts, "stamp": self.stamp,
+                 "t": time.time()}))
         except (redis.ConnectionError, redis.TimeoutError):
             heard = 0
         if heard:

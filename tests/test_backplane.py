@@ -1329,7 +1329,7 @@ def test_presence_follows_counts_snapshots_and_goodbyes(presence):
 
 def test_an_edge_not_heard_from_expires_with_its_users(presence):
     p = presence()
-    p.update("quiet", {"alice": 1, "bob": 1})
+    p.update("quiet", {"alice": 1, "bob": 1}, sent=time.time() - EDGE_TIMEOUT - 0.5)
     p.update("live", {"bob": 2})
     p.edges["quiet"] = time.monotonic() - EDGE_TIMEOUT - 0.5
     assert p.expire() == ["quiet"]
@@ -1338,16 +1338,20 @@ def test_an_edge_not_heard_from_expires_with_its_users(presence):
 
 
 def test_a_router_behind_on_presence_takes_no_edge_for_dead(presence):
-    """Every edge unheard for as long: the router is what is late, not they (a saturated
-    machine); forgetting them all made each one's next report ask for a snapshot."""
+    """Silence is judged by when the edges sent their reports, not when a router behind
+    on presence (a saturated machine) read them; taking live edges for dead made each
+    one's next report ask for its snapshot, putting the router further behind."""
     p = presence()
-    p.update("e1", {"alice": 1})
-    p.update("e2", {"bob": 1})
-    for edge in ("e1", "e2"):
-        p.edges[edge] = time.monotonic() - EDGE_TIMEOUT - 2
+    sent = time.time() - 20
+    p.update("e1", {"alice": 1}, sent=sent)
+    p.update("e2", {"bob": 1}, sent=sent + 1)  # e2's next heartbeat, a second later
+    now = time.monotonic()
+    # Read 8 s and 4 s ago: the router took 4 s over one second of reports.
+    p.edges["e1"], p.edges["e2"] = now - 8, now - 4
     assert p.expire() == []
     assert _state(p) == ({"alice": {"e1": 1}, "bob": {"e2": 1}}, 2, 2, {"alice", "bob"})
-    p.update("e2", {})  # e2 heard again, e1 still silent: now e1 is the one gone quiet
+    # e2 reported EDGE_TIMEOUT + 1 s later by its clock, e1 nothing since: e1 is gone.
+    p.update("e2", {}, sent=sent + EDGE_TIMEOUT + 2)
     assert p.expire() == ["e1"]
 
 
