@@ -69,6 +69,7 @@ frame boundary), so its close frame can follow.
 from __future__ import annotations
 
 import errno
+import resource
 import select
 import socket
 import time
@@ -510,12 +511,24 @@ class ConnectionTable:
                 ready.sort(key=lambda e: e[0])
                 conn.deliver(b"".join(frame for _, frame in ready))
 
-    def keepalive(self) -> int:
-        """Write an SSE comment to every SSE stream, a ping to every WebSocket; return how many."""
+    def keepalive(self, part: int = 0, parts: int = 1) -> int:
+        """Write an SSE comment to every SSE stream, a ping to every WebSocket; return how many.
+
+        With *parts*, only to those whose descriptor is *part* modulo *parts*,
+        so a round can be spread over its interval (cometd.lifecycle): at 1M,
+        every edge writing to all its streams at once was a million writes
+        and reads in a few seconds, in the middle of the messages.
+        """
         if self._ending:
             return 0  # nothing after a stream's last chunk
         expiring = self._expiring
-        kept = [c for c in self._by_fd.values()
+        by_fd = self._by_fd
+        if parts == 1:
+            conns = list(by_fd.values())
+        else:  # descriptors are below the open-file limit: look up the slice only
+            top = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            conns = [c for c in map(by_fd.get, range(part, top, parts)) if c is not None]
+        kept = [c for c in conns
                 if c.kind in (SSE_CHUNKED, SSE_RAW, WEBSOCKET) and c not in expiring]
         for conn in kept:
             conn.deliver(PING if conn.kind == WEBSOCKET else frame_bytes(conn.kind, KEEPALIVE))

@@ -147,11 +147,16 @@ class Server:
         self._stops.callback(table.drain, http.drain_seconds)
         self._stops.callback(server.stop, timeout=1)
         every = http.keepalive
+        # A slice of the streams each second or so, so that each still gets
+        # one every `every` seconds but a round is never all at once.
+        parts = max(1, int(every))
 
         def keepalives() -> None:
+            part = 0
             while True:
-                gevent.sleep(every)
-                table.keepalive()
+                gevent.sleep(every / parts)
+                table.keepalive(part, parts)
+                part = (part + 1) % parts
 
         self._stops.callback(gevent.spawn(keepalives).kill)
         url = f"http://{url_host(http.host)}:{server.server_port}/"

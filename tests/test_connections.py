@@ -485,3 +485,14 @@ def test_counts_by_kind_and_pending_output_follow_the_connections(table):
         while table.by_kind[SSE_CHUNKED]:
             gevent.sleep(0.005)
     assert (table.by_kind, table.pending) == walked() == ([1, 2, 0, 0, 0, 0], 0)
+
+
+def test_a_keepalive_round_spread_over_parts_reaches_each_stream_once(table):
+    sse = [Peer(table, f"s{i}", SSE_RAW) for i in range(6)]
+    chunked = [Peer(table, f"c{i}", CHUNKED) for i in range(2)]
+    done = [table.keepalive(part, 3) for part in range(3)]
+    assert sum(done) == 6 and max(done) < 6  # each slice its own streams, not all of them
+    for peer in sse:
+        assert peer.read(len(KEEPALIVE)) == KEEPALIVE
+        assert peer.nothing_more()  # one each
+    assert all(peer.nothing_more() for peer in chunked)
