@@ -35,10 +35,12 @@ Either way, a new stream is first admitted by :class:`cometd.limits.Admission`
 Accepting in batches: a process woken for every new connection pays a
 wakeup each (~0.1-0.2 ms of cold caches when fifty edges share two cores,
 against ~13 us for the accept itself), so once a wakeup has emptied the
-listen queue the listener is not watched for :data:`ACCEPT_PAUSE`; the
-connections arriving meanwhile wait in the kernel and are taken together.
-A busy listener (a full ``max_accept`` batch) is not paused: its rate is not
-capped, and a new stream waits at most that long more for its welcome.
+listen queue with streams alone, the listener is not watched for
+:data:`ACCEPT_PAUSE`; the connections arriving meanwhile wait in the kernel
+and are taken together. A busy listener (a full ``max_accept`` batch) is not
+paused, so its rate is not capped, nor is one handed any other request (a
+send on a fresh connection), so requests do not wait; a new stream waits at
+most that long more for its welcome.
 
 :class:`LocalBackend` is what the web app and the admin console call in a
 single-process server: the router for sends, the store for subscriptions.
@@ -361,6 +363,7 @@ class CometServer(WSGIServer):
                                    limits.stream_rate_per_address)
         self._guard = None
         self._pause = None
+        self._handed = 0
 
     def _out_of_descriptors(self) -> None:
         # Should the headroom run out anyway, pause accepting rather than spin
@@ -372,15 +375,22 @@ class CometServer(WSGIServer):
             self.start_accepting()
 
     def _do_read(self) -> None:
-        before = COUNTS.accepts
+        before, handed = COUNTS.accepts, self._handed
         super()._do_read()
         watcher = self._watcher
         if (watcher is None or self._timer is not None or self.closed
-                or COUNTS.accepts - before >= self.max_accept):
-            return  # stopped, backing off after an error, or more is waiting
+                or COUNTS.accepts - before >= self.max_accept or self._handed != handed):
+            # stopped, backing off after an error, more waiting, or a request
+            # other than a stream came (a send on a fresh connection must not
+            # wait: a fan-out test saw its small sends held up)
+            return
         watcher.stop()
         self._pause = self.loop.timer(ACCEPT_PAUSE)
         self._pause.start(self._resume_accepting, watcher)
+
+    def do_handle(self, *args) -> None:
+        self._handed += 1  # a connection for pywsgi (or the fast publish path)
+        super().do_handle(*args)
 
     def _resume_accepting(self, watcher) -> None:
         self._pause.close()
