@@ -24,6 +24,8 @@ Keyspaces (beside the store's ``r`` and ``f``)::
 
 A message is written (``h`` and ``t`` in one batch) in the same loop turn
 that gives it its id, so at any moment every id handed out is in the history.
+A batch of messages (:meth:`History.record_batch`, ``POST /publish``, one
+ingest read) gets consecutive ids and goes in one write.
 Writes are **not synced**: LevelDB hands each one to the operating system at
 once, so the history survives a kill -9 of the server, but not a power loss
 or a kernel crash (the last writes may be gone; the subscriptions, which are
@@ -59,7 +61,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import plyvel
@@ -188,32 +190,61 @@ class History:
         *mark*, if given, is a key written with the message, in the same
         batch, holding its id (:mod:`cometd.ingest` marks a stream entry routed).
         """
-        self._last = key = self._last + 1
+        return self.record_batch(((subject, body, mark),))[0]
+
+    def record_batch(self, messages: Sequence[tuple[str, bytes, bytes | None]]) -> list[int]:
+        """Give each ``(subject, body, mark)`` the next id, in order; keep them all.
+
+        All the messages and their marks go in **one** LevelDB write, so a
+        kill -9 keeps the whole batch or (before the write) none of it.
+        Trimming a subject over its bound is a second write: lost in a crash,
+        it leaves a few messages more, trimmed by the next record.
+        """
+        first = self._last + 1
+        self._last += len(messages)
+        keys = list(range(first, self._last + 1))
         if not self.size:
-            if mark is not None:
-                self._db.put(mark, id_bytes(key))
-            return key
-        skey = encode_key(subject)
-        idb = id_bytes(key)
+            if any(mark is not None for _, _, mark in messages):
+                with self._db.write_batch() as batch:
+                    for key, (_, _, mark) in zip(keys, messages, strict=True):
+                        if mark is not None:
+                            batch.put(mark, id_bytes(key))
+            return keys
         now = self._clock()
+        added: dict[bytes, int] = {}  # subject key -> messages added
+        skeys: dict[str, bytes] = {}
+        total = 0
         with self._db.write_batch() as batch:
-            batch.put(_prefix(skey) + idb, body)
-            batch.put(TIMELINE + idb, _T_VALUE.pack(now, len(body)) + skey)
-            if mark is not None:
-                batch.put(mark, idb)
-            count = self._counts.get(skey, 0) + 1
-            if count > self.size + max(4, self.size // 4):
-                count = self._trim_subject(batch, skey, count - self.size)
-            self._counts[skey] = count
-        self._bytes += len(body)
+            for key, (subject, body, mark) in zip(keys, messages, strict=True):
+                skey = skeys.get(subject)
+                if skey is None:
+                    skey = skeys[subject] = encode_key(subject)
+                idb = id_bytes(key)
+                batch.put(_prefix(skey) + idb, body)
+                batch.put(TIMELINE + idb, _T_VALUE.pack(now, len(body)) + skey)
+                if mark is not None:
+                    batch.put(mark, idb)
+                added[skey] = added.get(skey, 0) + 1
+                total += len(body)
+        self._bytes += total
+        counts, bound = self._counts, self.size + max(4, self.size // 4)
+        over = []
+        for skey, n in added.items():
+            counts[skey] = count = counts.get(skey, 0) + n
+            if count > bound:
+                over.append(skey)
+        if over:
+            with self._db.write_batch() as batch:
+                for skey in over:
+                    counts[skey] -= self._trim_subject(batch, skey, counts[skey] - self.size)
         if not self._oldest:
             self._oldest = now
         if self._bytes > self.max_bytes or now - self._oldest > self.ttl:
             self._trim_oldest()
-        return key
+        return keys
 
     def _trim_subject(self, batch, skey: bytes, excess: int) -> int:
-        """Delete the oldest *excess* messages of one subject; the count left."""
+        """Delete the oldest *excess* messages of one subject; how many it deleted."""
         prefix = _prefix(skey)
         mark = 0
         removed = 0
@@ -229,7 +260,7 @@ class History:
         if mark:
             self._marks[skey] = mark
             batch.put(MARKS + skey, id_bytes(mark))
-        return self._counts.get(skey, 0) + 1 - removed
+        return removed
 
     def _trim_oldest(self) -> None:
         """Drop the oldest messages of all subjects past the age or size bound."""

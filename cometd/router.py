@@ -5,7 +5,7 @@ connection of the subject itself and of every user subscribed to the subject.
 
 Theory of operation
 -------------------
-Each send runs in a greenlet of a bounded pool: it reads the subject's
+A send reads the subject's
 subscriber set from the store without decoding it, intersects it with the
 fan-out target's index of who is online (see :mod:`cometd.online`), and hands
 the message and those recipients to the fan-out target (the local
@@ -16,9 +16,21 @@ yield to the hub every millisecond or so: a subject with a million
 subscribers does not stall other requests.
 
 Because a large fan-out yields, two sends from the same subject could
-overtake each other. Sends are therefore serialised per subject with a FIFO
-lock, so each connection sees one subject's messages in the order they were
-sent; sends from different subjects run concurrently.
+overtake each other. Sends are therefore serialised per subject: each
+subject has a line (FIFO) of the sends that want it, and a send goes once it
+is first in the line of every subject it has, so each connection sees one
+subject's messages in the order they were sent; sends from different
+subjects run concurrently.
+
+A batch (:meth:`Router.send_batch`, ``POST /publish``, one ingest read) is
+one send with many subjects: it joins all its subjects' lines in the same
+loop turn, when it is called, so it keeps its place relative to every send
+called before or after it (two reads of the ingest stream, one subject in
+both, stay in stream order), and nothing deadlocks: the oldest send waiting
+is first in each of its lines. It then takes consecutive ids for all its
+messages, writes them to the history in one LevelDB write, and fans them out
+one after the other in id order, in the caller's greenlet. At most
+``pool_size`` fan-outs run at once.
 
 Each message gets its id (:mod:`cometd.history`) in its subject's lock, so
 ids follow that order too. Across subjects, a fan-out that yields could let
@@ -32,12 +44,12 @@ smaller key may still come: every stream sees ids in increasing order.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from time import perf_counter
 from typing import NamedTuple, Protocol
 
-from gevent.lock import Semaphore
-from gevent.pool import Pool
+from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from cometd.history import History, format_id
 from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
@@ -71,6 +83,16 @@ class Sent(NamedTuple):
     id: str
 
 
+class _Ticket:
+    """A send's place in the lines of its subjects."""
+
+    __slots__ = ("ahead", "turn")
+
+    def __init__(self) -> None:
+        self.ahead = 0  # lines where another send is first
+        self.turn: Event | None = None  # set when ahead drops to 0
+
+
 class Router:
     """Routes messages from a subject to its subscribers' connections."""
 
@@ -82,8 +104,10 @@ class Router:
         self.history = history
         #: messages accepted by :meth:`send`
         self.messages_sent = 0
-        self._pool = Pool(pool_size)
-        self._subject_locks: dict[str, list] = {}  # subject -> [Semaphore, users]
+        # At most pool_size fan-outs at once, each in its caller's greenlet.
+        self._slots = BoundedSemaphore(pool_size)
+        # subject -> the sends holding (first) or waiting for it, in arrival order
+        self._subject_locks: dict[str, deque[_Ticket]] = {}
         # [key, done] of each message from its id to the end of its fan-out, in
         # key order: the fan-out target holds back a message for a connection
         # while a smaller key is still on its way (see ConnectionTable.settle).
@@ -95,43 +119,99 @@ class Router:
         *subject* must be a valid id (see :mod:`cometd.ids`); *mark* is written
         with the message's history (see :meth:`History.record`).
         """
-        start = perf_counter()
-        message = Message(subject, body)
-        self.messages_sent += 1
-        entry = self._subject_locks.get(subject)
-        if entry is None:
-            entry = self._subject_locks[subject] = [Semaphore(), 0]
-        entry[1] += 1
-        try:
-            with entry[0]:
-                # The id comes in lock order, so one subject's ids follow its
-                # delivery order; it is kept in the same loop turn (see
-                # cometd.history: every id handed out is in the history).
-                message.key = self.history.record(subject, body, mark)
-                flight = [message.key, False]
-                self._inflight.append(flight)
-                if len(self._inflight) == 1:
-                    self.fanout.settle(message.key)
-                delivered = self._pool.spawn(self._dispatch, message, flight).get()
-            # Once per message, never per recipient (see cometd.metrics).
-            PUBLISH_TO_WRITE.observe(perf_counter() - start)
-            FANOUT_SIZE.observe(delivered)
-            return Sent(delivered, format_id(message.key))
-        finally:
-            entry[1] -= 1
-            if not entry[1]:
-                del self._subject_locks[subject]
+        return self.send_batch(((subject, body),), (mark,))[0]
 
-    def _dispatch(self, message: Message, flight: list) -> int:
+    def send_batch(self, messages: Sequence[tuple[str, bytes]],
+                   marks: Sequence[bytes | None] | None = None) -> list[Sent]:
+        """Deliver each ``(subject, body)`` in order; what each send did, in order.
+
+        The batch gets consecutive ids in its order, one history write (with
+        *marks*, one per message or None, see :meth:`History.record_batch`)
+        and one fan-out. Every message is validated by the caller: a failure
+        here (a store read that fails) raises, and then the messages before
+        it were delivered and all of them are in the history.
+        """
+        if not messages:
+            return []
+        start = perf_counter()
+        self.messages_sent += len(messages)
+        # A place in every subject's line at once (see the module docstring).
+        ticket = _Ticket()
+        subjects = list(dict.fromkeys(subject for subject, _ in messages))
+        lines = self._subject_locks
+        for subject in subjects:
+            line = lines.get(subject)
+            if line is None:
+                lines[subject] = deque((ticket,))
+            else:
+                line.append(ticket)
+                ticket.ahead += 1
         try:
-            return self._fan_out(message)
+            if ticket.ahead:
+                ticket.turn = Event()
+                ticket.turn.wait()
+            # The ids come in lock order, so one subject's ids follow its
+            # delivery order, and in one loop turn, so the batch's are
+            # consecutive; they are kept in that turn too (see
+            # cometd.history: every id handed out is in the history).
+            keys = self.history.record_batch(
+                [(subject, body, marks[i] if marks else None)
+                 for i, (subject, body) in enumerate(messages)])
+            routed = []
+            for key, (subject, body) in zip(keys, messages, strict=True):
+                message = Message(subject, body)
+                message.key = key
+                flight = [key, False]
+                self._inflight.append(flight)
+                routed.append((message, flight))
+            if len(self._inflight) == len(routed):
+                self.fanout.settle(keys[0])
+            with self._slots:
+                delivered = self._dispatch(routed, start)
+            return [Sent(n, format_id(key)) for n, key in zip(delivered, keys, strict=True)]
         finally:
-            flight[1] = True
-            inflight = self._inflight
-            if inflight[0] is flight:
+            for subject in subjects:
+                line = lines[subject]
+                if line[0] is not ticket:
+                    line.remove(ticket)  # killed while waiting
+                    continue
+                line.popleft()
+                if not line:
+                    del lines[subject]
+                    continue
+                after = line[0]
+                after.ahead -= 1
+                if not after.ahead:
+                    after.turn.set()
+
+    def _dispatch(self, routed: list[tuple[Message, list]], start: float) -> list[int]:
+        """Fan out each message in id order; how many connections each reached."""
+        delivered: list[int] = []
+        inflight = self._inflight
+        try:
+            for message, flight in routed:
+                try:
+                    n = self._fan_out(message)
+                finally:
+                    flight[1] = True
+                    if inflight[0] is flight:
+                        while inflight and inflight[0][1]:
+                            inflight.popleft()
+                        self.fanout.settle(inflight[0][0] if inflight else None)
+                # Once per message, never per recipient (see cometd.metrics).
+                PUBLISH_TO_WRITE.observe(perf_counter() - start)
+                FANOUT_SIZE.observe(n)
+                delivered.append(n)
+        finally:
+            # A failure (a store read) ends the batch: the messages left are
+            # in the history, not on their way any more.
+            for _, flight in routed[len(delivered) + 1:]:
+                flight[1] = True
+            if inflight and inflight[0][1]:
                 while inflight and inflight[0][1]:
                     inflight.popleft()
                 self.fanout.settle(inflight[0][0] if inflight else None)
+        return delivered
 
     def _fan_out(self, message: Message) -> int:
         subscribers = self.store.subscriber_view(message.subject)
