@@ -21,7 +21,7 @@ import plyvel
 import pytest
 from conftest import StreamClient, http_json, start_server, unique_id
 
-from cometd.history import History, format_id, parse_id
+from cometd.history import History, format_id, id_bytes, parse_id
 
 # -- in-process ----------------------------------------------------------------
 
@@ -474,3 +474,29 @@ def test_a_stream_gets_its_messages_in_id_order_while_a_fan_out_yields(server):
     finally:
         for s in streams:
             s.close()
+
+
+# -- batches (in-process) --------------------------------------------------------------
+
+
+def test_a_batch_gets_consecutive_ids_in_its_order_with_its_marks(db):
+    history = History(db, size=100)
+    before = history.record("a", b"before")
+    keys = history.record_batch([("a", b"a0", None), ("b", b"b0", b"ix1"), ("a", b"a1", b"ix2")])
+    assert keys == [before + 1, before + 2, before + 3] and history.last == keys[-1]
+    got = history.replay(["a", "b"], format_id(before))
+    assert got.recovered and [(k, b) for k, _, b in got.messages] == list(
+        zip(keys, [b"a0", b"b0", b"a1"], strict=True))
+    assert db.get(b"ix1") == id_bytes(keys[1]) and db.get(b"ix2") == id_bytes(keys[2])
+    assert history.stats["history_messages"] == 4
+
+
+def test_a_batch_over_a_subjects_bound_leaves_it_at_the_bound(db):
+    history = History(db, size=3)
+    first = history.record("a", b"first")
+    history.record_batch([("a", b"a%d" % i, None) for i in range(10)])
+    assert history.stats["history_messages"] == 3
+    kept = history.replay(["a"], format_id(first))
+    assert not kept.recovered and [b for _, _, b in kept.messages] == [b"a7", b"a8", b"a9"]
+    reopened = History(db, size=3)  # the trim was written, not only counted
+    assert reopened.stats["history_messages"] == 3

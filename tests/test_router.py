@@ -411,3 +411,43 @@ def test_a_failed_delivery_reaches_the_caller_and_frees_the_subject(store):
         router.send("s", b"boom")
     assert gevent.spawn(router.send, "s", b"ok").get(timeout=2).delivered == 1
     assert router._subject_locks == {}
+
+
+def test_a_batch_takes_consecutive_ids_and_keeps_its_place_among_single_sends(store):
+    # "s0" holds subject s while everything else is called. A batch that took
+    # its subjects' places one at a time (waiting for s with nothing held of
+    # t) would let "t3", called after it, overtake its t messages.
+    release = gevent.event.Event()
+    fanout = FakeFanout(lambda message: message.body == b"s0" and release.wait(10))
+    router = Router(store, fanout, History(store.db))
+    calls = [gevent.spawn(router.send, "s", b"s0")]
+    gevent.sleep(0)
+    calls.append(gevent.spawn(router.send_batch, [("s", b"s1"), ("t", b"t1"), ("t", b"t2")]))
+    gevent.sleep(0)
+    calls += [gevent.spawn(router.send, "t", b"t3"), gevent.spawn(router.send, "s", b"s2")]
+    gevent.sleep(0.05)
+    release.set()
+    gevent.joinall(calls, timeout=10, raise_error=True)
+    for subject, bodies in (("s", [b"s0", b"s1", b"s2"]), ("t", [b"t1", b"t2", b"t3"])):
+        assert [body for subj, body, _ in fanout.handed if subj == subject] == bodies
+    keys = [parse_id(sent.id) for sent in calls[1].value]
+    assert keys == list(range(keys[0], keys[0] + 3))  # consecutive, in the batch's order
+    assert keys[0] == parse_id(calls[0].value.id) + 1
+    assert router.messages_sent == 6 and router._subject_locks == {}
+
+
+def test_a_failing_lookup_in_the_middle_of_a_batch_ends_it_and_keeps_it_all(store):
+    # Decided: the error reaches the caller as a single send's does; the
+    # messages before it were delivered, it and the rest were not, and all
+    # of them have their ids in the history (a resuming stream gets them).
+    fanout = FakeFanout(lambda message: message.body == b"m2" and 1 / 0)
+    fanout.login("s")
+    router = Router(store, fanout, History(store.db))
+    before = router.history.last
+    with pytest.raises(ZeroDivisionError):
+        router.send_batch([("s", b"m%d" % i) for i in range(5)])
+    assert [body for _, body, _ in fanout.handed] == [b"m0", b"m1"]
+    replay = router.history.replay(["s"], f"{before >> 64}-{before & (2**64 - 1)}")
+    assert [body for _, _, body in replay.messages] == [b"m%d" % i for i in range(5)]
+    assert router._subject_locks == {} and not router._inflight  # nothing left waiting
+    assert router.send("s", b"next").delivered == 1
