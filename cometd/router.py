@@ -29,8 +29,10 @@ called before or after it (two reads of the ingest stream, one subject in
 both, stay in stream order), and nothing deadlocks: the oldest send waiting
 is first in each of its lines. It then takes consecutive ids for all its
 messages, writes them to the history in one LevelDB write, and fans them out
-one after the other in id order, in the caller's greenlet. At most
-``pool_size`` fan-outs run at once.
+one after the other in id order, in the caller's greenlet (the backplane's
+presence, which waits for a delivery flush per message, groups the whole
+batch first and waits once: ``deliver_many``). At most ``pool_size``
+fan-outs run at once.
 
 Each message gets its id (:mod:`cometd.history`) in its subject's lock, so
 ids follow that order too. Across subjects, a fan-out that yields could let
@@ -188,24 +190,33 @@ class Router:
         """Fan out each message in id order; how many connections each reached."""
         delivered: list[int] = []
         inflight = self._inflight
+        many = getattr(self.fanout, "deliver_many", None)
         try:
+            if many is not None and len(routed) > 1:
+                # The backplane's presence waits for a flush per deliver:
+                # group the whole batch, then wait once.
+                delivered = many((self._recipients(m), m) for m, _ in routed)
+                for n in delivered:
+                    # Once per message, never per recipient (see cometd.metrics).
+                    PUBLISH_TO_WRITE.observe(perf_counter() - start)
+                    FANOUT_SIZE.observe(n)
+                return delivered
             for message, flight in routed:
                 try:
-                    n = self._fan_out(message)
+                    n = self.fanout.deliver(self._recipients(message), message)
                 finally:
                     flight[1] = True
                     if inflight[0] is flight:
                         while inflight and inflight[0][1]:
                             inflight.popleft()
                         self.fanout.settle(inflight[0][0] if inflight else None)
-                # Once per message, never per recipient (see cometd.metrics).
                 PUBLISH_TO_WRITE.observe(perf_counter() - start)
                 FANOUT_SIZE.observe(n)
                 delivered.append(n)
         finally:
-            # A failure (a store read) ends the batch: the messages left are
-            # in the history, not on their way any more.
-            for _, flight in routed[len(delivered) + 1:]:
+            # Done, or a failure (a store read) ended the batch: the messages
+            # left are in the history, not on their way any more.
+            for _, flight in routed[len(delivered):]:
                 flight[1] = True
             if inflight and inflight[0][1]:
                 while inflight and inflight[0][1]:
@@ -213,7 +224,7 @@ class Router:
                 self.fanout.settle(inflight[0][0] if inflight else None)
         return delivered
 
-    def _fan_out(self, message: Message) -> int:
+    def _recipients(self, message: Message) -> Iterable[str]:
         subscribers = self.store.subscriber_view(message.subject)
         if subscribers.nbytes > LARGE_VALUE:
             # Unless the store had it in memory, LevelDB copied (and maybe
@@ -223,9 +234,7 @@ class Router:
             # lock hands over by callback) and hold every other request for
             # all of them.
             yield_to_hub()
-        return self.fanout.deliver(
-            recipients(message.subject, subscribers, self.fanout.index), message
-        )
+        return recipients(message.subject, subscribers, self.fanout.index)
 
     def online(self, user: str) -> int:
         return self.fanout.online(user)

@@ -285,15 +285,27 @@ def test_an_edge_publishes_a_batch_in_one_router_call(tmp_path):
                 time.sleep(0.1)
             assert stream.chunk() == b"x"
             before = _fast_count_open(srv)
+            payloads = _edge_deliveries(srv)
             status, answer = _raw_publish(srv, _batch(*({"from": user, "body": f"e{i}"}
-                                                        for i in range(5))))
-            assert status == 200 and [r["delivered"] for r in answer["results"]] == [1] * 5
-            assert [stream.chunk() for _ in range(5)] == [b"e%d" % i for i in range(5)]
+                                                        for i in range(20))))
+            assert status == 200 and [r["delivered"] for r in answer["results"]] == [1] * 20
+            assert [stream.chunk() for _ in range(20)] == [b"e%d" % i for i in range(20)]
             assert _fast_count_open(srv) > before
+            # The batch shares delivery flushes, not one (10 ms apart) a message.
+            assert _edge_deliveries(srv) - payloads <= 3
     finally:
         for proc in procs:
             proc.stop()
         redis.stop()
+
+
+def _edge_deliveries(srv) -> int:
+    """Delivery payloads the edge has had from the router, from its /metrics."""
+    data = _exchange(srv, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    found = re.findall(rb'\ncometd_backplane_batch_size_count\{[^}]*kind="delivery"[^}]*'
+                       rb'process="edge[^"]*"[^}]*\} (\S+)', data)
+    assert len(found) == 1, data
+    return int(float(found[0]))
 
 
 def _fast_count_open(srv) -> int:
