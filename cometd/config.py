@@ -80,8 +80,9 @@ class HttpConfig:
                         metavar="ADDRESS")
     port: int = _option(8000, "HTTP port (0: any free port)", flag="--port", kind=int,
                         low=0, high=65535)
-    mode: str = _option("greenlet", "greenlet: one parked greenlet per connection; pool: no "
-                        "greenlet per connection, writes straight from the router",
+    mode: str = _option("greenlet", "greenlet: one parked greenlet per connection writes what "
+                        "the kernel did not take at once; pool: no greenlet per connection, a "
+                        "write watcher does (both send straight from the router first)",
                         flag="--mode", kind=str, choices=MODES)
     keepalive: float = _option(25.0, "seconds between SSE keep-alive comments",
                                flag="--keepalive", kind=float, low=0.1, high=3600,

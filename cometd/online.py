@@ -23,7 +23,9 @@ The walk goes in batches of roughly a millisecond and yields to the hub
 between them, so even a set both huge and mostly offline delays other
 requests by about one batch. A batch finds its hits first and re-checks each
 hit against the index when handing it out, since the consumer (a delivery
-loop) yields too and a user may have logged out meanwhile. The probe walks a
+loop) yields too and a user may have logged out meanwhile. The batches
+reach the delivery loop through a single generator (:func:`recipients`), as
+every level of generators costs each recipient. The probe walks a
 copy of the index's keys: logins during the walk must not break it.
 """
 
@@ -96,8 +98,7 @@ def online_subscribers(
     subscribers: SetView, index: OnlineIndex, pause: Callable[[], None] = yield_to_hub
 ) -> Iterator[str]:
     """The ids of *subscribers* that are in *index*, each once; *pause* between batches."""
-    yield from _online_ints(subscribers.ints, index.ints, pause)
-    yield from _online_names(subscribers, index.names, pause)
+    return _online(subscribers, index, pause, None)
 
 
 def recipients(
@@ -107,12 +108,28 @@ def recipients(
     """Who gets a send: *subject* itself ("always subscribed to ourselves"), then its
     online subscribers, each once (a stored self-subscription is not a second path)."""
     yield subject
-    for user in online_subscribers(subscribers, index, pause):
-        if user != subject:
-            yield user
+    yield from _online(subscribers, index, pause, subject)
 
 
-def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterator[str]:
+def _online(subscribers: SetView, index: OnlineIndex, pause, skip: str | None) -> Iterator[str]:
+    # One generator between the batches and the delivery loop: every recipient
+    # passes through each level of generators (four levels took about a fifth
+    # of the fan-out's Python time in the profile in BENCHMARKS.md).
+    online = index.ints
+    for hits in _online_ints(subscribers.ints, online, pause):
+        for number in hits:
+            user = online.get(number)  # still online: the consumer yields too
+            if user is not None and user != skip:
+                yield user
+    names = index.names
+    for hits in _online_names(subscribers, names, pause):
+        for user in hits:
+            if user in names and user != skip:
+                yield user
+
+
+def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterator[list[int]]:
+    """Batches of the ids in *followers* that are keys of *online*."""
     n = len(followers)
     if not n or not online:
         return
@@ -126,23 +143,16 @@ def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterat
                 i = bisect_left(followers, number)
                 if i < n and followers[i] == number:
                     hits.append(number)
-            yield from _still_online(hits, online)
+            yield hits
     else:
         for start in range(0, n, SCAN_BATCH):
             if start:
                 pause()
-            hits = list(filter(online.__contains__, followers[start : start + SCAN_BATCH]))
-            yield from _still_online(hits, online)
+            yield list(filter(online.__contains__, followers[start : start + SCAN_BATCH]))
 
 
-def _still_online(hits: list[int], online: dict[int, str]) -> Iterator[str]:
-    for number in hits:
-        user = online.get(number)
-        if user is not None:
-            yield user
-
-
-def _online_names(subscribers: SetView, online: set[str], pause) -> Iterator[str]:
+def _online_names(subscribers: SetView, online: set[str], pause) -> Iterator[list[str]]:
+    """Batches of the names in *subscribers* that are in *online*."""
     text = subscribers.names_text
     if not text or not online:
         return
@@ -151,8 +161,7 @@ def _online_names(subscribers: SetView, online: set[str], pause) -> Iterator[str
         for start in range(0, len(names), NAME_PROBE_BATCH):
             if start:
                 pause()
-            hits = [u for u in names[start : start + NAME_PROBE_BATCH] if subscribers.has_name(u)]
-            yield from (u for u in hits if u in online)
+            yield [u for u in names[start : start + NAME_PROBE_BATCH] if subscribers.has_name(u)]
     else:
         start = 0
         while start < len(text):
@@ -162,6 +171,5 @@ def _online_names(subscribers: SetView, online: set[str], pause) -> Iterator[str
             if end < 0:
                 end = len(text)
             words = text[start:end].decode("ascii").split(" ")
-            hits = list(filter(online.__contains__, words))
-            yield from (u for u in hits if u in online)
+            yield list(filter(online.__contains__, words))
             start = end + 1

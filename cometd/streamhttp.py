@@ -211,17 +211,18 @@ def poll_entry(key: int, subject: str, body: bytes) -> bytes:
 class Message:
     """One published message; its wire bytes are built once per stream kind."""
 
-    __slots__ = ("key", "subject", "body", "_frames")
+    __slots__ = ("key", "subject", "body", "frames")
 
     def __init__(self, subject: str, body: bytes, key: int = 0) -> None:
         #: the message id as an integer (see :mod:`cometd.history`), the SSE ``id:``
         self.key = key
         self.subject = subject
         self.body = body
-        self._frames: list[bytes | None] = [None, None, None, None, None]
+        #: by kind: its bytes, or None until :meth:`frame` builds them
+        self.frames: list[bytes | None] = [None, None, None, None, None]
 
     def frame(self, kind: int) -> bytes:
-        frame = self._frames[kind]
+        frame = self.frames[kind]
         if frame is None:
             if kind == RAW:
                 frame = self.body
@@ -232,7 +233,7 @@ class Message:
             else:
                 event = sse_event(self.key, self.subject, self.body)
                 frame = event if kind == SSE_RAW else _chunk(event)
-            self._frames[kind] = frame
+            self.frames[kind] = frame
         return frame
 
 

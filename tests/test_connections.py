@@ -419,6 +419,27 @@ def test_a_reader_that_stops_is_dropped_and_others_keep_up(table):
     assert table.presence_log.count("slow") == 2  # logged in, then out
 
 
+def test_a_reader_that_pauses_gets_everything_in_order_when_it_reads_again(table):
+    # Each message is sent straight from deliver while nothing is queued; once
+    # the kernel buffer is full, the rest waits in the outbox for the writer.
+    paused = Peer(table, "p", RAW, rcvbuf=4096)
+    gevent.sleep(0.01)  # a greenlet-mode writer starts and parks
+    # the first small, then 56 KB: past the kernel's buffers, within MAX_PENDING
+    messages = [b"%04d" % i + b"y" * (100 if i == 0 else 8000) for i in range(8)]
+    for i, body in enumerate(messages):
+        assert table.deliver(["p"], Message("s", body)) == 1
+        if i == 0:
+            assert not paused.conn._out  # the first went straight to the kernel
+    assert paused.conn._out and not paused.conn.closed  # the rest is queued, within bounds
+    assert paused.read(sum(map(len, messages))) == b"".join(messages)
+    with gevent.Timeout(2):
+        while paused.conn._out:
+            gevent.sleep(0.005)
+    late = Message("s", b"after the backlog")
+    assert table.deliver(["p"], late) == 1
+    assert paused.read(len(late.body)) == late.body
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_a_hang_up_is_noticed_with_nothing_to_send(table, reset):
     peer = Peer(table, "u", SSE_RAW)

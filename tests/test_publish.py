@@ -215,6 +215,7 @@ def _raw_publish(srv, body: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(rest)
 
 
+@pytest.mark.system  # the server fixture is named at run time, out of the tier walk's sight
 @pytest.mark.parametrize("path", ["fast", "slow"])
 def test_a_batch_is_delivered_in_order_with_an_id_each(request, path):
     srv = request.getfixturevalue(path)

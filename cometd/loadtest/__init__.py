@@ -11,7 +11,9 @@ which ``pip install 'cometd[loadtest]'`` brings. Modules, from the wire up:
 - :mod:`cometd.loadtest.servers` — the servers under test: cometd, nginx + nchan.
 - :mod:`cometd.loadtest.sampling` — RSS, CPU and kernel counters over time.
 - :mod:`cometd.loadtest.report` — machine info, Markdown, graphs, CSV.
-- :mod:`cometd.loadtest.idle`, :mod:`cometd.loadtest.fanout` — the two scenarios.
+- :mod:`cometd.loadtest.streamreader` — holds streams of any server and counts messages.
+- :mod:`cometd.loadtest.idle`, :mod:`cometd.loadtest.versus`, :mod:`cometd.loadtest.fanout`
+  — the scenarios (idle cost; fan-out beside nchan; fan-out latency).
 - :mod:`cometd.loadtest.cli` — the ``cometd-bench`` command.
 """
 

@@ -5,7 +5,13 @@ connection mode (and nginx + nchan as a peer, when installed) to N idle streams
 and measures what each connection costs: server RSS, kernel slab and
 socket-buffer memory, ramp rate.
 
-``cometd-bench fanout`` (:mod:`cometd.loadtest.fanout`) loads a Barabási–Albert
+``cometd-bench fanout`` (:mod:`cometd.loadtest.versus`) runs cometd in both
+modes side by side with nginx + nchan on three fan-out scenarios (nobody
+online, one subject to many subscribers, a friends feed), the server pinned to
+one core and the clients to the other, and reports CPU per publish and
+deliveries per server CPU-second with cometd's ratios to nchan.
+
+``cometd-bench fanout-latency`` (:mod:`cometd.loadtest.fanout`) loads a Barabási–Albert
 friends graph, connects C users, finds the message rate at which the server
 saturates with a short step-up, then publishes at half of it for D seconds and
 measures deliveries per server CPU-second and delivery latency.
@@ -31,6 +37,7 @@ from cometd.loadtest.delivery import check_command
 from cometd.loadtest.fanout import fanout_command
 from cometd.loadtest.idle import idle_command
 from cometd.loadtest.procs import stop_all
+from cometd.loadtest.versus import versus_command
 
 __all__ = ["cli", "main"]
 
@@ -47,6 +54,7 @@ def cli() -> None:
 
 
 cli.add_command(idle_command)
+cli.add_command(versus_command)
 cli.add_command(fanout_command)
 cli.add_command(check_command)
 

@@ -1,4 +1,7 @@
-"""``cometd-bench fanout``: deliveries per server CPU-second and delivery latency.
+"""``cometd-bench fanout-latency``: deliveries per server CPU-second and delivery latency.
+
+(The side-by-side with nginx + nchan is ``cometd-bench fanout``,
+:mod:`cometd.loadtest.versus`.)
 
 Loads a Barabási–Albert friends graph, connects C users, finds the message
 rate at which the server saturates with a short step-up, then publishes at
@@ -327,7 +330,8 @@ def fanout_graphs(results: list[dict], out: Path) -> list[str]:
 
 def fanout_report(results: list[dict], meta: dict, opts: dict, info: dict, notes: list[str],
                   out: Path, graphs: list[str]) -> str:
-    L = [f"# cometd-bench fanout: {opts['users']:,} users, {opts['connections']:,} connected",
+    L = [f"# cometd-bench fanout-latency: {opts['users']:,} users, "
+         f"{opts['connections']:,} connected",
          "", "```", command_line(), "```", ""]
     L += machine_lines(info)
     L += [
@@ -411,7 +415,7 @@ def fanout_report(results: list[dict], meta: dict, opts: dict, info: dict, notes
     return write_report(out, L, graphs, notes)
 
 
-@click.command("fanout")
+@click.command("fanout-latency")
 @click.option("--users", default=100_000, show_default=True, type=click.IntRange(min=20),
               help="Users in the generated friends graph (genfriends --n).")
 @click.option("--m", "m", default=15, show_default=True, type=click.IntRange(min=1),

@@ -214,6 +214,8 @@ class MsgGenConfig:
     request_timeout: float = 5.0
     timeout: float = 0.0  # 0: duration + request_timeout + 10
     seed: int | None = None
+    #: stop after this many slots (0: no limit; --duration still bounds the run)
+    count: int = 0
     #: write "<subject> <message id>" for every message the server took
     #: (see cometd.loadtest.delivery)
     record: str | None = None
@@ -310,15 +312,19 @@ class _Generator:
             return None
         i = self.next_slot
         rate = self.cfg.rate
+        if self.cfg.count and i >= self.cfg.count:
+            return None
         if not rate:
             self.next_slot = i + 1
             return i, now
         due = self.t0 + i / rate
         if now - due > SLACK:  # the server is behind: skip, do not queue
             j = int((now - self.t0) * rate)
+            if self.cfg.count:
+                j = min(j, self.cfg.count)
             self.stats.missed += j - i
             i, due = j, self.t0 + j / rate
-        if due >= self.end:
+        if due >= self.end or (self.cfg.count and i >= self.cfg.count):
             return None
         self.next_slot = i + 1
         return i, due
@@ -467,6 +473,8 @@ class _Generator:
                             self.recorded.append(f"{subject} {one['id']}\n")
                 except (ValueError, AttributeError, TypeError, KeyError):
                     st.error("bad-json")
+            elif status in (201, 202):  # nginx + nchan's publisher (the fan-out bench's peer)
+                st.sent += 1
             else:
                 st.error(f"http-{status}")
             if not keep:
@@ -643,6 +651,9 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Hard limit on the whole run in seconds. "
                    "Default: duration + request timeout + 10.")
 @click.option("--seed", default=None, type=int, help="Random seed for subject choice.")
+@click.option("--count", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many slots, sent or missed (0: no limit); --duration "
+                   "still bounds the run.")
 @click.option("--via", type=click.Choice(VIAS), default="http", show_default=True,
               help="http: POST /send/<subject> to --url; redis-stream: one XADD per message "
                    "(fields from, body) to --stream, which cometd reads with --ingest-stream.")
@@ -660,7 +671,7 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
               help="Messages per request: more than 1 posts them together to /publish "
                    "(one JSON object a line); --rate still counts messages. --via http only.")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
-         request_timeout, timeout, seed, record, via, redis_url, stream, batch) -> None:
+         request_timeout, timeout, seed, count, record, via, redis_url, stream, batch) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for
     --duration seconds, from random subjects in 1..--users.
 
@@ -671,8 +682,8 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
     cfg = MsgGenConfig(
         url=url, rate=rate, duration=duration, users=users, zipf=zipf,
         concurrency=concurrency, size=size, interval=interval,
-        request_timeout=request_timeout, timeout=timeout, seed=seed, record=record, via=via,
-        redis=redis_url, stream=stream, batch=batch,
+        request_timeout=request_timeout, timeout=timeout, seed=seed, count=count,
+        record=record, via=via, redis=redis_url, stream=stream, batch=batch,
     )
     try:
         _validate(cfg)

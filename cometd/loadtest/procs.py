@@ -52,7 +52,9 @@ def log(msg: str) -> None:
     print(f"[bench {time.monotonic() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
+def _child_setup(cpus: set[int] | None = None) -> None:  # in the child, before exec
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # inherited by every thread the child starts
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -63,8 +65,12 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
 _CHILDREN: list[subprocess.Popen] = []
 
 
-def spawn(argv: list[str], logfile: Path, **kw: Any) -> subprocess.Popen:
-    """Start *argv* with stdout+stderr to *logfile*; it is ended when the bench ends."""
+def spawn(argv: list[str], logfile: Path, cpus: set[int] | None = None,
+          **kw: Any) -> subprocess.Popen:
+    """Start *argv* with stdout+stderr to *logfile*; it is ended when the bench ends.
+
+    *cpus*: the cores it (and every thread and child of it) may run on.
+    """
     f = open(logfile, "ab")  # noqa: SIM115 - closed with the process in stop()
     f.write(f"$ {shlex.join(argv)}\n".encode())
     f.flush()
@@ -72,7 +78,8 @@ def spawn(argv: list[str], logfile: Path, **kw: Any) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(argv, stdout=kw.pop("stdout", f), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=str(ROOT), preexec_fn=_pdeathsig,
+                            stdin=subprocess.DEVNULL, cwd=str(ROOT),
+                            preexec_fn=lambda: _child_setup(cpus),
                             env=env, **kw)
     proc._bench_log = f  # type: ignore[attr-defined]
     _CHILDREN.append(proc)
@@ -105,7 +112,8 @@ def stop_all() -> None:
 
 
 _TOOLS = {"cometd": "cometd", "genfriends": "cometd.graphgen",
-          "floodtest": "cometd.loadtest.floodtest", "msggen": "cometd.loadtest.msggen"}
+          "floodtest": "cometd.loadtest.floodtest", "msggen": "cometd.loadtest.msggen",
+          "streamreader": "cometd.loadtest.streamreader"}
 
 
 def tool(name: str) -> list[str]:
@@ -146,13 +154,15 @@ def end_floodtest(proc: subprocess.Popen, json_path: Path) -> dict:
 
 
 def msggen(url: str, rate: float, duration: float, users: int, concurrency: int,
-           logdir: Path, tag: str, seed: int = 1) -> tuple[subprocess.Popen, Path]:
+           logdir: Path, tag: str, seed: int = 1, size: int = 0, count: int = 0,
+           cpus: set[int] | None = None) -> tuple[subprocess.Popen, Path]:
     json_path = logdir / f"msggen-{tag}.json"
     argv = [*tool("msggen"), "--url", url, "--rate", f"{rate:g}", "--duration", f"{duration:g}",
+            "--size", str(size), "--count", str(count),
             "--users", str(users), "--concurrency", str(concurrency), "--interval",
             f"{max(1.0, duration / 4):g}", "--json", str(json_path), "--seed", str(seed),
             "--timeout", f"{duration + 20:g}"]
-    return spawn(argv, logdir / f"msggen-{tag}.log"), json_path
+    return spawn(argv, logdir / f"msggen-{tag}.log", cpus=cpus), json_path
 
 
 def wait_proc(proc: subprocess.Popen, timeout: float) -> int | None:

@@ -47,6 +47,10 @@ class Server:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
     def processes(self) -> list[psutil.Process]:
         if self.proc is None or self.proc.poll() is not None:
             return []
@@ -114,14 +118,15 @@ class Server:
 class CometdServer(Server):
     """``cometd`` in one process, one mode, on a free loopback port."""
 
-    def __init__(self, mode: str, db: str, logdir: Path, timeout: float = 60.0) -> None:
+    def __init__(self, mode: str, db: str, logdir: Path, timeout: float = 60.0,
+                 cpus: set[int] | None = None) -> None:
         super().__init__()
         self.name = self.label = mode
         self.label = f"cometd {mode}"
         argv = [*tool("cometd"), "--port", "0", "--admin-port", "-1", "--db", db,
                 "--mode", mode]
         log_path = logdir / f"server-{mode}.log"
-        self.proc = spawn(argv, log_path, stdout=subprocess.PIPE)
+        self.proc = spawn(argv, log_path, cpus=cpus, stdout=subprocess.PIPE)
         found: list[re.Match] = []
         logf = self.proc._bench_log  # type: ignore[attr-defined]
 
@@ -141,10 +146,6 @@ class CometdServer(Server):
             stop(self.proc)
             raise click.ClickException(f"cometd --mode {mode} did not start; see {log_path}")
         self.host, self.port = found[0].group(1), int(found[0].group(2))
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def counters(self) -> dict[str, int | None]:
         body = self._get("/stats")
@@ -171,7 +172,7 @@ class NchanServer(Server):
     label = "nginx + nchan"
 
     def __init__(self, nginx: str, workdir: Path, logdir: Path, max_conns: int,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, cpus: set[int] | None = None) -> None:
         super().__init__()
         self.prefix = workdir
         self.logdir = logdir
@@ -187,7 +188,7 @@ class NchanServer(Server):
             (workdir / "error.log").unlink(missing_ok=True)
             argv = [nginx, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
                     "-e", str(workdir / "error.log")]
-            self.proc = spawn(argv, logdir / "server-nchan.log")
+            self.proc = spawn(argv, logdir / "server-nchan.log", cpus=cpus)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self._get("/stats", timeout=1.0) is not None:
@@ -206,12 +207,12 @@ class NchanServer(Server):
             shutil.copy(err, self.logdir / "nchan-error.log")
 
     def counters(self) -> dict[str, int | None]:
-        body = self._get("/stats")
-        conns = None
-        if body is not None:
-            m = re.search(rb"^subscribers: (\d+)", body, re.M)
-            conns = int(m.group(1)) if m else None
-        return {"conns": conns, "deliveries": None, "messages": None, "slow": None}
+        body = self._get("/stats") or b""
+        found = {}
+        for key, line in (("conns", rb"subscribers"), ("messages", rb"total published messages")):
+            m = re.search(rb"^" + line + rb": (\d+)", body, re.M)
+            found[key] = int(m.group(1)) if m else None
+        return {**found, "deliveries": None, "slow": None}
 
 
 def parse_modes(value: str) -> list[str]:

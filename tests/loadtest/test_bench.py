@@ -48,9 +48,14 @@ def test_help_lists_every_scenario_and_its_options():
     idle = run_bench("idle", "--help").stdout
     for opt in ("--n", "--modes", "--nchan", "--out"):
         assert opt in idle
-    fan = run_bench("fanout", "--help").stdout
+    assert "fanout-latency" in proc.stdout
+    fan = run_bench("fanout-latency", "--help").stdout
     for opt in ("--users", "--connections", "--rate", "--duration", "--modes", "--out"):
         assert opt in fan
+    versus = run_bench("fanout", "--help").stdout
+    for opt in ("--scenarios", "--contenders", "--rounds", "--server-cpu", "--client-cpu",
+                "--out"):
+        assert opt in versus
 
 
 # Regression guards on the idle figures, from this machine's small runs
@@ -111,8 +116,8 @@ def test_idle_small(tmp_path):
 def test_fanout_tiny(tmp_path):
     out = tmp_path / "fanout"
     data = tmp_path / "data"
-    args = ["fanout", "--users", "2000", "--m", "5", "--connections", "400", "--duration", "2",
-            "--step-duration", "1", "--step-start", "100", "--step-max", "200",
+    args = ["fanout-latency", "--users", "2000", "--m", "5", "--connections", "400",
+            "--duration", "2", "--step-duration", "1", "--step-start", "100", "--step-max", "200",
             "--interval", "0.25", "--data-dir", str(data), "--out", str(out)]
     proc = run_bench(*args)
     assert str(out / "report.md") in proc.stdout
@@ -147,7 +152,7 @@ def test_fanout_tiny(tmp_path):
         assert r["floodtest_closed"] == 0 and r["floodtest_connect_errors"] == 0
 
     report = (out / "report.md").read_text()
-    assert "bin/cometd-bench fanout --users 2000" in report
+    assert "bin/cometd-bench fanout-latency --users 2000" in report
     assert "deliveries per server CPU-s" in report and "latency p99" in report
     graphs = ["fanout-cpu.png", "fanout-deliveries.png", "fanout-saturation.png"]
     for g in graphs:

@@ -62,6 +62,16 @@ def test_rate_is_honoured_and_bodies_carry_ts(server, tmp_path):
     assert text.count("sent=") >= 3 and "deliveries=" in text
 
 
+def test_count_stops_after_that_many_slots(server, tmp_path):
+    s, _ = run_tool(
+        MSGGEN, "--url", url(server), "--rate", "100", "--duration", "5", "--count", "37",
+        "--users", "5", tmp_path=tmp_path,
+    )
+    assert s["errors"] == 0 and s["sent"] + s["missed"] == 37, s
+    assert sum(server.stats()["posts"].values()) == s["sent"]
+    assert s["duration_s"] < 3  # it ends after slot 37, not at --duration
+
+
 def test_zipf_skews_subjects(server, tmp_path):
     s, _ = run_tool(
         MSGGEN, "--url", url(server), "--rate", "0", "--duration", "1", "--users", "100",
