@@ -21,6 +21,7 @@ recipient's stream:
 - :mod:`cometd.online` — who is online, intersected with a subject's subscribers.
 - :mod:`cometd.history` — message ids and the persistent history streams resume from.
 - :mod:`cometd.streamhttp` — the bytes of a stream: its request, head and framing.
+- :mod:`cometd.websocket` — ``GET /ws/<id>``: the upgrade, its frames, what a client sends.
 - :mod:`cometd.connections` — the table of live streams and how bytes reach a socket.
 - :mod:`cometd.longpoll` — ``GET /poll/<id>``: a poll waits in the table, answered once.
 - :mod:`cometd.expiry` — closes streams when their token stops being accepted.
@@ -32,6 +33,7 @@ Around that path:
 - :mod:`cometd.backplane` — scale-out: a router process and edge processes over Redis.
 - :mod:`cometd.workers` — ``cometd --workers N``: one router and N edges, supervised.
 - :mod:`cometd.admin` — the telnet-style admin console.
+- :mod:`cometd.page` — the demo page at ``GET /`` (HTML, CSS and JavaScript as package data).
 - :mod:`cometd.counts`, :mod:`cometd.metrics`, :mod:`cometd.log` — counters,
   ``GET /metrics`` and operator logs.
 - :mod:`cometd.syscheck` — ``cometd check-system``.

@@ -84,7 +84,8 @@ class HttpConfig:
                         "the kernel did not take at once; pool: no greenlet per connection, a "
                         "write watcher does (both send straight from the router first)",
                         flag="--mode", kind=str, choices=MODES)
-    keepalive: float = _option(25.0, "seconds between SSE keep-alive comments",
+    keepalive: float = _option(25.0, "seconds between SSE keep-alive comments and "
+                               "WebSocket pings",
                                flag="--keepalive", kind=float, low=0.1, high=3600,
                                metavar="SECONDS")
     max_pending: int = _option(256 * 1024, "bytes of unsent output a connection may hold "

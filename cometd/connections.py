@@ -56,6 +56,14 @@ Disconnects are noticed without any per-connection watcher: every stream's
 descriptor is registered (EPOLLIN | EPOLLRDHUP) in one epoll set, and a single
 gevent watcher on that epoll descriptor wakes when any client hangs up or
 sends something, typically within milliseconds.
+
+A WebSocket (:mod:`cometd.websocket`) ends the same ways with a close frame
+instead of a last chunk (its code says why), and is the one kind whose client
+speaks: what it sends is read from the same epoll set and handed to
+:func:`cometd.websocket.client_data`, which may answer a ping or end the
+stream (:meth:`ConnectionTable.end`). A WebSocket dropped as a slow consumer
+keeps only the outbox entry the kernel may have begun (each entry ends at a
+frame boundary), so its close frame can follow.
 """
 
 from __future__ import annotations
@@ -83,9 +91,11 @@ from cometd.streamhttp import (
     POLL,
     SSE_CHUNKED,
     SSE_RAW,
+    WEBSOCKET,
     Message,
     frame_bytes,
 )
+from cometd.websocket import CLOSE_FRAMES, PING, client_data
 
 __all__ = ["Connection", "ConnectionTable", "MODES"]
 
@@ -115,7 +125,7 @@ class Connection:
 
     __slots__ = (
         "user", "kind", "sock", "fd", "table", "_out", "_pending", "_waiter", "_parked", "closed",
-        "after", "held", "ordered", "_allowance", "expiry", "address",
+        "after", "held", "ordered", "_allowance", "expiry", "address", "ws",
     )
 
     def __init__(self, table: ConnectionTable, sock: socket.socket, user: str, kind: int) -> None:
@@ -144,6 +154,8 @@ class Connection:
         self.expiry: int | None = None
         #: the client's address, if the table counts streams per address
         self.address: str | None = None
+        #: a WebSocket's parser of client frames, once one is needed (cometd.websocket)
+        self.ws = None
 
     # -- both modes ------------------------------------------------------------
 
@@ -201,12 +213,21 @@ class Connection:
         return self.deliver(data)
 
     def _queue(self, data: bytes) -> None:
-        self._out.append(data)
+        out = self._out
+        out.append(data)
         self._pending += len(data)
         if self._pending > self.table.max_pending + self._allowance:
             self.table.slow_consumers_dropped += 1
             _SLOW_DROPS.note()
-            self.close("slow")
+            if self.kind != WEBSOCKET or self.closed:
+                self.close("slow")
+                return
+            # Every outbox entry ends at a frame boundary: keep the one the
+            # kernel may have begun, so the close frame (4000) can follow.
+            del out[1:]
+            self._pending = len(out[0])
+            self._allowance = self._pending + len(CLOSE_FRAMES["slow"])
+            self.table.end(self, CLOSE_FRAMES["slow"], "slow")
 
     def _send(self, data: bytes) -> int | None:
         """Bytes the kernel took (0 when its buffer is full); None once closed on an error."""
@@ -478,15 +499,15 @@ class ConnectionTable:
                 conn.deliver(b"".join(frame for _, frame in ready))
 
     def keepalive(self) -> int:
-        """Write an SSE comment to every SSE stream; return how many."""
+        """Write an SSE comment to every SSE stream, a ping to every WebSocket; return how many."""
         if self._ending:
             return 0  # nothing after a stream's last chunk
         expiring = self._expiring
-        sse = [c for c in self._by_fd.values()
-               if c.kind in (SSE_CHUNKED, SSE_RAW) and c not in expiring]
-        for conn in sse:
-            conn.deliver(frame_bytes(conn.kind, KEEPALIVE))
-        return len(sse)
+        kept = [c for c in self._by_fd.values()
+                if c.kind in (SSE_CHUNKED, SSE_RAW, WEBSOCKET) and c not in expiring]
+        for conn in kept:
+            conn.deliver(PING if conn.kind == WEBSOCKET else frame_bytes(conn.kind, KEEPALIVE))
+        return len(kept)
 
     def _sweep(self) -> None:
         """Once a second: close the streams expired a second ago, bid farewell to those due."""
@@ -502,6 +523,8 @@ class ConnectionTable:
                 farewell = frame_bytes(conn.kind, farewell) if farewell else b""
                 if conn.kind in (CHUNKED, SSE_CHUNKED):
                     farewell += LAST_CHUNK
+                elif conn.kind == WEBSOCKET:
+                    farewell = CLOSE_FRAMES["expired"]
                 if not farewell:
                     conn.close("expired")  # a raw plain stream: its end is the close
                     continue
@@ -516,11 +539,14 @@ class ConnectionTable:
             try:
                 data = conn.sock.recv(4096)
             except BlockingIOError:
-                data = None
+                data = None  # nothing to read: a hang-up woke us, if anything
             except OSError:
                 data = b""
-            # A stream client has nothing to say; whatever it sends is dropped.
-            # A waiting poll's may not speak before its answer (no pipelining).
+            # A stream client has nothing to say; whatever it sends is
+            # dropped, but for a WebSocket's pings and close. A waiting poll's
+            # may not speak before its answer (no pipelining).
+            if data and conn.kind == WEBSOCKET:
+                client_data(conn, data)
             if data == b"" or events & _GONE or (data and conn.kind == POLL):
                 conn.close("client")
 
@@ -571,10 +597,28 @@ class ConnectionTable:
         log.event("drained", f"drained {len(conns)} streams in {time.monotonic() - start:.3g} s",
                   streams=len(conns))
 
+    def end(self, conn: Connection, farewell: bytes, reason: str) -> None:
+        """End *conn* now with *farewell* as its last bytes; close it once they are taken.
+
+        Nothing more is routed to it. (A WebSocket's close, cometd.websocket.)
+        """
+        self._forget(conn)
+        conn.ordered = []
+        self._waiting.discard(conn)
+        conn.deliver(farewell)
+        gevent.spawn(self._close_when_sent, [conn], CLOSE_GRACE, reason)
+
     def _end(self, conns: list[Connection], grace: float, reason: str) -> None:
         for conn in conns:
-            if conn.kind in (CHUNKED, SSE_CHUNKED) and conn not in self._expiring:
-                conn.deliver(LAST_CHUNK)  # (an expiring stream has had it)
+            if conn in self._expiring:
+                continue  # it has had its farewell
+            if conn.kind in (CHUNKED, SSE_CHUNKED):
+                conn.deliver(LAST_CHUNK)
+            elif conn.kind == WEBSOCKET:
+                conn.deliver(CLOSE_FRAMES[reason])
+        self._close_when_sent(conns, grace, reason)
+
+    def _close_when_sent(self, conns: list[Connection], grace: float, reason: str) -> None:
         deadline = time.monotonic() + grace
         while any(c._out and not c.closed for c in conns) and time.monotonic() < deadline:
             gevent.sleep(0.01)

@@ -133,7 +133,7 @@ REDIS_RTT = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
     registry=REGISTRY)
 
-_TRANSPORTS = ("chunked", "raw", "sse", "sse_raw", "poll")  # by kind, cometd.streamhttp
+_TRANSPORTS = ("chunked", "raw", "sse", "sse_raw", "poll", "ws")  # by kind, cometd.streamhttp
 
 
 class StateCollector(Collector):

@@ -76,12 +76,14 @@ from cometd.streamhttp import (
     FIRST_READ_BYTES,
     RAW,
     SSE_RAW,
+    WEBSOCKET,
     parse_stream_request,
     resumed_head,
     stream_credentials,
     stream_head,
 )
 from cometd.webapp import STREAM_KEY, BackendUnavailable
+from cometd.websocket import resumed_frames, upgrade
 
 __all__ = ["CometServer", "CometHandler", "LocalBackend"]
 
@@ -258,6 +260,12 @@ class CometHandler(WSGIHandler):
                 self.result = None
             return
         user, kind, path, expires, since = target
+        if kind == WEBSOCKET:
+            self.stream = upgrade(self, user, kind, path, expires, since,
+                                  _host(self.client_address))
+            self.socket = None if self.stream else self.socket
+            self.close_connection = True
+            return
         cors = self.server.cors
         lines = "" if cors is None else cors.stream_lines(self.environ.get("HTTP_ORIGIN"))
         if self.command == "HEAD":
@@ -463,7 +471,8 @@ class CometServer(WSGIServer):
         else:
             COUNTS.replays_not_recovered += 1
         if not conn.closed:
-            conn.release(resumed_head(user, kind, path, since, replay, self.retry, lines),
+            conn.release(resumed_frames(path, since, replay) if kind == WEBSOCKET else
+                         resumed_head(user, kind, path, since, replay, self.retry, lines),
                          replay.head)
 
     def replay(self, user: str, since: str) -> Replay:

@@ -37,8 +37,9 @@ rare, and the server opens them with :func:`resumed_head` (see
 :meth:`cometd.server.CometServer.handle`).
 
 A message goes to many streams, so :meth:`Message.frame` builds its bytes
-once per kind and hands the same object to every stream of that kind; it is
-on the path of every delivery.
+once per kind (a WebSocket's text frame too, see :mod:`cometd.websocket`)
+and hands the same object to every stream of that kind; it is on the path of
+every delivery.
 
 With authentication on, the server also takes the request's token from
 :func:`stream_credentials` and opens the stream only for a token that
@@ -58,18 +59,21 @@ from email.utils import formatdate
 from cometd.history import Replay, format_id
 from cometd.httprequest import FIELD_VALUE, TCHAR
 from cometd.ids import ID_PATTERN
+from cometd.websocket import message_frame
 
 __all__ = [
-    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "POLL", "KEEPALIVE", "LAST_CHUNK", "EXPIRED_EVENT",
-    "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request", "plain_fields", "resumed_head",
-    "stream_credentials", "stream_head", "stream_kind", "frame_bytes", "sse_event", "poll_entry",
-    "Message",
+    "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "POLL", "WEBSOCKET", "KEEPALIVE", "LAST_CHUNK",
+    "EXPIRED_EVENT", "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request",
+    "plain_fields", "resumed_head", "stream_credentials", "stream_head", "stream_kind",
+    "frame_bytes", "sse_event", "poll_entry", "Message",
 ]
 
 #: stream kinds: plain message bodies or SSE events, with or without chunk framing
 CHUNKED, RAW, SSE_CHUNKED, SSE_RAW = range(4)
 #: a waiting long poll (cometd.longpoll): its frame is one JSON entry of the answer
 POLL = 4
+#: a WebSocket (cometd.websocket): one text frame per message
+WEBSOCKET = 5
 #: the SSE comment sent to keep idle event streams (and proxies) open
 KEEPALIVE = b": keepalive\n\n"
 #: the zero-length chunk that ends a chunked response (with no trailers)
@@ -219,7 +223,7 @@ class Message:
         self.subject = subject
         self.body = body
         #: by kind: its bytes, or None until :meth:`frame` builds them
-        self.frames: list[bytes | None] = [None, None, None, None, None]
+        self.frames: list[bytes | None] = [None] * 6
 
     def frame(self, kind: int) -> bytes:
         frame = self.frames[kind]
@@ -230,6 +234,8 @@ class Message:
                 frame = _chunk(self.body)
             elif kind == POLL:
                 frame = poll_entry(self.key, self.subject, self.body)
+            elif kind == WEBSOCKET:
+                frame = message_frame(self.key, self.subject, self.body)
             else:
                 event = sse_event(self.key, self.subject, self.body)
                 frame = event if kind == SSE_RAW else _chunk(event)

@@ -6,6 +6,8 @@ Routes
                               ``?since=<message id>`` resumes after that message
 ``GET /events/<id>``          the same as Server-Sent Events; a ``Last-Event-ID`` header
                               (or ``?last_event_id=``) resumes
+``GET /ws/<id>``              the same as a WebSocket (:mod:`cometd.websocket`); ``?since=``
+                              resumes
 ``POST /send/<subject>``      publish the request body -> ``{"delivered": N, "id": "<id>"}``
 ``POST /publish``             many messages, one JSON object a line (see :mod:`cometd.publish`)
                               -> ``{"results": [{"delivered": N, "id": "<id>"}, ...]}``
@@ -20,6 +22,8 @@ Routes
 ``GET /metrics``              Prometheus text format (:mod:`cometd.metrics`)
 ``GET /healthz``              ``{"status": "ok"}`` while the process serves (no auth)
 ``GET /readyz``               200, or 503 with what is missing (no auth)
+``GET /``                     the demo page, with ``/page.css`` and ``/page.js``
+                              (:mod:`cometd.page`; no auth: the files hold no secret)
 
 With authentication configured, every route asks the
 :class:`~cometd.auth.Authenticator` first (see :mod:`cometd.auth` for who may
@@ -51,10 +55,11 @@ from cometd.config import AuthConfig
 from cometd.counts import COUNTS
 from cometd.ids import InvalidId, check_id
 from cometd.longpoll import POLL_KEY, PollError, PollRequest, parse_poll_query
+from cometd.page import install as install_page
 from cometd.publish import AUTH_FAILURES as _AUTH_FAILURES
 from cometd.publish import Answer, BackendUnavailable, BodyError, answer_publish, answer_send
 from cometd.store import SelfSubscription, check_pair
-from cometd.streamhttp import stream_kind
+from cometd.streamhttp import WEBSOCKET, stream_kind
 
 __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
 
@@ -188,14 +193,14 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         environ = bottle.request.environ
         return auth.caller(environ.get("HTTP_AUTHORIZATION"), environ.get("HTTP_X_API_KEY"))
 
-    def stream(user: str, sse: bool) -> str:
+    def stream(user: str, sse: bool, route: str = "") -> str:
         environ = bottle.request.environ
         identity = auth.stream(user, environ.get("HTTP_AUTHORIZATION"),
                                environ.get("QUERY_STRING", ""), environ.get("HTTP_COOKIE"))
         try:
             user = check_id(user)
         except InvalidId:
-            hint = NOT_FOUND_USER.format(route="/events/" if sse else "/test/")
+            hint = NOT_FOUND_USER.format(route=route or ("/events/" if sse else "/test/"))
             COUNTS.rejected["404"] += 1
             raise bottle.HTTPResponse(
                 hint, status=404, headers={"Content-Type": "text/plain; charset=utf-8"}
@@ -205,7 +210,8 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
             raise _error(400, "a stream request has no body")
         http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
         expires = None if identity is None else identity.expires
-        environ[STREAM_KEY] = (user, stream_kind(sse, http10), bottle.request.path, expires,
+        kind = WEBSOCKET if route else stream_kind(sse, http10)
+        environ[STREAM_KEY] = (user, kind, bottle.request.path, expires,
                                _resume_from(environ, sse))
         return ""
 
@@ -218,6 +224,10 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
     @app.get("/events/<user:re:.*>")
     def events_stream(user: str) -> str:
         return stream(user, sse=True)
+
+    @app.get("/ws/<user:re:.*>")  # the upgrade itself: cometd.websocket
+    def websocket_stream(user: str) -> str:
+        return stream(user, sse=False, route="/ws/")
 
     @app.get("/poll/<user:re:.*>")
     def poll(user: str) -> Any:
@@ -305,6 +315,8 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         auth.permit(caller(), None)  # an API key when auth is on, like /stats
         return bottle.HTTPResponse(backend.metrics(), status=200,
                                    headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    install_page(app)  # GET /: the demo page (cometd.page)
 
     # Health is for load balancers and orchestrators: no credential, and
     # nothing in it but whether the process serves and which part is missing.

@@ -7,14 +7,12 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
+from browser import chrome, needs_chromium
 from conftest import (
     StreamClient,
     get_stats,
@@ -305,19 +303,24 @@ es.onerror = () => { es.close(); finish("stream", "error"); };
 """
 
 
-def browser_run(page_url: str, profile: str) -> dict:
-    """What BROWSER_PAGE found, loaded by headless Chromium at *page_url*."""
-    out = subprocess.run(
-        [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
-         f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", page_url],
-        capture_output=True, text=True, timeout=30).stdout
-    found = re.search(r'<pre id="out">([^<]*)</pre>', out)
-    assert found and found.group(1) != "pending", out
-    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    browser = chrome(str(tmp_path_factory.mktemp("chrome")))
+    yield browser
+    browser.quit()
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
-def test_a_browser_page_reads_only_when_its_origin_is_allowed(tmp_path):
+def browser_run(driver, page_url: str) -> dict:
+    """What a page of this module found, loaded by headless Chromium at *page_url*."""
+    driver.get("about:blank")  # a new hash alone would not load the page again
+    driver.get(page_url)
+    out = wait_for(lambda: (text := driver.find_element("id", "out").text) != "pending" and text,
+                   20, what="the page's result")
+    return json.loads(out)
+
+
+@needs_chromium
+def test_a_browser_page_reads_only_when_its_origin_is_allowed(driver, tmp_path):
     (tmp_path / "page.html").write_text(BROWSER_PAGE)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *args: None  # type: ignore[attr-defined]
@@ -331,7 +334,7 @@ def test_a_browser_page_reads_only_when_its_origin_is_allowed(tmp_path):
                 ("http://127.0.0.1:1", {"fetch": "blocked", "stream": "error"})):
             srv = start_server(str(tmp_path / "db"), "--cors-origin", allowed_origin)
             try:
-                got = browser_run(f"{origin}/page.html#{srv.url}", str(tmp_path / "chrome"))
+                got = browser_run(driver, f"{origin}/page.html#{srv.url}")
             finally:
                 srv.stop()
             assert got == expected, allowed_origin
@@ -417,8 +420,8 @@ es.onerror = () => { es.close(); out.textContent = JSON.stringify({stream: "erro
 """
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium here")
-def test_a_browser_stream_with_its_token_in_a_cookie(tmp_path):
+@needs_chromium
+def test_a_browser_stream_with_its_token_in_a_cookie(driver, tmp_path):
     (tmp_path / "page.html").write_text(COOKIE_PAGE)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *args: None  # type: ignore[attr-defined]
@@ -430,7 +433,7 @@ def test_a_browser_stream_with_its_token_in_a_cookie(tmp_path):
         for credentials, expected in (("1", '{"from": "b1", "body": "by cookie"}'),
                                       ("0", "error")):  # no cookie sent: 401
             url = f"{origin}/page.html#{srv.url}|{hs256('b1')}|{credentials}"
-            got = browser_run(url, str(tmp_path / f"chrome{credentials}"))
+            got = browser_run(driver, url)
             assert got == {"stream": expected}, credentials
     finally:
         srv.stop()

@@ -35,6 +35,10 @@ def test_plain_install_leaves_out_the_load_tools_extras_and_loadtest_brings_them
     assert _run([py, "-c", "import networkx"], cwd=str(tmp_path)).returncode != 0
     server = _run([py, "-m", "cometd", "--help"], cwd=str(tmp_path))
     assert server.returncode == 0 and "Usage: cometd" in server.stdout, server.stderr
+    page = _run([py, "-c", "import importlib.resources as r, cometd.page as p; "
+                 "print(all(r.files(p).joinpath(n).is_file() for n, _ in p.PAGES.values()))"],
+                cwd=str(tmp_path))
+    assert page.stdout.split() == ["True"], page  # the demo page is package data
 
     done = _run([py, "-m", "pip", "install", "-q", f"{ROOT}[loadtest]"], cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr

@@ -333,7 +333,7 @@ def test_a_clean_shutdown_ends_chunked_streams_with_the_last_chunk(tmp_path, mod
 
 
 def test_unknown_paths_and_methods_over_http_client(srv, watcher):
-    for method, path, status in [("GET", "/", 404), ("GET", "/favicon.ico", 404),
+    for method, path, status in [("GET", "/index.html", 404), ("GET", "/favicon.ico", 404),
                                  ("GET", "/test", 404), ("HEAD", "/send/x", 405),
                                  ("PATCH", "/subscriptions", 405), ("OPTIONS", "/stats", 405),
                                  ("GET", "/../../etc/passwd", 404)]:
