@@ -40,6 +40,8 @@ import redis
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_edge_reader import drain  # noqa: E402
+
 from cometd.lifecycle import free_port  # noqa: E402
 
 STREAM = "cometd:messages"
@@ -63,15 +65,6 @@ def cpu(pids: list[int]) -> float:
         t = psutil.Process(pid).cpu_times()
         total += t.user + t.system
     return total
-
-
-def drain(sel: selectors.BaseSelector, stop: threading.Event) -> None:
-    while not stop.is_set():
-        for key, _ in sel.select(0.1):
-            try:
-                key.fileobj.recv(1 << 16)
-            except BlockingIOError:
-                pass
 
 
 def main() -> None:

@@ -814,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
             f"for {a.msg_duration:g}s; timeout {a.timeout:g}s; out {a.out}")
     log(plan)
     log(f"memory estimate (cometd check-system): {memory.need} needed, {memory.now}")
+    for error in report.errors:  # a limit it could not read may still stop the ramp
+        log(f"check-system: {error}")
     if a.dry_run:
         for k, v in report.sysctls.items():
             log(f"  sysctl {k} = {v}   (now: {read_sysctl(k)})")

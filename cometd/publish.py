@@ -121,6 +121,18 @@ def _auth_refused(exc: AuthError) -> Answer:
                   (("WWW-Authenticate", exc.www_authenticate),))
 
 
+#: what a publish answers with an error instead of an id
+_REFUSALS = (AuthError, BodyError, BackendUnavailable)
+
+
+def _refusal(exc: Exception) -> Answer:
+    if isinstance(exc, AuthError):
+        return _auth_refused(exc)
+    if isinstance(exc, BodyError):
+        return _refused(exc.status, exc.message)
+    return _refused(503, str(exc))  # BackendUnavailable
+
+
 def answer_send(backend: Publisher, auth: Authenticator, authorization: str | None,
                 api_key: str | None, subject: str, read_body: Callable[[int], bytes]) -> Answer:
     """``POST /send/<subject>``: publish the body that *read_body(limit)* returns.
@@ -139,12 +151,8 @@ def answer_send(backend: Publisher, auth: Authenticator, authorization: str | No
         if not body:
             return _refused(400, _EMPTY)
         delivered, message_id = backend.send(subject, body)
-    except AuthError as exc:
-        return _auth_refused(exc)
-    except BodyError as exc:
-        return _refused(exc.status, exc.message)
-    except BackendUnavailable as exc:
-        return _refused(503, str(exc))
+    except _REFUSALS as exc:
+        return _refusal(exc)
     return Answer(200, {"delivered": delivered, "id": message_id})
 
 
@@ -197,12 +205,8 @@ def answer_publish(backend: Publisher, auth: Authenticator, authorization: str |
         for subject, _ in messages:  # all or nothing
             auth.permit(verdict, subject)
         sent = backend.send_batch(messages)
-    except AuthError as exc:
-        return _auth_refused(exc)
-    except BodyError as exc:
-        return _refused(exc.status, exc.message)
-    except BackendUnavailable as exc:
-        return _refused(503, str(exc))
+    except _REFUSALS as exc:
+        return _refusal(exc)
     return Answer(200, {"results": [{"delivered": d, "id": i} for d, i in sent]})
 
 

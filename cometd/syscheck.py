@@ -349,12 +349,21 @@ def check(readings: dict[str, Any], plan: Plan) -> Report:
             f"{count:,} sockets with full default buffers (a slow or stalled reader each) "
             f"would take {count * default / GiB:.1f} GiB, over a quarter of memory",
             (name, value)))
-    tcp_mem = need_sysctl("net.ipv4.tcp_mem")
+    pages = sockets  # a page of buffered data on every socket
+    limit = total // PAGE * 8 // 10
+    value = " ".join(str(min(limit, pages * k // 2)) for k in (2, 3, 4))
+    if readings.get("net.ipv4.tcp_mem") is None and readings.get("net.ipv4.tcp_wmem") is not None:
+        # tcp_mem is global: a network namespace other than the host's has no
+        # tcp_mem file at all, yet the host's limit still holds its sockets
+        # (a 1M run stalled at ~690,000 that way, at the default maximum).
+        errors.append("cannot read net.ipv4.tcp_mem: it is global and not visible in this "
+                      "network namespace; in the host's, check it holds a maximum of "
+                      f'{pages:,} pages (sysctl -w net.ipv4.tcp_mem="{value}")')
+        tcp_mem = None
+    else:
+        tcp_mem = need_sysctl("net.ipv4.tcp_mem")
     if tcp_mem is not None and len(tcp_mem) == 3:
-        pages = sockets  # a page of buffered data on every socket
         ok = tcp_mem[2] >= pages
-        limit = total // PAGE * 8 // 10
-        value = " ".join(str(min(limit, pages * k // 2)) for k in (2, 3, 4))
         findings.append(Finding(
             "net.ipv4.tcp_mem", " ".join(map(str, tcp_mem)), f"a maximum of {pages:,} pages",
             ok, None if ok else tcp_mem[2] // (2 if plan.clients_here else 1),

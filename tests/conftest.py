@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import pytest
+from browser import chrome
 from tiers import *  # noqa: F403 -- the system marker and the fast tier's guard
 
 from cometd.lifecycle import BANNER, free_port
@@ -188,6 +189,14 @@ def redis_server(tmp_path):
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    """One headless Chromium (tests/browser.py) for a test module: starting one is slow here."""
+    browser = chrome(str(tmp_path_factory.mktemp("chrome")))
+    yield browser
+    browser.quit()
 
 
 @dataclass

@@ -1178,6 +1178,24 @@ def test_a_report_made_before_a_resume_does_not_undo_it():
     assert p.online("u") == 0
 
 
+def test_a_snapshot_or_a_dead_edge_changes_only_that_edges_users():
+    """Presence keeps each edge's users: a snapshot drops whom it no longer holds, and
+    forgetting an edge leaves another edge's streams of the same user counted."""
+    from cometd.backplane import Presence
+
+    p = Presence(redis.Redis(port=1))  # never used: nothing here publishes
+    p.update("e1", {"a": 1, "b": 2, "both": 1})
+    p.update("e2", {"both": 3, "c": 1})
+    p.update("e1", {"b": 1, "d": 1}, snapshot=True)  # a and both left e1
+    assert {u: p.online(u) for u in "abcd"} == {"a": 0, "b": 1, "c": 1, "d": 1}
+    assert p.online("both") == 3 and len(p.index) == 4  # a is gone from the index
+    p.forget_edge("e2")
+    assert (p.online("both"), p.online("c"), p.online("b")) == (0, 0, 1)
+    assert sorted(p.users) == ["b", "d"] and len(p.index) == 2
+    p.forget_edge("e1")
+    assert p.users == {} and len(p.index) == 0
+
+
 def test_kick_on_the_router_ends_a_users_streams_on_every_edge(cluster):
     a, b = cluster.edges
     mine = [cluster.stream(a, "kicked"), cluster.stream(b, "kicked")]

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from browser import chrome, needs_chromium
+from browser import needs_chromium
 from conftest import (
     StreamClient,
     get_stats,
@@ -301,13 +301,6 @@ es.onmessage = ev => { es.close(); finish("stream", ev.data); };
 es.onerror = () => { es.close(); finish("stream", "error"); };
 </script></body></html>
 """
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    browser = chrome(str(tmp_path_factory.mktemp("chrome")))
-    yield browser
-    browser.quit()
 
 
 def browser_run(driver, page_url: str) -> dict:

@@ -8,7 +8,7 @@ import time
 from importlib import resources
 
 import pytest
-from browser import chrome, needs_chromium
+from browser import needs_chromium
 from conftest import StreamClient, http_json, http_request, start_server, unique_id, wait_for
 from test_admin import Console, wait_online
 
@@ -61,13 +61,6 @@ def test_the_files_are_served_with_their_type_a_strict_policy_and_an_etag(tmp_pa
 
 
 # -- in a real browser --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    browser = chrome(str(tmp_path_factory.mktemp("chrome")))
-    yield browser
-    browser.quit()
 
 
 @pytest.fixture(scope="module")

@@ -153,6 +153,9 @@ def test_without_conntrack_there_is_no_conntrack_finding(tmp_path):
     ({"mem_kib": None}, "cannot read MemAvailable"),
     ({"nofile": None}, "cannot read the open-file limit"),
     ({"sysctls": {"net.ipv4.tcp_mem": "lots"}}, "cannot read net.ipv4.tcp_mem"),
+    # absent: in a network namespace, where the host's global limit still applies
+    ({"sysctls": {"net.ipv4.tcp_mem": None}},
+     "cannot read net.ipv4.tcp_mem: it is global and not visible in this network namespace"),
     ({"sysctls": {"fs.file-max": None}}, "cannot read fs.file-max"),
     ({"sysctls": {"net.netfilter.nf_conntrack_max": None}}, "nf_conntrack is loaded but"),
 ])

@@ -22,7 +22,7 @@ import time
 from contextlib import ExitStack
 
 import pytest
-from browser import chrome, needs_chromium
+from browser import needs_chromium
 from conftest import get_stats, http_request, send, start_server, unique_id, wait_for
 from test_auth import KEY, SECRET, token
 from test_backplane import admin
@@ -546,13 +546,6 @@ ws.onmessage = ev => {
 ws.onclose = () => finish({closed: true});
 </script></body></html>
 """
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    browser = chrome(str(tmp_path_factory.mktemp("chrome")))
-    yield browser
-    browser.quit()
 
 
 @needs_chromium

@@ -242,6 +242,13 @@ class _Stats:
         self.errors += 1
         self.errors_by[kind] = self.errors_by.get(kind, 0) + 1
 
+    def answered(self, started: float) -> None:
+        """A reply came for the request sent at *started* (``perf_counter``)."""
+        lat = time.perf_counter() - started
+        self.hist.record(lat)
+        self.ihist.record(lat)
+        self.last_done = time.monotonic()
+
 
 class _HttpConn:
     """One keep-alive connection: send a request, read one Content-Length reply."""
@@ -361,10 +368,7 @@ class _Generator:
                 conn.close()
                 conn = None
                 continue
-            lat = time.perf_counter() - t
-            st.hist.record(lat)
-            st.ihist.record(lat)
-            st.last_done = time.monotonic()
+            st.answered(t)
             st.sent += 1
             if cfg.record is not None:
                 self.entries[entry] = subject
@@ -456,10 +460,7 @@ class _Generator:
                 conn.close()
                 conn = None
                 continue
-            lat = time.perf_counter() - t
-            st.hist.record(lat)
-            st.ihist.record(lat)
-            st.last_done = time.monotonic()
+            st.answered(t)
             if status == 200:
                 try:
                     answer = json.loads(reply)
