@@ -381,6 +381,7 @@ def test_one_subjects_sends_are_handed_over_in_order(store):
     sends = [gevent.spawn(router.send, subject, b"%s-%d" % (subject.encode(), i))
              for i in range(6) for subject in ("s", "t")]
     gevent.joinall(sends, timeout=10, raise_error=True)
+    assert all(g.ready() for g in sends), "a send still waits for its turn after 10 s"
     for subject in ("s", "t"):
         bodies = [body for subj, body, _ in fanout.handed if subj == subject]
         assert bodies == [b"%s-%d" % (subject.encode(), i) for i in range(6)]
@@ -428,6 +429,7 @@ def test_a_batch_takes_consecutive_ids_and_keeps_its_place_among_single_sends(st
     gevent.sleep(0.05)
     release.set()
     gevent.joinall(calls, timeout=10, raise_error=True)
+    assert all(g.ready() for g in calls), "a send still waits for its turn after 10 s"
     for subject, bodies in (("s", [b"s0", b"s1", b"s2"]), ("t", [b"t1", b"t2", b"t3"])):
         assert [body for subj, body, _ in fanout.handed if subj == subject] == bodies
     keys = [parse_id(sent.id) for sent in calls[1].value]
