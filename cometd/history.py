@@ -68,7 +68,7 @@ import plyvel
 
 from cometd.ids import encode_key
 
-__all__ = ["History", "Replay", "format_id", "parse_id", "id_bytes", "SEQ_BITS"]
+__all__ = ["History", "Replay", "format_id", "format_ids", "parse_id", "id_bytes", "SEQ_BITS"]
 
 SEQ_BITS = 64
 _SEQ_MASK = (1 << SEQ_BITS) - 1
@@ -86,6 +86,13 @@ FLOOR_KEY = b"m:history-floor"
 def format_id(key: int) -> str:
     """The id string (``epoch-seq``) of a key."""
     return f"{key >> SEQ_BITS}-{key & _SEQ_MASK}"
+
+
+def format_ids(first: int, count: int) -> list[str]:
+    """The id strings of the *count* consecutive keys from *first* (one batch's)."""
+    # One epoch: 2**64 messages are never routed in one opening of the database.
+    epoch, seq = f"{first >> SEQ_BITS}-", first & _SEQ_MASK
+    return [epoch + str(n) for n in range(seq, seq + count)]
 
 
 def parse_id(text: str) -> int | None:
@@ -190,11 +197,13 @@ class History:
         *mark*, if given, is a key written with the message, in the same
         batch, holding its id (:mod:`cometd.ingest` marks a stream entry routed).
         """
-        return self.record_batch(((subject, body, mark),))[0]
+        return self.record_batch(((subject, body),), (mark,))[0]
 
-    def record_batch(self, messages: Sequence[tuple[str, bytes, bytes | None]]) -> list[int]:
-        """Give each ``(subject, body, mark)`` the next id, in order; keep them all.
+    def record_batch(self, messages: Sequence[tuple[str, bytes]],
+                     marks: Sequence[bytes | None] | None = None) -> list[int]:
+        """Give each ``(subject, body)`` the next id, in order; keep them all.
 
+        *marks*, if given, has one key or None per message (see :meth:`record`).
         All the messages and their marks go in **one** LevelDB write, so a
         kill -9 keeps the whole batch or (before the write) none of it.
         Trimming a subject over its bound is a second write: lost in a crash,
@@ -204,28 +213,32 @@ class History:
         self._last += len(messages)
         keys = list(range(first, self._last + 1))
         if not self.size:
-            if any(mark is not None for _, _, mark in messages):
+            if marks is not None and any(mark is not None for mark in marks):
                 with self._db.write_batch() as batch:
-                    for key, (_, _, mark) in zip(keys, messages, strict=True):
+                    for key, mark in zip(keys, marks, strict=True):
                         if mark is not None:
                             batch.put(mark, id_bytes(key))
             return keys
         now = self._clock()
+        pack = _T_VALUE.pack
         added: dict[bytes, int] = {}  # subject key -> messages added
         skeys: dict[str, bytes] = {}
         total = 0
         with self._db.write_batch() as batch:
-            for key, (subject, body, mark) in zip(keys, messages, strict=True):
+            put = batch.put  # the loop runs per message: no lookups it can skip
+            for key, (subject, body) in zip(keys, messages, strict=True):
                 skey = skeys.get(subject)
                 if skey is None:
                     skey = skeys[subject] = encode_key(subject)
-                idb = id_bytes(key)
-                batch.put(_prefix(skey) + idb, body)
-                batch.put(TIMELINE + idb, _T_VALUE.pack(now, len(body)) + skey)
-                if mark is not None:
-                    batch.put(mark, idb)
+                idb = key.to_bytes(12, "big")
+                put(HISTORY + bytes((len(skey),)) + skey + idb, body)  # _prefix(skey) + idb
+                put(TIMELINE + idb, pack(now, len(body)) + skey)
                 added[skey] = added.get(skey, 0) + 1
                 total += len(body)
+            if marks is not None:
+                for key, mark in zip(keys, marks, strict=True):
+                    if mark is not None:
+                        put(mark, id_bytes(key))
         self._bytes += total
         counts, bound = self._counts, self.size + max(4, self.size // 4)
         over = []

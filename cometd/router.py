@@ -32,7 +32,9 @@ messages, writes them to the history in one LevelDB write, and fans them out
 one after the other in id order, in the caller's greenlet (the backplane's
 presence, which waits for a delivery flush per message, groups the whole
 batch first and waits once: ``deliver_many``). At most ``pool_size``
-fan-outs run at once.
+fan-outs run at once. With nobody online a message costs no subscriber
+lookup: it is handed to the target with no recipients, so the target still
+sees its key.
 
 Each message gets its id (:mod:`cometd.history`) in its subject's lock, so
 ids follow that order too. Across subjects, a fan-out that yields could let
@@ -46,14 +48,14 @@ smaller key may still come: every stream sees ids in increasing order.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from time import perf_counter
 from typing import NamedTuple, Protocol
 
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
-from cometd.history import History, format_id
+from cometd.history import History, format_ids
 from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
 from cometd.online import OnlineIndex, recipients, yield_to_hub
 from cometd.store import SubscriptionStore
@@ -70,7 +72,8 @@ class Fanout(Protocol):
     #: who is online, kept up to date by the target
     index: OnlineIndex
 
-    def deliver(self, users: Iterable[str], message: Message) -> int: ...
+    def deliver(self, users: Iterable[str], message: Message) -> int:
+        """Write *message* to *users*' connections; *users* is empty with nobody online."""
 
     def online(self, user: str) -> int: ...
 
@@ -121,7 +124,7 @@ class Router:
         *subject* must be a valid id (see :mod:`cometd.ids`); *mark* is written
         with the message's history (see :meth:`History.record`).
         """
-        return self.send_batch(((subject, body),), (mark,))[0]
+        return self.send_batch(((subject, body),), None if mark is None else (mark,))[0]
 
     def send_batch(self, messages: Sequence[tuple[str, bytes]],
                    marks: Sequence[bytes | None] | None = None) -> list[Sent]:
@@ -139,7 +142,7 @@ class Router:
         self.messages_sent += len(messages)
         # A place in every subject's line at once (see the module docstring).
         ticket = _Ticket()
-        subjects = list(dict.fromkeys(subject for subject, _ in messages))
+        subjects = dict.fromkeys([subject for subject, _ in messages])
         lines = self._subject_locks
         for subject in subjects:
             line = lines.get(subject)
@@ -156,21 +159,19 @@ class Router:
             # delivery order, and in one loop turn, so the batch's are
             # consecutive; they are kept in that turn too (see
             # cometd.history: every id handed out is in the history).
-            keys = self.history.record_batch(
-                [(subject, body, marks[i] if marks else None)
-                 for i, (subject, body) in enumerate(messages)])
-            routed = []
-            for key, (subject, body) in zip(keys, messages, strict=True):
-                message = Message(subject, body)
-                message.key = key
-                flight = [key, False]
-                self._inflight.append(flight)
-                routed.append((message, flight))
-            if len(self._inflight) == len(routed):
+            keys = self.history.record_batch(messages, marks)
+            # One flight for the whole batch: [its smallest key not yet
+            # fanned out, done]. Its keys are consecutive, so the flights
+            # stay in key order and the first one's key is the smallest
+            # still on its way (see settle).
+            flight = [keys[0], False]
+            self._inflight.append(flight)
+            if len(self._inflight) == 1:
                 self.fanout.settle(keys[0])
             with self._slots:
-                delivered = self._dispatch(routed, start)
-            return [Sent(n, format_id(key)) for n, key in zip(delivered, keys, strict=True)]
+                delivered = self._dispatch(messages, keys, flight, start)
+            return list(map(Sent._make, zip(delivered, format_ids(keys[0], len(keys)),
+                                            strict=True)))
         finally:
             for subject in subjects:
                 line = lines[subject]
@@ -186,45 +187,67 @@ class Router:
                 if not after.ahead:
                     after.turn.set()
 
-    def _dispatch(self, routed: list[tuple[Message, list]], start: float) -> list[int]:
+    def _dispatch(self, messages: Sequence[tuple[str, bytes]], keys: list[int],
+                  flight: list, start: float) -> list[int]:
         """Fan out each message in id order; how many connections each reached."""
-        delivered: list[int] = []
+        fanout = self.fanout
+        index = fanout.index
         inflight = self._inflight
-        many = getattr(self.fanout, "deliver_many", None)
+        many = getattr(fanout, "deliver_many", None)
         try:
-            if many is not None and len(routed) > 1:
+            if many is not None and len(messages) > 1:
                 # The backplane's presence waits for a flush per deliver:
-                # group the whole batch, then wait once.
-                delivered = many((self._recipients(m), m) for m, _ in routed)
+                # group the whole batch, then wait once; its messages are
+                # written by the same flush.
+                delivered = many(self._grouped(messages, keys, index))
+                PUBLISH_TO_WRITE.observe_many(perf_counter() - start, len(delivered))
                 for n in delivered:
-                    # Once per message, never per recipient (see cometd.metrics).
-                    PUBLISH_TO_WRITE.observe(perf_counter() - start)
                     FANOUT_SIZE.observe(n)
                 return delivered
-            for message, flight in routed:
+            delivered = []
+            deliver, last = fanout.deliver, keys[-1]
+            idle = 0  # messages for nobody: their metrics go in once
+            for key, (subject, body) in zip(keys, messages, strict=True):
+                message = Message(subject, body, key)
+                if not index:
+                    # Nobody online: no subscriber lookup, nothing to hold
+                    # back. Nothing here yields, so nobody logs in before the
+                    # batch ends. The target still sees the key (a fresh
+                    # stream's welcome id is the newest one).
+                    delivered.append(deliver((), message))
+                    idle += 1
+                    continue
                 try:
-                    n = self.fanout.deliver(self._recipients(message), message)
+                    n = deliver(self._recipients(message, index), message)
                 finally:
-                    flight[1] = True
-                    if inflight[0] is flight:
-                        while inflight and inflight[0][1]:
-                            inflight.popleft()
-                        self.fanout.settle(inflight[0][0] if inflight else None)
+                    flight[0] = key + 1
+                    if key != last and inflight[0] is flight:
+                        fanout.settle(key + 1)
+                # Once per message, never per recipient (see cometd.metrics).
                 PUBLISH_TO_WRITE.observe(perf_counter() - start)
                 FANOUT_SIZE.observe(n)
                 delivered.append(n)
+            if idle:
+                PUBLISH_TO_WRITE.observe_many(perf_counter() - start, idle)
+                FANOUT_SIZE.observe_many(0, idle)
+            return delivered
         finally:
             # Done, or a failure (a store read) ended the batch: the messages
             # left are in the history, not on their way any more.
-            for _, flight in routed[len(delivered):]:
-                flight[1] = True
-            if inflight and inflight[0][1]:
+            flight[1] = True
+            if inflight[0] is flight:
                 while inflight and inflight[0][1]:
                     inflight.popleft()
-                self.fanout.settle(inflight[0][0] if inflight else None)
-        return delivered
+                fanout.settle(inflight[0][0] if inflight else None)
 
-    def _recipients(self, message: Message) -> Iterable[str]:
+    def _grouped(self, messages: Sequence[tuple[str, bytes]], keys: list[int],
+                 index: OnlineIndex) -> Iterator[tuple[Iterable[str], Message]]:
+        """Each message of a batch and its recipients, for ``deliver_many``."""
+        for key, (subject, body) in zip(keys, messages, strict=True):
+            message = Message(subject, body, key)
+            yield (self._recipients(message, index) if index else ()), message
+
+    def _recipients(self, message: Message, index: OnlineIndex) -> Iterable[str]:
         subscribers = self.store.subscriber_view(message.subject)
         if subscribers.nbytes > LARGE_VALUE:
             # Unless the store had it in memory, LevelDB copied (and maybe
@@ -234,7 +257,7 @@ class Router:
             # lock hands over by callback) and hold every other request for
             # all of them.
             yield_to_hub()
-        return recipients(message.subject, subscribers, self.fanout.index)
+        return recipients(message.subject, subscribers, index)
 
     def online(self, user: str) -> int:
         return self.fanout.online(user)

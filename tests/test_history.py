@@ -482,7 +482,7 @@ def test_a_stream_gets_its_messages_in_id_order_while_a_fan_out_yields(server):
 def test_a_batch_gets_consecutive_ids_in_its_order_with_its_marks(db):
     history = History(db, size=100)
     before = history.record("a", b"before")
-    keys = history.record_batch([("a", b"a0", None), ("b", b"b0", b"ix1"), ("a", b"a1", b"ix2")])
+    keys = history.record_batch([("a", b"a0"), ("b", b"b0"), ("a", b"a1")], [None, b"ix1", b"ix2"])
     assert keys == [before + 1, before + 2, before + 3] and history.last == keys[-1]
     got = history.replay(["a", "b"], format_id(before))
     assert got.recovered and [(k, b) for k, _, b in got.messages] == list(
@@ -494,7 +494,7 @@ def test_a_batch_gets_consecutive_ids_in_its_order_with_its_marks(db):
 def test_a_batch_over_a_subjects_bound_leaves_it_at_the_bound(db):
     history = History(db, size=3)
     first = history.record("a", b"first")
-    history.record_batch([("a", b"a%d" % i, None) for i in range(10)])
+    history.record_batch([("a", b"a%d" % i) for i in range(10)])
     assert history.stats["history_messages"] == 3
     kept = history.replay(["a"], format_id(first))
     assert not kept.recovered and [b for _, _, b in kept.messages] == [b"a7", b"a8", b"a9"]

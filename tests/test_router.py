@@ -37,6 +37,7 @@ from conftest import (
 from cometd.connections import MODES
 from cometd.history import History, parse_id
 from cometd.loader import load_friends
+from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
 from cometd.online import OnlineIndex
 from cometd.router import Router
 from cometd.store import SubscriptionStore
@@ -377,6 +378,8 @@ def test_one_subjects_sends_are_handed_over_in_order(store):
         gevent.sleep(0.02 / (1 + int(message.body.split(b"-")[1])))
 
     fanout = FakeFanout(pause)
+    fanout.login("s")
+    fanout.login("t")  # online: each send has a recipient to pause on
     router = Router(store, fanout, History(store.db))
     sends = [gevent.spawn(router.send, subject, b"%s-%d" % (subject.encode(), i))
              for i in range(6) for subject in ("s", "t")]
@@ -391,13 +394,14 @@ def test_one_subjects_sends_are_handed_over_in_order(store):
 def test_a_blocked_subject_does_not_hold_up_another(store):
     release = gevent.event.Event()
     fanout = FakeFanout(lambda message: message.subject == "slow" and release.wait(10))
+    fanout.login("slow")
     router = Router(store, fanout, History(store.db))
     slow = gevent.spawn(router.send, "slow", b"1")
     gevent.sleep(0)
     assert gevent.spawn(router.send, "fast", b"2").get(timeout=2).delivered == 0
     assert not slow.ready()
     release.set()
-    assert slow.get(timeout=2).delivered == 0
+    assert slow.get(timeout=2).delivered == 1
 
 
 def test_a_failed_delivery_reaches_the_caller_and_frees_the_subject(store):
@@ -420,6 +424,8 @@ def test_a_batch_takes_consecutive_ids_and_keeps_its_place_among_single_sends(st
     # t) would let "t3", called after it, overtake its t messages.
     release = gevent.event.Event()
     fanout = FakeFanout(lambda message: message.body == b"s0" and release.wait(10))
+    fanout.login("s")
+    fanout.login("t")
     router = Router(store, fanout, History(store.db))
     calls = [gevent.spawn(router.send, "s", b"s0")]
     gevent.sleep(0)
@@ -453,3 +459,33 @@ def test_a_failing_lookup_in_the_middle_of_a_batch_ends_it_and_keeps_it_all(stor
     assert [body for _, _, body in replay.messages] == [b"m%d" % i for i in range(5)]
     assert router._subject_locks == {} and not router._inflight  # nothing left waiting
     assert router.send("s", b"next").delivered == 1
+
+
+def _count_and_sum(histogram) -> tuple[float, float]:
+    (family,) = histogram.collect()
+    got = {s.name: s.value for s in family.samples if "le" not in s.labels}
+    return got[family.name + "_count"], got[family.name + "_sum"]
+
+
+def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts(store):
+    # Nobody online: nobody to look up or walk (the fake fails on any
+    # recipient), yet each message is handed over with its key and counted.
+    store.add_subscriptions([("a", "s"), ("b", "s")])
+    fanout = FakeFanout(lambda message: pytest.fail("a recipient walked with nobody online"))
+    router = Router(store, fanout, History(store.db))
+    sizes, times = _count_and_sum(FANOUT_SIZE), _count_and_sum(PUBLISH_TO_WRITE)
+    sent = router.send_batch([("s", b"1"), ("t", b"2"), ("s", b"3")])
+    assert [n for n, _ in sent] == [0, 0, 0]
+    assert fanout.handed == [("s", b"1", []), ("t", b"2", []), ("s", b"3", [])]
+    assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 3, sizes[1])
+    assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 3
+
+    # Online again: the subject and its online subscribers, one observation a message.
+    fanout.pause = None
+    fanout.login("a")
+    fanout.login("s", 2)
+    sent = router.send_batch([("s", b"4"), ("x", b"5")])
+    assert [n for n, _ in sent] == [3, 0]
+    assert fanout.handed[3:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
+    assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 5, sizes[1] + 3)
+    assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 5
