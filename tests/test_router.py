@@ -12,6 +12,7 @@ and subjects that do not wait for each other.
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from conftest import (
     StreamClient,
     get_stats,
     http_json,
+    http_request,
     send,
     start_server,
     unique_id,
@@ -243,6 +245,36 @@ def test_disconnects_during_a_dispatch_are_harmless(srv, followers):
 
 POPULAR = "4000000000"  # an integer id, like the followers
 POPULAR_FOLLOWERS = 400_000
+
+
+def test_a_batch_drops_a_slow_consumer_at_its_bound_and_feeds_everyone_else(srv):
+    # One /publish interleaves big messages of "heavy", followed by a client
+    # that reads nothing, with small ones of "light", followed by one that
+    # reads: the slow one is dropped once past --max-pending (256 KiB), in the
+    # middle of the batch, and the reader still gets every light message.
+    heavy, light = unique_id("heavy"), unique_id("light")
+    stalled, reader = unique_id("stalled"), unique_id("reader")
+    http_json(srv, "POST", "/subscriptions", [[stalled, heavy], [reader, light]])
+    with StreamClient.open(srv, f"/test/{stalled}", rcvbuf=4096) as slow, \
+            StreamClient.open(srv, f"/test/{reader}") as fast:
+        slow.chunk()
+        fast.chunk()  # the welcomes: both are in the table
+        before = get_stats(srv)["slow_consumers_dropped"]
+        lines, light_bodies = [], []
+        for i in range(250):  # 8 MB for the stalled client: past any kernel buffer
+            lines.append({"from": heavy, "body": f"{i:05d}" + "h" * (32 * 1024 - 5)})
+            light_bodies.append(b"light %d" % i)
+            lines.append({"from": light, "body": light_bodies[-1].decode()})
+        payload = "".join(json.dumps(line) + "\n" for line in lines)
+        status, _, body = http_request(srv, "POST", "/publish", payload)
+        assert status == 200, body
+        delivered = [r["delivered"] for r in json.loads(body)["results"]]
+        assert delivered[1::2] == [1] * 250  # every light message reached the reader
+        fed = delivered[0::2]
+        dropped_at = fed.index(0)  # then nothing more for the stalled client
+        assert 0 < dropped_at and fed == [1] * dropped_at + [0] * (250 - dropped_at)
+        assert fast.chunks(250, timeout=30) == light_bodies
+        assert get_stats(srv)["slow_consumers_dropped"] == before + 1
 
 
 @pytest.fixture(scope="module")
