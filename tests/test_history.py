@@ -500,3 +500,20 @@ def test_a_batch_over_a_subjects_bound_leaves_it_at_the_bound(db):
     assert not kept.recovered and [b for _, _, b in kept.messages] == [b"a7", b"a8", b"a9"]
     reopened = History(db, size=3)  # the trim was written, not only counted
     assert reopened.stats["history_messages"] == 3
+
+
+def test_the_kept_subject_keys_are_bounded_and_change_nothing(db, monkeypatch):
+    monkeypatch.setattr("cometd.history.SUBJECT_KEYS", 3)
+    history = History(db, size=100)
+    before = history.last
+    subjects = ["7", "alice", "0", "007", "4294967296", "user:9"] * 2
+    history.record_batch([(s, s.encode()) for s in subjects])
+    assert len(history._subject_keys) <= 3
+    for subject in dict.fromkeys(subjects):
+        got = history.replay([subject], format_id(before))
+        assert got.recovered and [b for _, _, b in got.messages] == [subject.encode()] * 2
+    # ...and the same after a reopening, read from the database alone.
+    again = History(db, size=100)
+    assert again.stats == history.stats
+    assert [b for _, _, b in again.replay(subjects, format_id(before)).messages] == [
+        s.encode() for s in subjects]
