@@ -22,7 +22,9 @@ which serves it in a loop, one request after another, on one buffer:
 
 - The head is cut at its empty line and read by
   :func:`cometd.httprequest.read_head`, the same strict grammar as pywsgi's
-  path, so the request-smuggling defences hold here too.
+  path, so the request-smuggling defences hold here too; the common shape
+  (a few headers, no ``Connection``) is read by a plain reading that takes
+  only what read_head would read alike (:func:`_plain_request`).
 - The path takes only the plain case: an HTTP/1.1 ``POST`` to
   ``/send/<subject>`` (no escapes) or ``/publish`` whose body has a
   ``Content-Length``, no ``Expect``, no doubled credential or ``Origin``
@@ -35,6 +37,9 @@ which serves it in a loop, one request after another, on one buffer:
   needed) is read and dropped after the answer, as pywsgi does, and a body
   cut short closes the connection, since where the next request would begin
   is not certain.
+- The connection is served on its raw socket, without gevent's socket
+  layer (see :class:`_Publisher`); pipelined requests are answered in
+  order, in one write.
 """
 
 from __future__ import annotations

@@ -515,3 +515,32 @@ def test_a_busy_publisher_outlives_the_timeout_of_each_request(fast):
                 time.sleep(TIMEOUT * 0.6)
             sock.sendall(_post("/send/alice", b"hi", API))
             assert _read_answer(reader)[0] == b"HTTP/1.1 200 OK\r\n", i
+
+
+def test_a_publisher_that_reads_no_answers_is_closed_after_the_request_timeout(fast):
+    """Pipelined publishes whose answers are never read: once the answers fill the socket,
+    the server waits for room up to the request timeout, then closes."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((fast.host, fast.port))
+        block = _post("/send/alice", b"hi") * 200  # no credential: 401s, no router work
+        sock.sendall(block)  # (one whole publish first: the fast path takes the connection)
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(block)
+        except TimeoutError:
+            pass
+        stuck = time.monotonic()  # the server no longer reads: it waits to write
+        closed = None
+        sock.settimeout(0.1)
+        while closed is None and time.monotonic() < stuck + TIMEOUT * 10:
+            try:
+                sock.send(block)
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = time.monotonic()
+        assert closed is not None, "still open"
+        assert closed - stuck < TIMEOUT * 3
