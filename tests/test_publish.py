@@ -544,3 +544,20 @@ def test_a_publisher_that_reads_no_answers_is_closed_after_the_request_timeout(f
                 closed = time.monotonic()
         assert closed is not None, "still open"
         assert closed - stuck < TIMEOUT * 3
+
+
+def test_a_publish_after_a_poll_on_its_kept_connection_takes_the_fast_path(fast):
+    user = unique_id("poll")
+    token = mint(SECRET, user, 60)
+    before = _fast_count(fast)
+    with _watch(fast, user) as stream, \
+            socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(f"GET /poll/{user}?timeout=0&token={token} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     .encode())
+        assert _read_answer(reader)[0] == b"HTTP/1.1 200 OK\r\n"
+        sock.sendall(_post(f"/send/{user}", b"after a poll", API))
+        status, answer = _read_answer(reader)
+        assert (status, answer["delivered"]) == (b"HTTP/1.1 200 OK\r\n", 1)
+        assert stream.chunk() == b"after a poll"
+    assert _fast_count(fast) - before == 1
