@@ -221,18 +221,11 @@ def answer_publish(backend: Publisher, auth: Authenticator, authorization: str |
 
 # -- the fast path ----------------------------------------------------------------
 
-class _Request(NamedTuple):
-    """A publish request's head, as the fast path reads it."""
-
-    #: the subject of ``POST /send/<subject>`` (unchecked); None for ``POST /publish``
-    subject: str | None
-    #: the body's Content-Length (0 when there is none)
-    length: int
-    #: close the connection after the answer
-    close: bool
-    authorization: str | None
-    api_key: str | None
-    origin: str | None
+#: a publish request's head as the fast path reads it: (subject of ``POST /send/<subject>``
+#: (unchecked; None for ``POST /publish``), the body's Content-Length (0 when there is none),
+#: close after the answer, Authorization, X-API-Key, Origin). A plain tuple: one is made per
+#: request, and a named tuple's constructor is a Python call.
+_Request = tuple[str | None, int, bool, str | None, str | None, str | None]
 
 
 #: the common shape, whole: an HTTP/1.1 POST to /send/<a valid id> or /publish, no
@@ -285,7 +278,7 @@ def _plain_request(head: bytes) -> _Request | None:
         start = at + len(name)
         values.append(block[start:block.index(b"\r", start)].strip(b" \t").decode("latin-1"))
     subject = match[1]
-    return _Request(None if subject is None else subject.decode(), length, False, *values)
+    return (None if subject is None else subject.decode(), length, False, *values)
 
 
 def _general_request(head: bytes) -> _Request | None:
@@ -315,9 +308,8 @@ def _general_request(head: bytes) -> _Request | None:
     send = _SEND_PATH.match(parsed.path)
     if send is None and _PUBLISH_PATH.match(parsed.path) is None:
         return None
-    return _Request(None if send is None else send[1], parsed.content_length or 0,
-                    parsed.close, *(found.get(n, (None,))[0]
-                                    for n in ("authorization", "x-api-key", "origin")))
+    return (None if send is None else send[1], parsed.content_length or 0, parsed.close,
+            *(found.get(n, (None,))[0] for n in ("authorization", "x-api-key", "origin")))
 
 
 _OK = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -537,18 +529,16 @@ def _serve(server: Any, conn: _Publisher) -> bytes | None:
         request = _plain_request(head) or _general_request(head)
         if request is None:
             return bytes(buf) if not out or conn.flush() else None
-        length = conn.length = request.length
-        conn.start, conn.cut = start, False
-        if request.subject is not None:
-            answer = answer_send(backend, auth, request.authorization, request.api_key,
-                                 request.subject, conn.read_body)
+        subject, length, close, authorization, api_key, origin = request
+        conn.start, conn.length, conn.cut = start, length, False
+        if subject is not None:
+            answer = answer_send(backend, auth, authorization, api_key, subject, conn.read_body)
         else:
-            answer = answer_publish(backend, auth, request.authorization, request.api_key,
-                                    conn.read_body)
+            answer = answer_publish(backend, auth, authorization, api_key, conn.read_body)
         COUNTS.fast_publishes += 1
-        close = request.close or conn.cut
-        lines = "" if cors is None else cors.stream_lines(request.origin)
-        out.append(_answer_bytes(answer, request.subject is not None, lines, close))
+        close = close or conn.cut
+        lines = "" if cors is None else cors.stream_lines(origin)
+        out.append(_answer_bytes(answer, subject is not None, lines, close))
         if close:
             conn.flush()
             return None
