@@ -240,8 +240,8 @@ _READ = (b"\r\nauthorization:", b"\r\nx-api-key:", b"\r\norigin:")
 def _plain_request(head: bytes) -> _Request | None:
     """*head* (through its empty line) when it has the common shape, else None.
 
-    Theory of operation: an accept-only reading, as ``_fast_hs256`` is for
-    tokens. It takes a head only where :func:`_general_request` (the strict
+    Theory of operation: an accept-only reading, as :mod:`cometd.auth`'s fast
+    HS256 check is for tokens. It takes a head only where :func:`_general_request` (the strict
     grammar of :func:`cometd.httprequest.read_head`) would read it the same,
     and leaves everything else to it: so it never decides an error, and the
     smuggling defences are read_head's. The regular expression holds every
