@@ -190,8 +190,9 @@ _WAITING: dict[tuple[Any, str, bool], _Waiting] = {}
 
 
 class _Deadlines:
-    """Every waiting poll (and kept connection, :class:`_Kept`) of one table by the tick its
-    timeout ends at; one timer sweeps them, calling each one's ``_answer``.
+    """Every waiting poll (and kept connection, :class:`_Kept`, and publisher's connection,
+    :mod:`cometd.publish`) of one table by the tick its timeout ends at; one timer sweeps
+    them, calling each one's ``_answer``.
 
     An :class:`~cometd.expiry.ExpiryWheel` counting ticks of :data:`TICK`
     seconds (of the monotonic clock) instead of seconds: a poll costs a set
