@@ -323,6 +323,20 @@ class Presence:
         return n
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
+        return self._heard(*self._group(users, message))
+
+    def deliver_many(self, sends: Iterable[tuple[Iterable[str], Message]]) -> list[int]:
+        """:meth:`deliver` for each ``(users, message)``, in order, waiting once for all.
+
+        A batch's messages share the next delivery flush, as concurrent
+        sends do, rather than waiting a flush (DELIVERY_FLUSH) each.
+        """
+        grouped = [self._group(users, message) for users, message in sends]
+        return [self._heard(*group) for group in grouped]
+
+    def _group(self, users: Iterable[str], message: Message
+               ) -> tuple[dict[str, list[str]], int, AsyncResult | None]:
+        """Group *message*'s recipients by edge into the outbox: (per edge, count, done)."""
         per_edge: dict[str, list[str]] = defaultdict(list)
         delivered = 0
         get = self.users.get
@@ -336,12 +350,19 @@ class Presence:
                 yield_to_hub()
         if not per_edge:
             self._grouped_key(message.key)
-            return 0
+            return per_edge, 0, None
         done = AsyncResult()
         # A message without an id (not routed by a Router) goes in arrival order.
         key = message.key or next(self._unkeyed)
         self._outbox[key] = (message, per_edge, done)
         self._grouped_key(message.key)
+        return per_edge, delivered, done
+
+    def _heard(self, per_edge: dict[str, list[str]], delivered: int,
+               done: AsyncResult | None) -> int:
+        """Wait for the flush of a grouped message; how many connections it reached."""
+        if done is None:
+            return 0
         heard = done.get()
         for edge, batch in per_edge.items():
             if not heard.get(edge):
