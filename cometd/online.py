@@ -109,7 +109,11 @@ def recipients(
 ) -> Iterator[str]:
     """Who gets a send: *subject* itself ("always subscribed to ourselves"), then its
     online subscribers, each once (a stored self-subscription is not a second path)."""
-    return chain((subject,), _online(subscribers, index, pause, subject))
+    # Filtering the subject out costs every recipient (~25 ns, a third of the
+    # walk's share), so only a set that holds its own subject gets the filter.
+    number = int_value(subject)
+    stored = subscribers.has_name(subject) if number is None else subscribers.has_int(number)
+    return chain((subject,), _online(subscribers, index, pause, subject if stored else None))
 
 
 def _online(subscribers: SetView, index: OnlineIndex, pause, skip: str | None) -> Iterator[str]:
