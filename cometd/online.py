@@ -24,9 +24,9 @@ between them, so even a set both huge and mostly offline delays other
 requests by about one batch. A batch finds its hits first and re-checks each
 hit against the index when handing it out, since the consumer (a delivery
 loop) yields too and a user may have logged out meanwhile. The batches
-reach the delivery loop through C iterators (``chain``, ``map``, ``filter``)
-and no generator of ours: a generator level costs every recipient a resume.
-The probe walks a copy of the index's keys: logins during the walk must not
+reach the delivery loop through C iterators (``chain``, ``map``, ``filter``):
+a generator of ours resumes once per batch, never once per recipient. The
+probe walks a copy of the index's keys: logins during the walk must not
 break it.
 """
 
