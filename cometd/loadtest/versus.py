@@ -365,11 +365,13 @@ def versus_command(scenarios: str, contenders: str, rounds: int, send_count: int
                    out: str | None) -> None:
     """Fan-out side by side with nginx + nchan: CPU per publish, deliveries per CPU-s.
 
-    Scenarios send (nobody online), one (one subject, many subscribers) and
-    feed (friends graph, everyone online), each on a fresh server of every
-    contender, in interleaved rounds, the server pinned to one core and the
-    clients to another; reports each figure and cometd's ratio to nchan as
-    median (min–max) of the rounds.
+    Scenarios send (nobody online), one (one subject, many subscribers),
+    feed (friends graph, everyone online) and feed-batch (the feed's
+    messages posted --feed-batch at a time to POST /publish; cometd only, as
+    nchan has no batch publish), each on a fresh server of every contender,
+    in interleaved rounds, the server pinned to one core and the clients to
+    another; reports each figure and cometd's ratio to nchan as median
+    (min–max) of the rounds.
     """
     scen = [s.strip() for s in scenarios.split(",") if s.strip()]
     cont = [c.strip() for c in contenders.split(",") if c.strip()]
