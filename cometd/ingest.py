@@ -25,10 +25,12 @@ Theory of operation
 cometd reads in a consumer group (``--ingest-group``, created at the
 stream's end, ``$``, if missing) as one consumer (``--ingest-consumer``,
 the host name by default): ``XREADGROUP ... COUNT --ingest-batch BLOCK 1000
-STREAMS KEY >``. The entries of one read are routed side by side (each in
-its own greenlet, in stream order, so one subject's messages keep their
-order: the router serialises sends per subject in arrival order), and once
-every one is routed, one pipelined round trip sends the replies and
+STREAMS KEY >``. The entries of one read are routed as one batch (one
+history write, see :meth:`cometd.router.Router.send_batch`), in stream
+order, and the batches of successive reads are called in stream order too,
+so one subject's messages keep their order: the router serialises sends per
+subject in call order. Once the batch is routed, one pipelined round trip
+sends the replies and
 ``XACK``\\s them all. Up to ``IN_FLIGHT`` reads are being routed at once:
 the next read does not wait for the previous one's fan-out. So an entry
 read but not acknowledged, because cometd died or Redis went away, stays in
@@ -94,11 +96,12 @@ def mark_prefix(stream: str, group: str) -> bytes:
 
 
 class Ingest(Collector):
-    """Reads *config*'s stream at *url* and routes each entry with *send*.
+    """Reads *config*'s stream at *url* and routes each read's entries with *send*.
 
-    *send(subject, body, mark)* routes one message and returns its
-    :class:`~cometd.router.Sent` (:meth:`cometd.router.Router.send`); *db* is
-    the plyvel database the marks live in (the history's).
+    *send(messages, marks)* routes a batch of ``(subject, body)`` with a mark
+    each and returns each one's :class:`~cometd.router.Sent`
+    (:meth:`cometd.router.Router.send_batch`); *db* is the plyvel database
+    the marks live in (the history's).
     """
 
     def __init__(self, url: str, config: IngestConfig, send: Callable[..., Any],
@@ -260,22 +263,28 @@ class Ingest(Collector):
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed  # an ack failed: reconnect, and re-read what is pending
-        jobs = self._route(entries, reread)
+        jobs, batch = self._route(entries, reread)
         # Waits while IN_FLIGHT are under way; each acks after the one before it.
-        self._last_ack = self._acks.spawn(self._acked, client, jobs, self._last_ack)
+        self._last_ack = self._acks.spawn(self._acked, client, jobs, batch, self._last_ack)
 
     def _acked(self, client: redis.Redis, jobs: list[tuple[bytes, Any, bytes | None]],
-               before: gevent.Greenlet | None) -> None:
+               batch: gevent.Greenlet | None, before: gevent.Greenlet | None) -> None:
         try:
             if before is not None:
                 before.join()  # replies and acks in stream order
-            self._finish(client, jobs)
+            self._finish(client, jobs, batch)
         except redis.RedisError as exc:
             self._failed = exc
 
     def _route(self, entries: list[tuple[bytes, dict | None]],
-               reread: bool) -> list[tuple[bytes, Any, bytes | None]]:
-        jobs: list[tuple[bytes, Any, bytes | None]] = []  # (entry id, greenlet or answer, reply)
+               reread: bool) -> tuple[list[tuple[bytes, Any, bytes | None]],
+                                      gevent.Greenlet | None]:
+        """(entry id, answer or index in the batch, reply) of each entry, and the batch's
+        greenlet (None: nothing to route), started now so that successive reads'
+        batches are called in stream order."""
+        jobs: list[tuple[bytes, Any, bytes | None]] = []
+        messages: list[tuple[str, bytes]] = []
+        marks: list[bytes] = []
         for entry_id, fields in entries:
             reply_to = fields.get(b"reply") if fields else None
             problem, subject, body = self._check(fields)
@@ -290,21 +299,39 @@ class Ingest(Collector):
                     self.recovered += 1
                     jobs.append((entry_id, format_id(int.from_bytes(done, "big")), reply_to))
                     continue
-            jobs.append((entry_id, gevent.spawn(self._send, subject, body, mark), reply_to))
-        return jobs
+            jobs.append((entry_id, len(messages), reply_to))
+            messages.append((subject, body))
+            marks.append(mark)
+        return jobs, gevent.spawn(self._send, messages, marks) if messages else None
 
-    def _finish(self, client: redis.Redis, jobs: list[tuple[bytes, Any, bytes | None]]) -> None:
-        """Wait for the sends, then reply and ack in one round trip, then drop the marks."""
+    def _finish(self, client: redis.Redis, jobs: list[tuple[bytes, Any, bytes | None]],
+                batch: gevent.Greenlet | None) -> None:
+        """Wait for the batch, then reply and ack in one round trip, then drop the marks."""
+        sent = None
+        if batch is not None:
+            batch.join()
+            if batch.successful():
+                sent = batch.value
+            else:
+                log.event("ingest_route_failed", f"routing a read of the stream failed "
+                          f"({type(batch.exception).__name__}: {batch.exception})",
+                          logging.ERROR)
         answers: list[tuple[bytes, str, bytes | None]] = []
         for entry_id, job, reply_to in jobs:
-            if isinstance(job, gevent.Greenlet):
-                job.join()
-                if job.successful():
+            if isinstance(job, int):
+                if sent is not None:
                     self.routed += 1
-                    job = job.value.id
-                else:  # a bug, not the entry: said, counted, not retried forever
-                    self._reject("error")
-                    job = "rejected error"
+                    job = sent[job].id
+                else:
+                    # The batch took its ids (its marks say which) before it
+                    # failed: those entries are in the history, the rest are not.
+                    done = self._db.get(self._prefix + entry_id)
+                    if done is not None:
+                        self.routed += 1
+                        job = format_id(int.from_bytes(done, "big"))
+                    else:  # a bug, not the entry: said, counted, not retried forever
+                        self._reject("error")
+                        job = "rejected error"
             answers.append((entry_id, job, reply_to))
         pipe = client.pipeline(transaction=False)
         for entry_id, answer, reply_to in answers:

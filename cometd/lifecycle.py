@@ -218,7 +218,7 @@ class Server:
             log.event("ingest_unreachable", f"Redis at {redacted(url)} does not answer "
                       f"({problem}); reading stream {config.stream} once it does",
                       logging.WARNING)
-        ingest = Ingest(url, config, router.send, store.db)
+        ingest = Ingest(url, config, router.send_batch, store.db)
         ingest.start()
         self._stops.callback(ingest.stop)  # first to stop: the reads under way are acked
         REGISTRY.register(ingest)

@@ -81,6 +81,10 @@ class Histogram(Collector):
     def observe(self, value: float) -> None:
         self._plain.observe(value)
 
+    def observe_many(self, value: float, count: int) -> None:
+        """*count* observations of *value* (a batch's messages that share one)."""
+        self._plain.observe_many(value, count)
+
     def labels(self, *values: str) -> _Series:
         series = self._series.get(values)
         if series is None:
@@ -112,6 +116,10 @@ class _Series:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: the first bound >= value
         self.sum += value
+
+    def observe_many(self, value: float, count: int) -> None:
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
 
 
 PUBLISH_TO_WRITE = Histogram(

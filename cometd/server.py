@@ -516,7 +516,7 @@ class LocalBackend:
         return self.router.send(subject, body)
 
     def send_batch(self, messages: list[tuple[str, bytes]]) -> list[Sent]:
-        return [self.router.send(subject, body) for subject, body in messages]
+        return self.router.send_batch(messages)
 
     def replay(self, user: str, since: str) -> Replay:
         """What *user* missed after message id *since*: its own and its subscriptions' messages."""

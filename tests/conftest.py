@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import gevent
 import pytest
 from browser import chrome
 from tiers import *  # noqa: F403 -- the system marker and the fast tier's guard
@@ -90,6 +91,19 @@ def variant_args(variant: str) -> tuple[str, ...]:
     if variant == "bottle-publish":
         return ("--mode", "greenlet", "--no-fast-publish")
     return ("--mode", variant)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hub_clock() -> None:
+    """Bring the gevent loop's clock to now before each test.
+
+    The loop reads the clock once per turn, and gevent times a timer from that
+    reading. Between two in-process gevent tests this process may spend
+    minutes in tests that never run the loop, so a `joinall(timeout=10)` (or
+    any gevent timeout) would be due the moment the loop next turns, before
+    the 20 ms sleep of a greenlet started after it.
+    """
+    gevent.get_hub().loop.update_now()
 
 
 @pytest.fixture(params=["greenlet", "pool"])

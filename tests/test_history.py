@@ -21,7 +21,7 @@ import plyvel
 import pytest
 from conftest import StreamClient, http_json, start_server, unique_id
 
-from cometd.history import History, format_id, parse_id
+from cometd.history import History, format_id, id_bytes, parse_id
 
 # -- in-process ----------------------------------------------------------------
 
@@ -474,3 +474,46 @@ def test_a_stream_gets_its_messages_in_id_order_while_a_fan_out_yields(server):
     finally:
         for s in streams:
             s.close()
+
+
+# -- batches (in-process) --------------------------------------------------------------
+
+
+def test_a_batch_gets_consecutive_ids_in_its_order_with_its_marks(db):
+    history = History(db, size=100)
+    before = history.record("a", b"before")
+    keys = history.record_batch([("a", b"a0"), ("b", b"b0"), ("a", b"a1")], [None, b"ix1", b"ix2"])
+    assert keys == [before + 1, before + 2, before + 3] and history.last == keys[-1]
+    got = history.replay(["a", "b"], format_id(before))
+    assert got.recovered and [(k, b) for k, _, b in got.messages] == list(
+        zip(keys, [b"a0", b"b0", b"a1"], strict=True))
+    assert db.get(b"ix1") == id_bytes(keys[1]) and db.get(b"ix2") == id_bytes(keys[2])
+    assert history.stats["history_messages"] == 4
+
+
+def test_a_batch_over_a_subjects_bound_leaves_it_at_the_bound(db):
+    history = History(db, size=3)
+    first = history.record("a", b"first")
+    history.record_batch([("a", b"a%d" % i) for i in range(10)])
+    assert history.stats["history_messages"] == 3
+    kept = history.replay(["a"], format_id(first))
+    assert not kept.recovered and [b for _, _, b in kept.messages] == [b"a7", b"a8", b"a9"]
+    reopened = History(db, size=3)  # the trim was written, not only counted
+    assert reopened.stats["history_messages"] == 3
+
+
+def test_the_kept_subject_keys_are_bounded_and_change_nothing(db, monkeypatch):
+    monkeypatch.setattr("cometd.history.SUBJECT_KEYS", 3)
+    history = History(db, size=100)
+    before = history.last
+    subjects = ["7", "alice", "0", "007", "4294967296", "user:9"] * 2
+    history.record_batch([(s, s.encode()) for s in subjects])
+    assert len(history._subject_keys) <= 3
+    for subject in dict.fromkeys(subjects):
+        got = history.replay([subject], format_id(before))
+        assert got.recovered and [b for _, _, b in got.messages] == [subject.encode()] * 2
+    # ...and the same after a reopening, read from the database alone.
+    again = History(db, size=100)
+    assert again.stats == history.stats
+    assert [b for _, _, b in again.replay(subjects, format_id(before)).messages] == [
+        s.encode() for s in subjects]

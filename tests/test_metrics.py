@@ -312,6 +312,9 @@ def test_histogram_exposes_what_prometheus_clients_own_would():
         theirs.labels("a").observe(v)
     ours.labels("b")  # a series with nothing observed yet
     theirs.labels("b")
+    ours.labels("c").observe_many(2.5, 3)  # a batch's messages, observed at once
+    for _ in range(3):
+        theirs.labels("c").observe(2.5)
 
     def samples(registry) -> set[tuple]:
         text = generate_latest(registry).decode()

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import time
 
 import pytest
-from conftest import RedisServer, StreamClient, start_cometd, start_server, unique_id
+from conftest import RedisServer, StreamClient, http_json, start_cometd, start_server, unique_id
 from test_backplane import EDGE_READY, ROUTER_READY
+from test_history import events, open_stream
 from test_server import SMUGGLING
 
 from cometd.auth import mint
@@ -284,18 +286,58 @@ def test_an_edge_publishes_a_batch_in_one_router_call(tmp_path):
                 time.sleep(0.1)
             assert stream.chunk() == b"x"
             before = _fast_count_open(srv)
+            payloads = _edge_deliveries(srv)
             status, answer = _raw_publish(srv, _batch(*({"from": user, "body": f"e{i}"}
-                                                        for i in range(5))))
-            assert status == 200 and [r["delivered"] for r in answer["results"]] == [1] * 5
-            assert [stream.chunk() for _ in range(5)] == [b"e%d" % i for i in range(5)]
+                                                        for i in range(20))))
+            assert status == 200 and [r["delivered"] for r in answer["results"]] == [1] * 20
+            assert [stream.chunk() for _ in range(20)] == [b"e%d" % i for i in range(20)]
             assert _fast_count_open(srv) > before
+            # The batch shares delivery flushes, not one (10 ms apart) a message.
+            assert _edge_deliveries(srv) - payloads <= 3
     finally:
         for proc in procs:
             proc.stop()
         redis.stop()
 
 
+def _edge_deliveries(srv) -> int:
+    """Delivery payloads the edge has had from the router, from its /metrics."""
+    data = _exchange(srv, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    found = re.findall(rb'\ncometd_backplane_batch_size_count\{[^}]*kind="delivery"[^}]*'
+                       rb'process="edge[^"]*"[^}]*\} (\S+)', data)
+    assert len(found) == 1, data
+    return int(float(found[0]))
+
+
 def _fast_count_open(srv) -> int:
     data = _exchange(srv, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     found = re.findall(rb'\ncometd_fast_publishes_total\{process="edge[^"]*"\} (\S+)', data)
     return int(sum(float(v) for v in found))
+
+
+def test_a_batchs_history_survives_a_kill_9_right_after_the_answer(tmp_path):
+    db = str(tmp_path / "db")
+    srv = start_server(db, "--admin-port", "-1")
+    try:
+        me, friend = unique_id("me"), unique_id("f")
+        assert http_json(srv, "POST", "/subscriptions", [[me, friend]])[0] == 200
+        status, seen = http_json(srv, "POST", f"/send/{friend}", b"seen")
+        assert status == 200
+        status, answer = http_json(srv, "POST", "/publish", _batch(
+            *({"from": friend if i % 2 else me, "body": f"b{i}"} for i in range(50))))
+        assert status == 200, answer
+    finally:
+        srv.stop(signal.SIGKILL)  # at once: the answer came after the write
+    sent = [parse_id(r["id"]) for r in answer["results"]]
+    assert sent == list(range(sent[0], sent[0] + 50))  # consecutive, in order
+    assert sent[0] == parse_id(seen["id"]) + 1
+    srv = start_server(db, "--admin-port", "-1")
+    try:
+        with open_stream(srv, f"/events/{me}", {"Last-Event-ID": seen["id"]}) as stream:
+            assert stream.headers["cometd-recovered"] == "true"
+            stream.chunk()
+            got = events(stream, 50)
+        assert [parse_id(e["id"]) for e in got] == sent
+        assert [json.loads(e["data"])["body"] for e in got] == [f"b{i}" for i in range(50)]
+    finally:
+        srv.stop()

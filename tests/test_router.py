@@ -12,6 +12,7 @@ and subjects that do not wait for each other.
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from conftest import (
     StreamClient,
     get_stats,
     http_json,
+    http_request,
     send,
     start_server,
     unique_id,
@@ -37,6 +39,7 @@ from conftest import (
 from cometd.connections import MODES
 from cometd.history import History, parse_id
 from cometd.loader import load_friends
+from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
 from cometd.online import OnlineIndex
 from cometd.router import Router
 from cometd.store import SubscriptionStore
@@ -244,6 +247,36 @@ POPULAR = "4000000000"  # an integer id, like the followers
 POPULAR_FOLLOWERS = 400_000
 
 
+def test_a_batch_drops_a_slow_consumer_at_its_bound_and_feeds_everyone_else(srv):
+    # One /publish interleaves big messages of "heavy", followed by a client
+    # that reads nothing, with small ones of "light", followed by one that
+    # reads: the slow one is dropped once past --max-pending (256 KiB), in the
+    # middle of the batch, and the reader still gets every light message.
+    heavy, light = unique_id("heavy"), unique_id("light")
+    stalled, reader = unique_id("stalled"), unique_id("reader")
+    http_json(srv, "POST", "/subscriptions", [[stalled, heavy], [reader, light]])
+    with StreamClient.open(srv, f"/test/{stalled}", rcvbuf=4096) as slow, \
+            StreamClient.open(srv, f"/test/{reader}") as fast:
+        slow.chunk()
+        fast.chunk()  # the welcomes: both are in the table
+        before = get_stats(srv)["slow_consumers_dropped"]
+        lines, light_bodies = [], []
+        for i in range(250):  # 8 MB for the stalled client: past any kernel buffer
+            lines.append({"from": heavy, "body": f"{i:05d}" + "h" * (32 * 1024 - 5)})
+            light_bodies.append(b"light %d" % i)
+            lines.append({"from": light, "body": light_bodies[-1].decode()})
+        payload = "".join(json.dumps(line) + "\n" for line in lines)
+        status, _, body = http_request(srv, "POST", "/publish", payload)
+        assert status == 200, body
+        delivered = [r["delivered"] for r in json.loads(body)["results"]]
+        assert delivered[1::2] == [1] * 250  # every light message reached the reader
+        fed = delivered[0::2]
+        dropped_at = fed.index(0)  # then nothing more for the stalled client
+        assert 0 < dropped_at and fed == [1] * dropped_at + [0] * (250 - dropped_at)
+        assert fast.chunks(250, timeout=30) == light_bodies
+        assert get_stats(srv)["slow_consumers_dropped"] == before + 1
+
+
 @pytest.fixture(scope="module")
 def popular_srv(tmp_path_factory):
     """A server whose store has users 1..400000 subscribed to POPULAR."""
@@ -377,10 +410,13 @@ def test_one_subjects_sends_are_handed_over_in_order(store):
         gevent.sleep(0.02 / (1 + int(message.body.split(b"-")[1])))
 
     fanout = FakeFanout(pause)
+    fanout.login("s")
+    fanout.login("t")  # online: each send has a recipient to pause on
     router = Router(store, fanout, History(store.db))
     sends = [gevent.spawn(router.send, subject, b"%s-%d" % (subject.encode(), i))
              for i in range(6) for subject in ("s", "t")]
     gevent.joinall(sends, timeout=10, raise_error=True)
+    assert all(g.ready() for g in sends), "a send still waits for its turn after 10 s"
     for subject in ("s", "t"):
         bodies = [body for subj, body, _ in fanout.handed if subj == subject]
         assert bodies == [b"%s-%d" % (subject.encode(), i) for i in range(6)]
@@ -390,13 +426,14 @@ def test_one_subjects_sends_are_handed_over_in_order(store):
 def test_a_blocked_subject_does_not_hold_up_another(store):
     release = gevent.event.Event()
     fanout = FakeFanout(lambda message: message.subject == "slow" and release.wait(10))
+    fanout.login("slow")
     router = Router(store, fanout, History(store.db))
     slow = gevent.spawn(router.send, "slow", b"1")
     gevent.sleep(0)
     assert gevent.spawn(router.send, "fast", b"2").get(timeout=2).delivered == 0
     assert not slow.ready()
     release.set()
-    assert slow.get(timeout=2).delivered == 0
+    assert slow.get(timeout=2).delivered == 1
 
 
 def test_a_failed_delivery_reaches_the_caller_and_frees_the_subject(store):
@@ -411,3 +448,76 @@ def test_a_failed_delivery_reaches_the_caller_and_frees_the_subject(store):
         router.send("s", b"boom")
     assert gevent.spawn(router.send, "s", b"ok").get(timeout=2).delivered == 1
     assert router._subject_locks == {}
+
+
+def test_a_batch_takes_consecutive_ids_and_keeps_its_place_among_single_sends(store):
+    # "s0" holds subject s while everything else is called. A batch that took
+    # its subjects' places one at a time (waiting for s with nothing held of
+    # t) would let "t3", called after it, overtake its t messages.
+    release = gevent.event.Event()
+    fanout = FakeFanout(lambda message: message.body == b"s0" and release.wait(10))
+    fanout.login("s")
+    fanout.login("t")
+    router = Router(store, fanout, History(store.db))
+    calls = [gevent.spawn(router.send, "s", b"s0")]
+    gevent.sleep(0)
+    calls.append(gevent.spawn(router.send_batch, [("s", b"s1"), ("t", b"t1"), ("t", b"t2")]))
+    gevent.sleep(0)
+    calls += [gevent.spawn(router.send, "t", b"t3"), gevent.spawn(router.send, "s", b"s2")]
+    gevent.sleep(0.05)
+    release.set()
+    gevent.joinall(calls, timeout=10, raise_error=True)
+    assert all(g.ready() for g in calls), "a send still waits for its turn after 10 s"
+    for subject, bodies in (("s", [b"s0", b"s1", b"s2"]), ("t", [b"t1", b"t2", b"t3"])):
+        assert [body for subj, body, _ in fanout.handed if subj == subject] == bodies
+    keys = [parse_id(sent.id) for sent in calls[1].value]
+    assert keys == list(range(keys[0], keys[0] + 3))  # consecutive, in the batch's order
+    assert keys[0] == parse_id(calls[0].value.id) + 1
+    assert router.messages_sent == 6 and router._subject_locks == {}
+
+
+def test_a_failing_lookup_in_the_middle_of_a_batch_ends_it_and_keeps_it_all(store):
+    # Decided: the error reaches the caller as a single send's does; the
+    # messages before it were delivered, it and the rest were not, and all
+    # of them have their ids in the history (a resuming stream gets them).
+    fanout = FakeFanout(lambda message: message.body == b"m2" and 1 / 0)
+    fanout.login("s")
+    router = Router(store, fanout, History(store.db))
+    before = router.history.last
+    with pytest.raises(ZeroDivisionError):
+        router.send_batch([("s", b"m%d" % i) for i in range(5)])
+    assert [body for _, body, _ in fanout.handed] == [b"m0", b"m1"]
+    replay = router.history.replay(["s"], f"{before >> 64}-{before & (2**64 - 1)}")
+    assert [body for _, _, body in replay.messages] == [b"m%d" % i for i in range(5)]
+    assert router._subject_locks == {} and not router._inflight  # nothing left waiting
+    assert router.send("s", b"next").delivered == 1
+
+
+def _count_and_sum(histogram) -> tuple[float, float]:
+    (family,) = histogram.collect()
+    got = {s.name: s.value for s in family.samples if "le" not in s.labels}
+    return got[family.name + "_count"], got[family.name + "_sum"]
+
+
+def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts(store):
+    # Nobody online: nobody to look up or walk (the fake fails on any
+    # recipient), yet each message is handed over with its key and counted.
+    store.add_subscriptions([("a", "s"), ("b", "s")])
+    fanout = FakeFanout(lambda message: pytest.fail("a recipient walked with nobody online"))
+    router = Router(store, fanout, History(store.db))
+    sizes, times = _count_and_sum(FANOUT_SIZE), _count_and_sum(PUBLISH_TO_WRITE)
+    sent = router.send_batch([("s", b"1"), ("t", b"2"), ("s", b"3")])
+    assert [n for n, _ in sent] == [0, 0, 0]
+    assert fanout.handed == [("s", b"1", []), ("t", b"2", []), ("s", b"3", [])]
+    assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 3, sizes[1])
+    assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 3
+
+    # Online again: the subject and its online subscribers, one observation a message.
+    fanout.pause = None
+    fanout.login("a")
+    fanout.login("s", 2)
+    sent = router.send_batch([("s", b"4"), ("x", b"5")])
+    assert [n for n, _ in sent] == [3, 0]
+    assert fanout.handed[3:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
+    assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 5, sizes[1] + 3)
+    assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 5
