@@ -2,7 +2,7 @@
 """Server CPU per publish: the fast path, the bottle path and nginx + nchan, single and batched.
 
     bench/bench_publish.py [--count 10000] [--rate 2000] [--rounds 3] [--batch 100]
-                           [--size 100] [--no-nchan] [--profile FILE]
+                           [--size 100] [--no-nchan] [--profile FILE] [--also NAME=DIR ...]
 
 Contenders: ``bin/cometd`` in pool and greenlet mode, each with the fast
 path (the default) and with ``--no-fast-publish`` (pywsgi and bottle), and
@@ -17,6 +17,10 @@ and its children) divided by the messages answered 2xx. nginx ends a keep-alive
 connection after 1,000 requests (keepalive_requests), and the client then
 opens the next: 10 connections in 10,000 publishes. Rounds alternate between
 the contenders; the table shows the median and each round.
+
+``--also NAME=DIR`` adds a contender: the fast path in pool mode of the
+checkout in DIR (another commit, built by the same virtualenv), so a
+before and an after are measured side by side in the same rounds.
 
 With ``--profile DIR``, one more pool-mode fast-path server is sampled by
 py-spy (the ``profile`` extra; 500 Hz, idle excluded) through one round of
@@ -147,12 +151,13 @@ def run_round(port: int, pid: int, reqs: list[tuple[bytes, int]], rate: float) -
         client.close()
 
 
-def start_cometd(tmp: Path, name: str, mode: str, flags: list[str]) -> tuple[subprocess.Popen, int]:
+def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
+                 root: Path = ROOT) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        ["taskset", "-c", str(SERVER_CPU), sys.executable, str(ROOT / "bin" / "cometd"),
+        ["taskset", "-c", str(SERVER_CPU), sys.executable, str(root / "bin" / "cometd"),
          "--port", "0",
          "--admin-port", "-1", "--mode", mode, "--db", str(tmp / name), *flags],
-        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -242,7 +247,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=100, help="bytes per message")
     ap.add_argument("--no-nchan", action="store_true")
     ap.add_argument("--profile", metavar="DIR", help="py-spy a fast-path server into DIR")
+    ap.add_argument("--also", metavar="NAME=DIR", action="append", default=[],
+                    help="also measure the pool-mode fast path of the checkout in DIR")
     args = ap.parse_args()
+    also = [item.partition("=")[::2] for item in args.also]
+    for name, path in also:
+        if not name or not (Path(path) / "bin" / "cometd").is_file():
+            ap.error(f"--also {name}={path}: want NAME=DIR, DIR a cometd checkout")
     os.sched_setaffinity(0, {CLIENT_CPU})
     tmp = Path(tempfile.mkdtemp(prefix="bench-publish-"))
     servers: dict[str, tuple[subprocess.Popen, int]] = {}
@@ -251,6 +262,9 @@ def main() -> None:
             servers[f"cometd {mode}, fast path"] = start_cometd(tmp, f"{mode}-fast", mode, [])
             servers[f"cometd {mode}, bottle"] = start_cometd(tmp, f"{mode}-bottle", mode,
                                                              ["--no-fast-publish"])
+        for i, (name, path) in enumerate(also):
+            servers[f"{name} pool, fast path"] = start_cometd(tmp, f"also-{i}", "pool", [],
+                                                              Path(path).resolve())
         nginx = None if args.no_nchan else nchan_available()
         if nginx:
             servers["nginx + nchan"] = start_nchan(nginx, tmp)

@@ -72,6 +72,7 @@ sockets cooperate with the hub (see :mod:`cometd.cli`, which patches by role).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
 import logging
@@ -222,10 +223,13 @@ class Presence:
         # Routed messages on their way out, in id order (see _publish_in_order)
         #: key -> (message, edge -> users, waiter) of messages grouped, not yet published
         self._outbox: dict[int, tuple[Message, dict[str, list[str]], AsyncResult]] = {}
+        #: the outbox's keys as a heap: its smallest, and what is ready, without a
+        #: scan of the outbox per message (a batch of n would cost n^2)
+        self._outbox_keys: list[int] = []
         #: every key up to this one is grouped (published, queued, or for nobody here)
         self._grouped_upto = 0
-        #: keys above _grouped_upto already grouped
-        self._grouped: set[int] = set()
+        #: keys above _grouped_upto already grouped, a heap (smallest first)
+        self._grouped: list[int] = []
         self._newest = 0
         self._unkeyed = itertools.count(-(1 << 62))
         self._wanted = Event()
@@ -373,6 +377,7 @@ class Presence:
         # A message without an id (not routed by a Router) goes in arrival order.
         key = message.key or next(self._unkeyed)
         self._outbox[key] = (message, per_edge, done)
+        heapq.heappush(self._outbox_keys, key)
         self._grouped_key(message.key)
         return per_edge, delivered, done
 
@@ -412,32 +417,38 @@ class Presence:
             self._wanted.set()
         elif key > self._grouped_upto:
             self._newest = max(self._newest, key)
-            self._grouped.add(key)
+            heapq.heappush(self._grouped, key)
         self._advance()
 
     def _advance(self) -> None:
         upto, grouped = self._grouped_upto, self._grouped
-        if grouped:
-            for key in [k for k in grouped if k <= upto]:
-                grouped.discard(key)
-            while upto + 1 in grouped:
-                upto += 1
-                grouped.discard(upto)
-            self._grouped_upto = upto
-        if self._outbox and min(self._outbox) <= upto:
+        while grouped and grouped[0] <= upto + 1:
+            upto = max(upto, heapq.heappop(grouped))
+        self._grouped_upto = upto
+        if self._ready(upto):
             self._wanted.set()
             if self._flusher is None:
                 self._flusher = gevent.spawn(self._publish_in_order)
+
+    def _ready(self, upto: int) -> bool:
+        """Whether the outbox's smallest key is at most *upto* (published keys leave the heap)."""
+        keys, outbox = self._outbox_keys, self._outbox
+        while keys and keys[0] not in outbox:
+            heapq.heappop(keys)
+        return bool(keys) and keys[0] <= upto
 
     def _publish_in_order(self) -> None:
         while True:
             self._wanted.wait()
             self._wanted.clear()
-            upto = self._grouped_upto
-            ready = sorted(k for k in self._outbox if k <= upto)
-            if not ready:
+            upto, keys, outbox = self._grouped_upto, self._outbox_keys, self._outbox
+            sends = []
+            while keys and keys[0] <= upto:
+                key = heapq.heappop(keys)
+                if key in outbox:
+                    sends.append(outbox.pop(key))
+            if not sends:
                 continue
-            sends = [self._outbox.pop(k) for k in ready]
             try:
                 heard = self._publish([(m, per_edge) for m, per_edge, _ in sends])
             except Exception as exc:  # handed to every waiter of the batch
@@ -447,7 +458,7 @@ class Presence:
                 for _, _, done in sends:
                     done.set(heard)
             gevent.sleep(DELIVERY_FLUSH)
-            if self._outbox and min(self._outbox) <= self._grouped_upto:
+            if self._ready(self._grouped_upto):
                 self._wanted.set()
 
     def _publish(self, sends: list[tuple[Message, dict[str, list[str]]]]) -> dict[str, int]:

@@ -167,12 +167,9 @@ class Connection:
         if self.held is not None:
             self.held.append((0, data))  # a keep-alive: nothing goes before the head
             return True
-        if not self._out and (self._parked or self._waiter is None):
-            # The hot path, both modes: nothing queued and no writer waiting
-            # for writability (pool: no watcher; greenlet: the greenlet is
-            # parked, or not started yet), so send straight from the router:
-            # one send() per delivery and no greenlet switch. (_send, inlined:
-            # this runs once per delivery.)
+        if not self._out:
+            # Nothing queued, so no writer waits for writability either (see
+            # ConnectionTable.deliver, where this send is inlined).
             try:
                 sent = self.sock.send(data)
             except BlockingIOError:
@@ -184,6 +181,10 @@ class Connection:
                 self._allowance = 0
                 return True
             data = data[sent:]
+        return self._backlog(data)
+
+    def _backlog(self, data: bytes) -> bool:
+        """Queue what the kernel did not take and wake the writer; False once closed."""
         self._queue(data)
         if self.closed:
             return False
@@ -459,11 +460,13 @@ class ConnectionTable:
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
         """Write *message* to every connection of *users*; return how many."""
-        delivered = attempts = 0
-        if message.key > self.newest:
-            self.newest = message.key
+        delivered = 0
+        left = _YIELD_EVERY
+        key = message.key
+        if key > self.newest:
+            self.newest = key
         # A smaller key is still on its way: it must reach each stream first.
-        hold = self.low and message.key > self.low
+        hold = self.low and key > self.low
         get = self.users.get
         frames = message.frames  # each kind's bytes, once built
         for user in users:
@@ -471,21 +474,42 @@ class ConnectionTable:
             if conns is None:
                 continue
             for conn in tuple(conns) if len(conns) > 1 else conns:
-                if conn.after:  # a resumed stream (see cometd.server)
-                    if conn.held is not None:
-                        conn.held.append((message.key, message.frame(conn.kind)))
+                kind = conn.kind
+                data = frames[kind] or message.frame(kind)
+                if conn.after or hold:
+                    if conn.after:  # a resumed stream (see cometd.server)
+                        if conn.held is not None:
+                            conn.held.append((key, data))
+                            delivered += 1
+                            continue
+                        if key <= conn.after:
+                            continue  # in its replay
+                    if hold and not conn.closed:
+                        conn.ordered.append((key, data))
+                        self._waiting.add(conn)
                         delivered += 1
                         continue
-                    if message.key <= conn.after:
-                        continue  # in its replay
-                if hold and not conn.closed:
-                    conn.ordered.append((message.key, message.frame(conn.kind)))
-                    self._waiting.add(conn)
-                    delivered += 1
-                    continue
-                delivered += conn.deliver(frames[conn.kind] or message.frame(conn.kind))
-                attempts += 1
-                if attempts % _YIELD_EVERY == 0:
+                if conn._out or conn.closed or kind == POLL:
+                    delivered += conn.deliver(data)
+                else:
+                    # Connection.deliver's hot path, inlined (it runs once
+                    # per delivery): nothing queued, so send straight away.
+                    # (_allowance is 0 whenever the outbox is empty, but
+                    # within Connection.release.)
+                    try:
+                        sent = conn.sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        conn.close("error")
+                        sent = -1
+                    if sent == len(data):
+                        delivered += 1
+                    elif sent >= 0:
+                        delivered += conn._backlog(data[sent:])
+                left -= 1
+                if not left:
+                    left = _YIELD_EVERY
                     yield_to_hub()
         self.deliveries += delivered
         return delivered

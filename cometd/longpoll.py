@@ -95,7 +95,7 @@ from cometd.streamhttp import (
 )
 
 __all__ = ["POLL_KEY", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "TICK", "PollError", "PollRequest",
-           "PollConnection", "parse_poll_query", "parse_poll_request", "answer_body",
+           "PollConnection", "deadlines", "parse_poll_query", "parse_poll_request", "answer_body",
            "answer_response", "accept_poll", "take", "open_poll"]
 
 #: the WSGI environ key the web app marks a poll request with
@@ -190,8 +190,9 @@ _WAITING: dict[tuple[Any, str, bool], _Waiting] = {}
 
 
 class _Deadlines:
-    """Every waiting poll (and kept connection, :class:`_Kept`) of one table by the tick its
-    timeout ends at; one timer sweeps them, calling each one's ``_answer``.
+    """Every waiting poll (and kept connection, :class:`_Kept`, and publisher's connection,
+    :mod:`cometd.publish`) of one table by the tick its timeout ends at; one timer sweeps
+    them, calling each one's ``_answer``.
 
     An :class:`~cometd.expiry.ExpiryWheel` counting ticks of :data:`TICK`
     seconds (of the monotonic clock) instead of seconds: a poll costs a set
@@ -233,11 +234,12 @@ class _Deadlines:
 _DEADLINES: WeakKeyDictionary[Any, _Deadlines] = WeakKeyDictionary()
 
 
-def _deadlines(table: Any) -> _Deadlines:
-    deadlines = _DEADLINES.get(table)
-    if deadlines is None:
-        deadlines = _DEADLINES[table] = _Deadlines(table.loop)
-    return deadlines
+def deadlines(table: Any) -> _Deadlines:
+    """The tick wheel of *table*'s loop (its polls, kept connections and publishers)."""
+    wheel = _DEADLINES.get(table)
+    if wheel is None:
+        wheel = _DEADLINES[table] = _Deadlines(table.loop)
+    return wheel
 
 
 class PollConnection(Connection):
@@ -278,7 +280,7 @@ class PollConnection(Connection):
             self._due = True
             self.table.loop.run_callback(self._answer)
             return
-        self._tick = _deadlines(self.table).add(self, timeout)
+        self._tick = deadlines(self.table).add(self, timeout)
 
     def release_replay(self, replay: Replay, timeout: float) -> None:
         """Keep the *replay* and what was held after its head (see :meth:`Connection.hold`)."""
@@ -301,7 +303,7 @@ class PollConnection(Connection):
     def _unfile(self) -> None:
         tick, self._tick = self._tick, None
         if tick is not None:
-            _deadlines(self.table).discard(self, tick)
+            deadlines(self.table).discard(self, tick)
 
     def _answer(self, keep: bool = True) -> None:
         if self.closed:
@@ -368,14 +370,14 @@ class _Kept:
         self.sock = sock
         self.watcher = server.table.loop.io(sock.fileno(), 1)
         self.watcher.start(self._readable)
-        self._tick: int | None = _deadlines(server.table).add(self, server.request_timeout)
+        self._tick: int | None = deadlines(server.table).add(self, server.request_timeout)
 
     def _stop(self) -> None:
         self.watcher.stop()
         self.watcher.close()
         tick, self._tick = self._tick, None
         if tick is not None:
-            _deadlines(self.server.table).discard(self, tick)
+            deadlines(self.server.table).discard(self, tick)
 
     def _answer(self) -> None:
         """The request timeout ran out (the wheel's call): close."""

@@ -22,7 +22,9 @@ which serves it in a loop, one request after another, on one buffer:
 
 - The head is cut at its empty line and read by
   :func:`cometd.httprequest.read_head`, the same strict grammar as pywsgi's
-  path, so the request-smuggling defences hold here too.
+  path, so the request-smuggling defences hold here too; the common shape
+  (a few headers, no ``Connection``) is read by a plain reading that takes
+  only what read_head would read alike (:func:`_plain_request`).
 - The path takes only the plain case: an HTTP/1.1 ``POST`` to
   ``/send/<subject>`` (no escapes) or ``/publish`` whose body has a
   ``Content-Length``, no ``Expect``, no doubled credential or ``Origin``
@@ -35,27 +37,32 @@ which serves it in a loop, one request after another, on one buffer:
   needed) is read and dropped after the answer, as pywsgi does, and a body
   cut short closes the connection, since where the next request would begin
   is not certain.
+- The connection is served on its raw socket, without gevent's socket
+  layer (see :class:`_Publisher`); pipelined requests are answered in
+  order, in one write.
 """
 
 from __future__ import annotations
 
+import _socket
 import io
 import json
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from bottle import HTTP_CODES  # the reason phrases bottle's answers carry
-from gevent import socket as gsocket
+from gevent import get_hub
+from greenlet import getcurrent
 
 from cometd.auth import Authenticator, AuthError
 from cometd.config import MAX_MESSAGE_BYTES
 from cometd.counts import COUNTS
-from cometd.httprequest import RequestError, read_head
-from cometd.ids import InvalidId, check_id
+from cometd.httprequest import FIELD_VALUE, TCHAR, RequestError, read_head
+from cometd.ids import ID_PATTERN, InvalidId, check_id
 from cometd.log import Burst
+from cometd.longpoll import TICK, deadlines
 from cometd.streamhttp import _http_date
 
 __all__ = [
@@ -99,9 +106,11 @@ class BodyError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What to answer: a status, a JSON payload and any more headers."""
+class Answer(NamedTuple):
+    """What to answer: a status, a JSON payload and any more headers.
+
+    (A named tuple: one is made per publish, and a frozen dataclass takes three times as long.)
+    """
 
     status: int
     payload: dict[str, Any]
@@ -212,44 +221,252 @@ def answer_publish(backend: Publisher, auth: Authenticator, authorization: str |
 
 # -- the fast path ----------------------------------------------------------------
 
-def _answer_bytes(answer: Answer, extra: list[tuple[str, str]], close: bool) -> bytes:
-    """*answer* as pywsgi and bottle would write it."""
-    body = json.dumps(answer.payload).encode()
-    lines = [f"HTTP/1.1 {answer.status} {HTTP_CODES[answer.status]}\r\n"
-             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"]
+#: a publish request's head as the fast path reads it: (subject of ``POST /send/<subject>``
+#: (unchecked; None for ``POST /publish``), the body's Content-Length (0 when there is none),
+#: close after the answer, Authorization, X-API-Key, Origin). A plain tuple: one is made per
+#: request, and a named tuple's constructor is a Python call.
+_Request = tuple[str | None, int, bool, str | None, str | None, str | None]
+
+
+#: the common shape, whole: an HTTP/1.1 POST to /send/<a valid id> or /publish, no
+#: query, header lines of the strict grammar (a value's padding is part of FIELD_VALUE)
+_PLAIN_HEAD = re.compile(
+    rb"POST /(?:send/(" + ID_PATTERN.encode() + rb")|publish) HTTP/1\.1"
+    rb"(\r\n(?:" + TCHAR.encode() + rb"+:" + FIELD_VALUE.encode() + rb"*\r\n)*)\r\n")
+#: headers the fast path reads, each at most once (a field begins after a CRLF)
+_READ = (b"\r\nauthorization:", b"\r\nx-api-key:", b"\r\norigin:")
+
+
+def _plain_request(head: bytes) -> _Request | None:
+    """*head* (through its empty line) when it has the common shape, else None.
+
+    Theory of operation: an accept-only reading, as :mod:`cometd.auth`'s fast
+    HS256 check is for tokens. It takes a head only where :func:`_general_request` (the strict
+    grammar of :func:`cometd.httprequest.read_head`) would read it the same,
+    and leaves everything else to it: so it never decides an error, and the
+    smuggling defences are read_head's. The regular expression holds every
+    line to the field grammar (no bare CR or LF, no folding, token names), so
+    in the lower-cased block a CRLF followed by a name and a colon can only
+    begin a field of that name.
+    """
+    match = _PLAIN_HEAD.fullmatch(head)
+    if match is None:
+        return None
+    block = match[2]
+    low = block.lower()
+    if (low.count(b"\r\nhost:") != 1 or b"\r\ntransfer-encoding:" in low
+            or b"\r\nexpect:" in low or b"\r\nconnection:" in low):
+        return None  # framing or options beyond the common shape: read_head reads them
+    at = low.find(b"\r\ncontent-length:")
+    length = 0
+    if at >= 0:
+        if low.find(b"\r\ncontent-length:", at + 1) >= 0:
+            return None
+        start = at + 17
+        digits = block[start:block.index(b"\r", start)].strip(b" \t")
+        if not (0 < len(digits) <= 18 and digits.isdigit()):
+            return None
+        length = int(digits)
+    values: list[str | None] = []
+    for name in _READ:
+        at = low.find(name)
+        if at < 0:
+            values.append(None)
+            continue
+        if low.find(name, at + 1) >= 0:
+            return None
+        start = at + len(name)
+        values.append(block[start:block.index(b"\r", start)].strip(b" \t").decode("latin-1"))
+    subject = match[1]
+    return (None if subject is None else subject.decode(), length, False, *values)
+
+
+def _general_request(head: bytes) -> _Request | None:
+    """*head* (through its empty line) read by the strict grammar; None: pywsgi's to serve.
+
+    None for a head the grammar refuses (pywsgi gives the same error), and
+    for one outside the fast path: not HTTP/1.1, not a ``POST`` to
+    ``/send/<subject>`` (no escapes) or ``/publish``, a chunked body, an
+    ``Expect``, a doubled credential or ``Origin`` header.
+    """
+    line_end = head.index(b"\r\n")
+    block = io.BytesIO(head[line_end + 2:])
+    try:
+        parsed = read_head(head[:line_end + 2].decode("latin-1"), block)
+    except RequestError:
+        return None
+    if (block.tell() != len(head) - line_end - 2 or parsed.version != "HTTP/1.1"
+            or parsed.chunked or parsed.method != "POST"):
+        return None
+    found: dict[str, list[str]] = {}
+    for name, value in parsed.fields:
+        lowered = name.lower()
+        if lowered in ("authorization", "x-api-key", "origin", "expect"):
+            found.setdefault(lowered, []).append(value)
+    if "expect" in found or any(len(v) > 1 for v in found.values()):
+        return None
+    send = _SEND_PATH.match(parsed.path)
+    if send is None and _PUBLISH_PATH.match(parsed.path) is None:
+        return None
+    return (None if send is None else send[1], parsed.content_length or 0, parsed.close,
+            *(found.get(n, (None,))[0] for n in ("authorization", "x-api-key", "origin")))
+
+
+_OK = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+_CLOSE = "Connection: close\r\n"
+
+
+def _answer_bytes(answer: Answer, send: bool, lines: str, close: bool) -> bytes:
+    """*answer* (to a ``/send`` when *send*) as pywsgi and bottle would write it.
+
+    *lines* are the CORS policy's header lines. A send's success, the common
+    answer, is written from a template: the same bytes as ``json.dumps``.
+    """
+    payload = answer.payload
+    if send and answer.status == 200:
+        body = f'{{"delivered": {payload["delivered"]}, "id": "{payload["id"]}"}}'
+        return (f"{_OK}{len(body)}\r\n{lines}Date: {_http_date()}\r\n"
+                f"{_CLOSE if close else ''}\r\n{body}").encode()
+    body = json.dumps(payload)
     # Names as bottle writes the app's (title case), the CORS policy's as they are.
-    lines.extend(f"{name.title()}: {value}\r\n" for name, value in answer.headers)
-    lines.extend(f"{name}: {value}\r\n" for name, value in extra)
-    lines.append(f"Date: {_http_date()}\r\n")
-    if close:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1") + body
+    extra = "".join(f"{name.title()}: {value}\r\n" for name, value in answer.headers)
+    return (f"HTTP/1.1 {answer.status} {HTTP_CODES[answer.status]}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body.encode())}\r\n"
+            f"{extra}{lines}Date: {_http_date()}\r\n"
+            f"{_CLOSE if close else ''}\r\n").encode("latin-1") + (
+        body.encode())
 
 
-class _Connection:
-    """One publisher's connection: a buffer and the deadline of the request under way."""
+class _Publisher:
+    """One publisher's connection: its raw socket, buffer, pending answers and deadline.
 
-    __slots__ = ("sock", "buf", "deadline", "timeout")
+    Theory of operation: waiting without gevent's socket
+    -----------------------------------------------------
+    A gevent socket's ``recv`` with a timeout costs, per request, a failed
+    ``recv``, a ``Timeout`` (a libev timer started and stopped), a ``Waiter``
+    and an io watcher started and stopped, around the two greenlet switches
+    that are the whole of the wait. Here the connection's greenlet waits on
+    its own io watchers, which call its ``switch`` straight from the loop,
+    and the request deadline is not a timer per read but an entry in the
+    server's tick wheel (:func:`cometd.longpoll.deadlines`, 0.1 s ticks),
+    filed once and moved only when it comes due: the wheel's sweep calls
+    :meth:`_answer`, which files it again if the deadline moved on (a later
+    request) or the greenlet is not waiting (sending), else wakes the greenlet
+    with False, and the connection closes. So a request costs a store of its
+    deadline, and a slow client is closed at most a tick after it.
 
-    def __init__(self, sock: gsocket.socket, first: bytes, timeout: float) -> None:
+    Answers go out with a plain non-blocking ``send``; pipelined requests
+    (several in one read) queue theirs in :attr:`out`, sent in one write
+    before the connection next waits to read, hands over or closes.
+    """
+
+    __slots__ = ("sock", "buf", "out", "timeout", "deadline", "switch", "hub", "reader", "writer",
+                 "wheel", "waiting", "_tick", "start", "length", "cut")
+
+    def __init__(self, server: Any, sock: _socket.socket, first: bytes) -> None:
+        sock.setblocking(False)
         self.sock = sock
         self.buf = bytearray(first)
-        self.timeout = timeout
-        self.deadline = time.monotonic() + timeout
+        #: answers not yet written, in order
+        self.out: list[bytes] = []
+        self.timeout = server.request_timeout
+        self.deadline = time.monotonic() + self.timeout
+        #: the connection's greenlet's switch
+        self.switch = getcurrent().switch
+        self.hub = get_hub()
+        loop = self.hub.loop
+        self.reader = loop.io(sock.fileno(), 1)
+        self.writer: Any = None  # made when a write first has to wait
+        self.wheel = deadlines(server.table)
+        self.waiting = False
+        #: the wheel's tick this connection is filed under, while it is
+        self._tick: int | None = None
+        #: where the body of the request under way starts in the buffer, its length,
+        #: and whether it ended early (then no request follows it)
+        self.start = self.length = 0
+        self.cut = False
 
-    def fill(self) -> bool:
-        """Read more into the buffer before the deadline; False: closed or out of time."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        self.sock.settimeout(remaining)
+    def _wait(self, watcher: Any) -> bool:
+        """Wait until *watcher* fires (True) or the deadline passes (False)."""
+        if self._tick is None:
+            self._tick = self.wheel.add(self, max(self.deadline - time.monotonic(), 0.0))
+        watcher.start(self.switch, True)
+        self.waiting = True
         try:
-            data = self.sock.recv(65536)
-        except OSError:  # socket.timeout included
+            return self.hub.switch()
+        finally:
+            self.waiting = False
+            watcher.stop()
+
+    def _answer(self) -> None:
+        """The wheel's sweep: this connection's tick came (see the class docstring)."""
+        remaining = self.deadline - time.monotonic()
+        if remaining > 0 or not self.waiting:
+            self._tick = self.wheel.add(self, max(remaining, TICK))
+            return
+        self.switch(False)
+
+    def fill(self, wait_first: bool = False) -> bool:
+        """Read more into the buffer (first sending what is queued); False: closed or out of time.
+
+        *wait_first*: wait for the socket before reading (no request is
+        expected to be in yet: the client has just been answered).
+        """
+        if self.out and not self.flush():
             return False
-        self.buf += data
-        return bool(data)
+        while True:
+            if wait_first and not self._wait(self.reader):
+                return False
+            wait_first = True
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.buf += data
+            return True
+
+    def flush(self) -> bool:
+        """Write the queued answers; False: the client is gone or did not read in time."""
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False
+        if sent == len(data):
+            return True
+        # A full send buffer: each wait for room gets request_timeout, as a socket timeout.
+        view = memoryview(data)[sent:]
+        if self.writer is None:
+            self.writer = self.hub.loop.io(self.sock.fileno(), 2)
+        while view:
+            self.deadline = time.monotonic() + self.timeout
+            if not self._wait(self.writer):
+                return False
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return False
+        return True
+
+    def read_body(self, limit: int) -> bytes:
+        """The body of the request under way (see :func:`answer_send`)."""
+        start, length = self.start, self.length
+        if length > limit:
+            raise BodyError(413, f"request body over {limit} bytes")
+        while len(self.buf) < start + length:
+            if not self.fill():
+                self.cut = True
+                raise BodyError(400, "incomplete request body")
+        return bytes(self.buf[start:start + length])
 
     def skip(self, n: int) -> bool:
         """Drop the next *n* bytes, reading them as needed; False: they did not come."""
@@ -261,89 +478,76 @@ class _Connection:
         del self.buf[:n]
         return True
 
-
-def _fields_of(fields: list[tuple[str, str]]) -> dict[str, list[str]] | None:
-    """The values of the headers the fast path reads; None for a request it leaves to pywsgi."""
-    found: dict[str, list[str]] = {}
-    for name, value in fields:
-        lowered = name.lower()
-        if lowered in ("authorization", "x-api-key", "origin", "expect"):
-            found.setdefault(lowered, []).append(value)
-    if "expect" in found or any(len(v) > 1 for v in found.values()):
-        return None
-    return found
+    def close(self) -> None:
+        """Stop waiting on the socket (its owner next closes it or hands it on)."""
+        tick, self._tick = self._tick, None
+        if tick is not None:
+            self.wheel.discard(self, tick)
+        self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
-def serve_publisher(server: Any, sock: gsocket.socket, first: bytes) -> bytes | None:
+def _maybe_fast(buf: bytearray) -> bool:
+    """Whether *buf* may still begin a request the fast path takes."""
+    return buf.startswith(FAST_PREFIXES) or any(p.startswith(bytes(buf)) for p in FAST_PREFIXES)
+
+
+def serve_publisher(server: Any, sock: _socket.socket, first: bytes) -> bytes | None:
     """Serve publishes on *sock* while they come; the bytes to hand to pywsgi, or None.
 
     *first* is what the accept callback read; *server* is the
     :class:`cometd.server.CometServer` (its backend, authenticator, CORS
-    policy and request timeout).
+    policy, connection table and request timeout). Runs in the
+    connection's greenlet. None: the connection is done (closed by the
+    client, timed out, or answered with ``Connection: close``), and the
+    caller closes *sock*.
     """
-    conn = _Connection(sock, first, server.request_timeout)
+    conn = _Publisher(server, sock, first)
+    try:
+        return _serve(server, conn)
+    finally:
+        conn.close()
+
+
+def _serve(server: Any, conn: _Publisher) -> bytes | None:
     backend, auth, cors = server.publisher, server.auth, server.cors
-    buf = conn.buf
+    buf, out = conn.buf, conn.out
     while True:
         # Wait for a whole head that is a publish; anything else goes to pywsgi.
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(buf) > FAST_HEAD_BYTES or not (
-                    buf.startswith(FAST_PREFIXES)
-                    or any(p.startswith(bytes(buf)) for p in FAST_PREFIXES)):
-                return bytes(buf)
+        end = buf.find(b"\r\n\r\n")
+        while end < 0:
+            if len(buf) > FAST_HEAD_BYTES or not _maybe_fast(buf):
+                return bytes(buf) if not out or conn.flush() else None
             if not conn.fill():
                 return None
-        if not buf.startswith(FAST_PREFIXES) or end + 4 > FAST_HEAD_BYTES:
-            return bytes(buf)
-        line_end = buf.index(b"\r\n")
-        block = io.BytesIO(bytes(buf[line_end + 2:end + 4]))
-        try:
-            head = read_head(buf[:line_end + 2].decode("latin-1"), block)
-        except RequestError:
-            return bytes(buf)  # pywsgi gives the same error
-        if (block.tell() != end + 2 - line_end or head.version != "HTTP/1.1" or head.chunked
-                or head.method != "POST"):
-            return bytes(buf)
-        fields = _fields_of(head.fields)
-        if fields is None:
-            return bytes(buf)
-        send = _SEND_PATH.match(head.path)
-        if send is None and _PUBLISH_PATH.match(head.path) is None:
-            return bytes(buf)
+            end = buf.find(b"\r\n\r\n")
         start = end + 4
-        length = head.content_length or 0
-        cut: list[bool] = []  # the body ended early: no next request
-
-        def read_body(limit: int, start: int = start, length: int = length,
-                      cut: list[bool] = cut) -> bytes:
-            if length > limit:
-                raise BodyError(413, f"request body over {limit} bytes")
-            while len(buf) < start + length:
-                if not conn.fill():
-                    cut.append(True)
-                    raise BodyError(400, "incomplete request body")
-            return bytes(buf[start:start + length])
-
-        authorization = fields.get("authorization", (None,))[0]
-        api_key = fields.get("x-api-key", (None,))[0]
-        if send is not None:
-            answer = answer_send(backend, auth, authorization, api_key, send[1], read_body)
+        if start > FAST_HEAD_BYTES or not buf.startswith(FAST_PREFIXES):
+            return bytes(buf) if not out or conn.flush() else None
+        head = bytes(buf[:start])
+        request = _plain_request(head) or _general_request(head)
+        if request is None:
+            return bytes(buf) if not out or conn.flush() else None
+        subject, length, close, authorization, api_key, origin = request
+        conn.start, conn.length, conn.cut = start, length, False
+        if subject is not None:
+            answer = answer_send(backend, auth, authorization, api_key, subject, conn.read_body)
         else:
-            answer = answer_publish(backend, auth, authorization, api_key, read_body)
+            answer = answer_publish(backend, auth, authorization, api_key, conn.read_body)
         COUNTS.fast_publishes += 1
-        close = head.close or bool(cut)
-        extra = [] if cors is None else cors.headers(fields.get("origin", (None,))[0])
-        try:
-            sock.sendall(_answer_bytes(answer, extra, close))
-        except OSError:
+        close = close or conn.cut
+        lines = "" if cors is None else cors.stream_lines(origin)
+        out.append(_answer_bytes(answer, subject is not None, lines, close))
+        if close:
+            conn.flush()
             return None
-        if close or not conn.skip(start + length):
+        if len(buf) >= start + length:
+            del buf[:start + length]
+        elif not conn.skip(start + length):  # a body left unread: read and dropped
             return None
         conn.deadline = time.monotonic() + conn.timeout
-        if not buf and not conn.fill():
+        if not buf and not conn.fill(wait_first=True):
             return None
         if buf.startswith(b"\r\n"):
             del buf[:2]  # RFC 9112 2.2: one empty line before a request is ignored

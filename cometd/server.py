@@ -435,6 +435,8 @@ class CometServer(WSGIServer):
             if stream is None:
                 if first.startswith(b"GET /poll/") and accept_poll(self, sock, address, first):
                     continue  # a plain long poll: cometd.longpoll took it
+                if self.publisher is not None and first.startswith(FAST_PREFIXES):
+                    return sock, address, _Unshown(first)  # serve_publisher takes it raw
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, _Unshown(first)
             user, kind, path = stream
@@ -478,10 +480,13 @@ class CometServer(WSGIServer):
 
     def handle(self, sock, address, first: bytes = b"") -> None:
         if self.publisher is not None and first.startswith(FAST_PREFIXES):
-            first = serve_publisher(self, sock, first)
+            # A raw socket from do_read, or a gevent one from a kept poll's connection.
+            raw = sock if type(sock) is _socket.socket else _socket.socket(fileno=sock.detach())
+            first = serve_publisher(self, raw, first)
             if first is None:
-                sock.close()
+                raw.close()
                 return
+            sock = gsocket.socket(fileno=raw.detach())
         handler = self.handler_class(sock, address, self, first)
         handler.handle()
         stream, poll = handler.stream, handler.poll

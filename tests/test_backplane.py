@@ -1429,3 +1429,25 @@ def test_a_later_id_grouped_first_waits_for_the_earlier_one(presence):
     p.settle(base + 4)
     assert stuck.get(timeout=5) == 1
     assert _published(client)[1:] == [{EDGE.format("e1"): [(b"4", ["alice"])]}]
+
+
+def test_ids_grouped_in_any_order_leave_sorted_once_the_smallest_is_grouped(presence):
+    """Many ids grouped out of order behind a slow one: none leaves early, all leave sorted."""
+    import random
+
+    client = PublishOnly()
+    p = presence(client)
+    p.update("e1", {"alice": 1})
+    base = 1 << 64
+    p.settle(base + 1)
+    later = list(range(base + 2, base + 302))
+    random.Random(7).shuffle(later)
+    waiting = [gevent.spawn(p.deliver, ["alice"], Message("s", str(k - base).encode(), k))
+               for k in later]
+    gevent.sleep(0.05)
+    assert client.rounds == []  # base + 1 is still being grouped
+    p.deliver(["alice"], Message("s", b"1", base + 1))
+    gevent.joinall(waiting, timeout=5)
+    assert all(g.value == 1 for g in waiting)
+    bodies = [body for r in _published(client) for body, _ in r[EDGE.format("e1")]]
+    assert bodies == [str(i).encode() for i in range(1, 302)]

@@ -440,6 +440,21 @@ def test_a_reader_that_pauses_gets_everything_in_order_when_it_reads_again(table
     assert paused.read(len(late.body)) == late.body
 
 
+def test_a_stream_whose_send_fails_is_closed_uncounted_and_the_fan_out_goes_on(table):
+    gone = Peer(table, "gone", CHUNKED)
+    both = [Peer(table, "two", CHUNKED), Peer(table, "two", SSE_RAW)]
+    last = Peer(table, "last", RAW)
+    # The client resets its end; no loop turn lets the table notice before the send.
+    gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    gone.sock.close()
+    message = Message("s", b"still here", 7)
+    assert table.deliver(["gone", "two", "last"], message) == 3
+    for peer in (*both, last):
+        assert peer.read(len(message.frame(peer.conn.kind))) == message.frame(peer.conn.kind)
+    assert table.deliveries == 3 and table.disconnects["error"] == 1
+    assert (table.online("gone"), table.online("two"), table.connections) == (0, 2, 3)
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_a_hang_up_is_noticed_with_nothing_to_send(table, reset):
     peer = Peer(table, "u", SSE_RAW)

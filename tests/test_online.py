@@ -119,6 +119,10 @@ def test_recipients_are_the_subject_then_its_online_subscribers_once(walk):
         got = list(recipients(subject, view(subscribers), index_of(on), Pauses()))
         assert got[0] == subject
         assert sorted(got[1:]) == ["1", "x"]
+    # The same for a name.
+    got = list(recipients("bob", view({"bob", "1", "zed"}), index_of({"bob", "1", "zed"}),
+                          Pauses()))
+    assert got[0] == "bob" and sorted(got[1:]) == ["1", "zed"]
     # An offline subject is still handed out: the fan-out skips who has no connection.
     assert list(recipients("bob", view({"1"}), index_of({"1"}), Pauses())) == ["bob", "1"]
 

@@ -315,6 +315,268 @@ def _fast_count_open(srv) -> int:
     return int(sum(float(v) for v in found))
 
 
+# -- the fast path's own reading and writing ------------------------------------------
+
+def _heads() -> list[bytes]:
+    """Publish heads of many shapes: every case above, and variations of the common one."""
+    heads = [data[:data.index(b"\r\n\r\n") + 4] for data, _ in CASES.values()
+             if b"\r\n\r\n" in data]
+    common = b"POST /send/alice HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+    for extra in [b"", b"X-API-Key: k\r\n", b"x-api-key:k \t\r\n",
+                  b"Authorization: Bearer t\r\n", b"Origin: http://page.example\r\n",
+                  b"ORIGIN: o\r\nOrigin: p\r\n", b"Connection: close\r\n",
+                  b"Connection: keep-alive\r\n", b"Expect: 100-continue\r\n",
+                  b"Host: y\r\n", b"Content-Length: 2\r\n", b"Content-Length: 3\r\n",
+                  b"Transfer-Encoding: chunked\r\n", b"X-A: a\rb\r\n", b"X-A: \x00\r\n",
+                  b"X-A: host: y\r\n", b"X-Host: y\r\n", b" folded\r\n", b"X-A : 1\r\n",
+                  b"X(A): 1\r\n", b"User-Agent: t\xe9st\r\n", b"Accept: */*\r\n"]:
+        heads.append(common + extra + b"\r\n")
+        heads.append(common.replace(b"Host: x\r\n", b"") + extra + b"\r\n")
+    for line in [b"POST /publish HTTP/1.1", b"POST /send/a.b_c:d-1 HTTP/1.1",
+                 b"POST /send/" + b"x" * 64 + b" HTTP/1.1",
+                 b"POST /send/" + b"x" * 65 + b" HTTP/1.1",
+                 b"POST /send/al%69ce HTTP/1.1", b"POST /send/alice?x HTTP/1.1",
+                 b"POST /send/alice HTTP/1.0", b"POST /send/alice HTTP/1.2",
+                 b"POST /send/alice HTTP/2.0", b"POST  /send/alice HTTP/1.1",
+                 b"POST http://x/send/alice HTTP/1.1", b"POST /sendx/alice HTTP/1.1",
+                 b"POST /publish/ HTTP/1.1", b"POST /publishx HTTP/1.1"]:
+        heads.append(line + b"\r\nHost: x\r\nContent-Length: 7\r\n\r\n")
+    for length in [b"0", b"007", b" 12 ", b"\t5", b"", b"1" * 18, b"1" * 19, b"-1", b"+1", b"1 2",
+                   b"\xb2", b"3,3"]:
+        heads.append(b"POST /send/alice HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+                     + b"\r\n\r\n")
+    return heads
+
+
+def _mutants(head: bytes, rng) -> list[bytes]:
+    """*head* with one byte changed, removed or doubled, at random places; each still ends
+    with its empty line (the fast path only reads such a head)."""
+    out = []
+    body = head[:-4]
+    for _ in range(300):
+        at = rng.randrange(len(body))
+        pick = rng.choice([b"\r", b"\n", b" ", b"\t", b":", b",", b"\x00", b"\x7f", b"\xe9",
+                           b"A", b"-", b"0", b"%", b"?", b"/"])
+        kind = rng.randrange(3)
+        if kind == 0:
+            mutated = body[:at] + pick + body[at + 1:]
+        elif kind == 1:
+            mutated = body[:at] + body[at + 1:]
+        else:
+            mutated = body[:at] + body[at:at + 1] * 2 + body[at + 1:]
+        if b"\r\n\r\n" not in mutated:
+            out.append(mutated + b"\r\n\r\n")
+    return out
+
+
+def test_the_plain_reading_takes_only_what_the_strict_grammar_reads_alike():
+    """The plain reading of a head is the strict grammar's, or none (then the grammar reads it).
+
+    Over the shapes above and thousands of one-byte mutations of them: it
+    never takes a head the strict grammar refuses or leaves to pywsgi, and
+    never reads one differently; and it does take the common shapes.
+    """
+    import random
+
+    from cometd.publish import _general_request, _plain_request
+    rng = random.Random(17)
+    heads = _heads()
+    for seed in list(heads[:40]):
+        heads += _mutants(seed, rng)
+    taken = 0
+    for head in heads:
+        plain = _plain_request(head)
+        if plain is not None:
+            taken += 1
+            assert plain == _general_request(head), head
+    assert taken > 100, taken
+    for head in (_post("/send/alice", b"hi", API)[:-2], _post("/publish", b"x")[:-1],
+                 _post("/send/1", b"", f"Authorization: Bearer {ALICE}", f"Origin: {ORIGIN}")):
+        assert _plain_request(head) is not None, head
+
+
+def test_a_send_answer_is_json_dumps_bytes():
+    from cometd.publish import Answer, _answer_bytes
+    for delivered, message_id in [(0, "1-0"), (12345, "4294967295-1048575")]:
+        payload = {"delivered": delivered, "id": message_id}
+        data = _answer_bytes(Answer(200, payload), True, "Vary: Origin\r\n", False)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert body == json.dumps(payload).encode()
+        assert b"\r\nContent-Length: %d\r\n" % len(body) in head
+        assert b"\r\nVary: Origin\r\n" in head and b"Connection" not in head
+
+
+class _CountingSocket(socket.socket):
+    """A real socket that counts its sends."""
+
+    sends = 0
+
+    def send(self, data, *args):
+        self.sends += 1
+        return super().send(data, *args)
+
+
+class _Backend:
+    """What serve_publisher publishes to, in process: the subjects it was given, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send(self, subject: str, body: bytes) -> tuple[int, str]:
+        self.sent.append((subject, body))
+        return 0, f"1-{len(self.sent)}"
+
+
+def _in_process_server(backend):
+    import gevent
+
+    from cometd.auth import Authenticator
+    from cometd.config import AuthConfig
+    table = type("Table", (), {"loop": gevent.get_hub().loop})()
+    return type("Server", (), {"publisher": backend, "auth": Authenticator(AuthConfig()),
+                               "cors": None, "table": table, "request_timeout": TIMEOUT})()
+
+
+def test_pipelined_publishes_are_answered_in_order_with_one_write():
+    import gevent
+
+    from cometd.publish import serve_publisher
+    backend = _Backend()
+    ours, theirs = socket.socketpair()
+    sock = _CountingSocket(fileno=ours.detach())
+    requests = b"".join(_post(f"/send/u{i}", b"m%d" % i) for i in range(20))
+    theirs.sendall(requests)
+    theirs.shutdown(socket.SHUT_WR)  # after these, the client is done
+    done = gevent.spawn(serve_publisher, _in_process_server(backend), sock, b"")
+    done.join(5)
+    assert done.successful() and done.value is None, done.exception
+    assert sock.sends == 1
+    sock.close()
+    theirs.settimeout(5)
+    data = b""
+    while chunk := theirs.recv(65536):
+        data += chunk
+    theirs.close()
+    answers = _responses(data)
+    assert [a[0] for a in answers] == ["HTTP/1.1 200 OK"] * 20
+    assert backend.sent == [(f"u{i}", b"m%d" % i) for i in range(20)]
+    assert [json.loads(b) for b in re.findall(rb'\{"delivered[^}]*\}', data)] == [
+        {"delivered": 0, "id": f"1-{i + 1}"} for i in range(20)]
+
+
+def _read_answer(reader) -> tuple[bytes, dict]:
+    """The status line and JSON body of the next answer on *reader* (a socket's file)."""
+    status = reader.readline()
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, json.loads(reader.read(length) or b"null")
+
+
+def test_a_request_split_anywhere_is_read_whole(fast):
+    """Each publish arrives in two reads, split after every byte of it in turn."""
+    user = unique_id("split")
+    before = _fast_count(fast)
+    with _watch(fast, user) as stream, \
+            socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        request = _post(f"/send/{user}", b"body!", API)
+        sock.sendall(request)  # whole: the accept callback gives the fast path the connection
+        assert _read_answer(reader)[1]["delivered"] == 1
+        for cut in range(1, len(request)):
+            sock.sendall(request[:cut])
+            time.sleep(0.003)  # read on its own
+            sock.sendall(request[cut:])
+            status, answer = _read_answer(reader)
+            assert (status, answer["delivered"]) == (b"HTTP/1.1 200 OK\r\n", 1), cut
+        assert stream.chunks(len(request)) == [b"body!"] * len(request)
+    assert _fast_count(fast) - before == len(request)
+
+
+def test_a_trickling_publisher_is_closed_within_the_request_timeout(fast):
+    """A byte now and then does not keep a request open: the deadline is per request."""
+    with socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        sock.sendall(_post("/send/alice", b"hi", API))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        start = time.monotonic()
+        request = _post("/send/alice", b"x" * 40, API)
+        closed = None
+        for byte in request:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                closed = time.monotonic()
+                break
+            sock.settimeout(0.15)
+            try:
+                if sock.recv(65536) == b"":
+                    closed = time.monotonic()
+                    break
+            except TimeoutError:
+                pass
+        assert closed is not None, "the whole request trickled in"
+        assert TIMEOUT * 0.8 < closed - start < TIMEOUT * 3
+
+
+def test_a_busy_publisher_outlives_the_timeout_of_each_request(fast):
+    """The deadline moves with each request: a connection in use for longer stays open."""
+    with socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        for i in range(5):  # 2.4 request timeouts in all
+            if i:
+                time.sleep(TIMEOUT * 0.6)
+            sock.sendall(_post("/send/alice", b"hi", API))
+            assert _read_answer(reader)[0] == b"HTTP/1.1 200 OK\r\n", i
+
+
+def test_a_publisher_that_reads_no_answers_is_closed_after_the_request_timeout(fast):
+    """Pipelined publishes whose answers are never read: once the answers fill the socket,
+    the server waits for room up to the request timeout, then closes."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((fast.host, fast.port))
+        block = _post("/send/alice", b"hi") * 200  # no credential: 401s, no router work
+        sock.sendall(block)  # (one whole publish first: the fast path takes the connection)
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(block)
+        except TimeoutError:
+            pass
+        stuck = time.monotonic()  # the server no longer reads: it waits to write
+        closed = None
+        sock.settimeout(0.1)
+        while closed is None and time.monotonic() < stuck + TIMEOUT * 10:
+            try:
+                sock.send(block)
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = time.monotonic()
+        assert closed is not None, "still open"
+        assert closed - stuck < TIMEOUT * 3
+
+
+def test_a_publish_after_a_poll_on_its_kept_connection_takes_the_fast_path(fast):
+    user = unique_id("poll")
+    token = mint(SECRET, user, 60)
+    before = _fast_count(fast)
+    with _watch(fast, user) as stream, \
+            socket.create_connection((fast.host, fast.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(f"GET /poll/{user}?timeout=0&token={token} HTTP/1.1\r\nHost: x\r\n\r\n"
+                     .encode())
+        assert _read_answer(reader)[0] == b"HTTP/1.1 200 OK\r\n"
+        sock.sendall(_post(f"/send/{user}", b"after a poll", API))
+        status, answer = _read_answer(reader)
+        assert (status, answer["delivered"]) == (b"HTTP/1.1 200 OK\r\n", 1)
+        assert stream.chunk() == b"after a poll"
+    assert _fast_count(fast) - before == 1
+
+
 def test_a_batchs_history_survives_a_kill_9_right_after_the_answer(tmp_path):
     db = str(tmp_path / "db")
     srv = start_server(db, "--admin-port", "-1")

@@ -155,10 +155,10 @@ def end_floodtest(proc: subprocess.Popen, json_path: Path) -> dict:
 
 def msggen(url: str, rate: float, duration: float, users: int, concurrency: int,
            logdir: Path, tag: str, seed: int = 1, size: int = 0, count: int = 0,
-           cpus: set[int] | None = None) -> tuple[subprocess.Popen, Path]:
+           cpus: set[int] | None = None, batch: int = 1) -> tuple[subprocess.Popen, Path]:
     json_path = logdir / f"msggen-{tag}.json"
     argv = [*tool("msggen"), "--url", url, "--rate", f"{rate:g}", "--duration", f"{duration:g}",
-            "--size", str(size), "--count", str(count),
+            "--size", str(size), "--count", str(count), "--batch", str(batch),
             "--users", str(users), "--concurrency", str(concurrency), "--interval",
             f"{max(1.0, duration / 4):g}", "--json", str(json_path), "--seed", str(seed),
             "--timeout", f"{duration + 20:g}"]

@@ -1,8 +1,8 @@
 """``cometd-bench fanout``: cometd's fan-out side by side with nginx + nchan.
 
-Three scenarios, each run on a fresh server of every contender (nginx + nchan
-with one worker, cometd ``--mode pool``, cometd ``--mode greenlet``), in
-interleaved rounds:
+Four scenarios, each run on a fresh server of every contender (nginx + nchan
+with one worker, cometd ``--mode pool``, cometd ``--mode greenlet``; nchan
+sits out ``feed-batch``), in interleaved rounds:
 
 - ``send``: nobody online, ``--send-count`` publishes from random subjects:
   server CPU per publish.
@@ -17,6 +17,11 @@ interleaved rounds:
   friends opens one more stream per further 255 channels: every user receives
   every message it would from cometd, and the report says how many streams
   that took.
+- ``feed-batch``: the same feed, the same messages at the same rate, but
+  msggen posts them ``--feed-batch`` at a time to cometd's ``POST /publish``
+  (each batch once its last message is due). nchan has no batch publish, so
+  it does not run this one: the ratio is to the same round's nchan ``feed``
+  figure, and the report labels the row so.
 
 Theory of operation
 -------------------
@@ -56,6 +61,7 @@ from typing import Any
 import click
 
 from cometd.loadtest.fanout import ensure_db
+from cometd.loadtest.msggen import MAX_BATCH_MESSAGES
 from cometd.loadtest.procs import (
     ROOT,
     log,
@@ -83,7 +89,7 @@ __all__ = ["CONTENDERS", "SCENARIOS", "TARGETS", "NCHAN_MAX_CHANNELS", "feed_pat
            "spread", "versus_report", "versus_command"]
 
 CONTENDERS = ("nchan", "pool", "greenlet")
-SCENARIOS = ("send", "one", "feed")
+SCENARIOS = ("send", "one", "feed", "feed-batch")
 #: (scenario, cometd mode) -> the least ratio to nchan's deliveries per server CPU-s
 TARGETS = {("one", "pool"): 1.3, ("one", "greenlet"): 1.0,
            ("feed", "pool"): 4.0, ("feed", "greenlet"): 3.0}
@@ -148,8 +154,9 @@ def _reader_status(path: Path) -> dict:
 
 
 def _run(server: Server, paths: list[str], users: int, count: int, rate: float,
-         opts: dict, logdir: Path, tag: str) -> dict[str, Any]:
-    """Connect *paths*, publish *count* messages at *rate* from 1..*users*; the counts."""
+         opts: dict, logdir: Path, tag: str, batch: int = 1) -> dict[str, Any]:
+    """Connect *paths*, publish *count* messages at *rate* from 1..*users*, *batch* a
+    request; the counts."""
     client = {opts["client_cpu"]}
     reader = None
     status = logdir / f"reader-{tag}.json"
@@ -176,7 +183,7 @@ def _run(server: Server, paths: list[str], users: int, count: int, rate: float,
     t0 = time.monotonic()
     # Exactly *count* slots; the duration leaves the last replies time to come.
     mg, mjson = msggen(server.url, rate, count / rate + 2, users, 1, logdir, tag,
-                       seed=opts["seed"], size=BODY_SIZE, count=count, cpus=client)
+                       seed=opts["seed"], size=BODY_SIZE, count=count, cpus=client, batch=batch)
     wait_proc(mg, count / rate + 60)
     stop(mg)
     last, quiet_since = _reader_status(status)["deliveries"], time.monotonic()
@@ -200,7 +207,8 @@ def _run(server: Server, paths: list[str], users: int, count: int, rate: float,
     if c1.get("deliveries") is not None and c0.get("deliveries") is not None:
         server_deliveries = c1["deliveries"] - c0["deliveries"]
     return {
-        "streams": len(paths), "published": sent, "msggen_errors": m.get("errors"),
+        "streams": len(paths), "published": sent,
+        "requests": (m.get("latency_ms") or {}).get("count"), "msggen_errors": m.get("errors"),
         "msggen_missed": m.get("missed"), "achieved_rate": m.get("achieved_rate"),
         "deliveries": deliveries, "server_deliveries": server_deliveries,
         "reader_closed": r1.get("closed"), "wall_s": wall,
@@ -239,6 +247,9 @@ def versus_report(results: list[dict], opts: dict, info: dict, notes: list[str],
         f"random subjects. nchan: {extra.get('nchan_feed_streams', 0):,} multiplexed streams "
         f"for {opts['feed_users']:,} users ({extra.get('capped_users', 0)} users with more than "
         f"{NCHAN_MAX_CHANNELS - 1} friends hold more than one).",
+        f"- feed-batch: the feed's messages at the same rate, msggen posting "
+        f"{opts['feed_batch']} at a time to cometd's `POST /publish`; nchan has no batch "
+        "publish and does not run it: its ratios are to the same round's nchan feed.",
         "- Deliveries: counted by the reader for every server; server CPU: user + system of "
         "the server's processes over the window (see the module docstring).",
         "", "## Results", "",
@@ -254,13 +265,17 @@ def versus_report(results: list[dict], opts: dict, info: dict, notes: list[str],
         key = "cpu_us_per_publish" if scenario == "send" else "deliveries_per_cpu_s"
         name = ("send: server CPU µs per publish" if scenario == "send"
                 else f"{scenario}: deliveries per server CPU-s")
+        if scenario == "feed-batch":
+            name += (f" (msggen --batch {opts['feed_batch']}; nchan cannot batch: "
+                     "ratios to its single-send feed)")
         cells = [spread([r[key] for r in by[(scenario, c)] if r.get(key)])
                  for c in opts["contenders"]]
         rcells = []
         for c in opts["contenders"]:
             if c == "nchan":
                 continue
-            base = {r["round"]: r.get(key) for r in by[(scenario, "nchan")]}
+            peer = "feed" if scenario == "feed-batch" else scenario
+            base = {r["round"]: r.get(key) for r in by[(peer, "nchan")]}
             vals = [(r[key] / base[r["round"]]) if scenario != "send" else
                     (base[r["round"]] / r[key])
                     for r in by[(scenario, c)] if r.get(key) and base.get(r["round"])]
@@ -303,7 +318,7 @@ CONTENDERS_LABEL = {"nchan": "nginx + nchan", "pool": "cometd pool", "greenlet":
 
 @click.command("fanout")
 @click.option("--scenarios", default=",".join(SCENARIOS), show_default=True,
-              help="Comma-separated scenarios: send, one, feed.")
+              help="Comma-separated scenarios: send, one, feed, feed-batch.")
 @click.option("--contenders", default=",".join(CONTENDERS), show_default=True,
               help="Comma-separated servers: nchan, pool, greenlet.")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
@@ -327,6 +342,9 @@ CONTENDERS_LABEL = {"nchan": "nginx + nchan", "pool": "cometd pool", "greenlet":
               help="feed: messages.")
 @click.option("--feed-rate", default=500.0, show_default=True, type=float,
               help="feed: messages per second.")
+@click.option("--feed-batch", default=10, show_default=True,
+              type=click.IntRange(min=2, max=MAX_BATCH_MESSAGES),
+              help="feed-batch: messages msggen posts in one POST /publish.")
 @click.option("--seed", default=1, show_default=True, type=int,
               help="genfriends and msggen --seed.")
 @click.option("--settle", default=1.0, show_default=True, type=float,
@@ -341,16 +359,19 @@ CONTENDERS_LABEL = {"nchan": "nginx + nchan", "pool": "cometd pool", "greenlet":
 @out_option
 def versus_command(scenarios: str, contenders: str, rounds: int, send_count: int,
                    send_rate: float, one_subscribers: int, one_count: int, one_rate: float,
-                   feed_users: int, m: int, feed_count: int, feed_rate: float, seed: int,
+                   feed_users: int, m: int, feed_count: int, feed_rate: float,
+                   feed_batch: int, seed: int,
                    settle: float, server_cpu: int, client_cpu: int, data_dir: str,
                    out: str | None) -> None:
     """Fan-out side by side with nginx + nchan: CPU per publish, deliveries per CPU-s.
 
-    Scenarios send (nobody online), one (one subject, many subscribers) and
-    feed (friends graph, everyone online), each on a fresh server of every
-    contender, in interleaved rounds, the server pinned to one core and the
-    clients to another; reports each figure and cometd's ratio to nchan as
-    median (min–max) of the rounds.
+    Scenarios send (nobody online), one (one subject, many subscribers),
+    feed (friends graph, everyone online) and feed-batch (the feed's
+    messages posted --feed-batch at a time to POST /publish; cometd only, as
+    nchan has no batch publish), each on a fresh server of every contender,
+    in interleaved rounds, the server pinned to one core and the clients to
+    another; reports each figure and cometd's ratio to nchan as median
+    (min–max) of the rounds.
     """
     scen = [s.strip() for s in scenarios.split(",") if s.strip()]
     cont = [c.strip() for c in contenders.split(",") if c.strip()]
@@ -378,8 +399,8 @@ def versus_command(scenarios: str, contenders: str, rounds: int, send_count: int
     opts = {"scenarios": scen, "contenders": cont, "rounds": rounds, "send_count": send_count,
             "send_rate": send_rate, "one_subscribers": one_subscribers, "one_count": one_count,
             "one_rate": one_rate, "feed_users": feed_users, "m": m, "feed_count": feed_count,
-            "feed_rate": feed_rate, "seed": seed, "settle": settle, "server_cpu": server_cpu,
-            "client_cpu": client_cpu}
+            "feed_rate": feed_rate, "feed_batch": feed_batch, "seed": seed, "settle": settle,
+            "server_cpu": server_cpu, "client_cpu": client_cpu}
     info = machine_info(nginx if "nchan" in cont else None)
     notes: list[str] = []
     results: list[dict] = []
@@ -403,19 +424,24 @@ def versus_command(scenarios: str, contenders: str, rounds: int, send_count: int
             ("one", "nchan"): ["/test/1"] * one_subscribers,
             ("one", "cometd"): [f"/test/{u}" for u in range(2, one_subscribers + 2)],
             ("feed", "nchan"): nchan_feed, ("feed", "cometd"): cometd_feed,
+            ("feed-batch", "cometd"): cometd_feed,
         }
         plan = {"send": (feed_users, send_count, send_rate), "one": (1, one_count, one_rate),
-                "feed": (feed_users, feed_count, feed_rate)}
+                "feed": (feed_users, feed_count, feed_rate),
+                "feed-batch": (feed_users, feed_count, feed_rate)}
         for rnd in range(1, rounds + 1):
             order = cont[(rnd - 1) % len(cont):] + cont[:(rnd - 1) % len(cont)]
             for scenario in scen:
                 for c in order:
+                    if scenario == "feed-batch" and c == "nchan":
+                        continue  # nchan has no batch publish
                     tag = f"r{rnd}-{scenario}-{c}"
                     server = _start(c, scenario, dbs, nginx, work, logdir, {server_cpu})
                     try:
                         users, count, rate = plan[scenario]
                         r = _run(server, paths[(scenario, "nchan" if c == "nchan" else "cometd")],
-                                 users, count, rate, opts, logdir, tag)
+                                 users, count, rate, opts, logdir, tag,
+                                 feed_batch if scenario == "feed-batch" else 1)
                     finally:
                         server.stop()
                     r.update({"round": rnd, "scenario": scenario, "contender": c})
@@ -438,7 +464,7 @@ def versus_command(scenarios: str, contenders: str, rounds: int, send_count: int
         if r["reader_closed"]:
             notes.append(f"round {r['round']} {r['scenario']} {r['contender']}: "
                          f"{r['reader_closed']} streams closed during the run.")
-    for scenario in ("one", "feed"):
+    for scenario in ("one", "feed", "feed-batch"):
         got = {(r["round"], r["contender"]): r["deliveries"] for r in results
                if r["scenario"] == scenario}
         for rnd in range(1, rounds + 1):

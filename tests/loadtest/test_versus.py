@@ -48,7 +48,8 @@ def test_spread_is_median_min_max():
 def test_tiny_side_by_side_run_holds_both_servers_to_the_same_deliveries(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
     # m=100 over 300 users: the oldest users have more than 254 friends.
-    args = ["fanout", "--rounds", "1", "--scenarios", "one,feed", "--contenders", "nchan,pool",
+    args = ["fanout", "--rounds", "1", "--scenarios", "one,feed,feed-batch",
+            "--contenders", "nchan,pool", "--feed-batch", "10",
             "--one-subscribers", "50", "--one-count", "10", "--one-rate", "20",
             "--feed-users", "300", "--m", "100", "--feed-count", "20", "--feed-rate", "20",
             "--settle", "0.2", "--data-dir", str(data), "--out", str(out)]
@@ -57,7 +58,8 @@ def test_tiny_side_by_side_run_holds_both_servers_to_the_same_deliveries(tmp_pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     runs = {(r["scenario"], r["contender"]): r for r in summary["results"]}
-    assert set(runs) == {("one", "nchan"), ("one", "pool"), ("feed", "nchan"), ("feed", "pool")}
+    assert set(runs) == {("one", "nchan"), ("one", "pool"), ("feed", "nchan"), ("feed", "pool"),
+                         ("feed-batch", "pool")}  # nchan cannot batch
     for key, r in runs.items():
         assert (r["published"], r["msggen_errors"], r["reader_closed"]) == (
             10 if key[0] == "one" else 20, 0, 0), (key, r)
@@ -69,8 +71,13 @@ def test_tiny_side_by_side_run_holds_both_servers_to_the_same_deliveries(tmp_pat
     assert feed > 20 * 100  # every subject has >= 100 friends online
     assert runs[("feed", "pool")]["server_deliveries"] == feed
     assert runs[("feed", "nchan")]["deliveries"] == feed  # the same users got the same messages
+    # the same messages again, ten to a POST /publish
+    assert runs[("feed-batch", "pool")]["deliveries"] == feed
+    assert (runs[("feed", "pool")]["requests"], runs[("feed-batch", "pool")]["requests"]) == (20, 2)
     assert summary["extra"]["capped_users"] > 0
     assert summary["extra"]["nchan_feed_streams"] > 300
     report = (out / "report.md").read_text()
     assert "| pool / nchan |" in report
     assert "one: deliveries per server CPU-s" in report and "feed, pool: ≥ 4× nchan" in report
+    row = next(line for line in report.splitlines() if line.startswith("| feed-batch: "))
+    assert "msggen --batch 10" in row and "| n/a |" in row and row.endswith("× |")

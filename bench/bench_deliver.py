@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""What one fan-out delivery costs beyond the fan-out's ``send()``, and what that send costs.
+
+    bench/bench_deliver.py                         # both parts, --runs 5
+    bench/bench_deliver.py --part python --server-root /tmp/old   # another tree's fan-out code
+
+- ``python``: the fan-out's own Python, in-process, with no system call: a
+  pool-mode ConnectionTable of 6,000 streams whose sockets' ``send`` is the
+  builtin ``len``, fed through ``cometd.online.recipients`` as the router
+  feeds it: one subject to 4,000 online subscribers (ns per delivery), and
+  3,000 feed messages from random subjects to 30 random users each (µs per
+  message). CPU time of the process, the minimum of --runs (what the code
+  costs when nothing else is running).
+- ``kernel``: loopback ``send()`` from this process (pinned to CPU 0) to
+  streams read by a child asleep in ``epoll`` (pinned to CPU 1), CPU per
+  send: the feed's pattern (30 of 6,000 sockets per message, 500 messages a
+  second, so each socket waits ~0.4 s between messages) and the one-subject
+  pattern (all 4,000 in a row, 20 a second); each with the sending side's
+  knobs: plain, ``TCP_NODELAY``, ``SO_SNDBUF`` 4096, ``os.write`` on the
+  descriptor instead of ``send``. And the feed's sockets at ten times its
+  rate (5,000 messages a second, plain sends): the cost of the pause between
+  messages. Also how often the reader woke per send.
+
+Every loop is bounded; loopback only. Each part's variants run interleaved,
+--runs rounds; the table gives the median (min–max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BODY = b"ts=1764140000.123456;from=1;seq=1;" + b"x" * 66  # msggen's 100 bytes
+
+
+def _pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(n)
+    clients, servers = [], []
+    for _ in range(n):
+        clients.append(socket.create_connection(listener.getsockname()))
+        servers.append(listener.accept()[0])
+    listener.close()
+    return clients, servers
+
+
+# -- python: the fan-out's code with sends that cost nothing -----------------------
+
+PYTHON = """
+import array, gc, random, sys, time
+sys.path[:0] = [{root!r}, {bench!r}]
+from cometd.connections import ConnectionTable
+from cometd.online import recipients
+from cometd.store import SetView
+from cometd.streamhttp import CHUNKED, Message
+from bench_deliver import BODY, _pairs
+
+class FreeSocket:
+    __slots__ = ("send",)
+
+N = 6000
+clients, servers = _pairs(N)
+table = ConnectionTable("pool")
+conns = [table.adopt(s, str(u), CHUNKED) for s, u in zip(servers, range(1, N + 1))]
+table.index
+free = FreeSocket()
+free.send = len  # takes everything, no system call
+real = [c.sock for c in conns]
+for c in conns:
+    c.sock = free
+
+def view(ids):
+    ids = sorted(ids)
+    return SetView(len(ids).to_bytes(4, "little") + array.array("I", ids).tobytes())
+
+star = view(range(2, 4002))
+rng = random.Random(1)
+feed = [(str(rng.randint(1, N)), view(rng.sample(range(1, N + 1), 30))) for _ in range(3000)]
+gc.disable()
+one, per_message = [], []
+for _ in range(5):
+    t = time.process_time()
+    for _ in range(20):
+        table.deliver(recipients("1", star, table.index), Message("1", BODY))
+    one.append((time.process_time() - t) / (20 * 4001) * 1e9)
+    t = time.process_time()
+    for subject, subscribers in feed:
+        table.deliver(recipients(subject, subscribers, table.index), Message(subject, BODY))
+    per_message.append((time.process_time() - t) / len(feed) * 1e6)
+for c, s in zip(conns, real):
+    c.sock = s
+print(min(one), min(per_message))
+"""
+
+
+def python_costs(root: str) -> tuple[float, float]:
+    """(ns per one-subject delivery, µs per feed message) of *root*'s fan-out code."""
+    code = PYTHON.format(root=root, bench=os.path.join(ROOT, "bench"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=600)
+    one, feed = out.stdout.split()
+    return float(one), float(feed)
+
+
+# -- kernel: a loopback send to a reader asleep in epoll ---------------------------
+
+def _reader(clients: list[socket.socket], ready: int) -> None:
+    """The child: read every stream until they close (bounded: 300 s)."""
+    os.sched_setaffinity(0, {1})
+    ep = select.epoll()
+    by_fd = {}
+    for c in clients:
+        c.setblocking(False)
+        ep.register(c.fileno(), select.EPOLLIN)
+        by_fd[c.fileno()] = c
+    os.write(ready, b"x")
+    end = time.monotonic() + 300
+    while by_fd and time.monotonic() < end:
+        for fd, _ in ep.poll(0.05, 1024):
+            try:
+                if not by_fd[fd].recv(262144):
+                    ep.unregister(fd)
+                    del by_fd[fd]
+            except BlockingIOError:
+                pass
+    os._exit(0)
+
+
+def _woken(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f
+                    if line.startswith("voluntary_ctxt_switches"))
+
+
+def kernel_cost(pattern: str, knob: str) -> tuple[float, float]:
+    """(CPU µs per send, reader wake-ups per send) for *pattern* with the sending *knob*."""
+    socks, per, rate, messages = {"feed": (6000, 30, 500.0, 2000),
+                                  "feed x10": (6000, 30, 5000.0, 10_000),
+                                  "one": (4000, 4000, 20.0, 60)}[pattern]
+    clients, servers = _pairs(socks)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for s in servers:
+            s.close()
+        os.close(ready_r)
+        _reader(clients, ready_w)
+    try:
+        os.sched_setaffinity(0, {0})
+        for c in clients:
+            c.close()
+        os.read(ready_r, 1)
+        for s in servers:
+            s.setblocking(False)
+            if knob == "TCP_NODELAY":
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            elif knob == "SO_SNDBUF 4096":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        frame = b"%x\r\n%s\r\n" % (len(BODY), BODY)
+        rng = random.Random(1)
+        plan = [rng.sample(range(socks), per) if per < socks else range(socks)
+                for _ in range(messages)]
+        if knob == "os.write":
+            fds = [s.fileno() for s in servers]
+            write = os.write
+            sends = [[(write, fds[k]) for k in targets] for targets in plan]
+        else:
+            sends = [[(servers[k].send, None) for k in targets] for targets in plan]
+        time.sleep(0.5)
+        woken, cpu, t0 = _woken(pid), time.process_time(), time.monotonic()
+        for i, batch in enumerate(sends):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for fn, fd in batch:
+                if fd is None:
+                    fn(frame)
+                else:
+                    fn(fd, frame)
+        cpu = time.process_time() - cpu
+        woken = _woken(pid) - woken
+        n = messages * per
+        return 1e6 * cpu / n, woken / n
+    finally:
+        for s in servers:
+            s.close()
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("python", "kernel", "both"), default="both")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--server-root", default=ROOT,
+                    help="the tree whose cometd package the python part measures")
+    args = ap.parse_args()
+    if args.part in ("python", "both"):
+        one, feed = [], []
+        for r in range(args.runs):
+            a, b = python_costs(args.server_root)
+            one.append(a)
+            feed.append(b)
+            print(f"python round {r + 1}: {a:.0f} ns, {b:.2f} µs", file=sys.stderr)
+        print(f"| fan-out Python ({args.server_root}) | median (min–max) of {args.runs} |")
+        print("|---|---:|")
+        print(f"| one subject, ns per delivery | {statistics.median(one):.0f} "
+              f"({min(one):.0f}–{max(one):.0f}) |")
+        print(f"| feed, µs per message (~31 deliveries) | {statistics.median(feed):.2f} "
+              f"({min(feed):.2f}–{max(feed):.2f}) |")
+    if args.part in ("kernel", "both"):
+        knobs = ("plain", "TCP_NODELAY", "SO_SNDBUF 4096", "os.write")
+        runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for r in range(args.runs):
+            for pattern in ("feed", "feed x10", "one"):
+                for knob in knobs if pattern != "feed x10" else knobs[:1]:
+                    runs.setdefault((pattern, knob), []).append(kernel_cost(pattern, knob))
+            print(f"kernel round {r + 1} done", file=sys.stderr)
+        print(f"\n| pattern, sending side | CPU µs per send, median (min–max) of {args.runs} "
+              "| reader wake-ups per send |")
+        print("|---|---:|---:|")
+        for (pattern, knob), values in runs.items():
+            us = [v[0] for v in values]
+            print(f"| {pattern}, {knob} | {statistics.median(us):.2f} ({min(us):.2f}–"
+                  f"{max(us):.2f}) | {statistics.median(v[1] for v in values):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
