@@ -38,21 +38,16 @@ import subprocess
 import sys
 import time
 
+import bench_costs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BODY = b"ts=1764140000.123456;from=1;seq=1;" + b"x" * 66  # msggen's 100 bytes
 
 
 def _pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    """bench_costs' loopback pairs, with room for n of them."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (20_000, 20_000))
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(n)
-    clients, servers = [], []
-    for _ in range(n):
-        clients.append(socket.create_connection(listener.getsockname()))
-        servers.append(listener.accept()[0])
-    listener.close()
-    return clients, servers
+    return bench_costs._pairs(n)
 
 
 # -- python: the fan-out's code with sends that cost nothing -----------------------
