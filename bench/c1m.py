@@ -749,6 +749,14 @@ def _mib(x: float) -> str:
     return f"{x / 2**20:,.0f} MiB"
 
 
+def _reported(res: dict) -> str:
+    """The server's own delivery count: only POST /send answers carry one (an XADD gets none)."""
+    if res["publish"] == "redis-stream":
+        return "not reported by the server (published by XADD, which answers no count; "
+    n = res["msg_deliveries_reported"]
+    return f"{n:,} reported by the server ({n / max(res['msgs_sent'], 1):.1f} per message; "
+
+
 def _friends(m: int) -> str:
     if not m:
         return "no friends graph: to the sender's own stream"
@@ -823,8 +831,7 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| messages | {res['msgs_sent']:,} sent at {res['msg_rate_achieved']}/s "
         f"(target {res['msg_rate_target']}/s), {res['msg_errors']} errors, "
         f"{res['msgs_missed']} missed |",
-        f"| deliveries | {res['msg_deliveries_reported']:,} reported by the server "
-        f"({res['msg_deliveries_reported'] / max(res['msgs_sent'], 1):.1f} per message; "
+        f"| deliveries | {_reported(res)}"
         f"{_friends(res['friends_m'])}), {res['msgs_received']:,} received by floodtest "
         f"({res['msgs_received'] / max(res['msg_duration_s'], 1e-9):,.0f}/s if divided by the "
         f"{res['msg_duration_s']:g} s of publishing; "
