@@ -68,7 +68,7 @@ from cometd.ids import InvalidId, check_id
 
 __all__ = [
     "LEEWAY", "MAX_TOKEN_BYTES", "AuthError", "Identity", "Publisher", "PUBLISHER",
-    "Authenticator", "bearer", "query_token", "cookie_token", "mint",
+    "Authenticator", "bearer", "query_token", "cookie_token", "Minter", "mint",
 ]
 
 #: seconds of clock skew allowed on exp, nbf and iat
@@ -422,13 +422,37 @@ class Authenticator:
             raise AuthError(403, "the token is for another user")
 
 
+class Minter:
+    """HS256 tokens for users, many a second (``cometd token``, floodtest's streams).
+
+    The header and the claims other than ``sub`` and the times are encoded
+    once; a token then costs one small JSON text, two base64url encodings and
+    one HMAC on a copied keyed state (~3 us, against ~16 us through PyJWT,
+    which verifies them in the tests).
+    """
+
+    def __init__(self, secret: str, audience: str | None = None,
+                 issuer: str | None = None) -> None:
+        self._mac = hmac.new(secret.encode(), digestmod="sha256")
+        header = json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":"))
+        self._head = _b64encode(header.encode()) + b"."
+        extra = {k: v for k, v in (("aud", audience), ("iss", issuer)) if v}
+        #: the claims after sub, iat and exp, as JSON text: "" or ',"aud":...}'
+        self._tail = ("," + json.dumps(extra, separators=(",", ":"))[1:] if extra
+                      else "}").encode()
+
+    def __call__(self, user: str, ttl: int) -> str:
+        """A token for *user* (validated) valid *ttl* seconds from now."""
+        now = int(time.time())
+        claims = b'{"sub":"%s","iat":%d,"exp":%d%s' % (
+            check_id(user).encode(), now, now + ttl, self._tail)  # an id needs no escaping
+        signed = self._head + _b64encode(claims)
+        mac = self._mac.copy()
+        mac.update(signed)
+        return (signed + b"." + _b64encode(mac.digest())).decode()
+
+
 def mint(secret: str, user: str, ttl: int, audience: str | None = None,
          issuer: str | None = None) -> str:
     """An HS256 token for *user* valid *ttl* seconds from now (``cometd token``)."""
-    now = int(time.time())
-    claims: dict[str, Any] = {"sub": check_id(user), "iat": now, "exp": now + ttl}
-    if audience:
-        claims["aud"] = audience
-    if issuer:
-        claims["iss"] = issuer
-    return jwt.encode(claims, secret, algorithm="HS256")
+    return Minter(secret, audience, issuer)(user, ttl)

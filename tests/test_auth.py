@@ -40,6 +40,7 @@ from cometd.auth import (
     Authenticator,
     AuthError,
     Identity,
+    Minter,
     bearer,
     cookie_token,
     query_token,
@@ -48,6 +49,7 @@ from cometd.config import AuthConfig, ConfigError, load
 from cometd.connections import MODES
 from cometd.expiry import ExpiryWheel
 from cometd.history import parse_id
+from cometd.ids import InvalidId
 from cometd.streamhttp import parse_stream_request, stream_credentials
 
 SECRET = "test-secret-that-is-at-least-32-bytes-long"
@@ -190,6 +192,22 @@ def test_fast_check_never_accepts_what_pyjwt_refuses():
                               options={"require": ["exp", "sub"]})
         assert got == expected
     assert accepted > 50  # the check does take the plain case
+
+
+def test_minted_tokens_are_what_pyjwt_reads_and_the_fast_check_takes():
+    for audience, issuer in ((None, None), ("push", None), ("push", "backend")):
+        minted = Minter(SECRET, audience, issuer)("alice", 90)
+        assert jwt.get_unverified_header(minted) == {"alg": "HS256", "typ": "JWT"}
+        claims = jwt.decode(minted, SECRET, algorithms=["HS256"], audience=audience,
+                            issuer=issuer)
+        assert claims["sub"] == "alice" and claims["exp"] - claims["iat"] == 90
+        assert claims.get("aud") == audience and claims.get("iss") == issuer
+        auth = Authenticator(AuthConfig(jwt_secret=SECRET, jwt_audience=audience,
+                                        jwt_issuer=issuer))
+        assert auth._fast(minted.encode(), time.time()) is not None
+        assert auth.verify_token(minted).user == "alice"
+    with pytest.raises(InvalidId):
+        Minter(SECRET)('al"ice', 90)
 
 
 def test_api_keys_from_flags_and_file(tmp_path):

@@ -2,7 +2,9 @@
 
 ``floodtest`` times deliveries and ``msggen`` times POSTs into the same
 :class:`LatencyHistogram`, both refuse any address outside 127.0.0.0/8
-(:func:`check_loopback`), and both end with :func:`finish`.
+(:func:`check_loopback`), both read the secrets of a secured server from a
+file or cometd's own environment variable (:func:`read_secret`), and both end
+with :func:`finish`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
 import socket
 import sys
+from collections.abc import Mapping
 
-__all__ = ["LatencyHistogram", "check_loopback", "finish"]
+__all__ = ["LatencyHistogram", "check_loopback", "read_secret", "finish"]
 
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
@@ -124,6 +128,34 @@ def check_loopback(host: str, what: str = "address") -> str:
     if ip not in _LOOPBACK:
         raise ValueError(f"{what} {host}: only loopback addresses (127.0.0.0/8) are allowed")
     return str(ip)
+
+
+def read_secret(path: str | None, variable: str, flag: str, list_separator: str = "",
+                environ: Mapping[str, str] = os.environ) -> str | None:
+    """The secret in the file *path* (given as *flag*), else in *variable*; None if neither.
+
+    The file holds it on its first line that is neither blank nor a ``#``
+    comment, stripped, so that cometd's own ``--api-keys-file`` serves as it
+    is. The variable is read as cometd reads it: as it is, or with a
+    *list_separator* (``COMETD_API_KEY=key1,key2``) its first item, stripped.
+    A secret is never a command line argument (other users see those in ps),
+    and no message here shows it.
+    """
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(f"{flag}: cannot read {path}: {reason}") from None
+        for line in lines:
+            if line and not line.startswith("#"):
+                return line
+        raise ValueError(f"{flag}: {path} holds no secret")
+    value = environ.get(variable, "")
+    if list_separator:
+        value = value.split(list_separator)[0].strip()
+    return value or None
 
 
 def finish(summary: dict, json_path: str | None) -> None:

@@ -72,6 +72,12 @@ welcome's), so it resumes where it was (``reconnects`` counts them). With
 ``--record FILE`` every SSE message's id is written as ``<user> <id> <time>``
 (the unix time it was read; a file per worker, joined at the end) for
 :mod:`cometd.loadtest.delivery` and for timing a catch-up (bench/bench_storm.py).
+
+*A secured server.* Each stream sends ``Authorization: Bearer <token>``:
+an HS256 token minted for its user (:class:`cometd.auth.Minter`, ~3 us) with
+the secret in ``--jwt-secret-file`` or ``COMETD_JWT_SECRET`` (never a command
+line argument), valid past the run's ``--timeout``, or one read from
+``--tokens-file``. A refused stream counts in ``http_errors``.
 """
 
 from __future__ import annotations
@@ -92,15 +98,18 @@ import struct
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import click
 
 from cometd.loadtest.chunked import ChunkedDecoder, End, FramingError
-from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
+from cometd.loadtest.common import LatencyHistogram, check_loopback, finish, read_secret
 
 __all__ = [
     "FloodConfig",
+    "SECRET_ENV",
+    "stream_tokens",
     "parse_source_ips",
     "parse_server",
     "default_processes",
@@ -202,6 +211,8 @@ class FloodConfig:
     reconnect: bool = False
     #: write "<user> <message id>" for every SSE event received (see cometd.loadtest.delivery)
     record: str | None = None
+    #: user id -> the token its stream sends as Authorization: Bearer (a secured server)
+    token: Callable[[str], str] | None = field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -324,12 +335,15 @@ class _Worker:
             sock.close()
             self._count_error(err)
             return
-        request = b"GET %s%d HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: floodtest\r\n%s\r\n" % (
+        user = cfg.first_id + k
+        request = b"GET %s%d HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: floodtest\r\n%s%s\r\n" % (
             cfg.path.encode(),
-            cfg.first_id + k,
+            user,
             host.encode(),
             port,
             b"Last-Event-ID: %s\r\n" % last if last else b"",
+            b"Authorization: Bearer %s\r\n" % cfg.token(str(user)).encode() if cfg.token
+            else b"",
         )
         fd = sock.fileno()
         c = self.conns[fd] = _Conn(sock, request, now + cfg.connect_timeout, k, last, tries)
@@ -990,6 +1004,45 @@ def _print_summary(s: dict, out) -> None:
 # CLI
 # --------------------------------------------------------------------------------------
 
+#: cometd's own variable for its HS256 secret (cometd.config), read when no file is given
+SECRET_ENV = "COMETD_JWT_SECRET"
+
+
+def stream_tokens(secret_file: str | None, tokens_file: str | None, audience: str | None,
+                  issuer: str | None, ttl: int, users: range) -> Callable[[str], str] | None:
+    """How the streams of *users* get their tokens: minted HS256 from
+    --jwt-secret-file or the environment (valid *ttl* seconds from each connect),
+    looked up in --tokens-file ("<user> <token>" lines), or None for none."""
+    if tokens_file is not None:
+        if secret_file is not None:
+            raise ValueError("give --jwt-secret-file or --tokens-file, not both")
+        tokens: dict[str, str] = {}
+        try:
+            with open(tokens_file, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    fields = line.split()
+                    if not fields or fields[0].startswith("#"):
+                        continue
+                    if len(fields) != 2:  # never the line itself: it holds a token
+                        raise ValueError(f"--tokens-file: {tokens_file} line {number} is not "
+                                         "'<user> <token>'")
+                    tokens[fields[0]] = fields[1]
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(f"--tokens-file: cannot read {tokens_file}: {reason}") from None
+        missing = next((user for user in users if str(user) not in tokens), None)
+        if missing is not None:
+            raise ValueError(f"--tokens-file: {tokens_file} has no token for user {missing}")
+        return tokens.__getitem__
+    secret = read_secret(secret_file, SECRET_ENV, "--jwt-secret-file")
+    if secret is None:
+        return None
+    from cometd.auth import Minter
+
+    minter = Minter(secret, audience, issuer)
+    return lambda user: minter(user, ttl)
+
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -1043,14 +1096,28 @@ def _print_summary(s: dict, out) -> None:
 @click.option("--record", default=None, metavar="FILE",
               help="With --events: write '<user> <message id> <unix time>' to FILE for "
                    "every event received (for the delivery check, cometd.loadtest.delivery).")
+@click.option("--jwt-secret-file", default=None, metavar="FILE",
+              help="A server with --jwt-secret: mint each stream an HS256 token (sub: its "
+                   "user, valid for the whole run) with the secret in FILE (its first line "
+                   "that is not blank or a # comment). Default: the secret in "
+                   f"${SECRET_ENV}, as cometd reads it; neither: no token.")
+@click.option("--jwt-audience", default=None, metavar="AUD",
+              help="The aud claim of the minted tokens (the server's --jwt-audience).")
+@click.option("--jwt-issuer", default=None, metavar="ISS",
+              help="The iss claim of the minted tokens (the server's --jwt-issuer).")
+@click.option("--tokens-file", default=None, metavar="FILE",
+              help="Send the tokens in FILE instead, one '<user> <token>' a line (minted "
+                   "elsewhere, e.g. for a server with --jwt-key); every user needs one.")
 def main(host, port, servers, n, rate, duration, first_id, source_ips, processes, interval,
          json_path, timeout, connect_timeout, max_pending, rst_close, events, reconnect,
-         record) -> None:
+         record, jwt_secret_file, jwt_audience, jwt_issuer, tokens_file) -> None:
     """Open N long-lived cometd streams (GET /test/<id>) from this machine, hold them
     for --duration seconds, print counters every --interval seconds and a summary.
 
     Messages whose body starts with ts=<unix time>; (as sent by msggen) are timed:
     the summary and progress lines show their delivery latency p50/p99/max.
+    Against a secured server each stream sends a token (Authorization: Bearer),
+    minted from --jwt-secret-file or $COMETD_JWT_SECRET, or read from --tokens-file.
     """
     try:
         if servers:
@@ -1066,6 +1133,9 @@ def main(host, port, servers, n, rate, duration, first_id, source_ips, processes
             reconnect=reconnect, record=record,
         )
         _validate(cfg)
+        # Valid past the run's hard limit, so no stream outlives its token.
+        cfg.token = stream_tokens(jwt_secret_file, tokens_file, jwt_audience, jwt_issuer,
+                                  math.ceil(cfg.timeout) + 60, range(first_id, first_id + n))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     finish(run(cfg), json_path)

@@ -25,7 +25,9 @@ at the end (waiting while they keep coming, up to ``--request-timeout``
 without a new one) and writes
 ``<subject> <message id>`` as for HTTP.
 
-Only loopback URLs are accepted (the Redis one too).
+Only loopback URLs are accepted (the Redis one too). Against a secured
+cometd every POST carries ``Authorization: Bearer <key>``, the API key from
+``--api-key-file`` or ``COMETD_API_KEY`` (never a command line argument).
 
 Theory of operation
 -------------------
@@ -55,7 +57,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from signal import SIGINT, SIGTERM
 from urllib.parse import unquote, urlsplit
 
@@ -65,16 +67,19 @@ import hiredis
 import numpy as np
 from gevent import socket
 
-from cometd.loadtest.common import LatencyHistogram, check_loopback, finish
+from cometd.config import API_KEY
+from cometd.loadtest.common import LatencyHistogram, check_loopback, finish, read_secret
 from cometd.publish import MAX_BATCH_MESSAGES
 
 __all__ = ["MsgGenConfig", "SubjectSampler", "make_body", "parse_url", "parse_redis_url",
-           "run", "main", "VIAS"]
+           "run", "main", "VIAS", "API_KEY_ENV"]
 
 SLACK = 0.25  # seconds a slot may be late before the sender skips ahead
 _MAX_SIZE = 1 << 20
 VIAS = ("http", "redis-stream")
 STREAM_MAXLEN = 1_000_000  # entries a stream keeps (MAXLEN ~): cometd reads them in ms
+#: cometd's own variable for its API keys (cometd.config), read when no file is given
+API_KEY_ENV = "COMETD_API_KEY"
 
 
 def make_body(subject: int, seq: int, size: int = 0, now: float | None = None) -> bytes:
@@ -225,6 +230,8 @@ class MsgGenConfig:
     via: str = "http"
     redis: str = "redis://127.0.0.1:6379/0"
     stream: str = "cometd:messages"
+    #: sent as Authorization: Bearer with every POST (a secured server)
+    api_key: str | None = field(default=None, repr=False)
 
 
 class _Stats:
@@ -306,6 +313,8 @@ class _Generator:
         self.t0 = 0.0
         self.end = 0.0
         self.hostport = f"{self.host}:{self.port}".encode()
+        self.authorization = (b"Authorization: Bearer %s\r\n" % cfg.api_key.encode()
+                              if cfg.api_key else b"")
         self.interrupted = False
         self.recorded: list[str] = []
         #: --via redis-stream --record: the list cometd writes ids to, entry id -> subject
@@ -419,8 +428,8 @@ class _Generator:
                 subject, make_body(subject, seq, cfg.size, now)) for subject, seq in zip(
                     subjects, seqs, strict=True))
             path = self.prefix.encode() + b"/publish"
-        return b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s" % (
-            path, self.hostport, len(body), body), subjects
+        return b"POST %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            path, self.hostport, self.authorization, len(body), body), subjects
 
     def _slots(self) -> tuple[list[int], float]:
         """The next --batch slots (fewer at the end of the run) and when the last is due."""
@@ -585,6 +594,9 @@ def _validate(cfg: MsgGenConfig) -> MsgGenConfig:
         raise ValueError(f"--batch must be between 1 and {MAX_BATCH_MESSAGES}")
     if cfg.batch > 1 and cfg.via != "http":
         raise ValueError("--batch posts to /publish: it needs --via http")
+    if cfg.api_key is not None and not API_KEY.fullmatch(cfg.api_key):
+        raise ValueError("the API key has a character other than printable ASCII (no space "
+                         "or comma)")  # never the key itself
     return cfg
 
 
@@ -671,8 +683,14 @@ def run(cfg: MsgGenConfig, out=None) -> dict:
 @click.option("--batch", default=1, show_default=True, type=int, metavar="N",
               help="Messages per request: more than 1 posts them together to /publish "
                    "(one JSON object a line); --rate still counts messages. --via http only.")
+@click.option("--api-key-file", default=None, metavar="FILE",
+              help="A server with API keys: send the key in FILE (its first line that is "
+                   "not blank or a # comment, so the server's --api-keys-file will do) as "
+                   "Authorization: Bearer with every POST. Default: the first key in "
+                   f"${API_KEY_ENV}, as cometd reads it; neither: no key.")
 def main(url, rate, duration, users, zipf, concurrency, size, interval, json_path,
-         request_timeout, timeout, seed, count, record, via, redis_url, stream, batch) -> None:
+         request_timeout, timeout, seed, count, record, via, redis_url, stream, batch,
+         api_key_file) -> None:
     """Publish timestamped messages (POST /send/<subject>) at --rate per second for
     --duration seconds, from random subjects in 1..--users.
 
@@ -687,6 +705,7 @@ def main(url, rate, duration, users, zipf, concurrency, size, interval, json_pat
         record=record, via=via, redis=redis_url, stream=stream, batch=batch,
     )
     try:
+        cfg.api_key = read_secret(api_key_file, API_KEY_ENV, "--api-key-file", ",")
         _validate(cfg)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
