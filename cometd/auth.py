@@ -56,12 +56,9 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 from urllib.parse import unquote
-
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from cometd.config import API_KEY, AuthConfig, ConfigError
 from cometd.ids import InvalidId, check_id
@@ -243,6 +240,9 @@ class _FastHS256:
 
 def _public_key(path: str) -> tuple[Any, str]:
     """The PEM public key in *path* and the one algorithm it verifies."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -293,16 +293,21 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-_JWT_ERRORS: list[tuple[type[Exception], str]] = [
-    (jwt.InvalidSignatureError, "bad signature"),
-    (jwt.InvalidAlgorithmError, "algorithm not allowed"),
-    (jwt.ExpiredSignatureError, "token expired"),
-    (jwt.ImmatureSignatureError, "token not yet valid"),
-    (jwt.InvalidAudienceError, "wrong audience"),
-    (jwt.InvalidIssuerError, "wrong issuer"),
-    (jwt.exceptions.InvalidSubjectError, "the token's sub is not a valid user id"),
-    (jwt.DecodeError, "malformed token"),
-]
+@cache
+def _jwt_errors() -> list[tuple[type[Exception], str]]:
+    """PyJWT's refusals and the reasons given for them, most specific first."""
+    import jwt
+
+    return [
+        (jwt.InvalidSignatureError, "bad signature"),
+        (jwt.InvalidAlgorithmError, "algorithm not allowed"),
+        (jwt.ExpiredSignatureError, "token expired"),
+        (jwt.ImmatureSignatureError, "token not yet valid"),
+        (jwt.InvalidAudienceError, "wrong audience"),
+        (jwt.InvalidIssuerError, "wrong issuer"),
+        (jwt.exceptions.InvalidSubjectError, "the token's sub is not a valid user id"),
+        (jwt.DecodeError, "malformed token"),
+    ]
 
 
 class Authenticator:
@@ -329,7 +334,12 @@ class Authenticator:
         self._key_digests = [_digest(k) for k in keys]
         #: whether anything is configured; when not, everything is allowed
         self.enabled = bool(self._key is not None or self._key_digests)
-        self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"]})
+        self._jwt: Any = None
+        if self._key is not None:
+            # Imported here: PyJWT and cryptography cost a server start ~30 ms.
+            import jwt
+
+            self._jwt = jwt.PyJWT(options={"require": ["exp", "sub"]})
 
     @property
     def tokens(self) -> bool:
@@ -354,13 +364,15 @@ class Authenticator:
         return Identity(user, int(claims["exp"]) + LEEWAY)
 
     def _decode(self, raw: bytes) -> dict[str, Any]:
+        import jwt  # imported by __init__ already
+
         try:
             return self._jwt.decode(raw, self._key, algorithms=self._algorithms,
                                     audience=self.audience, issuer=self.issuer, leeway=LEEWAY)
         except jwt.MissingRequiredClaimError as exc:
             raise _unauthorized(f"the token has no {exc.claim} claim") from None
         except jwt.InvalidTokenError as exc:
-            for kind, description in _JWT_ERRORS:
+            for kind, description in _jwt_errors():
                 if isinstance(exc, kind):
                     raise _unauthorized(description) from None
             raise _unauthorized("invalid token") from None

@@ -18,7 +18,6 @@ import sys
 import click
 
 from cometd.config import OPTIONS, Config, ConfigError, load, to_toml
-from cometd.loader import LoadError, load_friends
 from cometd.store import StoreError, SubscriptionStore
 
 __all__ = ["main", "cli"]
@@ -337,6 +336,8 @@ def load_command(file: str, db: str, directed: bool) -> None:
     line number and nothing is stored. Loading the same file twice stores
     nothing new.
     """
+    from cometd.loader import LoadError, load_friends  # numpy: ~70 ms no server start needs
+
     db = _config(None, {"db": db}).store.db
     store = open_store(db)
     progress = _StageProgress()

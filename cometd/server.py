@@ -74,7 +74,6 @@ from cometd.counts import COUNTS
 from cometd.history import Replay
 from cometd.httprequest import RequestBody, RequestError, read_head
 from cometd.limits import Admission
-from cometd.loader import load_friends
 from cometd.longpoll import POLL_KEY, accept_poll, open_poll
 from cometd.longpoll import take as take_poll
 from cometd.metrics import exposition
@@ -598,6 +597,8 @@ class LocalBackend:
         return list(islice(self.table.users, limit)), len(self.table.users)
 
     def load(self, path: str, directed: bool = False) -> int:
+        from cometd.loader import load_friends  # numpy: ~70 ms no start needs
+
         return self._blocking(load_friends, self.store, path, directed).stored
 
     def stats(self) -> dict[str, Any]:

@@ -54,31 +54,11 @@ def start_server(db: str, *args: str, timeout: float = 20,
                  prefix: tuple[str, ...] | list[str] = ()) -> ServerProcess:
     """Start `bin/cometd --port 0 --admin-port 0 --db DB ARGS` (after *prefix*, e.g.
     `strace ...`) and wait until it listens."""
-    cmd = [*prefix, sys.executable, COMETD, "--port", "0", "--admin-port", "0", "--db", db, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
-    lines: list[str] = []
-    found: list[re.Match] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            match = BANNER.search(line)
-            if match and not found:
-                found.append(match)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    deadline = timeout
-    while not found and proc.poll() is None and deadline > 0:
-        threading.Event().wait(0.05)
-        deadline -= 0.05
-    if not found:
-        proc.kill()
-        raise RuntimeError("cometd did not start:\n" + "".join(lines))
-    m = found[0]
-    return ServerProcess(proc, m.group(1), int(m.group(2)),
-                         int(m.group(4)) if m.group(4) else None, db, lines)
+    started = start_cometd(["--port", "0", "--admin-port", "0", "--db", db, *args],
+                           BANNER.pattern, timeout, prefix)
+    m = started.match
+    return ServerProcess(started.proc, m.group(1), int(m.group(2)),
+                         int(m.group(4)) if m.group(4) else None, db, started.output)
 
 
 #: server variants a module's server runs as: each connection mode, and publishes
@@ -258,12 +238,13 @@ def start_cometd(args: list[str], ready: str, timeout: float = 20,
                 event.set()
         event.set()
 
+    # The banner wakes this at once: no poll interval is added to every start.
     threading.Thread(target=read, daemon=True).start()
     event.wait(timeout)
     if not found:
         proc.kill()
         proc.wait(5)
-        raise RuntimeError(f"{' '.join(args[:1])} did not start:\n" + "".join(lines))
+        raise RuntimeError(f"cometd {' '.join(args[:1])} did not start:\n" + "".join(lines))
     return CometdProcess(proc, found[0], lines)
 
 

@@ -584,3 +584,21 @@ def test_streams_arriving_one_by_one_are_accepted_in_batches(srv):
             s.close()
     # one wakeup a stream without batching; ~(40 x 5 ms) / 20 ms = 10 with it
     assert woken < n * 0.6, woken
+
+
+def test_a_start_loads_neither_numpy_nor_pyjwt_until_it_needs_them(tmp_path):
+    """A server start leaves out ~100 ms of imports: an edge never needs numpy,
+    a server with no JWT key never needs PyJWT and cryptography. numpy comes
+    with the first subscription write (PyJWT with a secret: the auth tests)."""
+    def loaded(pid: int) -> set[str]:
+        with open(f"/proc/{pid}/maps") as f:
+            maps = f.read()
+        return {name for name in ("numpy", "cryptography") if f"/{name}/" in maps}
+
+    srv = start_server(str(tmp_path / "db"), "--admin-port", "-1")
+    try:
+        assert loaded(srv.proc.pid) == set()
+        assert http_json(srv, "POST", "/subscriptions", [["a", "b"]]) == (200, {"added": 1})
+        assert loaded(srv.proc.pid) == {"numpy"}
+    finally:
+        srv.stop()
