@@ -44,8 +44,10 @@ ramp. :meth:`Authenticator.verify_token` therefore first tries
 ``{"alg":"HS256"}``, canonical base64url, a good HMAC, integer ``exp``,
 ``nbf`` and ``iat``, string claims) and returns None for anything else, which
 then goes to PyJWT, the one authority on rejections and their reasons.
-tests/test_auth.py checks on thousands of mutated tokens that it never
-accepts a token PyJWT refuses.
+tests/test_auth.py checks on thousands of mutated tokens, and on re-signed
+ones encoded every wrong way, that it never accepts a token PyJWT refuses.
+It costs ~2.7 us a token in process, mostly the HMAC (two keyed hashlib
+states copied, 0.6 us), the JSON (``raw_decode``, 0.4 us) and base64.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def query_token(query: str) -> str | None:
     """The ``token`` parameter of a query string (None when there is none)."""
     if "token=" not in query:
         return None
+    if query.startswith("token=") and "&" not in query:  # the common case, and cheaper
+        return unquote(query[6:])
     found = [part[6:] for part in query.split("&") if part.startswith("token=")]
     if len(found) > 1:
         raise _unauthorized("more than one token parameter")
@@ -150,9 +154,20 @@ def cookie_token(header: str | None, name: str) -> str | None:
 # -- the fast HS256 check (see the module docstring) ---------------------------------
 
 _HS256_HEADERS = ({"alg": "HS256", "typ": "JWT"}, {"alg": "HS256"})
+_JSON_OBJECT = json.JSONDecoder().raw_decode
 
 
 _URLSAFE = bytes.maketrans(b"-_+/", b"+/-_")  # base64url <-> base64 (an involution)
+#: the HMAC pads (RFC 2104), as byte translations of the key
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+#: the padding of an unpadded segment, by its length mod 4 (1 is never valid)
+_PADDING = (b"", b"", b"==", b"=")
+#: the last characters a canonical segment may end with, by its length mod 4: any, none,
+#: one carrying 2 bits and 4 zero ones, one carrying 4 bits and 2 zero ones
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_CANONICAL_LAST = tuple(frozenset(_ALPHABET[i:i + 1] for i in range(0, len(_ALPHABET), step))
+                        if step else frozenset() for step in (1, 0, 16, 4))
 
 
 def _b64decode(segment: bytes) -> bytes | None:
@@ -160,7 +175,7 @@ def _b64decode(segment: bytes) -> bytes | None:
     if len(segment) % 4 == 1 or b"=" in segment:
         return None
     try:  # strict: any character outside the alphabet is an error
-        data = binascii.a2b_base64(segment.translate(_URLSAFE) + b"=" * (-len(segment) % 4),
+        data = binascii.a2b_base64(segment.translate(_URLSAFE) + _PADDING[len(segment) % 4],
                                    strict_mode=True)
     except binascii.Error:
         return None
@@ -173,20 +188,29 @@ def _b64encode(data: bytes) -> bytes:
     return binascii.b2a_base64(data, newline=False).rstrip(b"=").translate(_URLSAFE)
 
 
-def _plain_int(value: Any) -> bool:
-    return type(value) is int
-
-
 class _FastHS256:
     """The accept-only HS256 check; None means "ask PyJWT"."""
 
     def __init__(self, secret: bytes, audience: str | None, issuer: str | None) -> None:
-        #: the keyed HMAC state, copied per token
-        self.mac = hmac.new(secret, digestmod="sha256")
+        # HMAC-SHA256 (RFC 2104) as two keyed hashlib states, copied per token: 0.56 us
+        # a token against 0.95 for a copy of hmac's own state (tests compare the two).
+        if len(secret) > 64:
+            secret = hashlib.sha256(secret).digest()
+        secret = secret.ljust(64, b"\0")
+        self.inner = hashlib.sha256(secret.translate(_IPAD))
+        self.outer = hashlib.sha256(secret.translate(_OPAD))
         self.audience = audience
         self.issuer = issuer
         #: header segments known to be exactly one of _HS256_HEADERS (bounded)
         self.headers: set[bytes] = set()
+
+    def mac(self, signed: bytes) -> bytes:
+        """The HMAC-SHA256 of *signed* under the secret."""
+        inner = self.inner.copy()
+        inner.update(signed)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def _header_ok(self, segment: bytes) -> bool:
         if segment in self.headers:
@@ -202,32 +226,36 @@ class _FastHS256:
 
     def __call__(self, token: bytes, now: float) -> dict[str, Any] | None:
         parts = token.split(b".")
-        if len(parts) != 3 or not self._header_ok(parts[0]):
+        if len(parts) != 3:
             return None
-        signed = parts[0] + b"." + parts[1]
+        header, payload, signature = parts
+        if header not in self.headers and not self._header_ok(header):
+            return None
         # Comparing the encoded signature also demands its canonical form.
-        mac = self.mac.copy()
-        mac.update(signed)
-        expected = _b64encode(mac.digest())
-        if not hmac.compare_digest(expected, parts[2]):
+        if not hmac.compare_digest(_b64encode(self.mac(token[:len(header) + len(payload) + 1])),
+                                   signature):
             return None
-        data = _b64decode(parts[1])
-        if data is None:
+        # Canonical, as PyJWT demands: no "=", and no stray bits in the last character
+        # (a lookup, cheaper than _b64decode's encoding it back).
+        if b"=" in payload or payload[-1:] not in _CANONICAL_LAST[len(payload) % 4]:
             return None
         try:  # UTF-8 only (PyJWT also takes UTF-16 and -32 JSON: it judges those)
-            claims = json.loads(data.decode())
-        except ValueError:
+            text = binascii.a2b_base64(payload.translate(_URLSAFE) + _PADDING[len(payload) % 4],
+                                       strict_mode=True).decode()
+            # raw_decode skips json.loads' Python layers (0.4 us against 0.9); any
+            # whitespace around the object is left to PyJWT.
+            claims, end = _JSON_OBJECT(text)
+        except (binascii.Error, ValueError):
             return None
-        if type(claims) is not dict:
+        if type(claims) is not dict or end != len(text):
             return None
         get = claims.get
-        exp, sub = get("exp"), get("sub")
-        if not (_plain_int(exp) and type(sub) is str and exp > now - LEEWAY):
+        exp, nbf, iat = get("exp"), get("nbf", 0), get("iat", 0)
+        # type() is int: neither a bool nor a float (PyJWT judges those)
+        if not (type(exp) is int and exp > now - LEEWAY and type(get("sub")) is str
+                and type(nbf) is int and nbf <= now + LEEWAY
+                and type(iat) is int and iat <= now + LEEWAY):
             return None
-        for name in ("nbf", "iat"):
-            value = get(name, 0)
-            if not (_plain_int(value) and value <= now + LEEWAY):
-                return None
         if "jti" in claims and type(claims["jti"]) is not str:
             return None
         if get("aud") != self.audience or ("iss" in claims or self.issuer is not None) and (

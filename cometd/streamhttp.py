@@ -117,7 +117,9 @@ def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
     path, route, user, query, minor, fields = match.groups()
     # *fields* starts with the request line's LF, so every name follows one.
     fields = fields.lower()
-    if (query and _RESUME_PARAMS.search(query)) or b"\nlast-event-id:" in fields:
+    # The substring test first: the search alone costs ~1.3 us on a query with a token.
+    if (query and (b"since=" in query or b"last_event_id=" in query)
+            and _RESUME_PARAMS.search(query)) or b"\nlast-event-id:" in fields:
         return None  # a resume: the web app takes it
     if not plain_fields(fields, minor == b"0"):
         return None

@@ -11,6 +11,7 @@ no private key is stored anywhere.
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import random
 import socket
@@ -41,6 +42,7 @@ from cometd.auth import (
     AuthError,
     Identity,
     Minter,
+    _FastHS256,
     bearer,
     cookie_token,
     query_token,
@@ -192,6 +194,42 @@ def test_fast_check_never_accepts_what_pyjwt_refuses():
                               options={"require": ["exp", "sub"]})
         assert got == expected
     assert accepted > 50  # the check does take the plain case
+
+
+def test_fast_check_refuses_a_signed_payload_pyjwt_finds_badly_encoded():
+    # Re-signed, so that only the encoding is wrong: every last character of
+    # payloads of each length mod 4, stray bits and padding included.
+    auth = Authenticator(AuthConfig(jwt_secret=SECRET))
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+    checked = set()
+    for pad in range(3):
+        claims = json.dumps({"sub": "a" * (pad + 1), "exp": int(time.time()) + 60})
+        good = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=")
+        for last in [*b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"]:
+            for payload in (good[:-1] + bytes([last]), good + b"=", good + b"A"):
+                signed = header + b"." + payload
+                sig = base64.urlsafe_b64encode(hmac.new(SECRET.encode(), signed,
+                                                        "sha256").digest()).rstrip(b"=")
+                tok = signed + b"." + sig
+                try:
+                    expected = jwt.decode(tok, SECRET, algorithms=["HS256"])
+                except jwt.InvalidTokenError:
+                    expected = None
+                got = auth._fast(tok, time.time())
+                assert got is None or got == expected, tok
+                checked.add((len(payload) % 4, got is None, expected is None))
+    assert {(1, True, True), (2, True, True), (3, True, True), (2, False, False),
+            (3, False, False)} <= checked
+
+
+def test_the_fast_checks_hmac_is_hmac_sha256_for_any_secret_length():
+    rng = random.Random(3)
+    for length in (32, 63, 64, 65, 200):
+        secret = bytes(rng.randrange(256) for _ in range(length))
+        fast = _FastHS256(secret, None, None)
+        for size in (0, 1, 55, 56, 64, 119, 1000):
+            signed = bytes(rng.randrange(256) for _ in range(size))
+            assert fast.mac(signed) == hmac.new(secret, signed, "sha256").digest()
 
 
 def test_minted_tokens_are_what_pyjwt_reads_and_the_fast_check_takes():
