@@ -7,7 +7,8 @@
 Each of --runs rounds starts afresh in a temp dir: ``genfriends --n USERS --m
 FRIENDS --seed 1`` loaded into a new database, then the server (one process
 in pool mode, or with --workers N a router and N edges over a Redis started
-here), ``floodtest --events --reconnect --record`` holding one SSE stream per
+here; keep-alives off, ``--keepalive 3600``, so that the end of the deliveries
+shows as a quiet floodtest), ``floodtest --events --reconnect --record`` holding one SSE stream per
 user, and, once all are counted, ``msggen --record`` publishing --rate
 messages a second from random users for --publish seconds. Two seconds into
 it, the storm:
@@ -125,9 +126,11 @@ class Round:
         self.run_tool("genfriends", [*tool("genfriends"), "--n", str(a.users), "--m",
                                      str(a.friends), "--seed", "1", "-o", str(self.friends)], 120)
         self.run_tool("load", [*tool("cometd"), "load", "--db", str(db), str(self.friends)], 300)
+        # No keep-alives within a run: spread over their interval, they would keep
+        # floodtest's chunk count moving, and settle() would wait its whole 60 s.
         server = [*tool("cometd"), "--port", str(self.port), "--mode", a.mode, "--db", str(db),
                   "--admin-port", str(self.admin_port), "--history-size", "1000",
-                  "--replay-max", "10000"]
+                  "--replay-max", "10000", "--keepalive", "3600"]
         if a.workers:
             redis_port = free_port()
             self.spawn("redis", ["redis-server", "--port", str(redis_port), "--bind",
