@@ -473,6 +473,23 @@ def test_a_send_answer_is_json_dumps_bytes():
         assert b"\r\nVary: Origin\r\n" in head and b"Connection" not in head
 
 
+def test_a_batch_answer_is_json_dumps_bytes():
+    """A batch's results, written from pieces, are json.dumps's bytes; so are its errors."""
+    from cometd.history import format_ids
+    from cometd.publish import Answer, _answer_bytes, results_json
+    from cometd.router import Sent
+    for sent in ([], [Sent(0, "1-0")], [(12345, "4294967295-18446744073709551615"), (0, "2-9")],
+                 list(zip(range(100), format_ids(5 << 64 | 99_999_950, 100), strict=True))):
+        text = results_json(sent)
+        assert text == json.dumps({"results": [{"delivered": d, "id": i} for d, i in sent]})
+        for payload in (text, {"error": 'line 7: not JSON: "\u00e9" \u00e9'}):
+            data = _answer_bytes(Answer(200 if payload is text else 400, payload), False,
+                                 "Vary: Origin\r\n", False)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert body == (text if payload is text else json.dumps(payload)).encode()
+            assert b"\r\nContent-Length: %d\r\n" % len(body) in head
+
+
 class _CountingSocket(socket.socket):
     """A real socket that counts its sends."""
 
