@@ -34,7 +34,7 @@ presence, which waits for a delivery flush per message, groups the whole
 batch first and waits once: ``deliver_many``). At most ``pool_size``
 fan-outs run at once. With nobody online a message costs no subscriber
 lookup: it is handed to the target with no recipients, so the target still
-sees its key.
+sees its key (a batch for nobody hands over only its newest message).
 
 Each message gets its id (:mod:`cometd.history`) in its subject's lock, so
 ids follow that order too. Across subjects, a fan-out that yields could let
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from time import perf_counter
 from typing import NamedTuple, Protocol
 
@@ -86,6 +87,10 @@ class Sent(NamedTuple):
 
     delivered: int
     id: str
+
+
+#: Sent._make without its Python frame (one a message of a batch)
+_new_sent = partial(tuple.__new__, Sent)
 
 
 class _Ticket:
@@ -170,8 +175,8 @@ class Router:
                 self.fanout.settle(keys[0])
             with self._slots:
                 delivered = self._dispatch(messages, keys, flight, start)
-            return list(map(Sent._make, zip(delivered, format_ids(keys[0], len(keys)),
-                                            strict=True)))
+            return list(map(_new_sent, zip(delivered, format_ids(keys[0], len(keys)),
+                                           strict=True)))
         finally:
             for subject in subjects:
                 line = lines[subject]
@@ -204,16 +209,25 @@ class Router:
                 for n in delivered:
                     FANOUT_SIZE.observe(n)
                 return delivered
-            delivered = []
             deliver, last = fanout.deliver, keys[-1]
+            if not index:
+                # Nobody online, and nothing here yields, so nobody logs in
+                # before the batch ends: no subscriber lookups, nothing to
+                # hold back, and the target is handed only the newest message
+                # (what it learns from a message for nobody is its key, and it
+                # keeps the newest: a fresh stream's welcome id).
+                subject, body = messages[-1]
+                deliver((), Message(subject, body, last))
+                PUBLISH_TO_WRITE.observe_many(perf_counter() - start, len(keys))
+                FANOUT_SIZE.observe_many(0, len(keys))
+                return [0] * len(keys)
+            delivered = []
             idle = 0  # messages for nobody: their metrics go in once
             for key, (subject, body) in zip(keys, messages, strict=True):
                 message = Message(subject, body, key)
                 if not index:
-                    # Nobody online: no subscriber lookup, nothing to hold
-                    # back. Nothing here yields, so nobody logs in before the
-                    # batch ends. The target still sees the key (a fresh
-                    # stream's welcome id is the newest one).
+                    # Nobody online any more (they left while a fan-out
+                    # yielded): as above, message by message.
                     delivered.append(deliver((), message))
                     idle += 1
                     continue

@@ -36,7 +36,7 @@ from conftest import (
     wait_for,
 )
 
-from cometd.connections import MODES
+from cometd.connections import MODES, ConnectionTable
 from cometd.history import History, parse_id
 from cometd.loader import load_friends
 from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
@@ -493,6 +493,16 @@ def test_a_failing_lookup_in_the_middle_of_a_batch_ends_it_and_keeps_it_all(stor
     assert router.send("s", b"next").delivered == 1
 
 
+def test_a_batch_for_nobody_leaves_the_table_its_newest_id(store):
+    # A fresh stream's welcome id is the table's newest key: a batch for
+    # nobody, handed over as its newest message alone, still moves it on.
+    table = ConnectionTable("pool")
+    router = Router(store, table, History(store.db))
+    sent = router.send_batch([("s", b"1"), ("t", b"2"), ("s", b"3")])
+    assert table.newest == parse_id(sent[-1].id) == router.history.last
+    assert [n for n, _ in sent] == [0, 0, 0]
+
+
 def _count_and_sum(histogram) -> tuple[float, float]:
     (family,) = histogram.collect()
     got = {s.name: s.value for s in family.samples if "le" not in s.labels}
@@ -501,14 +511,15 @@ def _count_and_sum(histogram) -> tuple[float, float]:
 
 def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts(store):
     # Nobody online: nobody to look up or walk (the fake fails on any
-    # recipient), yet each message is handed over with its key and counted.
+    # recipient), yet the newest message is handed over with its key, and
+    # each message is counted.
     store.add_subscriptions([("a", "s"), ("b", "s")])
     fanout = FakeFanout(lambda message: pytest.fail("a recipient walked with nobody online"))
     router = Router(store, fanout, History(store.db))
     sizes, times = _count_and_sum(FANOUT_SIZE), _count_and_sum(PUBLISH_TO_WRITE)
     sent = router.send_batch([("s", b"1"), ("t", b"2"), ("s", b"3")])
     assert [n for n, _ in sent] == [0, 0, 0]
-    assert fanout.handed == [("s", b"1", []), ("t", b"2", []), ("s", b"3", [])]
+    assert fanout.handed == [("s", b"3", [])]
     assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 3, sizes[1])
     assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 3
 
@@ -518,6 +529,6 @@ def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts
     fanout.login("s", 2)
     sent = router.send_batch([("s", b"4"), ("x", b"5")])
     assert [n for n, _ in sent] == [3, 0]
-    assert fanout.handed[3:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
+    assert fanout.handed[1:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
     assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 5, sizes[1] + 3)
     assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 5
