@@ -503,6 +503,26 @@ def test_a_batch_for_nobody_leaves_the_table_its_newest_id(store):
     assert [n for n, _ in sent] == [0, 0, 0]
 
 
+def test_a_send_for_nobody_waits_its_turn_behind_a_fan_out_under_way(store):
+    # A send for nobody with nothing else on its way skips the subject's
+    # line; behind a fan-out of its subject that yields, it must not.
+    store.add_subscriptions([("a", "s")])
+    gate = gevent.event.Event()
+    fanout = FakeFanout(lambda message: gate.wait(timeout=5))
+    fanout.login("a")
+    router = Router(store, fanout, History(store.db))
+    first = gevent.spawn(router.send, "s", b"1")
+    gevent.sleep(0)  # first is in its fan-out, at the gate
+    fanout.index.discard("a")  # and then nobody is online
+    second = gevent.spawn(router.send, "s", b"2")
+    gevent.sleep(0.01)
+    assert not second.ready() and fanout.handed == []
+    gate.set()
+    first.get(timeout=5)  # (a left before its turn in the walk: 0 or 1 delivered)
+    assert second.get(timeout=5).delivered == 0
+    assert [body for _, body, _ in fanout.handed] == [b"1", b"2"]
+
+
 def _count_and_sum(histogram) -> tuple[float, float]:
     (family,) = histogram.collect()
     got = {s.name: s.value for s in family.samples if "le" not in s.labels}
