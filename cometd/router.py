@@ -221,8 +221,8 @@ class Router:
                 for n in delivered:
                     FANOUT_SIZE.observe(n)
                 return delivered
-            deliver, last = fanout.deliver, keys[-1]
             delivered = []
+            deliver, last = fanout.deliver, keys[-1]
             idle = 0  # messages for nobody: their metrics go in once
             for key, (subject, body) in zip(keys, messages, strict=True):
                 message = Message(subject, body, key)
