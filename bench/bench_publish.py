@@ -19,10 +19,12 @@ connection after 1,000 requests (keepalive_requests), and the client then
 opens the next: 10 connections in 10,000 publishes. Rounds alternate between
 the contenders; the table shows the median and each round.
 
-``--floors`` adds ``bench/publish_floor.py``'s bare servers (CPython's
-epoll, gevent's io watcher, the watcher and a greenlet switch: each a
-canned 200 per request) to the single-send rounds, the floors under
-cometd's figure.
+``--floors`` adds ``bench/publish_floor.py``'s servers to the single-send
+rounds: the bare ones (CPython's epoll, gevent's io watcher, the watcher
+and a greenlet switch: each a canned 200 per request), the floors under
+cometd's figure, and cometd in pool mode with the router's send, then
+only the history's write, left out: the rows' differences split cometd's
+figure into the loop's, the router's and the history's shares.
 
 ``--also NAME=DIR`` adds a contender: the fast path in pool mode of the
 checkout in DIR (another commit, built by the same virtualenv), so a
@@ -175,16 +177,22 @@ def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
     raise RuntimeError(f"cometd {name} did not start")
 
 
-def start_floor(kind: str) -> tuple[subprocess.Popen, int]:
-    """One of ``bench/publish_floor.py``'s bare servers, pinned as cometd is."""
+def start_floor(tmp: Path, kind: str) -> tuple[subprocess.Popen, int]:
+    """One of ``bench/publish_floor.py``'s servers, pinned as cometd is."""
+    flags = [] if kind in ("epoll", "watcher", "greenlet") else [
+        "--port", "0", "--admin-port", "-1", "--mode", "pool", "--db", str(tmp / kind)]
     proc = subprocess.Popen(
         ["taskset", "-c", str(SERVER_CPU), sys.executable, str(ROOT / "bench" / "publish_floor.py"),
-         kind], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "http://127.0.0.1:" not in line:
-        proc.kill()
-        raise RuntimeError(f"floor {kind} did not start")
-    return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+         kind, *flags], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "http://127.0.0.1:" in line:
+            return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"floor {kind} did not start")
 
 
 def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
@@ -211,9 +219,11 @@ def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
 
 
 #: bench/publish_floor.py's servers, and their rows' names
-FLOORS = (("epoll", "CPython select.epoll, canned 200"),
-          ("watcher", "gevent io watcher callback, canned 200"),
-          ("greenlet", "gevent io watcher + greenlet switch, canned 200"))
+FLOORS = (("epoll", "floor: CPython select.epoll, canned 200"),
+          ("watcher", "floor: gevent io watcher callback, canned 200"),
+          ("greenlet", "floor: gevent io watcher + greenlet switch, canned 200"),
+          ("no-router", "split: cometd pool, fast path, the router answering at once"),
+          ("no-history", "split: cometd pool, fast path, the history writing nothing"))
 
 SAMPLE_US = 2000  # py-spy at 500 Hz
 
@@ -292,7 +302,7 @@ def main() -> None:
                                                               Path(path).resolve())
         if args.floors:
             for kind, label in FLOORS:
-                servers[f"floor: {label}"] = start_floor(kind)
+                servers[label] = start_floor(tmp, kind)
         nginx = None if args.no_nchan else nchan_available()
         if nginx:
             servers["nginx + nchan"] = start_nchan(nginx, tmp)

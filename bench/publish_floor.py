@@ -2,6 +2,7 @@
 """The floors under a single ``POST /send``: bare servers answering each with a canned 200.
 
     bench/publish_floor.py {epoll,watcher,greenlet} [--port 0]
+    bench/publish_floor.py {no-router,no-history} [bin/cometd's options]
 
 What a paced keep-alive publish costs with nothing of ours in it, so that
 ``bench/bench_publish.py --floors`` can split cometd's figure against nchan's
@@ -17,6 +18,18 @@ Each reads what has come (one ``recv``), cuts the requests it holds (head,
 ``Content-Length``, body) and answers all of them with one ``send`` of the
 bytes cometd answers a send with (the date fixed). It prints the URL it
 serves, as ``bin/cometd`` does, and runs until killed. Loopback only.
+
+Two more split cometd's own figure, each ``bin/cometd`` (the rest of the
+arguments are its options) with one part left out, so the differences
+between the rows are each part's share:
+
+- ``no-router``: :meth:`cometd.router.Router.send_batch` hands out ids and
+  does nothing else (no history, no fan-out, no metrics): the loop's share;
+- ``no-history``: :meth:`cometd.history.History.record_batch` hands out ids
+  and writes nothing (no LevelDB): the router's Python without the write.
+
+These are measuring tools, never a way to run cometd: what they answer
+is not kept anywhere.
 """
 
 from __future__ import annotations
@@ -25,8 +38,12 @@ import _socket
 import argparse
 import select
 import socket
+import sys
+from pathlib import Path
 
-__all__ = ["ANSWER", "answers", "main"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+__all__ = ["ANSWER", "answers", "serve_ablated", "main"]
 
 _BODY = b'{"delivered": 0, "id": "1-1"}'
 #: the answer to every request: cometd's send answer, byte for byte but for the date
@@ -138,7 +155,31 @@ def serve_gevent(listener: socket.socket, switch: bool) -> None:
     hub.join()
 
 
+def serve_ablated(kind: str, argv: list[str]) -> None:
+    """``bin/cometd argv`` with the router's send (``no-router``) or the history write left out."""
+    import itertools
+
+    from cometd import cli, history, router
+
+    ids = itertools.count(1)
+    if kind == "no-router":
+        def send_batch(self, messages, marks=None):
+            return [router.Sent(0, f"1-{next(ids)}") for _ in messages]
+        router.Router.send_batch = send_batch
+    else:
+        def record_batch(self, messages, marks=None):
+            first = self._last + 1
+            self._last += len(messages)
+            return list(range(first, self._last + 1))
+        history.History.record_batch = record_batch
+    sys.argv = ["cometd", *argv]
+    cli.main()
+
+
 def main() -> None:
+    if sys.argv[1:2] in (["no-router"], ["no-history"]):
+        serve_ablated(sys.argv[1], sys.argv[2:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("kind", choices=("epoll", "watcher", "greenlet"))
     ap.add_argument("--port", type=int, default=0)
