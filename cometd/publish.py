@@ -300,12 +300,18 @@ _Request = tuple[str | None, int, bool, str | None, str | None, str | None]
 _PLAIN_HEAD = re.compile(
     rb"POST /(?:send/(" + ID_PATTERN.encode() + rb")|publish) HTTP/1\.1"
     rb"(\r\n(?:" + TCHAR.encode() + rb"+:" + FIELD_VALUE.encode() + rb"*\r\n)*)\r\n")
-#: headers the fast path reads, each at most once (a field begins after a CRLF)
-_READ = (b"\r\nauthorization:", b"\r\nx-api-key:", b"\r\norigin:")
+#: one header line of a head _PLAIN_HEAD took: its name and its value without the padding
+#: (the value is lazy, so the padding before the CRLF is left to the last group)
+_FIELD = re.compile(rb"\r\n(" + TCHAR.encode() + rb"+):[ \t]*(" + FIELD_VALUE.encode()
+                    + rb"*?)[ \t]*(?=\r\n)")
+#: headers the fast path reads, each at most once, and where _plain_request keeps them
+_READ = {b"host": 0, b"content-length": 1, b"authorization": 2, b"x-api-key": 3, b"origin": 4}
+#: headers that take a request beyond the common shape (read_head reads them)
+_BEYOND = frozenset((b"transfer-encoding", b"expect", b"connection"))
 
 
-def _plain_request(head: bytes) -> _Request | None:
-    """*head* (through its empty line) when it has the common shape, else None.
+def _plain_request(head: bytes | bytearray, end: int | None = None) -> _Request | None:
+    """*head* (through its empty line, at *end* if given) when it has the common shape, else None.
 
     Theory of operation: an accept-only reading, as :mod:`cometd.auth`'s fast
     HS256 check is for tokens. It takes a head only where :func:`_general_request` (the strict
@@ -313,39 +319,35 @@ def _plain_request(head: bytes) -> _Request | None:
     and leaves everything else to it: so it never decides an error, and the
     smuggling defences are read_head's. The regular expression holds every
     line to the field grammar (no bare CR or LF, no folding, token names), so
-    in the lower-cased block a CRLF followed by a name and a colon can only
-    begin a field of that name.
+    each CRLF in the block begins a field and :data:`_FIELD` reads every
+    field of it, one a line.
     """
-    match = _PLAIN_HEAD.fullmatch(head)
+    match = _PLAIN_HEAD.fullmatch(head, 0, len(head) if end is None else end)
     if match is None:
         return None
-    block = match[2]
-    low = block.lower()
-    if (low.count(b"\r\nhost:") != 1 or b"\r\ntransfer-encoding:" in low
-            or b"\r\nexpect:" in low or b"\r\nconnection:" in low):
-        return None  # framing or options beyond the common shape: read_head reads them
-    at = low.find(b"\r\ncontent-length:")
+    got: list[bytes | None] = [None, None, None, None, None]
+    for name, value in _FIELD.findall(match[2]):
+        key = name.lower()
+        at = _READ.get(key)
+        if at is not None:
+            if got[at] is not None:
+                return None  # doubled: read_head's to refuse or read
+            got[at] = value
+        elif key in _BEYOND:
+            return None  # framing or options beyond the common shape
+    host, digits, authorization, api_key, origin = got
+    if host is None:
+        return None
     length = 0
-    if at >= 0:
-        if low.find(b"\r\ncontent-length:", at + 1) >= 0:
-            return None
-        start = at + 17
-        digits = block[start:block.index(b"\r", start)].strip(b" \t")
+    if digits is not None:
         if not (0 < len(digits) <= 18 and digits.isdigit()):
             return None
         length = int(digits)
-    values: list[str | None] = []
-    for name in _READ:
-        at = low.find(name)
-        if at < 0:
-            values.append(None)
-            continue
-        if low.find(name, at + 1) >= 0:
-            return None
-        start = at + len(name)
-        values.append(block[start:block.index(b"\r", start)].strip(b" \t").decode("latin-1"))
     subject = match[1]
-    return (None if subject is None else subject.decode(), length, False, *values)
+    return (None if subject is None else subject.decode(), length, False,
+            None if authorization is None else authorization.decode("latin-1"),
+            None if api_key is None else api_key.decode("latin-1"),
+            None if origin is None else origin.decode("latin-1"))
 
 
 def _general_request(head: bytes) -> _Request | None:
@@ -592,8 +594,7 @@ def _serve(server: Any, conn: _Publisher) -> bytes | None:
         start = end + 4
         if start > FAST_HEAD_BYTES or not buf.startswith(FAST_PREFIXES):
             return bytes(buf) if not out or conn.flush() else None
-        head = bytes(buf[:start])
-        request = _plain_request(head) or _general_request(head)
+        request = _plain_request(buf, start) or _general_request(bytes(buf[:start]))
         if request is None:
             return bytes(buf) if not out or conn.flush() else None
         subject, length, close, authorization, api_key, origin = request
