@@ -2,7 +2,8 @@
 """Server CPU per publish: the fast path, the bottle path and nginx + nchan, single and batched.
 
     bench/bench_publish.py [--count 10000] [--rate 2000] [--rounds 3] [--batch 100]
-                           [--size 100] [--no-nchan] [--profile FILE] [--also NAME=DIR ...]
+                           [--size 100] [--no-nchan] [--profile FILE] [--floors]
+                           [--also NAME=DIR ...]
 
 Contenders: ``bin/cometd`` in pool and greenlet mode, each with the fast
 path (the default) and with ``--no-fast-publish`` (pywsgi and bottle), and
@@ -17,6 +18,13 @@ and its children) divided by the messages answered 2xx. nginx ends a keep-alive
 connection after 1,000 requests (keepalive_requests), and the client then
 opens the next: 10 connections in 10,000 publishes. Rounds alternate between
 the contenders; the table shows the median and each round.
+
+``--floors`` adds ``bench/publish_floor.py``'s servers to the single-send
+rounds: the bare ones (CPython's epoll, gevent's io watcher, the watcher
+and a greenlet switch: each a canned 200 per request), the floors under
+cometd's figure, and cometd in pool mode with the router's send, then
+only the history's write, left out: the rows' differences split cometd's
+figure into the loop's, the router's and the history's shares.
 
 ``--also NAME=DIR`` adds a contender: the fast path in pool mode of the
 checkout in DIR (another commit, built by the same virtualenv), so a
@@ -169,6 +177,24 @@ def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
     raise RuntimeError(f"cometd {name} did not start")
 
 
+def start_floor(tmp: Path, kind: str) -> tuple[subprocess.Popen, int]:
+    """One of ``bench/publish_floor.py``'s servers, pinned as cometd is."""
+    flags = [] if kind in ("epoll", "watcher", "greenlet") else [
+        "--port", "0", "--admin-port", "-1", "--mode", "pool", "--db", str(tmp / kind)]
+    proc = subprocess.Popen(
+        ["taskset", "-c", str(SERVER_CPU), sys.executable, str(ROOT / "bench" / "publish_floor.py"),
+         kind, *flags], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "http://127.0.0.1:" in line:
+            return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"floor {kind} did not start")
+
+
 def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
     work = tmp / "nchan"
     (work / "client_body").mkdir(parents=True)
@@ -191,6 +217,13 @@ def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
     proc.kill()
     raise RuntimeError("nginx + nchan did not start")
 
+
+#: bench/publish_floor.py's servers, and their rows' names
+FLOORS = (("epoll", "floor: CPython select.epoll, canned 200"),
+          ("watcher", "floor: gevent io watcher callback, canned 200"),
+          ("greenlet", "floor: gevent io watcher + greenlet switch, canned 200"),
+          ("no-router", "split: cometd pool, fast path, the router answering at once"),
+          ("no-history", "split: cometd pool, fast path, the history writing nothing"))
 
 SAMPLE_US = 2000  # py-spy at 500 Hz
 
@@ -247,6 +280,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=100, help="bytes per message")
     ap.add_argument("--no-nchan", action="store_true")
     ap.add_argument("--profile", metavar="DIR", help="py-spy a fast-path server into DIR")
+    ap.add_argument("--floors", action="store_true",
+                    help="also measure bench/publish_floor.py's bare servers (single sends)")
     ap.add_argument("--also", metavar="NAME=DIR", action="append", default=[],
                     help="also measure the pool-mode fast path of the checkout in DIR")
     args = ap.parse_args()
@@ -265,13 +300,16 @@ def main() -> None:
         for i, (name, path) in enumerate(also):
             servers[f"{name} pool, fast path"] = start_cometd(tmp, f"also-{i}", "pool", [],
                                                               Path(path).resolve())
+        if args.floors:
+            for kind, label in FLOORS:
+                servers[label] = start_floor(tmp, kind)
         nginx = None if args.no_nchan else nchan_available()
         if nginx:
             servers["nginx + nchan"] = start_nchan(nginx, tmp)
         single = requests(args.count, args.size, 1)
         batched = requests(args.count, args.size, args.batch)
         one: dict[str, list[float]] = {name: [] for name in servers}
-        many: dict[str, list[float]] = {name: [] for name in servers if name.startswith("cometd")}
+        many: dict[str, list[float]] = {name: [] for name in servers if name != "nginx + nchan"}
         for _ in range(args.rounds):
             for name, (proc, port) in servers.items():
                 one[name].append(run_round(port, proc.pid, single, args.rate))
