@@ -25,7 +25,9 @@ def test_a_tiny_kick_storm_comes_back_with_nothing_lost(tmp_path):
     result = json.loads(out.read_text())
     (run,) = result["runs"]
     assert run["reconnects"] >= 150, run  # every stream was kicked and came back
-    assert 0 < run["all_back_s"] < 10 and 0 < run["caught_up_s"] < 10, run
+    # caught_up_s is 0 when every message sent before the storm's marker was
+    # received before the storm began (a loaded machine's paced sends can end so).
+    assert 0 < run["all_back_s"] < 10 and 0 <= run["caught_up_s"] < 10, run
     assert (run["lost"], run["dup"], run["unexpected"]) == (0, 0, 0), run
     assert run["published"] > 100 and run["expected"] > run["published"], run
     assert "150 users, kick, one process, pool mode" in done.stdout
