@@ -51,6 +51,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -382,11 +383,23 @@ class Run:
                 "redis": cpu_seconds([self.redis.pid]),
                 "floodtest": cpu_seconds([self.flood.pid], tree=True)
                 if getattr(self, "flood", None) else 0.0,
+                "msggen": self.msggen_cpu(),
                 "machine": machine_cpu(),
             },
         }
         self.samples.append(s)
         return s
+
+    def msggen_cpu(self) -> float:
+        """msggen's CPU seconds so far, also once it has exited (and been reaped)."""
+        if getattr(self, "msg", None) is None:
+            return 0.0
+        if self.msg.poll() is None:
+            return cpu_seconds([self.msg.pid])
+        # Reaped: only the children's rusage has it (msggen is the only child
+        # that ends between its start and the sample after the messages).
+        ru, ru0 = resource.getrusage(resource.RUSAGE_CHILDREN), self._children_ru
+        return ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
 
     def client_counts(self) -> dict[str, int]:
         """floodtest's last progress line: closed streams, connect errors, no response yet."""
@@ -566,7 +579,8 @@ class Run:
                    "--users", str(n), "--concurrency", str(a.msg_concurrency), "--interval", "5",
                    "--json", os.path.join(self.tmp, "msggen.json")]
         self.commands["msggen"] = shlex.join(msg_cmd)
-        msg = self.spawn(msg_cmd, "msggen.log")
+        self._children_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        msg = self.msg = self.spawn(msg_cmd, "msggen.log")
         self.watch("msgs", lambda s: msg.poll() is not None, every=3)
         if a.publish == "redis-stream":
             # What the router has not routed yet is still in the stream: let it
@@ -641,6 +655,7 @@ class Run:
             "edges": a.edges,
             "keepalive_s": a.keepalive,
             "hold_cpu_cores": hold_cpu(full, self.held),
+            "msgs_cpu_us_per_delivery": msgs_cpu(self.held, am, flood.get("messages") or 0),
             "router_nice": _nice(self.server_pids[0]),
             "client_processes": a.client_processes,
             "mode": a.mode,
@@ -726,6 +741,27 @@ def hold_cpu(full: dict, held: dict) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+GROUPS = ("edges", "router", "redis", "floodtest", "msggen")
+
+
+def msgs_cpu(held: dict, after: dict, deliveries: int) -> dict[str, float]:
+    """CPU microseconds per delivery received, from the end of the hold to 3 s after
+    the last message was routed, by process group; 'rest' is the machine's busy time
+    (every /proc/stat column but idle and iowait) less those groups': the kernel's
+    softirq work not charged to a process, other processes, other engineers' work.
+    """
+    per = max(deliveries, 1)
+    out = {g: (after["cpu_s"].get(g, 0.0) - held["cpu_s"].get(g, 0.0)) * 1e6 / per
+           for g in GROUPS}
+    mh, ma = held["cpu_s"]["machine"], after["cpu_s"]["machine"]
+    busy = sum(ma[c] - mh[c] for c in ma if c not in ("idle", "iowait"))
+    out["rest"] = busy * 1e6 / per - sum(out.values())
+    out["machine_busy"] = busy * 1e6 / per
+    out["machine_idle_cores"] = (ma["idle"] - mh["idle"]) / max(after["t"] - held["t"], 1e-9)
+    out["seconds"] = after["t"] - held["t"]
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
     """CPU microseconds per connection spent from the first connect to all open.
 
@@ -800,6 +836,8 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"(target {res['ramp_rate_target']:,}); ramp {res['ramp_s']} s |",
         f"| ramp rate, floodtest start to all open (this script's watch, 3 s samples) | "
         f"{res['ramp_rate_wall']:,} conn/s over {res['ramp_wall_s']} s |",
+        "| CPU per delivery received, end of the hold to 3 s after the last routed (µs) | "
+        + ", ".join(f"{k} {v:,}" for k, v in res["msgs_cpu_us_per_delivery"].items()) + " |",
         "| ramp CPU per connection (µs) | "
         + ", ".join(f"{k} {v:,}" for k, v in res["ramp_cpu_us_per_conn"].items()) + " |",
         f"| connect errors | {res['connect_errors']} {res['connect_errors_by_errno'] or ''} |",

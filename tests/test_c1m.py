@@ -115,6 +115,13 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     assert res["delivery_check"].endswith(" 0 missing, 0 duplicates, 0 unexpected"), res
     assert f"{res['msgs_sent']} messages published" in res["delivery_check"], res
     assert res["delivery_latency_ms"]["count"] == res["msgs_received"]
+    # The messages' CPU split by process: each of ours did work for them (msggen's
+    # too, read after it exited), and the split adds up to the machine's busy time.
+    cpu = res["msgs_cpu_us_per_delivery"]
+    assert all(cpu[g] > 0 for g in ("edges", "router", "redis", "floodtest", "msggen")), cpu
+    parts = sum(cpu[g] for g in ("edges", "router", "redis", "floodtest", "msggen", "rest"))
+    assert parts == pytest.approx(cpu["machine_busy"], abs=0.1), cpu
     # The report does not pass the missing count off as zero deliveries.
     report = (out / "README.md").read_text()
     assert "| deliveries | not reported by the server (published by XADD" in report
+    assert "| CPU per delivery received, end of the hold" in report
