@@ -15,11 +15,13 @@ the end run in-process: the router's presence table, over a fake Redis client.
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -39,9 +41,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cometd.backplane import (
     CALL_TIMEOUT,
+    DELIVERY_FLUSH,
+    DELIVERY_FLUSH_MAX,
     EDGE,
     EDGE_TIMEOUT,
     HEARTBEAT,
+    PAYLOAD_RATE,
     PRESENCE,
     BackplaneUnavailable,
     EdgeBackend,
@@ -1359,6 +1364,50 @@ def _published(client: PublishOnly) -> list[dict[str, list[tuple[bytes, list[str
     """Per pipeline round: channel -> the (body, users) of its decoded batch."""
     return [{ch: [(m.body, users) for m, users in decode_batch(payload)] for ch, payload in r}
             for r in client.rounds]
+
+
+def _flushes_while_sending(p: Presence, client: PublishOnly, users: list[str],
+                           seconds: float = 0.3) -> list[float]:
+    """Send to *users* every ms for *seconds*; the times between successive flushes."""
+    times: list[float] = []
+    execute = PublishOnly._Pipe.execute
+
+    def timed(pipe):
+        times.append(time.monotonic())
+        return execute(pipe)
+
+    sends = []
+    end = time.monotonic() + seconds
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PublishOnly._Pipe, "execute", timed)
+        key = 0
+        while time.monotonic() < end:
+            key += 1
+            sends.append(gevent.spawn(p.deliver, users, Message("s", b"m", key)))
+            gevent.sleep(0.001)
+        gevent.joinall(sends, timeout=5)
+    assert all(g.successful() for g in sends)
+    assert sum(len(batch) for r in _published(client) for batch in r.values()) == key * len(
+        {e for u in users for e in p.users[u]})  # every message reached every edge, once
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_a_loaded_router_flushes_to_many_edges_less_often(presence):
+    # A flush to one edge: the next follows DELIVERY_FLUSH later, for latency.
+    client = PublishOnly()
+    p = presence(client)
+    p.update("e0", {"u0": 1})
+    light = _flushes_while_sending(p, client, ["u0"])
+    assert statistics.median(light) < 2 * DELIVERY_FLUSH, light
+    # A flush to 60 edges: each payload costs its edge a wakeup, so the next
+    # flush waits longer and carries more, up to DELIVERY_FLUSH_MAX.
+    client = PublishOnly()
+    p = presence(client)
+    for i in range(60):
+        p.update(f"e{i}", {f"u{i}": 1})
+    loaded = _flushes_while_sending(p, client, [f"u{i}" for i in range(60)])
+    assert statistics.median(loaded) >= 0.9 * min(DELIVERY_FLUSH_MAX, 60 / PAYLOAD_RATE), loaded
+    assert max(loaded) < DELIVERY_FLUSH_MAX + 0.05, loaded
 
 
 def test_a_send_is_one_batch_per_edge_and_counts_connections(presence):
