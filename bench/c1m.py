@@ -757,6 +757,8 @@ def msgs_cpu(held: dict, after: dict, deliveries: int) -> dict[str, float]:
     busy = sum(ma[c] - mh[c] for c in ma if c not in ("idle", "iowait"))
     out["rest"] = busy * 1e6 / per - sum(out.values())
     out["machine_busy"] = busy * 1e6 / per
+    for col in ("user", "system", "softirq"):  # the kernel's share, as in ramp_cpu
+        out[f"machine_{col}"] = (ma[col] - mh[col]) * 1e6 / per
     out["machine_idle_cores"] = (ma["idle"] - mh["idle"]) / max(after["t"] - held["t"], 1e-9)
     out["seconds"] = after["t"] - held["t"]
     return {k: round(v, 2) for k, v in out.items()}

@@ -79,7 +79,7 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -801,15 +801,23 @@ class EdgeLink:
                     if waiter is not None:
                         waiter.set(reply)
                 else:
-                    entries = decode_batch(data)
-                    BACKPLANE_BATCH.labels("delivery").observe(len(entries))
-                    for message, users in entries:
-                        start = time.perf_counter()
-                        delivered = self.table.deliver(users, message)
-                        PUBLISH_TO_WRITE.observe(time.perf_counter() - start)
-                        FANOUT_SIZE.observe(delivered)
+                    self._deliver(decode_batch(data))
         finally:
             self._listening.clear()
+
+    def _deliver(self, entries: list[tuple[Message, list[str]]]) -> None:
+        # The metrics per payload, not per entry: at 1M an entry is mostly
+        # one user (~30 recipients over ~50 edges), and two histogram
+        # observations per entry cost ~3 us, a fifth of the delivery itself.
+        # As the router does, each message's time to its write is counted
+        # as the whole payload's.
+        start = time.perf_counter()
+        deliver = self.table.deliver
+        sizes = Counter([deliver(users, message) for message, users in entries])
+        PUBLISH_TO_WRITE.observe_many(time.perf_counter() - start, len(entries))
+        for size, n in sizes.items():
+            FANOUT_SIZE.observe_many(size, n)
+        BACKPLANE_BATCH.labels("delivery").observe(len(entries))
 
     # Presence goes out on demand, not on a polling tick: a wakeup costs an
     # edge ~0.2 ms of CPU (cold caches, with a hundred processes on two
