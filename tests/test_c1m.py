@@ -30,10 +30,10 @@ def test_dry_run_prints_the_plan_and_check_systems_sysctls_and_changes_nothing(t
     proc = subprocess.run([sys.executable, C1M, "--dry-run", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "plan: 1,000,000 connections, 52 edges (pool), 53 floodtest processes" in proc.stderr
+    assert "plan: 1,000,000 connections, 53 edges (pool), 53 floodtest processes" in proc.stderr
     # The sysctls are cometd check-system's for the same plan, and only those.
     check = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "cometd"), "check-system",
-                            "--connections", "1000000", "--mode", "pool", "--workers", "52",
+                            "--connections", "1000000", "--mode", "pool", "--workers", "53",
                             "--clients-here", "--json"], capture_output=True, text=True,
                            timeout=60)
     wanted = json.loads(check.stdout)["sysctls"]
