@@ -59,7 +59,7 @@ IN_NAMESPACE = textwrap.dedent("""
     # 400 ports: 300 connections a source address do not fit in half of them
     c1m.write_sysctl("net.ipv4.ip_local_port_range", "40000 40399")
     names = ["net.core.somaxconn", "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_wmem",
-             "net.ipv4.ip_local_port_range"]
+             "net.ipv4.ip_local_port_range", "net.ipv4.tcp_child_ehash_entries"]
     snap = lambda: {k: c1m.read_sysctl(k) for k in names}
     before, seen = snap(), {}
     run = subprocess.Popen([sys.executable, "bench/c1m.py", *sys.argv[1:]],
@@ -81,7 +81,7 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", IN_NAMESPACE, "--connections", "300",
          "--edges", "1", "--client-processes", "1", "--hold", "1", "--msg-rate", "50",
-         "--msg-duration", "1", "--check", "--timeout", "90", "--out", str(out)],
+         "--msg-duration", "1", "--check", "--netns", "--timeout", "90", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=180,
         env={**os.environ, "TMPDIR": str(tmp_path)})  # c1m's logs dir: ours, cleaned up
     assert proc.returncode == 0 and proc.stdout, proc.stderr
@@ -94,9 +94,15 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     res = json.loads((out / "c1m.json").read_text())
     # check-system's answer for 300 connections here: 4096, 2 x 300 rounded up, and
     # the wide port range
+    # the wide port range, and (--netns) the established hash of the run's own namespace
     assert res["sysctls"] == {"net.core.somaxconn": "4096",
                               "net.ipv4.ip_local_port_range": "1024 65535",
-                              "net.ipv4.tcp_max_tw_buckets": "100000"}, log
+                              "net.ipv4.tcp_max_tw_buckets": "100000",
+                              "net.ipv4.tcp_child_ehash_entries": "1024"}, log
+    # The run was in a namespace of its own, whose table is its own (a shared one reads
+    # negative), with its own net.* sysctls set there too.
+    assert res["netns"] and res["tcp_ehash_entries"] == 1024, log
+    assert "in a network namespace of its own, 3 of its sysctls set" in log
     for name, value in res["sysctls"].items():
         assert value in got["seen"][name], (name, got["seen"][name])
         assert res["sysctls_previous"][name] == got["before"][name]
