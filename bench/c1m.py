@@ -155,6 +155,13 @@ def restore_sysctls(saved: dict[str, str]) -> None:
 # (__inet_lookup_established, ~9% of the machine's CPU while messages flowed
 # in attempt 10). A new namespace gets a table of tcp_child_ehash_entries.
 CLONE_NEWNET = 0x40000000
+# The scheduler's autogroups: with them, CPU is shared between sessions, not
+# processes, and nice orders processes only within their session. Each process
+# here starts a session of its own (floodtest's workers share one), so the
+# router and Redis at nice -10 got an edge's share, and the 53 floodtest
+# workers together as much as one edge: at 1M the router was running or
+# runnable in 88% of py-spy's samples but had 0.23-0.35 of a core (attempt 10).
+AUTOGROUP = "kernel.sched_autogroup_enabled"
 EHASH = "net.ipv4.tcp_child_ehash_entries"
 
 
@@ -520,6 +527,8 @@ class Run:
     def run(self) -> dict:
         a = self.a
         sysctls = system_report(self.a).sysctls
+        if not a.autogroup:
+            sysctls = {**sysctls, AUTOGROUP: "0"}
         if a.netns:
             sysctls = {**sysctls, EHASH: str(ehash_size(a.connections))}
         self.applied = apply_sysctls(sysctls, self.saved)
@@ -711,6 +720,7 @@ class Run:
             "hold_cpu_cores": hold_cpu(full, self.held),
             "msgs_cpu_us_per_delivery": msgs_cpu(self.held, am, flood.get("messages") or 0),
             "router_nice": _nice(self.server_pids[0]),
+            "autogroup": read_sysctl(AUTOGROUP),
             "client_processes": a.client_processes,
             "mode": a.mode,
             "ramp_rate_target": a.ramp_rate,
@@ -889,7 +899,8 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         + f", TCP established hash {res['tcp_ehash_entries']} buckets (negative: shared with "
         "the host's) |",
         f"| edges / client processes | {res['edges']} ({res['mode']} mode, keep-alive "
-        f"{res['keepalive_s']:g} s; router and Redis at nice {res['router_nice']}) / "
+        f"{res['keepalive_s']:g} s; router and Redis at nice {res['router_nice']}, "
+        f"{AUTOGROUP} {res['autogroup']}) / "
         f"{res['client_processes']} |",
         "| cores busy during the hold | "
         + ", ".join(f"{k} {v:g}" for k, v in res["hold_cpu_cores"].items()) + " |",
@@ -1054,6 +1065,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--router-nice", type=int, default=-10,
                    help="nice value of Redis and the router, the two processes every edge "
                         "waits on (0: the same share as each edge and floodtest process)")
+    p.add_argument("--autogroup", action="store_true",
+                   help=f"leave {AUTOGROUP} as it is; without this flag it is 0 for the run "
+                        "(and restored), so that the scheduler shares CPU between processes "
+                        "and --router-nice means what it says (with autogroups each session "
+                        "gets one share, whatever its processes' nice values)")
     p.add_argument("--msg-duration", type=float, default=30.0)
     p.add_argument("--publish", choices=["redis-stream", "http"], default="redis-stream",
                    help="how msggen publishes: one XADD per message to the stream the router "

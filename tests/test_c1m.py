@@ -59,7 +59,8 @@ IN_NAMESPACE = textwrap.dedent("""
     # 400 ports: 300 connections a source address do not fit in half of them
     c1m.write_sysctl("net.ipv4.ip_local_port_range", "40000 40399")
     names = ["net.core.somaxconn", "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_wmem",
-             "net.ipv4.ip_local_port_range", "net.ipv4.tcp_child_ehash_entries"]
+             "net.ipv4.ip_local_port_range", "net.ipv4.tcp_child_ehash_entries",
+             "kernel.sched_autogroup_enabled"]
     snap = lambda: {k: c1m.read_sysctl(k) for k in names}
     before, seen = snap(), {}
     run = subprocess.Popen([sys.executable, "bench/c1m.py", *sys.argv[1:]],
@@ -98,7 +99,9 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     assert res["sysctls"] == {"net.core.somaxconn": "4096",
                               "net.ipv4.ip_local_port_range": "1024 65535",
                               "net.ipv4.tcp_max_tw_buckets": "100000",
-                              "net.ipv4.tcp_child_ehash_entries": "1024"}, log
+                              "net.ipv4.tcp_child_ehash_entries": "1024",
+                              "kernel.sched_autogroup_enabled": "0"}, log
+    assert res["autogroup"] == "0"  # read during the run: the router's nice counts
     # The run was in a namespace of its own, whose table is its own (a shared one reads
     # negative), with its own net.* sysctls set there too.
     assert res["netns"] and res["tcp_ehash_entries"] == 1024, log
