@@ -111,6 +111,7 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
         assert res["sysctls_previous"][name] == got["before"][name]
     assert "restored" in log
     assert res["router_nice"] == -10  # read from the router process itself
+    assert res["msggen_nice"] == -10  # and from msggen, the offered load
     # The ramp ended by parsing floodtest's progress lines (else: timeout), and
     # the figures come from floodtest's and msggen's JSON.
     assert res["connections_held"] == 300 and res["client_open_max"] == 300, res
