@@ -242,6 +242,8 @@ def kernel_counters() -> dict[str, int]:
 _SAMPLE = re.compile(rb"^(cometd_(?:disconnects_total|rejected_requests_total|"
                      rb"streams_refused_total|connections|slow_consumers_dropped_total))"
                      rb"(?:\{([^}]*)\})? ([0-9.e+]+)$", re.M)
+_SAMPLE_ANY = re.compile(rb"^(cometd_presence_(?:users|edges))(?:\{([^}]*)\})? ([0-9.e+]+)$",
+                         re.M)
 
 
 def edge_counts(url: str) -> dict:
@@ -258,8 +260,15 @@ def edge_counts(url: str) -> dict:
         r = redis.Redis.from_url(url)
         keys = list(r.scan_iter(match=b"cometd:metrics:edge:*", count=1000))
         texts = r.mget(keys) if keys else []
+        router = [r.get(k) for k in r.scan_iter(match=b"cometd:metrics:router:*", count=100)]
     except redis.RedisError:
         return out
+    # The router's presence, to set beside the edges' streams: a user the router
+    # does not know online gets nothing routed (attempt 11's missing deliveries).
+    for text in filter(None, router):
+        for name, _labels, value in _SAMPLE_ANY.findall(text):
+            if name in (b"cometd_presence_users", b"cometd_presence_edges"):
+                out[name.decode().removeprefix("cometd_")] = int(float(value))
     per_edge = []
     for text in texts:
         if not text:
@@ -488,7 +497,8 @@ class Run:
         e = s["edge_counts"]
         log(f"           tw {s['tcp_tw']:,} orphan {s['tcp_orphan']:,} client {s['client']} "
             f"edges {e.get('edges')} ({e.get('edge_conns_min'):,}-{e.get('edge_conns_max'):,} "
-            f"streams) ended {e.get('disconnects')} refused {e.get('rejected')} "
+            f"streams; router: {e.get('presence_users')} users online) "
+            f"ended {e.get('disconnects')} refused {e.get('rejected')} "
             f"{e.get('refused')} kernel +{grown}")
 
     def check_deadline(self) -> None:
@@ -935,6 +945,9 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| streams per edge when all were open (fewest-most) | "
         f"{ec.get('edge_conns_min', 0):,}-{ec.get('edge_conns_max', 0):,} over "
         f"{ec.get('edges', 0)} edges |",
+        f"| users online as the router knows, when all were open / after the messages | "
+        f"{ec.get('presence_users')} / {ea.get('presence_users')} (over "
+        f"{ec.get('presence_edges')} / {ea.get('presence_edges')} edges) |",
         f"| streams ended on the edges, by reason (end of the run) | "
         f"{ea.get('disconnects') or 'none'}; slow consumers {ea.get('slow', 0)} |",
         f"| requests / streams refused by the edges (end of the run) | "

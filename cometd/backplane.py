@@ -337,8 +337,15 @@ class Presence:
         dead = [e for e, seen in self.edges.items()
                 if now - seen > EDGE_TIMEOUT and newest - self._sent[e] > EDGE_TIMEOUT]
         for edge in dead:
-            self.forget_edge(edge)
+            self._forget(edge, "silent")
         return dead
+
+    def _forget(self, edge: str, why: str) -> None:
+        """forget_edge, said in the log: its users are offline here until it reports again."""
+        users = len(self._on_edge.get(edge, ()))
+        self.forget_edge(edge)
+        log.event("edge_forgotten", f"edge {edge} forgotten ({why}): {users} users offline "
+                  "until its snapshot", logging.WARNING, edge=edge, reason=why, users=users)
 
     def online(self, user: str) -> int:
         return sum(self.users.get(user, {}).values())
@@ -610,7 +617,7 @@ class RouterLink:
             return  # Redis is away: EDGE_TIMEOUT still applies
         for edge, (_, n) in zip(edges, listening, strict=True):
             if n == 0 and self.presence.edges.get(edge, asked) < asked:
-                self.presence.forget_edge(edge)
+                self.presence._forget(edge, "unsubscribed")
 
     # Calls come in and replies go out in batches: under load, a Redis round
     # trip per call and another per reply were three quarters of the router's

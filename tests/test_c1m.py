@@ -112,6 +112,9 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     assert "restored" in log
     assert res["router_nice"] == -10  # read from the router process itself
     assert res["msggen_nice"] == -10  # and from msggen, the offered load
+    # The router's presence beside the edges' streams: every user online, as it knows.
+    assert (res["edge_counts_full"]["presence_users"],
+            res["edge_counts_full"]["presence_edges"]) == (300, 1), res["edge_counts_full"]
     # The ramp ended by parsing floodtest's progress lines (else: timeout), and
     # the figures come from floodtest's and msggen's JSON.
     assert res["connections_held"] == 300 and res["client_open_max"] == 300, res
