@@ -87,6 +87,7 @@ import gevent
 import psutil
 import redis
 from gevent.event import AsyncResult, Event
+from gevent.lock import Semaphore
 
 from cometd import log
 from cometd.connections import ConnectionTable
@@ -727,6 +728,7 @@ class EdgeLink:
         self._ids = itertools.count(1)
         self._greenlets: list[gevent.Greenlet] = []
         self._requests = _Batches(self._push_requests)
+        self._presence_lock = Semaphore()  # presence leaves in the order it was counted
         #: set while this edge listens for replies (and deliveries)
         self._listening = Event()
         #: counts presence changes; reports carry it (see Presence.resumed)
@@ -768,7 +770,20 @@ class EdgeLink:
         except (redis.ConnectionError, redis.TimeoutError):
             pass
 
+    # Theory: presence goes out from several greenlets (the listener's
+    # snapshots, the batch flush, the heartbeat), and a publish yields while it
+    # waits on Redis, each greenlet on a connection of its own: so a report
+    # counted after a snapshot could reach the router first (a snapshot of
+    # ~19,000 users takes longest to send), and the router, applying the
+    # snapshot last, took the report's new users offline for good. Each report
+    # is counted and published under one lock, so they leave in the order they
+    # were counted.
+
     def _snapshot(self) -> None:
+        with self._presence_lock:
+            self._publish_snapshot()
+
+    def _publish_snapshot(self) -> None:
         counts = {u: len(c) for u, c in self.table.users.items()}
         self._changed.clear()
         heard = self.client.publish(PRESENCE, json.dumps(
@@ -849,6 +864,10 @@ class EdgeLink:
                 self._report()  # a heartbeat, and a retry of changes Redis refused
 
     def _report(self) -> None:
+        with self._presence_lock:  # see _snapshot
+            self._publish_report()
+
+    def _publish_report(self) -> None:
         changed, self._changed = self._changed, set()
         counts = {u: self.table.online(u) for u in changed}
         try:
