@@ -271,7 +271,7 @@ def main() -> None:
         single = requests(args.count, args.size, 1)
         batched = requests(args.count, args.size, args.batch)
         one: dict[str, list[float]] = {name: [] for name in servers}
-        many: dict[str, list[float]] = {name: [] for name in servers if name.startswith("cometd")}
+        many: dict[str, list[float]] = {name: [] for name in servers if name != "nginx + nchan"}
         for _ in range(args.rounds):
             for name, (proc, port) in servers.items():
                 one[name].append(run_round(port, proc.pid, single, args.rate))

@@ -164,7 +164,8 @@ class HistoryConfig:
     size: int = _option(100, "messages kept per subject for resuming streams (0: no history)",
                         flag="--history-size", kind=int, low=0, high=1_000_000,
                         metavar="MESSAGES")
-    ttl: float = _option(3600.0, "seconds a message is kept for resuming streams",
+    ttl: float = _option(3600.0, "seconds a message is kept for resuming streams (at most "
+                         "a second more)",
                          flag="--history-ttl", kind=float, low=1, high=365 * 86400,
                          metavar="SECONDS")
     max_bytes: int = _option(64 * 1024 * 1024, "bytes of message bodies the whole history "

@@ -17,15 +17,21 @@ Theory of operation
 Keyspaces (beside the store's ``r`` and ``f``)::
 
     h <len><subject key> <id>  -> body            one subject's messages, in id order
-    t <id>                     -> <time f64><size u32><subject key>   all of them, in id order
+    T <id>                     -> <time f64>      when the messages from this id on were kept
     k <subject key>            -> <id>            the newest id trimmed from a subject's history
     m:epoch, m:history-epoch, m:history-floor     see below
     i...                       -> <id>            an entry routed, not acked (cometd.ingest)
 
-A message is written (``h`` and ``t`` in one batch) in the same loop turn
-that gives it its id, so at any moment every id handed out is in the history.
-A batch of messages (:meth:`History.record_batch`, ``POST /publish``, one
-ingest read) gets consecutive ids and goes in one write.
+A message is one ``h`` put, written in the same loop turn that gives it its
+id, so at any moment every id handed out is in the history. A batch of
+messages (:meth:`History.record_batch`, ``POST /publish``, one ingest read)
+gets consecutive ids and goes in one write. A message's time is not kept
+with it: a ``T`` stamp is written with the first message kept a second or
+more after the last stamp, so a message was kept within a second after the
+newest stamp at or below its id (its *stamp*), and there is at most one
+``T`` a second of history. (Before, every message also had a ``t <id>`` ->
+``<time><size><subject key>`` record, a second put each: such a database is
+rewritten to stamps when it is opened, see :meth:`History._migrate`.)
 Writes are **not synced**: LevelDB hands each one to the operating system at
 once, so the history survives a kill -9 of the server, but not a power loss
 or a kernel crash (the last writes may be gone; the subscriptions, which are
@@ -37,16 +43,27 @@ is not complete:
 - ``size`` messages per subject (trimmed once a subject holds a few more,
   so the cost is one short scan per few sends); the subject's ``k`` mark is
   the newest id removed;
-- ``ttl`` seconds, and ``max_bytes`` of bodies in all: the oldest messages of
-  all subjects go first, walking ``t``; the ``m:history-floor`` is the newest
-  id removed that way. The floor also starts at the first id of an epoch whose
-  previous epoch kept no history (``--history-size 0``, or a database from
-  before there was a history): ``m:history-epoch`` is the last epoch that kept one.
+- ``ttl`` seconds (a message goes once its stamp is ``ttl`` + 1 seconds
+  old: never early, at most a second late), and ``max_bytes`` of bodies in
+  all: the oldest messages of all subjects go first, and the
+  ``m:history-floor`` is the newest id removed that way. The floor also
+  starts at the first id of an epoch whose previous epoch kept no history
+  (``--history-size 0``, or a database from before there was a history):
+  ``m:history-epoch`` is the last epoch that kept one.
+
+The oldest messages of all subjects are found by merging the subjects'
+histories: in memory, each subject with history has its message count and
+its oldest id, and a heap holds ``(oldest id, subject key)`` (an entry whose
+id is no longer its subject's oldest is stale, and skipped when it comes
+up). A trim by age takes every message below the first id whose stamp is
+not due; a trim by size takes the heap's oldest subject's messages while
+they are the oldest of all. Each subject's first message found is one
+LevelDB seek; the messages after it are read in order.
 
 The history of subject S reaches back to id X when X >= the floor and X >= S's
-mark: every message of S after X is still there. In memory there is only a
-message count per subject with history, the marks and the total size, read
-from ``t`` and ``k`` at open: bounded by ``max_bytes``, like the startup scan.
+mark: every message of S after X is still there. The counts, oldest ids,
+marks and total size are read from ``h`` and ``k`` at open (a scan of the
+history, bounded by ``max_bytes``).
 
 A replay for a user reads, for the user and each subject it subscribes to,
 that subject's messages after X (one range scan each), merges them by id and
@@ -57,6 +74,7 @@ since it was either replayed or is one the replay says it lost.
 
 from __future__ import annotations
 
+import heapq
 import re
 import struct
 import time
@@ -73,16 +91,22 @@ __all__ = ["History", "Replay", "format_id", "format_ids", "parse_id", "id_bytes
 SEQ_BITS = 64
 _SEQ_MASK = (1 << SEQ_BITS) - 1
 _ID = re.compile(r"([0-9]{1,10})-([0-9]{1,20})\Z")
-_T_VALUE = struct.Struct(">dI")
+_STAMP = struct.Struct(">d")
+_OLD_T_VALUE = struct.Struct(">dI")
 
 HISTORY = b"h"
-TIMELINE = b"t"
+STAMPS = b"T"
+#: the layout before stamps: t <id> -> <time f64><size u32><subject key>, one a message
+OLD_TIMELINE = b"t"
 MARKS = b"k"
 EPOCH_KEY = b"m:epoch"
 HISTORY_EPOCH_KEY = b"m:history-epoch"
 FLOOR_KEY = b"m:history-floor"
 #: subjects whose encoded key and history prefix a History keeps (a few MB at most)
 SUBJECT_KEYS = 16_384
+#: seconds between two stamps at least: a message's time is known to within this
+STAMP_SECONDS = 1.0
+_LAST_ID = b"\xff" * 12  # above every id's bytes
 
 
 def format_id(key: int) -> str:
@@ -111,6 +135,11 @@ def parse_id(text: str) -> int | None:
 def id_bytes(key: int) -> bytes:
     """A key as 12 big-endian bytes (epoch u32, seq u64): they sort as ids do."""
     return key.to_bytes(12, "big")
+
+
+def _range(db: plyvel.DB, prefix: bytes, first: int):
+    """The ``(key, value)`` pairs of one subject's history (*prefix*) from key *first* on."""
+    return db.iterator(start=prefix + id_bytes(first), stop=prefix + _LAST_ID)
 
 
 def _prefix(subject_key: bytes) -> bytes:
@@ -153,11 +182,15 @@ class History:
         self._last = self.epoch << SEQ_BITS  # the newest key handed out
         #: subject key -> messages kept
         self._counts: dict[bytes, int] = {}
+        #: subject key -> its oldest key kept, and the heap of them (see the module docstring)
+        self._firsts: dict[bytes, int] = {}
+        self._heap: list[tuple[int, bytes]] = []
         # subject -> (its key, its h prefix): encoding one cost ~0.5 µs a message
         self._subject_keys: dict[str, tuple[bytes, bytes]] = {}
         self._marks: dict[bytes, int] = {}
         self._bytes = 0
-        self._oldest = 0.0  # time of the oldest message kept (0: none)
+        self._oldest = 0.0  # the oldest stamp kept (0: none)
+        self._stamp = 0.0  # the newest stamp written
         self.floor = 0
         if size:
             self._load()
@@ -175,18 +208,45 @@ class History:
         with db.write_batch(sync=True) as batch:
             batch.put(HISTORY_EPOCH_KEY, b"%d" % self.epoch)
             batch.put(FLOOR_KEY, id_bytes(self.floor))
-        for value in db.iterator(prefix=TIMELINE, include_key=False):
-            when, size = _T_VALUE.unpack_from(value)
-            subject = value[_T_VALUE.size:]
-            self._counts[subject] = self._counts.get(subject, 0) + 1
-            self._bytes += size
-            if not self._oldest:
-                self._oldest = when
+        self._migrate()
+        counts, firsts = self._counts, self._firsts
+        for hkey, body in db.iterator(prefix=HISTORY):
+            end = 2 + hkey[1]  # h, the length byte, the subject key
+            skey = hkey[2:end]
+            count = counts.get(skey)
+            if count is None:  # a subject's first key is its oldest: keys sort by id
+                counts[skey] = 1
+                firsts[skey] = int.from_bytes(hkey[end:], "big")
+            else:
+                counts[skey] = count + 1
+            self._bytes += len(body)
+        self._heap = [(key, skey) for skey, key in firsts.items()]
+        heapq.heapify(self._heap)
+        for value in db.iterator(prefix=STAMPS, include_key=False):
+            self._oldest = _STAMP.unpack(value)[0] if counts else 0.0
+            break
         for key, value in db.iterator(prefix=MARKS):
             mark = int.from_bytes(value, "big")
             if mark > self.floor:
                 self._marks[key[1:]] = mark
         self._trim_oldest()
+
+    def _migrate(self) -> None:
+        """Rewrite the per-message ``t`` records of the layout before stamps as stamps.
+
+        One synced write: the ``t`` records go and a stamp is written where
+        their times moved on by :data:`STAMP_SECONDS` (each message keeps its
+        time to within that), so a crash leaves one layout or the other.
+        """
+        db = self._db
+        last = None
+        with db.write_batch(sync=True) as batch:
+            for tkey, value in db.iterator(prefix=OLD_TIMELINE):
+                when = _OLD_T_VALUE.unpack_from(value)[0]
+                if last is None or when - last >= STAMP_SECONDS:
+                    batch.put(STAMPS + tkey[1:], _STAMP.pack(when))
+                    last = when
+                batch.delete(tkey)
 
     # -- publishing ----------------------------------------------------------
 
@@ -224,12 +284,16 @@ class History:
                             batch.put(mark, id_bytes(key))
             return keys
         now = self._clock()
-        pack = _T_VALUE.pack
-        added: dict[bytes, int] = {}  # subject key -> messages added
+        added: dict[bytes, list[int]] = {}  # subject key -> [its first key here, messages]
         known = self._subject_keys
         total = 0
         with self._db.write_batch() as batch:
             put = batch.put  # the loop runs per message: no lookups it can skip
+            if now - self._stamp >= STAMP_SECONDS:
+                put(STAMPS + first.to_bytes(12, "big"), _STAMP.pack(now))
+                self._stamp = now
+            if not self._oldest:
+                self._oldest = self._stamp  # this batch's, the only one kept
             for key, (subject, body) in zip(keys, messages, strict=True):
                 keyed = known.get(subject)
                 if keyed is None:
@@ -238,29 +302,34 @@ class History:
                     skey = encode_key(subject)
                     keyed = known[subject] = (skey, _prefix(skey))
                 skey, prefix = keyed
-                idb = key.to_bytes(12, "big")
-                put(prefix + idb, body)
-                put(TIMELINE + idb, pack(now, len(body)) + skey)
-                added[skey] = added.get(skey, 0) + 1
+                put(prefix + key.to_bytes(12, "big"), body)
+                got = added.get(skey)
+                if got is None:
+                    added[skey] = [key, 1]
+                else:
+                    got[1] += 1
                 total += len(body)
             if marks is not None:
                 for key, mark in zip(keys, marks, strict=True):
                     if mark is not None:
                         put(mark, id_bytes(key))
         self._bytes += total
-        counts, bound = self._counts, self.size + max(4, self.size // 4)
+        counts, firsts, bound = self._counts, self._firsts, self.size + max(4, self.size // 4)
         over = []
-        for skey, n in added.items():
-            counts[skey] = count = counts.get(skey, 0) + n
+        for skey, (key, n) in added.items():
+            count = counts.get(skey)
+            if count is None:
+                count = 0
+                firsts[skey] = key
+                self._push(key, skey)
+            counts[skey] = count = count + n
             if count > bound:
                 over.append(skey)
         if over:
             with self._db.write_batch() as batch:
                 for skey in over:
                     counts[skey] -= self._trim_subject(batch, skey, counts[skey] - self.size)
-        if not self._oldest:
-            self._oldest = now
-        if self._bytes > self.max_bytes or now - self._oldest > self.ttl:
+        if self._bytes > self.max_bytes or now - self._oldest > self.ttl + STAMP_SECONDS:
             self._trim_oldest()
         return keys
 
@@ -269,12 +338,15 @@ class History:
         prefix = _prefix(skey)
         mark = 0
         removed = 0
-        for hkey, body in self._db.iterator(prefix=prefix):
-            if removed == excess:
-                break
+        # From its oldest, not the prefix: past the tombstones of its earlier trims.
+        for hkey, body in _range(self._db, prefix, self._firsts.get(skey, 0)):
             idb = hkey[len(prefix):]
+            if removed == excess:
+                # The subject's oldest now (it keeps size messages, never none).
+                self._firsts[skey] = first = int.from_bytes(idb, "big")
+                self._push(first, skey)
+                break
             batch.delete(hkey)
-            batch.delete(TIMELINE + idb)
             self._bytes -= len(body)
             mark = int.from_bytes(idb, "big")
             removed += 1
@@ -283,33 +355,83 @@ class History:
             batch.put(MARKS + skey, id_bytes(mark))
         return removed
 
+    def _push(self, key: int, skey: bytes) -> None:
+        """File *key*, now the oldest of subject *skey* (already in the firsts), in the heap."""
+        heap = self._heap
+        if len(heap) > 2 * len(self._firsts) + 1024:
+            # Mostly stale (a subject's trims each file one): rebuild it from the firsts.
+            heap[:] = [(first, s) for s, first in self._firsts.items()]
+            heapq.heapify(heap)
+            return
+        heapq.heappush(heap, (key, skey))
+
     def _trim_oldest(self) -> None:
         """Drop the oldest messages of all subjects past the age or size bound."""
-        now = self._clock()
-        floor = self.floor
-        with self._db.write_batch() as batch:
-            self._oldest = 0.0
-            for tkey, value in self._db.iterator(prefix=TIMELINE):
-                when, size = _T_VALUE.unpack_from(value)
-                if now - when <= self.ttl and self._bytes <= self.max_bytes:
-                    self._oldest = when
+        db = self._db
+        due = self._clock() - self.ttl - STAMP_SECONDS  # a stamp at or before it is due
+        with db.write_batch() as batch:
+            # Every key below the first stamp not due is due (all of them, if none is not).
+            cutoff = self._last + 1
+            for tkey, value in db.iterator(prefix=STAMPS):
+                if _STAMP.unpack(value)[0] > due:
+                    cutoff = int.from_bytes(tkey[1:], "big")
                     break
-                skey = value[_T_VALUE.size:]
-                idb = tkey[1:]
                 batch.delete(tkey)
-                batch.delete(_prefix(skey) + idb)
-                self._bytes -= size
-                floor = int.from_bytes(idb, "big")
-                left = self._counts.get(skey, 1) - 1
-                if left > 0:
-                    self._counts[skey] = left
-                else:
-                    self._counts.pop(skey, None)
-                    if self._marks.pop(skey, None) is not None:
-                        batch.delete(MARKS + skey)  # implied by the floor now
-            if floor != self.floor:
+            floor = self._drop(batch, cutoff)
+            if floor > self.floor:
                 self.floor = floor
                 batch.put(FLOOR_KEY, id_bytes(floor))
+            # A stamp is needed while a key it covers may be left: it goes once
+            # the next one starts at or below floor + 1 (the oldest go first).
+            self._oldest = 0.0
+            previous = None
+            for tkey, value in db.iterator(start=STAMPS + id_bytes(cutoff), stop=STAMPS + _LAST_ID):
+                if previous is not None:
+                    if int.from_bytes(tkey[1:], "big") > self.floor + 1:
+                        break
+                    batch.delete(previous)
+                previous = tkey
+                self._oldest = _STAMP.unpack(value)[0] if self._counts else 0.0
+
+    def _drop(self, batch, cutoff: int) -> int:
+        """Delete every message below key *cutoff*, and the oldest while over max_bytes.
+
+        The oldest messages of all subjects, in key order (the heap's merge);
+        the newest key deleted (0: none).
+        """
+        heap, firsts, counts = self._heap, self._firsts, self._counts
+        newest = 0
+        while heap:
+            key, skey = heap[0]
+            if firsts.get(skey) != key:
+                heapq.heappop(heap)  # stale: the subject was trimmed since
+                continue
+            if key >= cutoff and self._bytes <= self.max_bytes:
+                break
+            heapq.heappop(heap)
+            # The next subject's oldest (or a stale key below it), never below key.
+            after = heap[0][0] if heap else self._last + 1
+            prefix = _prefix(skey)
+            start = len(prefix)
+            left = None
+            for hkey, body in _range(self._db, prefix, key):
+                k = int.from_bytes(hkey[start:], "big")
+                if k >= cutoff and (self._bytes <= self.max_bytes or k > after):
+                    left = k
+                    break
+                batch.delete(hkey)
+                self._bytes -= len(body)
+                counts[skey] -= 1
+                if k > newest:  # below cutoff, one subject's go at once, not in key order
+                    newest = k
+            if left is not None:
+                firsts[skey] = left
+                self._push(left, skey)
+                continue
+            del counts[skey], firsts[skey]
+            if self._marks.pop(skey, None) is not None:
+                batch.delete(MARKS + skey)  # implied by the floor now
+        return newest
 
     # -- resuming ------------------------------------------------------------
 
@@ -323,7 +445,7 @@ class History:
             return Replay([], False, "unknown id", head)
         if not self.size:
             return Replay([], False, "no history is kept", head)
-        if self._oldest and self._clock() - self._oldest > self.ttl:
+        if self._oldest and self._clock() - self._oldest > self.ttl + STAMP_SECONDS:
             self._trim_oldest()
         reason = "" if key >= self.floor else "the id predates the history"
         after = id_bytes(key + 1)
@@ -335,7 +457,7 @@ class History:
             prefix = _prefix(skey)
             start = len(prefix)
             # At most size (and a few) messages per subject; keep the newest limit + 1.
-            newest = deque(self._db.iterator(start=prefix + after, stop=prefix + b"\xff" * 12),
+            newest = deque(self._db.iterator(start=prefix + after, stop=prefix + _LAST_ID),
                            maxlen=limit + 1)
             found.extend((int.from_bytes(hkey[start:], "big"), subject, body)
                          for hkey, body in newest)

@@ -34,7 +34,9 @@ presence, which waits for a delivery flush per message, groups the whole
 batch first and waits once: ``deliver_many``). At most ``pool_size``
 fan-outs run at once. With nobody online a message costs no subscriber
 lookup: it is handed to the target with no recipients, so the target still
-sees its key.
+sees its key (a batch for nobody hands the connection table only its newest
+message). And when nothing else is on its way either, a batch for nobody
+takes no line, flight or slot: nothing it does yields, so none would be seen.
 
 Each message gets its id (:mod:`cometd.history`) in its subject's lock, so
 ids follow that order too. Across subjects, a fan-out that yields could let
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from time import perf_counter
 from typing import NamedTuple, Protocol
 
@@ -86,6 +89,10 @@ class Sent(NamedTuple):
 
     delivered: int
     id: str
+
+
+#: Sent._make without its Python frame (one a message of a batch)
+_new_sent = partial(tuple.__new__, Sent)
 
 
 class _Ticket:
@@ -140,10 +147,18 @@ class Router:
             return []
         start = perf_counter()
         self.messages_sent += len(messages)
+        lines = self._subject_locks
+        if not lines and not self.fanout.index:
+            # Nothing else on its way and nobody online: nothing below yields
+            # (no recipients, and every fan-out slot is free), so no other
+            # send can come in between, and the lines, the flight and the
+            # slot would each be taken and given back unseen.
+            keys = self.history.record_batch(messages, marks)
+            return list(map(_new_sent, zip(self._to_nobody(messages, keys, start),
+                                           format_ids(keys[0], len(keys)), strict=True)))
         # A place in every subject's line at once (see the module docstring).
         ticket = _Ticket()
         subjects = dict.fromkeys([subject for subject, _ in messages])
-        lines = self._subject_locks
         for subject in subjects:
             line = lines.get(subject)
             if line is None:
@@ -170,8 +185,8 @@ class Router:
                 self.fanout.settle(keys[0])
             with self._slots:
                 delivered = self._dispatch(messages, keys, flight, start)
-            return list(map(Sent._make, zip(delivered, format_ids(keys[0], len(keys)),
-                                            strict=True)))
+            return list(map(_new_sent, zip(delivered, format_ids(keys[0], len(keys)),
+                                           strict=True)))
         finally:
             for subject in subjects:
                 line = lines[subject]
@@ -195,6 +210,8 @@ class Router:
         inflight = self._inflight
         many = getattr(fanout, "deliver_many", None)
         try:
+            if not index:
+                return self._to_nobody(messages, keys, start)
             if many is not None and len(messages) > 1:
                 # The backplane's presence waits for a flush per deliver:
                 # group the whole batch, then wait once; its messages are
@@ -210,10 +227,8 @@ class Router:
             for key, (subject, body) in zip(keys, messages, strict=True):
                 message = Message(subject, body, key)
                 if not index:
-                    # Nobody online: no subscriber lookup, nothing to hold
-                    # back. Nothing here yields, so nobody logs in before the
-                    # batch ends. The target still sees the key (a fresh
-                    # stream's welcome id is the newest one).
+                    # Nobody online any more (they left while a fan-out
+                    # yielded): see _to_nobody, here message by message.
                     delivered.append(deliver((), message))
                     idle += 1
                     continue
@@ -239,6 +254,28 @@ class Router:
                 while inflight and inflight[0][1]:
                     inflight.popleft()
                 fanout.settle(inflight[0][0] if inflight else None)
+
+    def _to_nobody(self, messages: Sequence[tuple[str, bytes]], keys: list[int],
+                   start: float) -> list[int]:
+        """Hand a batch to the target with nobody online: 0 connections each.
+
+        Nothing here yields, so nobody logs in before the batch ends: no
+        subscriber lookups, nothing to hold back. The target still sees the
+        keys: the connection table is handed only the newest message (what
+        it keeps is the newest key, a fresh stream's welcome id), the
+        backplane's presence, which groups every key in order, each one.
+        """
+        fanout = self.fanout
+        many = getattr(fanout, "deliver_many", None)
+        if many is not None and len(messages) > 1:
+            many(((), Message(subject, body, key))
+                 for key, (subject, body) in zip(keys, messages, strict=True))
+        else:
+            subject, body = messages[-1]
+            fanout.deliver((), Message(subject, body, keys[-1]))
+        PUBLISH_TO_WRITE.observe_many(perf_counter() - start, len(keys))
+        FANOUT_SIZE.observe_many(0, len(keys))
+        return [0] * len(keys)
 
     def _grouped(self, messages: Sequence[tuple[str, bytes]], keys: list[int],
                  index: OnlineIndex) -> Iterator[tuple[Iterable[str], Message]]:

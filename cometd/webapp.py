@@ -123,7 +123,9 @@ def _error(status: int, message: str) -> bottle.HTTPResponse:
 
 
 def _answered(answer: Answer) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(json.dumps(answer.payload), status=answer.status,
+    payload = answer.payload
+    return bottle.HTTPResponse(payload if type(payload) is str else json.dumps(payload),
+                               status=answer.status,
                                headers={"Content-Type": "application/json", **dict(answer.headers)})
 
 

@@ -14,6 +14,7 @@ import json
 import random
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -21,7 +22,8 @@ import plyvel
 import pytest
 from conftest import StreamClient, http_json, start_server, unique_id
 
-from cometd.history import History, format_id, id_bytes, parse_id
+from cometd.history import STAMPS, History, format_id, id_bytes, parse_id
+from cometd.ids import encode_key
 
 # -- in-process ----------------------------------------------------------------
 
@@ -158,6 +160,107 @@ def test_history_survives_reopening_but_not_an_epoch_without_history(tmp_path):
         replay = history.replay(["a"], format_id(since))
         assert (replay.recovered, replay.reason) == (False, "the id predates the history")
     database.close()
+
+
+def _keys(db, prefix: bytes) -> list[bytes]:
+    return list(db.iterator(prefix=prefix, include_value=False))
+
+
+def test_a_message_is_one_put_and_its_time_a_stamp_a_second(db):
+    clock = Clock()
+    history = History(db, clock=clock)
+    for second in range(5):
+        for _ in range(3):
+            history.record_batch([("a", b"x"), ("b", b"y")])
+            clock.now += 0.3
+        clock.now = 1_000_000.0 + second + 1
+    assert len(_keys(db, b"h")) == 30
+    # One stamp a second, at the first message kept in it; nothing else a message.
+    stamps = list(db.iterator(prefix=STAMPS))
+    assert [int.from_bytes(k[1:], "big") - (history.epoch << 64) for k, _ in stamps] == [
+        1, 7, 13, 19, 25]
+    assert len(list(db.iterator())) == 30 + 5 + 3  # and m:epoch, m:history-epoch, m:history-floor
+
+
+def test_the_oldest_go_first_across_subjects_by_age_and_total_size(tmp_path):
+    """Random sends from six subjects against a fake clock, each step checked against a model.
+
+    Whatever the age and size bounds take is the oldest messages of all
+    subjects: the history is every message after the floor, within
+    max_bytes, none older than ttl + 1 s, and each message below the floor
+    was either due or had to go for the total size.
+    """
+    rng = random.Random(7)
+    db = plyvel.DB(str(tmp_path / "db"), create_if_missing=True)
+    clock = Clock()
+    ttl, most = 8, 3000
+    history = History(db, size=1000, ttl=ttl, max_bytes=most, clock=clock)
+    sent: list[tuple[int, str, bytes, float]] = []
+    by_age = by_size = 0
+    for step in range(300):
+        clock.now += rng.choice([0.0, 0.2, 0.7, 0.9, 1.5, 4.0])
+        longest = 400 if step % 100 < 50 else 40  # phases where the size, then the age binds
+        batch = [(rng.choice("abcdef"), bytes([97 + rng.randrange(26)]) * rng.randrange(1, longest))
+                 for _ in range(rng.choice([1, 1, 2, 5]))]
+        floor = history.floor
+        keys = history.record_batch(batch)
+        sent += [(k, s, b, clock.now) for k, (s, b) in zip(keys, batch, strict=True)]
+        replay = history.replay("abcdef", "1-0", limit=10_000)  # trims what is due first
+        kept = [(k, s, b) for k, s, b, _ in sent if k > history.floor]
+        assert replay.messages == kept
+        assert all(clock.now - when <= ttl + 1 for k, _, _, when in sent if k > history.floor)
+        total = sum(len(b) for _, _, b in kept)
+        assert total <= most and history.stats == {"history_messages": len(kept),
+                                                   "history_bytes": total}
+        if history.floor > history.epoch << 64:
+            # The newest message dropped was due, or the size bound needed it gone (and then
+            # so did every older one).
+            k, _, body, when = next(m for m in sent if m[0] == history.floor)
+            due, over = clock.now - when > ttl, total + len(body) > most
+            assert due or over
+            if history.floor > floor:
+                by_age, by_size = by_age + due, by_size + (over and not due)
+            assert history.replay("abcdef", format_id(history.floor)).recovered
+            assert not history.replay("abcdef", format_id(history.floor - 1)).recovered
+            # No stamp is kept that covers only dropped messages.
+            assert sum(int.from_bytes(key[1:], "big") <= history.floor + 1
+                       for key in _keys(db, STAMPS)) <= 1
+    assert by_age > 10 and by_size > 10, (by_age, by_size)  # both bounds took their share
+    reopened = History(db, size=1000, ttl=ttl, max_bytes=most, clock=clock)
+    assert reopened.stats == history.stats
+    db.close()
+
+
+def test_a_history_of_the_layout_before_stamps_reads_and_is_rewritten_on_open(tmp_path):
+    """A database written with a ``t`` record a message (the layout before stamps) opens as it was.
+
+    Its messages replay, count and age as before; the ``t`` records are
+    rewritten as stamps on open.
+    """
+    path = str(tmp_path / "db")
+    db = plyvel.DB(path, create_if_missing=True)
+    # As the layout before wrote it: epoch 1 kept history; h and t a message.
+    db.put(b"m:epoch", b"1")
+    db.put(b"m:history-epoch", b"1")
+    db.put(b"m:history-floor", id_bytes(0))
+    old = [("a", b"a1", 1000.0), ("b", b"b1", 1000.2), ("a", b"a2", 1010.0), ("c", b"c1", 1030.0)]
+    for seq, (subject, body, when) in enumerate(old, 1):
+        skey, idb = encode_key(subject), id_bytes(1 << 64 | seq)
+        db.put(b"h" + bytes((len(skey),)) + skey + idb, body)
+        db.put(b"t" + idb, struct.pack(">dI", when, len(body)) + skey)
+    clock = Clock()
+    clock.now = 1031.0
+    history = History(db, ttl=35, clock=clock)
+    assert _keys(db, b"t") == [] and len(_keys(db, STAMPS)) == 3
+    assert history.stats == {"history_messages": 4, "history_bytes": 8}
+    replay = history.replay("abc", "1-0")
+    assert replay.recovered and [b for _, _, b in replay.messages] == [b"a1", b"b1", b"a2", b"c1"]
+    # Their times came along: the first second's messages are due once 36 s old, not the rest.
+    clock.now = 1000.0 + 36.5
+    replay = history.replay("abc", "1-0")
+    assert [b for _, _, b in replay.messages] == [b"a2", b"c1"], replay
+    assert replay.reason == "the id predates the history" and history.floor == 1 << 64 | 2
+    db.close()
 
 
 # -- servers -------------------------------------------------------------------

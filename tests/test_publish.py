@@ -395,6 +395,73 @@ def test_the_plain_reading_takes_only_what_the_strict_grammar_reads_alike():
         assert _plain_request(head) is not None, head
 
 
+_TOO_DEEP = b'{"from": "1", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+# Bodies the batch's one-array reading must read as the line by line one does, or leave to it.
+BATCH_BODIES = [
+    _batch({"from": "1", "body": "a"}, {"from": "bob", "body": "b \u00e9 }\n{ \\ \" end"}),
+    b'{"from":"1","body":"x"}\n{"from":"user:2","body":"y"}',
+    # two items on one line and one over two: as one array, three items on two lines
+    b'{"from": "1", "body": "x"}, {"from": "2"\n"body": "y"}\n',
+    b'{"from": "1"\n, "body": "x"}\n',
+    b'{"from": "1", "body": "x"}, {"from": "2", "body": "y"}\n',
+    b'\n\n{"from": "1", "body": "x"}\n\n{"from": "2", "body": "y"}\r\n  \n',
+    b'{"from": "1", "body": "x"}\r\n{"from": "2", "body": "y"}\r\n',
+    b'{"from": "1", "body": "x", "from": "2"}\n',
+    b'{"from": "1", "body": "\\ud800"}\n',
+    b'{"from": "a b", "body": "x"}\n',
+    b'{"from": "1", "body": ""}\n',
+    b'{"from": 1, "body": "x"}\n{"from": "1", "body": 2}\n',
+    b'{"from": "1", "body": "x", "to": 2}\n',
+    b'{"from": "1", "body": {"x": "y"}}\n{"from": "1", "body": "x"}\n',
+    b'[{"from": "1", "body": "x"}]\n',
+    b'\xef\xbb\xbf{"from": "1", "body": "x"}\n',
+    b'{"from": "1", "body": "\xff"}\n',
+    b'\x0c{"from": "1", "body": "x"}\x0c\n',
+    b'{"from": "1", "body": NaN}\n',
+    b" \n\t\n",
+    _TOO_DEEP,
+    b'{"from": "1", "body": "' + b"y" * (64 * 1024 + 1) + b'"}\n',
+    b'{"from":"1","body":"x"}\n' * 10_001,
+    b'{"from":"1","body":"x"}\n' * 10_000,
+]
+
+
+def _parsed(parse, body: bytes) -> object:
+    from cometd.publish import BodyError
+    try:
+        return parse(body)
+    except BodyError as exc:
+        return exc.status, exc.message
+
+
+def test_a_batch_read_as_one_array_is_read_as_line_by_line(monkeypatch):
+    """parse_batch's one-array reading gives what the line by line one gives, errors and all.
+
+    Over the bodies above and a few thousand one-byte mutations of the short
+    ones: the same messages, or the same error naming the same line; and the
+    common shape does take the one-array reading.
+    """
+    import random
+
+    from cometd import publish
+    rng = random.Random(17)
+    bodies = list(BATCH_BODIES)
+    for seed in (b for b in BATCH_BODIES if len(b) < 200):
+        for _ in range(150):
+            at = rng.randrange(len(seed))
+            pick = bytes((rng.choice(b'{}[],:"\n\r \\x10\x0c'),))
+            bodies.append(seed[:at] + pick + seed[at + (rng.random() < 0.5):])
+    for body in bodies:
+        assert _parsed(publish.parse_batch, body) == _parsed(publish._parse_lines, body), body[:80]
+    deep = _parsed(publish.parse_batch, _TOO_DEEP)
+    assert deep[0] == 400 and deep[1].startswith("line 1: not JSON"), deep
+    by_lines = []
+    monkeypatch.setattr(publish, "_parse_lines", lambda b: by_lines.append(b) or [])
+    for body in BATCH_BODIES[:2] + BATCH_BODIES[-1:]:
+        assert publish.parse_batch(body), body[:80]
+    assert by_lines == []
+
+
 def test_a_send_answer_is_json_dumps_bytes():
     from cometd.publish import Answer, _answer_bytes
     for delivered, message_id in [(0, "1-0"), (12345, "4294967295-1048575")]:
@@ -404,6 +471,23 @@ def test_a_send_answer_is_json_dumps_bytes():
         assert body == json.dumps(payload).encode()
         assert b"\r\nContent-Length: %d\r\n" % len(body) in head
         assert b"\r\nVary: Origin\r\n" in head and b"Connection" not in head
+
+
+def test_a_batch_answer_is_json_dumps_bytes():
+    """A batch's results, written from pieces, are json.dumps's bytes; so are its errors."""
+    from cometd.history import format_ids
+    from cometd.publish import Answer, _answer_bytes, results_json
+    from cometd.router import Sent
+    for sent in ([], [Sent(0, "1-0")], [(12345, "4294967295-18446744073709551615"), (0, "2-9")],
+                 list(zip(range(100), format_ids(5 << 64 | 99_999_950, 100), strict=True))):
+        text = results_json(sent)
+        assert text == json.dumps({"results": [{"delivered": d, "id": i} for d, i in sent]})
+        for payload in (text, {"error": 'line 7: not JSON: "\u00e9" \u00e9'}):
+            data = _answer_bytes(Answer(200 if payload is text else 400, payload), False,
+                                 "Vary: Origin\r\n", False)
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert body == (text if payload is text else json.dumps(payload)).encode()
+            assert b"\r\nContent-Length: %d\r\n" % len(body) in head
 
 
 class _CountingSocket(socket.socket):

@@ -36,7 +36,7 @@ from conftest import (
     wait_for,
 )
 
-from cometd.connections import MODES
+from cometd.connections import MODES, ConnectionTable
 from cometd.history import History, parse_id
 from cometd.loader import load_friends
 from cometd.metrics import FANOUT_SIZE, PUBLISH_TO_WRITE
@@ -493,6 +493,36 @@ def test_a_failing_lookup_in_the_middle_of_a_batch_ends_it_and_keeps_it_all(stor
     assert router.send("s", b"next").delivered == 1
 
 
+def test_a_batch_for_nobody_leaves_the_table_its_newest_id(store):
+    # A fresh stream's welcome id is the table's newest key: a batch for
+    # nobody, handed over as its newest message alone, still moves it on.
+    table = ConnectionTable("pool")
+    router = Router(store, table, History(store.db))
+    sent = router.send_batch([("s", b"1"), ("t", b"2"), ("s", b"3")])
+    assert table.newest == parse_id(sent[-1].id) == router.history.last
+    assert [n for n, _ in sent] == [0, 0, 0]
+
+
+def test_a_send_for_nobody_waits_its_turn_behind_a_fan_out_under_way(store):
+    # A send for nobody with nothing else on its way skips the subject's
+    # line; behind a fan-out of its subject that yields, it must not.
+    store.add_subscriptions([("a", "s")])
+    gate = gevent.event.Event()
+    fanout = FakeFanout(lambda message: gate.wait(timeout=5))
+    fanout.login("a")
+    router = Router(store, fanout, History(store.db))
+    first = gevent.spawn(router.send, "s", b"1")
+    gevent.sleep(0)  # first is in its fan-out, at the gate
+    fanout.index.discard("a")  # and then nobody is online
+    second = gevent.spawn(router.send, "s", b"2")
+    gevent.sleep(0.01)
+    assert not second.ready() and fanout.handed == []
+    gate.set()
+    first.get(timeout=5)  # (a left before its turn in the walk: 0 or 1 delivered)
+    assert second.get(timeout=5).delivered == 0
+    assert [body for _, body, _ in fanout.handed] == [b"1", b"2"]
+
+
 def _count_and_sum(histogram) -> tuple[float, float]:
     (family,) = histogram.collect()
     got = {s.name: s.value for s in family.samples if "le" not in s.labels}
@@ -501,14 +531,15 @@ def _count_and_sum(histogram) -> tuple[float, float]:
 
 def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts(store):
     # Nobody online: nobody to look up or walk (the fake fails on any
-    # recipient), yet each message is handed over with its key and counted.
+    # recipient), yet the newest message is handed over with its key, and
+    # each message is counted.
     store.add_subscriptions([("a", "s"), ("b", "s")])
     fanout = FakeFanout(lambda message: pytest.fail("a recipient walked with nobody online"))
     router = Router(store, fanout, History(store.db))
     sizes, times = _count_and_sum(FANOUT_SIZE), _count_and_sum(PUBLISH_TO_WRITE)
     sent = router.send_batch([("s", b"1"), ("t", b"2"), ("s", b"3")])
     assert [n for n, _ in sent] == [0, 0, 0]
-    assert fanout.handed == [("s", b"1", []), ("t", b"2", []), ("s", b"3", [])]
+    assert fanout.handed == [("s", b"3", [])]
     assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 3, sizes[1])
     assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 3
 
@@ -518,6 +549,6 @@ def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts
     fanout.login("s", 2)
     sent = router.send_batch([("s", b"4"), ("x", b"5")])
     assert [n for n, _ in sent] == [3, 0]
-    assert fanout.handed[3:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
+    assert fanout.handed[1:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
     assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 5, sizes[1] + 3)
     assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 5
