@@ -13,7 +13,7 @@ the seed, a message goes to its sender's friends: before the router starts,
 (``--friends``), so each message reaches ~30 streams on as many edges.
 
 Every process here may hold at most 20,000 open files (hard limit), so the
-server needs ~19,500 connections per edge (52 edges for 1M) and the client
+server runs ~19,000 connections per edge (53 edges for 1M) and the client
 ~19,000 per floodtest process (53 processes).
 
 The script applies the sysctls that ``cometd check-system --connections N --mode
@@ -42,15 +42,19 @@ Usage (heavy runs are serialised with other benchmarks)::
     ip netns add c1m && ip netns exec c1m ip link set lo up
     ip netns exec c1m .venv/bin/python bench/c1m.py --connections 20000 --edges 2
     .venv/bin/python bench/c1m.py --dry-run
+    # in a network namespace of its own, with a TCP established hash sized for the run
+    flock /tmp/cometd-bench.lock .venv/bin/python bench/c1m.py --netns
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
 import re
+import resource
 import shlex
 import signal
 import socket
@@ -70,7 +74,10 @@ from cometd.lifecycle import free_port  # noqa: E402
 from cometd.loadtest.procs import tool  # noqa: E402
 
 STREAM = "cometd:messages"  # the stream msggen XADDs to and the router ingests
-PER_EDGE = 19_500  # connections per edge (20,000 files per process, minus headroom)
+# Connections per edge (20,000 files per process, minus headroom): SO_REUSEPORT
+# spreads them unevenly, and at 19,500 (52 edges) the fullest held 19,522-19,625
+# of its ~19,800 cap in the 1M runs, so 53 edges leave ~2% more room.
+PER_EDGE = 19_000
 PER_CLIENT = 19_000  # connections per floodtest process
 PER_SOURCE = PORTS_PER_SOURCE  # connections per source address (well inside 1024-65535)
 
@@ -142,6 +149,46 @@ def restore_sysctls(saved: dict[str, str]) -> None:
         log(f"restored {len(saved)} sysctls")
 
 
+# A network namespace of the run's own: the host's TCP established hash is
+# sized at boot (here 262,144 buckets), and at 1M it holds both ends of every
+# connection, 2M sockets: each packet's lookup walks a chain of ~8 of them
+# (__inet_lookup_established, ~9% of the machine's CPU while messages flowed
+# in attempt 10). A new namespace gets a table of tcp_child_ehash_entries.
+CLONE_NEWNET = 0x40000000
+# The scheduler's autogroups: with them, CPU is shared between sessions, not
+# processes, and nice orders processes only within their session. Each process
+# here starts a session of its own (floodtest's workers share one), so the
+# router and Redis at nice -10 got an edge's share, and the 53 floodtest
+# workers together as much as one edge: at 1M the router was running or
+# runnable in 88% of py-spy's samples but had 0.23-0.35 of a core (attempt 10).
+AUTOGROUP = "kernel.sched_autogroup_enabled"
+EHASH = "net.ipv4.tcp_child_ehash_entries"
+
+
+def ehash_size(connections: int) -> int:
+    """Buckets for both ends of *connections* at a load of at most one (a power of two)."""
+    return 1 << max(10, (2 * connections - 1).bit_length())
+
+
+def enter_netns() -> int:
+    """Move this process into a new network namespace, loopback up; return the old one's fd."""
+    old = os.open("/proc/self/ns/net", os.O_RDONLY)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        os.close(old)
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    return old
+
+
+def leave_netns(old: int) -> None:
+    """Back to the namespace *old* (from enter_netns), so its sysctls can be restored."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(old, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns back to the previous network namespace failed")
+    os.close(old)
+
+
 # --------------------------------------------------------------------------------------
 # measurements
 # --------------------------------------------------------------------------------------
@@ -195,6 +242,8 @@ def kernel_counters() -> dict[str, int]:
 _SAMPLE = re.compile(rb"^(cometd_(?:disconnects_total|rejected_requests_total|"
                      rb"streams_refused_total|connections|slow_consumers_dropped_total))"
                      rb"(?:\{([^}]*)\})? ([0-9.e+]+)$", re.M)
+_SAMPLE_ANY = re.compile(rb"^(cometd_presence_(?:users|edges))(?:\{([^}]*)\})? ([0-9.e+]+)$",
+                         re.M)
 
 
 def edge_counts(url: str) -> dict:
@@ -211,8 +260,15 @@ def edge_counts(url: str) -> dict:
         r = redis.Redis.from_url(url)
         keys = list(r.scan_iter(match=b"cometd:metrics:edge:*", count=1000))
         texts = r.mget(keys) if keys else []
+        router = [r.get(k) for k in r.scan_iter(match=b"cometd:metrics:router:*", count=100)]
     except redis.RedisError:
         return out
+    # The router's presence, to set beside the edges' streams: a user the router
+    # does not know online gets nothing routed (attempt 11's missing deliveries).
+    for text in filter(None, router):
+        for name, _labels, value in _SAMPLE_ANY.findall(text):
+            if name in (b"cometd_presence_users", b"cometd_presence_edges"):
+                out[name.decode().removeprefix("cometd_")] = int(float(value))
     per_edge = []
     for text in texts:
         if not text:
@@ -323,6 +379,9 @@ class Run:
         self.samples: list[dict] = []
         self.t0 = time.monotonic()
         self.tmp = tempfile.mkdtemp(prefix="c1m-")
+        self.old_ns: int | None = None  # the network namespace to go back to (--netns)
+        self.msggen_nice: int | None = None
+        self.ehash: str | None = None
 
     # -- processes ---------------------------------------------------------------------
     def spawn(self, args: list[str], logname: str) -> subprocess.Popen:
@@ -382,11 +441,23 @@ class Run:
                 "redis": cpu_seconds([self.redis.pid]),
                 "floodtest": cpu_seconds([self.flood.pid], tree=True)
                 if getattr(self, "flood", None) else 0.0,
+                "msggen": self.msggen_cpu(),
                 "machine": machine_cpu(),
             },
         }
         self.samples.append(s)
         return s
+
+    def msggen_cpu(self) -> float:
+        """msggen's CPU seconds so far, also once it has exited (and been reaped)."""
+        if getattr(self, "msg", None) is None:
+            return 0.0
+        if self.msg.poll() is None:
+            return cpu_seconds([self.msg.pid])
+        # Reaped: only the children's rusage has it (msggen is the only child
+        # that ends between its start and the sample after the messages).
+        ru, ru0 = resource.getrusage(resource.RUSAGE_CHILDREN), self._children_ru
+        return ru.ru_utime + ru.ru_stime - ru0.ru_utime - ru0.ru_stime
 
     def client_counts(self) -> dict[str, int]:
         """floodtest's last progress line: closed streams, connect errors, no response yet."""
@@ -402,6 +473,19 @@ class Run:
             return {}
         return dict(zip(("closed", "connect_errors", "pending", "no_response"),
                         map(int, m[-1]), strict=True))
+
+    def progress_lines(self) -> list[str]:
+        """floodtest's progress lines so far."""
+        try:
+            with open(os.path.join(self.tmp, "floodtest.log")) as f:
+                return re.findall(r"^\[.*Chunks=.*$", f.read(), re.M)
+        except OSError:
+            return []
+
+    def received_all(self, seen: int) -> bool:
+        """Whether a progress line after the first *seen* timed no message: an interval
+        (3 s) with no delivery. Chunks do not say it: keep-alives go on."""
+        return any(line.endswith("latency -") for line in self.progress_lines()[seen:])
 
     def client_open(self) -> int:
         try:
@@ -426,7 +510,8 @@ class Run:
         e = s["edge_counts"]
         log(f"           tw {s['tcp_tw']:,} orphan {s['tcp_orphan']:,} client {s['client']} "
             f"edges {e.get('edges')} ({e.get('edge_conns_min'):,}-{e.get('edge_conns_max'):,} "
-            f"streams) ended {e.get('disconnects')} refused {e.get('rejected')} "
+            f"streams; router: {e.get('presence_users')} users online) "
+            f"ended {e.get('disconnects')} refused {e.get('rejected')} "
             f"{e.get('refused')} kernel +{grown}")
 
     def check_deadline(self) -> None:
@@ -465,11 +550,26 @@ class Run:
     # -- main --------------------------------------------------------------------------
     def run(self) -> dict:
         a = self.a
-        port, rport = free_port(), free_port()
-        self.applied = apply_sysctls(system_report(self.a).sysctls, self.saved)
+        sysctls = system_report(self.a).sysctls
+        if not a.autogroup:
+            sysctls = {**sysctls, AUTOGROUP: "0"}
+        if a.netns:
+            sysctls = {**sysctls, EHASH: str(ehash_size(a.connections))}
+        self.applied = apply_sysctls(sysctls, self.saved)
         log(f"applied {len(self.applied)} sysctls")
+        if a.netns:
+            self.old_ns = enter_netns()
+            # A new namespace starts from the defaults of its own net.* sysctls:
+            # set them again in it (it goes, and they with it, when the run ends).
+            inside = {k: v for k, v in sysctls.items()
+                      if k.startswith("net.") and k != EHASH and read_sysctl(k) is not None}
+            apply_sysctls(inside, {})
+            log(f"in a network namespace of its own, {len(inside)} of its sysctls set; TCP "
+                f"established hash {read_sysctl('net.ipv4.tcp_ehash_entries')} buckets")
+        self.ehash = read_sysctl("net.ipv4.tcp_ehash_entries")
+        port, rport = free_port(), free_port()
 
-        # Redis and the router are one process each that all 52 edges wait on:
+        # Redis and the router are one process each that all 53 edges wait on:
         # among ~110 busy processes on two cores they got too small a share to
         # keep up with presence (see BENCHMARKS.md, C1M attempt 6).
         first = ["nice", "-n", str(a.router_nice)]
@@ -566,7 +666,14 @@ class Run:
                    "--users", str(n), "--concurrency", str(a.msg_concurrency), "--interval", "5",
                    "--json", os.path.join(self.tmp, "msggen.json")]
         self.commands["msggen"] = shlex.join(msg_cmd)
-        msg = self.spawn(msg_cmd, "msggen.log")
+        self._children_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # msggen is the offered load: at the edges' share (one process among
+        # ~110 once autogroups are off) it published 1,068 of 3,300 msg/s.
+        msg = self.msg = self.spawn(first + msg_cmd, "msggen.log")
+        end = time.monotonic() + 2
+        while _nice(msg.pid) != a.router_nice and time.monotonic() < end:
+            time.sleep(0.01)  # nice(1) sets it, then execs msggen
+        self.msggen_nice = _nice(msg.pid)
         self.watch("msgs", lambda s: msg.poll() is not None, every=3)
         if a.publish == "redis-stream":
             # What the router has not routed yet is still in the stream: let it
@@ -577,11 +684,14 @@ class Run:
         time.sleep(3)  # as after the ramp: let RSS / slab settle before the sample
         self.after_msgs = self.sample("after msgs")
         self.progress(self.after_msgs)
-        # The last messages have reached floodtest by now or within seconds; it
-        # holds until told (see flood_hold): end it.
-        drain_end = time.monotonic() + 2
+        # Routed is not received: once the router keeps up, the backlog is in the
+        # edges' and floodtest's sockets (attempt 11: p50 9.5 s). So floodtest,
+        # which holds until told (see flood_hold), is ended only once one of its
+        # progress lines (3 s apart) times no message, or after 120 s.
+        drain_end = time.monotonic() + 120
+        seen = len(self.progress_lines())
         self.watch("drain", lambda s: self.flood.poll() is not None
-                   or time.monotonic() >= drain_end, every=1)
+                   or time.monotonic() >= drain_end or self.received_all(seen), every=1)
         if self.flood.poll() is None:
             self.flood.send_signal(signal.SIGTERM)  # it writes its summary, then exits
             # At 1M its workers' closes (and the edges' and the router's work on
@@ -641,7 +751,10 @@ class Run:
             "edges": a.edges,
             "keepalive_s": a.keepalive,
             "hold_cpu_cores": hold_cpu(full, self.held),
+            "msgs_cpu_us_per_delivery": msgs_cpu(self.held, am, flood.get("messages") or 0),
             "router_nice": _nice(self.server_pids[0]),
+            "msggen_nice": self.msggen_nice,
+            "autogroup": read_sysctl(AUTOGROUP),
             "client_processes": a.client_processes,
             "mode": a.mode,
             "ramp_rate_target": a.ramp_rate,
@@ -689,6 +802,8 @@ class Run:
             "wall_s": round(time.monotonic() - self.t0, 1),
             "commands": self.commands,
             "sysctls": self.applied,
+            "netns": a.netns,
+            "tcp_ehash_entries": int(self.ehash) if self.ehash else None,
             "sysctls_previous": dict(self.saved),
             "floodtest": flood,
             "msggen": mg,
@@ -724,6 +839,29 @@ def hold_cpu(full: dict, held: dict) -> dict[str, float]:
     for col in ("user", "system", "softirq", "idle"):
         out[f"machine_{col}"] = (mh[col] - mf[col]) / dt
     return {k: round(v, 3) for k, v in out.items()}
+
+
+GROUPS = ("edges", "router", "redis", "floodtest", "msggen")
+
+
+def msgs_cpu(held: dict, after: dict, deliveries: int) -> dict[str, float]:
+    """CPU microseconds per delivery received, from the end of the hold to 3 s after
+    the last message was routed, by process group; 'rest' is the machine's busy time
+    (every /proc/stat column but idle and iowait) less those groups': the kernel's
+    softirq work not charged to a process, other processes, other engineers' work.
+    """
+    per = max(deliveries, 1)
+    out = {g: (after["cpu_s"].get(g, 0.0) - held["cpu_s"].get(g, 0.0)) * 1e6 / per
+           for g in GROUPS}
+    mh, ma = held["cpu_s"]["machine"], after["cpu_s"]["machine"]
+    busy = sum(ma[c] - mh[c] for c in ma if c not in ("idle", "iowait"))
+    out["rest"] = busy * 1e6 / per - sum(out.values())
+    out["machine_busy"] = busy * 1e6 / per
+    for col in ("user", "system", "softirq"):  # the kernel's share, as in ramp_cpu
+        out[f"machine_{col}"] = (ma[col] - mh[col]) * 1e6 / per
+    out["machine_idle_cores"] = (ma["idle"] - mh["idle"]) / max(after["t"] - held["t"], 1e-9)
+    out["seconds"] = after["t"] - held["t"]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def ramp_cpu(base: dict, full: dict, conns: int) -> dict[str, float]:
@@ -791,8 +929,12 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| connections held | {n:,} (target {res['connections_target']:,}; "
         f"{res['connections_after_hold']:,} still open after the hold) |",
         f"| hold | {res['hold_s']} s, then messages for {res['msg_duration_s']} s |",
+        "| network namespace | " + ("its own (--netns)" if res["netns"] else "the caller's")
+        + f", TCP established hash {res['tcp_ehash_entries']} buckets (negative: shared with "
+        "the host's) |",
         f"| edges / client processes | {res['edges']} ({res['mode']} mode, keep-alive "
-        f"{res['keepalive_s']:g} s; router and Redis at nice {res['router_nice']}) / "
+        f"{res['keepalive_s']:g} s; router, Redis and msggen at nice {res['router_nice']}, "
+        f"{AUTOGROUP} {res['autogroup']}) / "
         f"{res['client_processes']} |",
         "| cores busy during the hold | "
         + ", ".join(f"{k} {v:g}" for k, v in res["hold_cpu_cores"].items()) + " |",
@@ -800,6 +942,8 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"(target {res['ramp_rate_target']:,}); ramp {res['ramp_s']} s |",
         f"| ramp rate, floodtest start to all open (this script's watch, 3 s samples) | "
         f"{res['ramp_rate_wall']:,} conn/s over {res['ramp_wall_s']} s |",
+        "| CPU per delivery received, end of the hold to 3 s after the last routed (µs) | "
+        + ", ".join(f"{k} {v:,}" for k, v in res["msgs_cpu_us_per_delivery"].items()) + " |",
         "| ramp CPU per connection (µs) | "
         + ", ".join(f"{k} {v:,}" for k, v in res["ramp_cpu_us_per_conn"].items()) + " |",
         f"| connect errors | {res['connect_errors']} {res['connect_errors_by_errno'] or ''} |",
@@ -817,6 +961,9 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         f"| streams per edge when all were open (fewest-most) | "
         f"{ec.get('edge_conns_min', 0):,}-{ec.get('edge_conns_max', 0):,} over "
         f"{ec.get('edges', 0)} edges |",
+        f"| users online as the router knows, when all were open / after the messages | "
+        f"{ec.get('presence_users')} / {ea.get('presence_users')} (over "
+        f"{ec.get('presence_edges')} / {ea.get('presence_edges')} edges) |",
         f"| streams ended on the edges, by reason (end of the run) | "
         f"{ea.get('disconnects') or 'none'}; slow consumers {ea.get('slow', 0)} |",
         f"| requests / streams refused by the edges (end of the run) | "
@@ -954,7 +1101,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "951,273 streams were only held")
     p.add_argument("--router-nice", type=int, default=-10,
                    help="nice value of Redis and the router, the two processes every edge "
-                        "waits on (0: the same share as each edge and floodtest process)")
+                        "waits on, and of msggen, the offered load (0: the same share as "
+                        "each edge and floodtest process)")
+    p.add_argument("--autogroup", action="store_true",
+                   help=f"leave {AUTOGROUP} as it is; without this flag it is 0 for the run "
+                        "(and restored), so that the scheduler shares CPU between processes "
+                        "and --router-nice means what it says (with autogroups each session "
+                        "gets one share, whatever its processes' nice values)")
     p.add_argument("--msg-duration", type=float, default=30.0)
     p.add_argument("--publish", choices=["redis-stream", "http"], default="redis-stream",
                    help="how msggen publishes: one XADD per message to the stream the router "
@@ -968,6 +1121,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1440.0,
                    help="hard limit on the whole run in seconds (then everything is stopped)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "c1m"))
+    p.add_argument("--netns", action="store_true",
+                   help="run everything in a network namespace of its own, whose TCP "
+                        "established hash is sized for both ends of every connection "
+                        f"({EHASH}; the host's is fixed at boot: at 1M its chains are ~8 "
+                        "sockets long); the host's net.* sysctls are set and restored too")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sysctls; change nothing")
     a = p.parse_args(argv)
@@ -1031,6 +1189,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r.stop_all()
         finally:
+            if r.old_ns is not None:
+                leave_netns(r.old_ns)
             restore_sysctls(r.saved)
     if res is not None:
         write_report(a.out, res, r.samples, ["bench/c1m.py", *argv])

@@ -30,10 +30,10 @@ def test_dry_run_prints_the_plan_and_check_systems_sysctls_and_changes_nothing(t
     proc = subprocess.run([sys.executable, C1M, "--dry-run", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "plan: 1,000,000 connections, 52 edges (pool), 53 floodtest processes" in proc.stderr
+    assert "plan: 1,000,000 connections, 53 edges (pool), 53 floodtest processes" in proc.stderr
     # The sysctls are cometd check-system's for the same plan, and only those.
     check = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "cometd"), "check-system",
-                            "--connections", "1000000", "--mode", "pool", "--workers", "52",
+                            "--connections", "1000000", "--mode", "pool", "--workers", "53",
                             "--clients-here", "--json"], capture_output=True, text=True,
                            timeout=60)
     wanted = json.loads(check.stdout)["sysctls"]
@@ -59,7 +59,8 @@ IN_NAMESPACE = textwrap.dedent("""
     # 400 ports: 300 connections a source address do not fit in half of them
     c1m.write_sysctl("net.ipv4.ip_local_port_range", "40000 40399")
     names = ["net.core.somaxconn", "net.ipv4.tcp_max_tw_buckets", "net.ipv4.tcp_wmem",
-             "net.ipv4.ip_local_port_range"]
+             "net.ipv4.ip_local_port_range", "net.ipv4.tcp_child_ehash_entries",
+             "kernel.sched_autogroup_enabled"]
     snap = lambda: {k: c1m.read_sysctl(k) for k in names}
     before, seen = snap(), {}
     run = subprocess.Popen([sys.executable, "bench/c1m.py", *sys.argv[1:]],
@@ -81,7 +82,7 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     proc = subprocess.run(
         ["unshare", "-n", sys.executable, "-c", IN_NAMESPACE, "--connections", "300",
          "--edges", "1", "--client-processes", "1", "--hold", "1", "--msg-rate", "50",
-         "--msg-duration", "1", "--check", "--timeout", "90", "--out", str(out)],
+         "--msg-duration", "1", "--check", "--netns", "--timeout", "90", "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=180,
         env={**os.environ, "TMPDIR": str(tmp_path)})  # c1m's logs dir: ours, cleaned up
     assert proc.returncode == 0 and proc.stdout, proc.stderr
@@ -94,14 +95,29 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     res = json.loads((out / "c1m.json").read_text())
     # check-system's answer for 300 connections here: 4096, 2 x 300 rounded up, and
     # the wide port range
+    # the wide port range, and (--netns) the established hash of the run's own namespace
+    # (autogroups: where the kernel has them)
+    autogroups = os.path.exists("/proc/sys/kernel/sched_autogroup_enabled")
     assert res["sysctls"] == {"net.core.somaxconn": "4096",
                               "net.ipv4.ip_local_port_range": "1024 65535",
-                              "net.ipv4.tcp_max_tw_buckets": "100000"}, log
+                              "net.ipv4.tcp_max_tw_buckets": "100000",
+                              "net.ipv4.tcp_child_ehash_entries": "1024",
+                              **({"kernel.sched_autogroup_enabled": "0"} if autogroups else {})
+                              }, log
+    assert res["autogroup"] == ("0" if autogroups else None)  # read during the run
+    # The run was in a namespace of its own, whose table is its own (a shared one reads
+    # negative), with its own net.* sysctls set there too.
+    assert res["netns"] and res["tcp_ehash_entries"] == 1024, log
+    assert "in a network namespace of its own, 3 of its sysctls set" in log
     for name, value in res["sysctls"].items():
         assert value in got["seen"][name], (name, got["seen"][name])
         assert res["sysctls_previous"][name] == got["before"][name]
     assert "restored" in log
     assert res["router_nice"] == -10  # read from the router process itself
+    assert res["msggen_nice"] == -10  # and from msggen, the offered load
+    # The router's presence beside the edges' streams: every user online, as it knows.
+    assert (res["edge_counts_full"]["presence_users"],
+            res["edge_counts_full"]["presence_edges"]) == (300, 1), res["edge_counts_full"]
     # The ramp ended by parsing floodtest's progress lines (else: timeout), and
     # the figures come from floodtest's and msggen's JSON.
     assert res["connections_held"] == 300 and res["client_open_max"] == 300, res
@@ -115,6 +131,13 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     assert res["delivery_check"].endswith(" 0 missing, 0 duplicates, 0 unexpected"), res
     assert f"{res['msgs_sent']} messages published" in res["delivery_check"], res
     assert res["delivery_latency_ms"]["count"] == res["msgs_received"]
+    # The messages' CPU split by process: each of ours did work for them (msggen's
+    # too, read after it exited), and the split adds up to the machine's busy time.
+    cpu = res["msgs_cpu_us_per_delivery"]
+    assert all(cpu[g] > 0 for g in ("edges", "router", "redis", "floodtest", "msggen")), cpu
+    parts = sum(cpu[g] for g in ("edges", "router", "redis", "floodtest", "msggen", "rest"))
+    assert parts == pytest.approx(cpu["machine_busy"], abs=0.1), cpu
     # The report does not pass the missing count off as zero deliveries.
     report = (out / "README.md").read_text()
     assert "| deliveries | not reported by the server (published by XADD" in report
+    assert "| CPU per delivery received, end of the hold" in report

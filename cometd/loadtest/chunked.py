@@ -74,6 +74,29 @@ class ChunkedDecoder:
         """True once the last chunk and the trailer section have been read."""
         return self.state == _DONE
 
+    def whole(self, data: bytes) -> bytes | None:
+        """The payload (its kept bytes) if *data* is exactly one whole chunk; else None.
+
+        A shortcut for a reader's common case, one chunk per recv: it applies only
+        between chunks, to a size line of hex digits alone, and changes no state.
+        Anything else (an extension, a bad size, a split or several chunks, the
+        last chunk) is for :meth:`feed`, which decides as it always does.
+        """
+        if self.state != _SIZE or self.buf:
+            return None
+        nl = data.find(b"\r\n", 0, 18)
+        if nl <= 0:
+            return None
+        size_s = data[:nl]
+        if size_s.strip(_HEX):
+            return None
+        size = int(size_s, 16)
+        if not size or len(data) != nl + size + 4 or data[-2:] != b"\r\n":
+            return None
+        keep = self.keep
+        start = nl + 2
+        return data[start:start + (size if keep is None or keep > size else keep)]
+
     def feed(self, data: bytes) -> list[Chunk | End]:
         """Decode *data*, the next body bytes; return the events it completes."""
         # The state lives in locals while the loop runs (floodtest's hot path) and

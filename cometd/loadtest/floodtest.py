@@ -480,7 +480,13 @@ class _Worker:
     def _feed(self, fd: int, c: _Conn, data: bytes, now: float) -> None:
         """Advance the HTTP response parser of *c* over *data* (any split is fine)."""
         phase = c.phase
-        if phase != _STREAM:
+        if phase == _STREAM:
+            payload = c.whole(data)  # one recv, one chunk: the usual delivery
+            if payload is not None:
+                self.chunks += 1
+                self._head(c, payload, now)
+                return
+        else:
             if phase != _HEADERS:  # _RAW: bytes are counted, nothing else to find
                 return
             if c.buf:

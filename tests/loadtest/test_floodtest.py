@@ -22,6 +22,7 @@ Run it by hand with ``python tests/loadtest/test_floodtest.py --port 8000 --tick
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import resource
@@ -363,6 +364,53 @@ def test_parser_handles_any_split():
         assert (w.chunks, w.messages, w.welcomed, w.streaming) == (22, 20, 1, 1), step
         assert w.hist.count == 20
         assert 0.0095 <= w.hist.percentile(0.5) <= 0.0105
+
+
+def test_one_chunk_per_recv_reads_as_the_decoder_does(monkeypatch):
+    # The shortcut for a whole chunk per recv (ChunkedDecoder.whole) must agree
+    # with the decoder alone, on the same bytes in one recv, for every shape of
+    # chunk: counts, timings, SSE ids recorded, protocol errors, closes.
+    from cometd.loadtest.floodtest import _HEADERS, FloodConfig, _Conn, _Worker
+
+    now = time.time()
+    ts = b"ts=%.6f;from=3;seq=1;x" % (now - 0.010)
+    sse = b'id: 1-7\ndata: {"from": "3", "body": "%s"}\n\n' % ts
+    chunks = [b"%x\r\n%s\r\n" % (len(p), p) for p in (ts, sse, b"Welcome", b"x" * 300)]
+    sized = b"%x" % len(ts)
+    mutants = chunks + [
+        b"%X\r\n%s\r\n" % (len(sse), sse),  # upper-case hex
+        b"%s;ext=1\r\n%s\r\n" % (sized, ts),  # an extension
+        b"0x%s\r\n%s\r\n" % (sized, ts), b" %s\r\n%s\r\n" % (sized, ts),
+        b"+%s\r\n%s\r\n" % (sized, ts), b"1_%s\r\n%s\r\n" % (sized, ts),
+        b"%s \r\n%s\r\n" % (sized, ts), b"g\r\n%s\r\n" % ts, b"\r\n%s\r\n" % ts,
+        b"0" * 17 + b"%s\r\n%s\r\n" % (sized, ts),  # a size line too long
+        b"%x\r\n%s\r\n" % (len(ts) + 1, ts), b"%x\r\n%s\r\n" % (len(ts) - 1, ts),
+        b"%s\r\n%sXY" % (sized, ts), b"%s\r\n%s\r" % (sized, ts),  # no CRLF after it
+        chunks[0] + chunks[1],  # two in one recv
+        b"0\r\n\r\n",  # the last chunk: the server ended the stream
+    ]
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    whole = _Conn.whole
+    for mutant in mutants:
+        seen = []
+        for shortcut in (whole, lambda self, data: None):
+            monkeypatch.setattr(_Conn, "whole", shortcut)
+            w = _Worker(FloodConfig(servers=[("127.0.0.1", 1)]), 0, 1, 0.0, 0.0)
+            w.record = io.BytesIO()
+            c = _Conn(socket.socket(), b"", 0.0)
+            c.phase = _HEADERS
+            w.conns[5] = c
+            w.open = 1
+            w._feed(5, c, head, now)
+            w._feed(5, c, mutant, now)
+            seen.append((w.chunks, w.messages, w.welcomed, w.protocol_errors, w.closed,
+                         w.hist.count, w.record.getvalue(), c.last))
+        assert seen[0] == seen[1], mutant
+    monkeypatch.setattr(_Conn, "whole", whole)
+    # and the shortcut is taken: a whole plain chunk is one payload, no events
+    c = _Conn(None, b"", 0.0)
+    c.reset()
+    assert c.whole(chunks[0]) == ts and c.whole(mutants[5]) is None
 
 
 def test_latency_histogram():
