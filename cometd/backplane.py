@@ -40,8 +40,10 @@ every second. An edge that stops says goodbye; one that dies cannot, but its
 Redis connections close with it, so the router, which asks Redis every
 ``EXPIRE_EVERY`` which edges still listen on their delivery channel, forgets
 it within a second. One that is cut off (a partition, a hung host) is
-forgotten once the router has not heard from it in 3 s. Either way its users
-leave presence. The router asks for full snapshots when it starts, when
+forgotten once the router has not heard from it in 3 s, or in 30 s while it
+still listens on its delivery channel (Redis keeps its batches for it: a
+starved edge delivers them late, where a forgotten one would miss them).
+Either way its users leave presence. The router asks for full snapshots when it starts, when
 its Redis connection comes back, and when it hears from an edge it does not
 know (a router restart). Edges re-send a snapshot after their own Redis
 reconnects. A starting router answers calls only after ``SYNC_GRACE``, once
@@ -80,7 +82,7 @@ import os
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import gevent
@@ -113,6 +115,11 @@ PRESENCE = "cometd:presence"
 CONTROL = "cometd:control"
 
 EDGE_TIMEOUT = 3.0
+# A silent edge that still listens on its delivery channel gets Redis's copy of
+# every batch, and delivers it once it runs again (a starved edge, at 1M): it
+# is forgotten only after this long. Forgetting it sooner would leave its
+# streams open but routed nothing until its snapshot, missing messages.
+LISTENING_TIMEOUT = 30.0
 EXPIRE_EVERY = 0.5  # how often the router looks for dead and silent edges
 HEARTBEAT = 1.0
 # An edge whose heartbeats no router has heard for this long is not ready
@@ -321,8 +328,11 @@ class Presence:
         for key in [k for k in self._resumed if k[0] == edge]:
             del self._resumed[key]
 
-    def expire(self) -> list[str]:
+    def expire(self, listening: Collection[str] = ()) -> list[str]:
         """Forget the edges silent for EDGE_TIMEOUT while others kept reporting.
+
+        An edge in *listening* (still subscribed to its delivery channel) is
+        given LISTENING_TIMEOUT instead: Redis holds its batches until it runs.
 
         Silence is measured in the reports' own time (when each edge sent its
         last one), not in when the router read them: a router behind on
@@ -335,8 +345,11 @@ class Presence:
         """
         now = time.monotonic()
         newest = max(self._sent.values(), default=0.0)
-        dead = [e for e, seen in self.edges.items()
-                if now - seen > EDGE_TIMEOUT and newest - self._sent[e] > EDGE_TIMEOUT]
+        dead = []
+        for e, seen in self.edges.items():
+            timeout = LISTENING_TIMEOUT if e in listening else EDGE_TIMEOUT
+            if now - seen > timeout and newest - self._sent[e] > timeout:
+                dead.append(e)
         for edge in dead:
             self._forget(edge, "silent")
         return dead
@@ -587,8 +600,7 @@ class RouterLink:
     def _expire(self) -> None:
         while True:
             gevent.sleep(EXPIRE_EVERY)
-            self.presence.expire()
-            self._forget_unsubscribed()
+            self.presence.expire(self._forget_unsubscribed())
             self._tell_head()
 
     def _tell_head(self, force: bool = False) -> None:
@@ -600,7 +612,8 @@ class RouterLink:
                 return  # told at the next tick
             self._head_told = head
 
-    def _forget_unsubscribed(self) -> None:
+    def _forget_unsubscribed(self) -> set[str]:
+        """Forget the edges nobody listens for; the edges that still listen."""
         # A killed edge sends no goodbye, and waiting out EDGE_TIMEOUT left its
         # closed streams counted (and their users online) for ~3 s. Its Redis
         # connection closed with it, though, taking its subscription along: an
@@ -610,15 +623,19 @@ class RouterLink:
         # asked has subscribed meanwhile, so it is kept.
         edges = list(self.presence.edges)
         if not edges:
-            return
+            return set()
         asked = time.monotonic()
         try:
-            listening = self._client.pubsub_numsub(*(EDGE.format(e) for e in edges))
+            counts = self._client.pubsub_numsub(*(EDGE.format(e) for e in edges))
         except redis.RedisError:
-            return  # Redis is away: EDGE_TIMEOUT still applies
-        for edge, (_, n) in zip(edges, listening, strict=True):
-            if n == 0 and self.presence.edges.get(edge, asked) < asked:
+            return set()  # Redis is away: EDGE_TIMEOUT still applies
+        listening = set()
+        for edge, (_, n) in zip(edges, counts, strict=True):
+            if n:
+                listening.add(edge)
+            elif self.presence.edges.get(edge, asked) < asked:
                 self.presence._forget(edge, "unsubscribed")
+        return listening
 
     # Calls come in and replies go out in batches: under load, a Redis round
     # trip per call and another per reply were three quarters of the router's

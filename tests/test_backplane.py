@@ -45,6 +45,7 @@ from cometd.backplane import (
     EDGE,
     EDGE_TIMEOUT,
     HEARTBEAT,
+    LISTENING_TIMEOUT,
     PAYLOAD_RATE,
     PRESENCE,
     BackplaneUnavailable,
@@ -1340,6 +1341,22 @@ def test_an_edge_not_heard_from_expires_with_its_users(presence):
     assert p.expire() == ["quiet"]
     assert _state(p) == ({"bob": {"live": 2}}, 2, 1, {"bob"})
     assert p.expire() == []  # the live edge was heard from just now
+
+
+def test_a_silent_edge_that_still_listens_is_kept_until_the_longer_timeout(presence):
+    """A starved edge still subscribed to its channel gets Redis's copy of each batch:
+    forgetting it after EDGE_TIMEOUT would route its open streams nothing."""
+    p = presence()
+    for quiet_for in (EDGE_TIMEOUT + 0.5, LISTENING_TIMEOUT + 0.5):
+        p.update("quiet", {"alice": 1}, sent=time.time() - quiet_for)
+        p.update("live", {"bob": 1})
+        p.edges["quiet"] = time.monotonic() - quiet_for
+        if quiet_for < LISTENING_TIMEOUT:
+            assert p.expire(listening={"quiet", "live"}) == []
+            assert p.online("alice") == 1
+        else:
+            assert p.expire(listening={"quiet", "live"}) == ["quiet"]
+            assert p.online("alice") == 0
 
 
 def test_a_router_behind_on_presence_takes_no_edge_for_dead(presence):
