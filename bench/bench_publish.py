@@ -159,6 +159,19 @@ def run_round(port: int, pid: int, reqs: list[tuple[bytes, int]], rate: float) -
         client.close()
 
 
+def _ready_port(proc: subprocess.Popen, what: str) -> int:
+    """The port in *proc*'s ready line (``http://127.0.0.1:PORT/``), or it is killed after 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "http://127.0.0.1:" in line:
+            return int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
 def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
                  root: Path = ROOT) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
@@ -166,15 +179,7 @@ def start_cometd(tmp: Path, name: str, mode: str, flags: list[str],
          "--port", "0",
          "--admin-port", "-1", "--mode", mode, "--db", str(tmp / name), *flags],
         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(root)))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "http://127.0.0.1:" in line:
-            return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"cometd {name} did not start")
+    return proc, _ready_port(proc, f"cometd {name}")
 
 
 def start_floor(tmp: Path, kind: str) -> tuple[subprocess.Popen, int]:
@@ -184,15 +189,7 @@ def start_floor(tmp: Path, kind: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         ["taskset", "-c", str(SERVER_CPU), sys.executable, str(ROOT / "bench" / "publish_floor.py"),
          kind, *flags], stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "http://127.0.0.1:" in line:
-            return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"floor {kind} did not start")
+    return proc, _ready_port(proc, f"floor {kind}")
 
 
 def start_nchan(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
