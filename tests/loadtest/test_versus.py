@@ -80,4 +80,8 @@ def test_tiny_side_by_side_run_holds_both_servers_to_the_same_deliveries(tmp_pat
     assert "| pool / nchan |" in report
     assert "one: deliveries per server CPU-s" in report and "feed, pool: ≥ 4× nchan" in report
     row = next(line for line in report.splitlines() if line.startswith("| feed-batch: "))
-    assert "msggen --batch 10" in row and "| n/a |" in row and row.endswith("× |")
+    assert "msggen --batch 10" in row and "| n/a |" in row
+    # Two batched requests can take less than one 10 ms CPU tick: then there is no ratio.
+    measured = runs[("feed-batch", "pool")]["server_cpu_s"] > 0 and \
+        runs[("feed", "nchan")]["server_cpu_s"] > 0
+    assert row.endswith("× |") if measured else row.endswith("| n/a | n/a | n/a |"), row
