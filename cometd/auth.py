@@ -62,7 +62,7 @@ from functools import cache
 from typing import Any
 from urllib.parse import unquote
 
-from cometd.config import API_KEY, AuthConfig, ConfigError
+from cometd.config import API_KEY, AuthConfig, ConfigError, setting_lines
 from cometd.ids import InvalidId, check_id
 
 __all__ = [
@@ -297,17 +297,8 @@ def _public_key(path: str) -> tuple[Any, str]:
 
 
 def _key_file(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"--api-keys-file: cannot read {path}: {reason}") from None
     keys = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for number, line in setting_lines(path, "--api-keys-file"):
         if not API_KEY.fullmatch(line):  # never the key itself in the message
             raise ConfigError(f"--api-keys-file: {path} line {number}: a key is printable "
                               "ASCII with no space or comma")

@@ -50,7 +50,7 @@ __all__ = [
     "Config", "HttpConfig", "AdminConfig", "StoreConfig", "HistoryConfig", "BackplaneConfig",
     "IngestConfig", "AuthConfig", "LogConfig", "ConfigError", "Option", "OPTIONS", "CHILD_ENV",
     "CONFIG_ENV",
-    "load", "from_json", "to_json", "to_toml", "redacted", "url_host", "API_KEY",
+    "load", "from_json", "to_json", "to_toml", "redacted", "url_host", "API_KEY", "setting_lines",
 ]
 
 #: the variable holding a supervisor's configuration for its children
@@ -61,6 +61,23 @@ CONFIG_ENV = "COMETD_CONFIG"
 
 class ConfigError(Exception):
     """A bad option value or combination; the message is one line naming option and source."""
+
+
+def setting_lines(path: str, flag: str, error: type[Exception] = ConfigError
+                  ) -> list[tuple[int, str]]:
+    """The (line number, stripped line) of *path* that are neither blank nor ``#`` comments.
+
+    The file of keys, secrets or tokens that *flag* names; a file that cannot be
+    read raises *error* naming *flag* and the reason, never a line of it.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise error(f"{flag}: cannot read {path}: {reason}") from None
+    return [(number, line) for number, line in enumerate(map(str.strip, lines), 1)
+            if line and not line.startswith("#")]
 
 
 def _option(default: Any, help: str, *, flag: str, kind: type, low: float | None = None,

@@ -17,6 +17,8 @@ import socket
 import sys
 from collections.abc import Mapping
 
+from cometd.config import setting_lines
+
 __all__ = ["LatencyHistogram", "check_loopback", "read_secret", "finish"]
 
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
@@ -142,15 +144,8 @@ def read_secret(path: str | None, variable: str, flag: str, list_separator: str 
     and no message here shows it.
     """
     if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = [line.strip() for line in f]
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ValueError(f"{flag}: cannot read {path}: {reason}") from None
-        for line in lines:
-            if line and not line.startswith("#"):
-                return line
+        for _, line in setting_lines(path, flag, ValueError):
+            return line
         raise ValueError(f"{flag}: {path} holds no secret")
     value = environ.get(variable, "")
     if list_separator:

@@ -103,6 +103,7 @@ from dataclasses import dataclass, field
 
 import click
 
+from cometd.config import setting_lines
 from cometd.loadtest.chunked import ChunkedDecoder, End, FramingError
 from cometd.loadtest.common import LatencyHistogram, check_loopback, finish, read_secret
 
@@ -1023,19 +1024,12 @@ def stream_tokens(secret_file: str | None, tokens_file: str | None, audience: st
         if secret_file is not None:
             raise ValueError("give --jwt-secret-file or --tokens-file, not both")
         tokens: dict[str, str] = {}
-        try:
-            with open(tokens_file, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    fields = line.split()
-                    if not fields or fields[0].startswith("#"):
-                        continue
-                    if len(fields) != 2:  # never the line itself: it holds a token
-                        raise ValueError(f"--tokens-file: {tokens_file} line {number} is not "
-                                         "'<user> <token>'")
-                    tokens[fields[0]] = fields[1]
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ValueError(f"--tokens-file: cannot read {tokens_file}: {reason}") from None
+        for number, line in setting_lines(tokens_file, "--tokens-file", ValueError):
+            fields = line.split()
+            if len(fields) != 2:  # never the line itself: it holds a token
+                raise ValueError(f"--tokens-file: {tokens_file} line {number} is not "
+                                 "'<user> <token>'")
+            tokens[fields[0]] = fields[1]
         missing = next((user for user in users if str(user) not in tokens), None)
         if missing is not None:
             raise ValueError(f"--tokens-file: {tokens_file} has no token for user {missing}")
