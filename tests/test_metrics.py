@@ -259,8 +259,11 @@ def test_one_scrape_through_workers_shows_the_router_and_every_edge(redis_server
             # Other processes' figures are up to a second old (see cometd.metrics).
             def settled():
                 samples = scrape(srv)
+                # An edge counts a payload's deliveries as it writes them and its
+                # histograms after: a snapshot can fall in between, so wait for both.
                 done = (total(samples, "cometd_deliveries_total") == 8 * sends
-                        and total(samples, "cometd_messages_published_total") == sends)
+                        and total(samples, "cometd_messages_published_total") == sends
+                        and total(samples, "cometd_fanout_size_sum") == 2 * 8 * sends)
                 return samples if done else None
 
             samples = wait_for(settled, 10, interval=0.3, what="every process's counts")
