@@ -3,6 +3,7 @@
 
     bench/bench_history.py [--users 1000] [--fanout 30] [--sends 2000] [--senders 20]
                            [--resumes 200] [--missed 20] [--runs 3] [--json FILE]
+                           [--resume-only] [--root DIR]
 
 A database is built once in a temp dir: each of --users users subscribes to
 --fanout others, picked at random (seed 1), so a message from anyone reaches
@@ -22,6 +23,10 @@ mode) on a copy of that database:
    is read until those --missed events have arrived, then closed. Beside it,
    the same number of fresh ``/events`` streams (read until the welcome) and
    of resumes from the newest id (nothing to replay). Server CPU per stream.
+
+``--resume-only`` skips step 1; ``--root DIR`` runs the server of another
+checkout (its ``bin/cometd``), such as a frozen one of main, for a before and
+after.
 
 Loopback only; every loop is bounded.
 """
@@ -157,8 +162,10 @@ def _read_until(sock: socket.socket, count: bytes, n: int) -> None:
         raise RuntimeError("a resume was not recovered")
 
 
-def resume_run(db: str, fanout: int, resumes: int, missed: int) -> dict:
-    server = Server(ROOT, db, [])
+def resume_run(db: str, fanout: int, resumes: int, missed: int, root: str = ROOT) -> dict:
+    # One user opens every stream, one after the other: the per-id limit would
+    # count the ones just closed that the server has not seen close yet.
+    server = Server(root, db, ["--max-streams-per-user", "0"])
     try:
         me = "reader"
         friends = [str(i) for i in range(fanout)]
@@ -195,6 +202,9 @@ def main() -> None:
     parser.add_argument("--missed", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--resume-only", action="store_true", help="skip the publish runs")
+    parser.add_argument("--root", default=ROOT, metavar="DIR",
+                        help="the checkout whose bin/cometd serves (default: this one)")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-history-")
@@ -204,14 +214,16 @@ def main() -> None:
         rounds = []
         for r in range(args.runs):
             row = {}
-            for name, history in (("history", True), ("no_history", False)):
+            for name, history in () if args.resume_only else (("history", True),
+                                                                ("no_history", False)):
                 db = os.path.join(work, f"db-{r}-{name}")
                 shutil.copytree(template, db)
                 row[name] = publish_run(db, history, args.users, counts, args.sends,
                                         args.senders)
             db = os.path.join(work, f"db-{r}-resume")
             shutil.copytree(template, db)
-            row["resume_cpu_ms"] = resume_run(db, args.fanout, args.resumes, args.missed)
+            row["resume_cpu_ms"] = resume_run(db, args.fanout, args.resumes, args.missed,
+                                              args.root)
             rounds.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -221,14 +233,15 @@ def main() -> None:
         return (f"{fmt.format(statistics.median(values))} "
                 f"({fmt.format(min(values))}–{fmt.format(max(values))})")
 
-    with_h = [r["history"]["messages_per_cpu_s"] for r in rounds]
-    without = [r["no_history"]["messages_per_cpu_s"] for r in rounds]
-    ratio = [a / b for a, b in zip(with_h, without, strict=True)]
-    print(f"\nload average {os.getloadavg()[0]:.1f}; git {_commit()}")
-    print("| | messages per server CPU-second |\n|---|---:|")
-    print(f"| --history-size 100 | {cell(with_h)} |")
-    print(f"| --history-size 0 | {cell(without)} |")
-    print(f"| ratio (per round) | {cell(ratio, '{:.3f}')} |")
+    print(f"\nload average {os.getloadavg()[0]:.1f}; git {_commit(args.root)}")
+    if not args.resume_only:
+        with_h = [r["history"]["messages_per_cpu_s"] for r in rounds]
+        without = [r["no_history"]["messages_per_cpu_s"] for r in rounds]
+        ratio = [a / b for a, b in zip(with_h, without, strict=True)]
+        print("| | messages per server CPU-second |\n|---|---:|")
+        print(f"| --history-size 100 | {cell(with_h)} |")
+        print(f"| --history-size 0 | {cell(without)} |")
+        print(f"| ratio (per round) | {cell(ratio, '{:.3f}')} |")
     print("\n| stream | server CPU ms per stream |\n|---|---:|")
     for name in rounds[0]["resume_cpu_ms"]:
         print(f"| {name} | {cell([r['resume_cpu_ms'][name] for r in rounds], '{:.3f}')} |")
@@ -237,9 +250,9 @@ def main() -> None:
             json.dump({"args": vars(args), "rounds": rounds}, f, indent=1)
 
 
-def _commit() -> str:
+def _commit(root: str = ROOT) -> str:
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10).stdout.strip()
     except OSError:
         return "?"
