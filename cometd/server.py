@@ -1,7 +1,7 @@
 """The HTTP server: pywsgi serving the web app, handing streams to the table.
 
-:class:`CometServer` is gevent's ``WSGIServer`` with two changes. Plain stream
-requests are answered in the accept callback, without pywsgi (see
+:class:`CometServer` is gevent's ``WSGIServer`` with two changes. Stream
+requests, resumes too, are answered in the accept callback, without pywsgi (see
 :mod:`cometd.streamhttp` for why and how). And when the app marks a request as
 a stream, the handler sends the stream's head, and the socket then leaves
 pywsgi for the :class:`~cometd.connections.ConnectionTable`. Either way only
@@ -12,10 +12,11 @@ A connection whose first request is a publish goes to
 :func:`cometd.publish.serve_publisher` instead, which serves publishes on it
 without pywsgi and bottle, and hands it on when another request comes.
 
-A resuming stream (see :mod:`cometd.history`) is opened after its handler
-is done. The socket is adopted first, holding what is routed to it, then the
-replay is read (in this process, in the same loop turn; on an edge, from the
-router, which counts the user online on this edge before it reads), then the
+A resuming stream (see :mod:`cometd.history`) is adopted first, holding what
+is routed to it; then, in a greenlet (one the accept callback spawns, or
+pywsgi's once its handler is done: :meth:`CometServer.resume`), the replay is
+read (in this process, in one loop turn; on an edge, from the router, which
+counts the user online on this edge before it reads), then the
 head, the replay and what was held with an id above the replay's *head* (the
 newest id handed out when it was read) are written. From then on the
 connection drops messages with an id up to *head*: each was replayed (or is
@@ -438,7 +439,7 @@ class CometServer(WSGIServer):
                     return sock, address, _Unshown(first)  # serve_publisher takes it raw
                 return gsocket.socket(listening.family, _socket.SOCK_STREAM, 0,
                                       sock.detach()), address, _Unshown(first)
-            user, kind, path = stream
+            user, kind, path, since = stream
             expires = None
             if self.auth.enabled:
                 identity = None
@@ -463,6 +464,14 @@ class CometServer(WSGIServer):
                 except OSError:
                     pass
                 sock.close()
+                continue
+            if since is not None:
+                # A resume. The replay may wait for the router (on an edge),
+                # so it is read in a greenlet of its own, and the stream holds
+                # what is routed to it meanwhile (see the module docstring).
+                conn = self._adopt(sock, user, kind, expires, host)
+                conn.hold()
+                gevent.spawn_raw(self.resume, conn, user, kind, path, since, lines)
                 continue
             head = stream_head(user, kind, path, lines, retry=self.retry, last=self.table.newest)
             try:
@@ -500,13 +509,18 @@ class CometServer(WSGIServer):
             raw = _socket.socket(fileno=gsock.detach())
         except OSError:
             return
-        if since is None:
-            self._adopt(raw, user, kind, expires, address)
-            return
-        # The stream holds what is routed to it from before the replay is
-        # read until it is written (see the module docstring).
         conn = self._adopt(raw, user, kind, expires, address)
-        conn.hold()
+        if since is not None:
+            conn.hold()
+            self.resume(conn, user, kind, path, since, lines)
+
+    def resume(self, conn, user: str, kind: int, path: str, since: str, lines: str) -> None:
+        """Read the replay of a resuming stream, already adopted and held, and write it.
+
+        The stream holds what is routed to it from before the replay is
+        read until it is written (see the module docstring). Both ways in
+        (the accept callback's and pywsgi's) end here.
+        """
         replay = self.replay(user, since)
         # Counted here, so a single server's and an edge's resumes alike.
         if replay.recovered:

@@ -31,10 +31,16 @@ object. Anything else (other routes, a partial request, an invalid id,
 or ``Transfer-Encoding``, a missing ``Host``) goes on to pywsgi and bottle
 with the bytes already read, so this path never has to produce an error of its
 own. Its header grammar is :mod:`cometd.httprequest`'s, so it never takes a
-request that pywsgi would refuse. A resuming request (a ``Last-Event-ID``
-header, a ``since`` or ``last_event_id`` parameter) goes on too: resumes are
-rare, and the server opens them with :func:`resumed_head` (see
-:meth:`cometd.server.CometServer.handle`).
+request that pywsgi would refuse.
+
+A resuming request (a ``Last-Event-ID`` header, a ``since`` or
+``last_event_id`` parameter) is taken too: resumes are rare, except that after
+an edge dies or a deploy every client comes back with one at once. The parser
+reads where it resumes from with :func:`resume_from`, as the web app does,
+and the server opens it with :func:`resumed_head` once the replay is read (see
+:meth:`cometd.server.CometServer.resume`). What it cannot read the way the
+web app would (a ``Last-Event-ID`` given twice, which pywsgi joins) goes to
+pywsgi. A WebSocket resume is an upgrade, and stays pywsgi's.
 
 A message goes to many streams, so :meth:`Message.frame` builds its bytes
 once per kind (a WebSocket's text frame too, see :mod:`cometd.websocket`)
@@ -55,6 +61,7 @@ import random
 import re
 import time
 from email.utils import formatdate
+from urllib.parse import parse_qs
 
 from cometd.history import Replay, format_id
 from cometd.httprequest import FIELD_VALUE, TCHAR
@@ -64,8 +71,8 @@ from cometd.websocket import message_frame
 __all__ = [
     "CHUNKED", "RAW", "SSE_CHUNKED", "SSE_RAW", "POLL", "WEBSOCKET", "KEEPALIVE", "LAST_CHUNK",
     "EXPIRED_EVENT", "FIRST_READ_BYTES", "RECOVERED_HEADER", "parse_stream_request",
-    "plain_fields", "resumed_head", "stream_credentials", "stream_head", "stream_kind",
-    "frame_bytes", "sse_event", "poll_entry", "Message",
+    "plain_fields", "resume_from", "resumed_head", "stream_credentials", "stream_head",
+    "stream_kind", "frame_bytes", "sse_event", "poll_entry", "Message",
 ]
 
 #: stream kinds: plain message bodies or SSE events, with or without chunk framing
@@ -98,8 +105,6 @@ _date = (0, "")
 DEFAULT_RETRY_MS = (1000, 5000)
 #: the response header of a resumed stream: true when the replay is complete
 RECOVERED_HEADER = "Cometd-Recovered"
-#: a query parameter that makes a request a resume (see cometd.webapp)
-_RESUME_PARAMS = re.compile(rb"(?:^|&)(?:since|last_event_id)=")
 
 
 def stream_kind(sse: bool, http10: bool) -> int:
@@ -109,21 +114,46 @@ def stream_kind(sse: bool, http10: bool) -> int:
     return RAW if http10 else CHUNKED
 
 
-def parse_stream_request(data: bytes) -> tuple[str, int, str] | None:
-    """``(user, kind, path)`` when *data* is a complete plain stream request, else None."""
+def resume_from(last_event_id: str | None, query: str, sse: bool) -> str | None:
+    """The message id a stream request resumes after, or None for a fresh stream.
+
+    SSE: the ``Last-Event-ID`` header (an empty one, as EventSource never
+    sends, is none), else ``last_event_id``; chunked: ``since``. The web app
+    and the accept callback both ask this, so a resume means one thing.
+    """
+    if sse and last_event_id:
+        return last_event_id.strip()
+    values = parse_qs(query, keep_blank_values=True).get("last_event_id" if sse else "since")
+    return values[-1] if values else None
+
+
+def parse_stream_request(data: bytes) -> tuple[str, int, str, str | None] | None:
+    """``(user, kind, path, since)`` when *data* is a complete stream request the
+    accept callback takes, else None; *since*: where it resumes (None: fresh).
+    """
     match = _STREAM_REQUEST.match(data)
     if match is None:
         return None
     path, route, user, query, minor, fields = match.groups()
     # *fields* starts with the request line's LF, so every name follows one.
-    fields = fields.lower()
-    # The substring test first: the search alone costs ~1.3 us on a query with a token.
-    if (query and (b"since=" in query or b"last_event_id=" in query)
-            and _RESUME_PARAMS.search(query)) or b"\nlast-event-id:" in fields:
-        return None  # a resume: the web app takes it
-    if not plain_fields(fields, minor == b"0"):
+    lowered = fields.lower()
+    if not plain_fields(lowered, minor == b"0"):
         return None
-    return user.decode(), stream_kind(route == b"events", minor == b"0"), path.decode()
+    sse = route == b"events"
+    since = None
+    at = lowered.find(b"\nlast-event-id:") if sse else -1
+    # The substring tests first: parse_qs costs a few us on a query with a
+    # token. An escape may spell a parameter's name, as parse_qs reads it.
+    if at >= 0 or (query and (b"since=" in query or b"last_event_id=" in query
+                              or b"%" in query)):
+        header = None
+        if at >= 0:
+            if lowered.find(b"\nlast-event-id:", at + 1) >= 0:
+                return None  # pywsgi joins the two: the web app reads that
+            start = at + 15
+            header = fields[start:fields.index(b"\r", start)].strip(b" \t").decode("latin-1")
+        since = resume_from(header, (query or b"").decode("latin-1"), sse)
+    return user.decode(), stream_kind(sse, minor == b"0"), path.decode(), since
 
 
 def plain_fields(fields: bytes, http10: bool) -> bool:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 from typing import Any, Protocol
-from urllib.parse import parse_qs
 
 import bottle
 
@@ -59,7 +58,7 @@ from cometd.page import install as install_page
 from cometd.publish import AUTH_FAILURES as _AUTH_FAILURES
 from cometd.publish import Answer, BackendUnavailable, BodyError, answer_publish, answer_send
 from cometd.store import SelfSubscription, check_pair
-from cometd.streamhttp import WEBSOCKET, stream_kind
+from cometd.streamhttp import WEBSOCKET, resume_from, stream_kind
 
 __all__ = ["make_app", "Backend", "BackendUnavailable", "MAX_MESSAGE_BYTES", "STREAM_KEY"]
 
@@ -169,19 +168,6 @@ def _pairs(body: bytes, adding: bool) -> list[tuple[str, str]]:
     return pairs
 
 
-def _resume_from(environ: dict[str, Any], sse: bool) -> str | None:
-    """The message id a stream request resumes after, or None for a fresh stream.
-
-    SSE: the ``Last-Event-ID`` header (an empty one, as EventSource never
-    sends, is none), else ``last_event_id``; chunked: ``since``.
-    """
-    if sse and environ.get("HTTP_LAST_EVENT_ID"):
-        return environ["HTTP_LAST_EVENT_ID"].strip()
-    query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-    values = query.get("last_event_id" if sse else "since")
-    return values[-1] if values else None
-
-
 def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bottle:
     """The bottle app over *backend*, with access as *auth* says (None: open to all)."""
     if auth is None:
@@ -213,8 +199,9 @@ def make_app(backend: Backend, auth: Authenticator | None = None) -> bottle.Bott
         http10 = environ.get("SERVER_PROTOCOL") == "HTTP/1.0"
         expires = None if identity is None else identity.expires
         kind = WEBSOCKET if route else stream_kind(sse, http10)
-        environ[STREAM_KEY] = (user, kind, bottle.request.path, expires,
-                               _resume_from(environ, sse))
+        since = resume_from(environ.get("HTTP_LAST_EVENT_ID"), environ.get("QUERY_STRING", ""),
+                            sse)
+        environ[STREAM_KEY] = (user, kind, bottle.request.path, expires, since)
         return ""
 
     # Anything after the prefix, even empty or with a slash, is the id: an

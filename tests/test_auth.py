@@ -304,7 +304,7 @@ def test_the_accept_callback_finds_the_token_where_the_app_does():
                            ("/test/bob", f"Cookie: a=b; cometd_token={tok}\r\n"),
                            ("/test/bob?token=bad", f"authorization:  bearer {tok} \r\n")):
         request = f"GET {target} HTTP/1.1\r\nHost: h\r\n{fields}\r\n".encode()
-        user, _, _ = parse_stream_request(request)
+        user, _, _, _ = parse_stream_request(request)
         assert auth.stream(user, *stream_credentials(request)).user == "bob", request
     doubled = "GET /test/bob HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\nCookie: b=2\r\n\r\n"
     assert stream_credentials(doubled.encode()) is None  # pywsgi decides

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import socket
 import threading
 import time
 
+import gevent
 import pytest
 from conftest import (
     StreamClient,
@@ -29,8 +31,9 @@ from conftest import (
     unique_id,
     wait_for,
 )
+from gevent import socket as gsocket
 
-from cometd.connections import MODES
+from cometd.connections import MODES, ConnectionTable
 from cometd.store import SubscriptionStore
 
 REQUEST_TIMEOUT = 1.0
@@ -602,3 +605,92 @@ def test_a_start_loads_neither_numpy_nor_pyjwt_until_it_needs_them(tmp_path):
         assert loaded(srv.proc.pid) == {"numpy"}
     finally:
         srv.stop()
+
+
+# -- in process: a resume is answered in the accept callback, as pywsgi answers it ---------
+
+
+APP = "https://app.example"
+
+
+@pytest.fixture
+def local(tmp_path):
+    """A single-process server in this process (pool mode, CORS for APP), over a real
+    store and history: 3 messages kept a subject (and a few more), 10 a replay."""
+    from cometd.cors import CorsPolicy
+    from cometd.history import History
+    from cometd.lifecycle import listener
+    from cometd.router import Router
+    from cometd.server import CometServer, LocalBackend
+    from cometd.webapp import make_app
+
+    store = SubscriptionStore(str(tmp_path / "db"))
+    table = ConnectionTable("pool")
+    router = Router(store, table, History(store.db, size=3))
+    table.newest = router.history.last
+    backend = LocalBackend(store, router, table, replay_max=10)
+    server = CometServer(listener("127.0.0.1", 0), make_app(backend), table,
+                         replay=backend.replay, cors=CorsPolicy([APP]))
+    server.start()
+    yield server, backend
+    server.stop(timeout=1)
+    table.close()
+    store.close()
+
+
+def test_a_resume_is_answered_in_the_accept_callback_byte_for_byte_as_pywsgi_would(local):
+    server, backend = local
+    router = backend.router
+    me, friend = unique_id("me"), unique_id("f")
+    backend.store.add_subscriptions([(me, friend)])
+    first = router.send(me, b"m0").id
+    sent = [router.send(friend, b"f%d" % i).id for i in range(2)]
+    host, port = server.address[:2]
+    origin = f"Origin: {APP}\r\n"
+    cases = [  # (target, header lines, HTTP minor version)
+        (f"/events/{me}", f"Last-Event-ID: {first}\r\n", 1),  # recovered, 2 replayed
+        (f"/events/{me}", f"Last-Event-ID: {sent[-1]}\r\n{origin}", 1),  # nothing to replay
+        (f"/events/{me}", "Last-Event-ID: not-an-id\r\n", 1),  # a gap event
+        (f"/events/{me}?last_event_id={first}", origin, 0),  # raw SSE
+        (f"/test/{me}?since={first}", "", 1),
+        (f"/test/{me}?since=", "", 0),  # blank: malformed
+        (f"/test/{me}?since={first}", "Last-Event-ID: 1-1\r\n", 1),  # not chunked's: ignored
+    ]
+    replays = []
+    for i, (target, lines, minor) in enumerate(cases):
+        # The same request both ways in: whole, and with an absolute-form target,
+        # which the accept callback leaves to pywsgi.
+        requests = [f"GET {via}{target} HTTP/1.{minor}\r\nHost: {host}\r\n{lines}\r\n".encode()
+                    for via in ("", f"http://{host}:{port}")]
+        handed = server._handed
+        socks = []
+        for request in requests:
+            sock = gsocket.create_connection((host, port), timeout=5)
+            sock.sendall(request)
+            socks.append(sock)
+        end = b"end %d" % i
+        with gevent.Timeout(5):
+            while backend.table.online(me) < 2:  # both held, their replays read
+                gevent.sleep(0.005)
+        router.send(me, end)
+        got = []
+        for sock in socks:
+            data = b""
+            while end not in data:
+                more = sock.recv(65536)
+                assert more, (target, data)
+                data += more
+            sock.close()
+            # the only bytes that may differ: the Date and the drawn retry
+            got.append(re.sub(rb"retry: \d+", b"retry: R",
+                              re.sub(rb"Date: [^\r]*", b"Date: D", data)))
+        assert got[0] == got[1], (target, got)
+        assert got[0].startswith(b"HTTP/1.1 200 OK\r\n") and b"Cometd-Recovered: " in got[0]
+        assert (b"Access-Control-Allow-Origin: " + APP.encode() in got[0]) == bool(origin in lines)
+        # One of the two went to pywsgi, the whole one did not.
+        assert server._handed == handed + 1, target
+        replays.append(got[0])
+    assert b"Cometd-Recovered: true" in replays[0] and b'"body": "f1"' in replays[0]
+    assert b"event: gap" in replays[2] and b"malformed id" in replays[2]
+    assert b"Cometd-Recovered: true" in replays[4] and b"\r\n2\r\nf1\r\n" in replays[4]
+    assert b"Cometd-Recovered: false" in replays[5]

@@ -34,17 +34,17 @@ from cometd.streamhttp import (
 
 
 @pytest.mark.parametrize("request_bytes, expected", [
-    (b"GET /test/42 HTTP/1.1\r\nHost: x\r\n\r\n", ("42", CHUNKED, "/test/42")),
-    (b"GET /test/42 HTTP/1.0\r\n\r\n", ("42", RAW, "/test/42")),
+    (b"GET /test/42 HTTP/1.1\r\nHost: x\r\n\r\n", ("42", CHUNKED, "/test/42", None)),
+    (b"GET /test/42 HTTP/1.0\r\n\r\n", ("42", RAW, "/test/42", None)),
     (b"GET /events/user:7 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
-     ("user:7", SSE_CHUNKED, "/events/user:7")),
-    (b"GET /events/a.b-c_d HTTP/1.0\r\nX: \r\n\r\n", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d")),
-    (b"GET /test/42?seen=3&x=%20 HTTP/1.1\r\nhOsT: x\r\n\r\n", ("42", CHUNKED, "/test/42")),
+     ("user:7", SSE_CHUNKED, "/events/user:7", None)),
+    (b"GET /events/a.b-c_d HTTP/1.0\r\nX: \r\n\r\n", ("a.b-c_d", SSE_RAW, "/events/a.b-c_d", None)),
+    (b"GET /test/42?seen=3&x=%20 HTTP/1.1\r\nhOsT: x\r\n\r\n", ("42", CHUNKED, "/test/42", None)),
     # What follows the header block is the client's business, not the request's.
     (b"GET /test/42 HTTP/1.1\r\nHost: x\r\n\r\nGET /stats HTTP/1.1\r\n\r\n",
-     ("42", CHUNKED, "/test/42")),
+     ("42", CHUNKED, "/test/42", None)),
     (b"GET /test/42 HTTP/1.1\r\nHost: x\r\nX-Content-Length: 5\r\nX: a\tb\xe9\r\n\r\n",
-     ("42", CHUNKED, "/test/42")),
+     ("42", CHUNKED, "/test/42", None)),
 ])
 def test_plain_stream_requests_are_recognised(request_bytes, expected):
     assert parse_stream_request(request_bytes) == expected
@@ -77,14 +77,30 @@ def test_plain_stream_requests_are_recognised(request_bytes, expected):
     b"GET /test/42 HTTP/1.1\r\nHost: x\r\nX(y): 1\r\n\r\n",
     b"GET /test/42 HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
     b"GET /test/42 HTTP/1.1\r\nHost: x\r\nHost : x\r\n\r\n",
-    # resumes: the web app reads where they resume from
-    b"GET /test/42?since=1-5 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /test/42?x=1&since= HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /events/42?last_event_id=1-5 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /events/42 HTTP/1.1\r\nHost: x\r\nlast-Event-ID: 1-5\r\n\r\n",
+    # two Last-Event-IDs: pywsgi joins them, and the web app reads that
+    b"GET /events/42 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1-5\r\nlast-event-id: 1-6\r\n\r\n",
 ])
 def test_everything_else_goes_to_pywsgi(request_bytes):
     assert parse_stream_request(request_bytes) is None
+
+
+@pytest.mark.parametrize("target, fields, since", [
+    ("/test/42?since=1-5", "", "1-5"),
+    ("/test/42?x=1&since=", "", ""),  # blank: a malformed id, answered as one
+    ("/test/42?since=1-5&since=1-7", "", "1-7"),  # the last one, as parse_qs has it
+    ("/test/42?si%6Ece=1-5", "", "1-5"),  # parse_qs decodes the name
+    ("/test/42?last_event_id=1-5", "Last-Event-ID: 1-6\r\n", None),  # chunked: since only
+    ("/test/42?seen=1", "", None),
+    ("/events/42?last_event_id=1-5", "", "1-5"),
+    ("/events/42?since=1-5", "", None),
+    ("/events/42?last_event_id=1-5", "last-Event-ID:  1-6 \r\n", "1-6"),  # the header first
+    ("/events/42?last_event_id=1-5", "Last-Event-ID:\r\n", "1-5"),  # empty: none
+    ("/events/42", "Last-Event-ID: x\xe9y\r\n", "x\xe9y"),  # as pywsgi decodes it
+])
+def test_resumes_are_recognised_where_the_web_app_finds_them(target, fields, since):
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode("latin-1")
+    user, _, path, got = parse_stream_request(request)
+    assert (user, path, got) == ("42", target.partition("?")[0], since)
 
 
 def test_stream_kinds():
