@@ -65,8 +65,9 @@ mark: every message of S after X is still there. The counts, oldest ids,
 marks and total size are read from ``h`` and ``k`` at open (a scan of the
 history, bounded by ``max_bytes``).
 
-A replay for a user reads, for the user and each subject it subscribes to,
-that subject's messages after X (one range scan each), merges them by id and
+A replay for a user reads, for the user and each subject it subscribes to
+that has messages kept (the counts say which, with no read), that subject's
+messages after X (one range scan each), merges them by id and
 keeps the newest ``limit``. It also returns the newest id handed out when it
 was read (*head*): the caller drops a live message with an id up to *head*,
 since it was either replayed or is one the replay says it lost.
@@ -450,11 +451,17 @@ class History:
         reason = "" if key >= self.floor else "the id predates the history"
         after = id_bytes(key + 1)
         found: list[tuple[int, str, bytes]] = []
+        counts, known, marks = self._counts, self._subject_keys, self._marks
         for subject in dict.fromkeys(subjects):
-            skey = encode_key(subject)
-            if not reason and key < self._marks.get(skey, 0):
+            keyed = known.get(subject)
+            skey, prefix = keyed if keyed is not None else (encode_key(subject), None)
+            if not reason and key < marks.get(skey, 0):
                 reason = f"the history of {subject} no longer reaches back to the id"
-            prefix = _prefix(skey)
+            if skey not in counts:
+                # Nothing kept of it: no seek. Most of a user's subjects, when
+                # a reconnect storm asks for everyone's replay at once.
+                continue
+            prefix = prefix or _prefix(skey)
             start = len(prefix)
             # At most size (and a few) messages per subject; keep the newest limit + 1.
             newest = deque(self._db.iterator(start=prefix + after, stop=prefix + _LAST_ID),
