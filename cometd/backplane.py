@@ -16,7 +16,7 @@ Redis keys and channels
 ``cometd:edge:<edge>``     channel: router -> one edge, delivery batches
 ``cometd:presence``        channel: edges -> router, presence changes and heartbeats
 ``cometd:control``         channel: router -> all edges, "send me a full snapshot",
-                           ``{"kick": user}``: end that user's streams, or
+                           ``{"kick": [user, ...]}``: end those users' streams, or
                            ``{"head": id}``: the newest message id handed out
 
 Theory of operation
@@ -374,11 +374,12 @@ class Presence:
         if self._flusher is not None:
             self._flusher.kill()
 
-    def kick(self, user: str) -> int:
-        """Ask every edge to end *user*'s streams; how many presence counts."""
-        n = self.online(user)
+    def kick_many(self, users: list[str]) -> int:
+        """Ask every edge to end the streams of *users*, in one message; how many
+        presence counts."""
+        n = sum(self.online(user) for user in users)
         try:
-            self.client.publish(CONTROL, json.dumps({"kick": user}))
+            self.client.publish(CONTROL, json.dumps({"kick": users}))
         except redis.RedisError:
             raise BackplaneUnavailable("Redis is not reachable; try again") from None
         return n
@@ -833,7 +834,7 @@ class EdgeLink:
                         if command["resync"] == self.edge_id:
                             self._snapshot()
                     else:
-                        self.table.kick(command["kick"])
+                        self.table.kick_many(command["kick"])
                 elif channel == replies:
                     reply = json.loads(data)
                     waiter = self._pending.pop(reply["id"], None)

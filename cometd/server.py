@@ -599,9 +599,9 @@ class LocalBackend:
     def online(self, user: str) -> int:
         return self.table.online(user)
 
-    def kick(self, user: str) -> int:
-        """End every stream of *user*; how many there were."""
-        return self.table.kick(user)
+    def kick(self, users: list[str]) -> int:
+        """End every stream of each of *users*; how many there were in all."""
+        return self.table.kick_many(users)
 
     def who(self, limit: int) -> tuple[list[str], int]:
         """Up to *limit* online ids, unsorted, and how many are online."""

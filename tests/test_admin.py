@@ -461,24 +461,29 @@ def test_who_is_bounded(local_console):
     c.close()
 
 
-def test_kick_ends_every_stream_of_one_user(server):
+def test_kick_ends_every_stream_of_the_users_named(server):
     c = Console(server.admin_port)
     c.start()
     alice = [StreamClient.open(server, "/test/alice") for _ in range(2)]
     alice.append(StreamClient.open(server, "/events/alice"))
+    alice.append(StreamClient.open(server, "/test/carol"))
     bob = StreamClient.open(server, "/test/bob")
     try:
         for s in [*alice, bob]:
             s.chunk()
         wait_online(c, "alice", 3)
-        assert c.cmd("kick alice") == ["OK kicked 3"]
+        wait_online(c, "carol", 1)
+        # One invalid id refuses the whole command: no one is kicked.
+        assert c.cmd("kick alice a/b")[0].startswith("ERR invalid id")
+        assert c.cmd("online alice") == ["OK 3"]
+        assert c.cmd("kick alice carol alice") == ["OK kicked 4"]
         for s in alice:
             s.wait_closed(5)
             assert s.parser.ended  # chunked: a clean end, with the last chunk
         assert c.cmd("online alice") == ["OK 0"]
         assert c.cmd("kick alice") == ["OK kicked 0"]
         assert c.cmd("kick a/b")[0].startswith("ERR invalid id")
-        assert c.cmd("kick")[0].startswith("ERR expected 1 argument")
+        assert c.cmd("kick")[0].startswith("ERR expected at least 1 argument")
         assert c.cmd("send bob still here")[0].startswith("OK delivered 1 ")
         assert bob.chunk() == b"still here"
     finally:

@@ -41,6 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cometd.backplane import (
     CALL_TIMEOUT,
+    CONTROL,
     DELIVERY_FLUSH_MAX,
     EDGE,
     EDGE_TIMEOUT,
@@ -1231,14 +1232,24 @@ def test_an_edge_the_router_does_not_know_alone_sends_its_snapshot(cluster, redi
     cluster.assert_healthy()
 
 
-def test_kick_on_the_router_ends_a_users_streams_on_every_edge(cluster):
+def test_kick_on_the_router_ends_the_users_streams_on_every_edge_in_one_message(cluster):
     a, b = cluster.edges
-    mine = [cluster.stream(a, "kicked"), cluster.stream(b, "kicked")]
+    mine = [cluster.stream(a, "kicked"), cluster.stream(b, "kicked"), cluster.stream(a, "too")]
     other = cluster.stream(b, "stays")
-    assert wait_until(lambda: cluster.online("kicked") == 2, BACK_WITHIN)
-    assert cluster.admin("kick kicked") == ["OK kicked 2"]
+    assert wait_until(lambda: cluster.online("kicked") == 2 and cluster.online("too") == 1,
+                      BACK_WITHIN)
+    control = redis.Redis.from_url(cluster.redis.url).pubsub(ignore_subscribe_messages=True)
+    control.subscribe(CONTROL)
+    assert control.get_message(timeout=5) is None  # subscribed
+    assert cluster.admin("kick kicked too") == ["OK kicked 3"]
     for stream in mine:
         assert stream.wait(lambda s=stream: s.eof, 5), "a kicked stream stayed open"
+    heard = []  # what the edges were told, the kick long since published
+    while (message := control.get_message(timeout=0.2)) is not None:
+        if b"kick" in message["data"]:
+            heard.append(json.loads(message["data"]))
+    control.close()
+    assert heard == [{"kick": ["kicked", "too"]}]  # both users, one publish
     assert wait_until(lambda: cluster.online("kicked") == 0, BACK_WITHIN)
     assert a.send("stays", b"still here") == (200, {"delivered": 1})
     assert other.wait_messages(1) == [b"still here"]
@@ -1251,8 +1262,8 @@ def test_kick_on_the_router_ends_a_users_streams_on_every_edge(cluster):
                    for s in f.samples if s.name == "cometd_disconnects_total"
                    and s.labels.get("reason") == "kicked" and edge.id in s.labels["process"])
 
-    # One stream each, counted as kicked (not as a shutdown) on its own edge.
-    assert wait_until(lambda: (kicked_ends(a), kicked_ends(b)) == (1, 1), BACK_WITHIN)
+    # Each stream counted as kicked (not as a shutdown) on its own edge.
+    assert wait_until(lambda: (kicked_ends(a), kicked_ends(b)) == (2, 1), BACK_WITHIN)
     cluster.assert_healthy()
 
 
