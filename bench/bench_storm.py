@@ -3,6 +3,7 @@
 
     bench/bench_storm.py [--users 15000] [--friends 15] [--rate 200] [--publish 10]
                          [--workers 0] [--scenario kick|kill] [--runs 3] [--json FILE]
+                         [--kick-batch 2000] [--root DIR]
 
 Each of --runs rounds starts afresh in a temp dir: ``genfriends --n USERS --m
 FRIENDS --seed 1`` loaded into a new database, then the server (one process
@@ -13,8 +14,9 @@ user, and, once all are counted, ``msggen --record`` publishing --rate
 messages a second from random users for --publish seconds. Two seconds into
 it, the storm:
 
-- *kick*: one admin connection sends ``kick <user>`` for every user at once
-  (pipelined) and reads the replies;
+- *kick*: one admin connection sends ``kick <user> <user> ...`` for every
+  --kick-batch users at once (pipelined: one burst) and reads the replies
+  (``--kick-batch 1``: a command a user, for a server from before multi-id kicks);
 - *kill*: one edge is killed with SIGKILL (needs --workers >= 2); its clients
   reconnect through the shared port to the others (the supervisor also
   starts a replacement).
@@ -37,6 +39,9 @@ Then, from the storm's start (T0):
   over the whole run, every message msggen published against every user.
   A send whose reply msggen lost (its connection was on the killed edge)
   may still have been routed: its deliveries are counted as *unrecorded*.
+
+``--root DIR`` runs another checkout's server (its ``bin/cometd``; the load
+tools stay this one's), such as a frozen one of main, for a before and after.
 
 Prints one line per run and the medians; --json writes them all. Loopback
 only; every process is bounded in time and ended at the end of its round.
@@ -128,8 +133,9 @@ class Round:
         self.run_tool("load", [*tool("cometd"), "load", "--db", str(db), str(self.friends)], 300)
         # No keep-alives within a run: spread over their interval, they would keep
         # floodtest's chunk count moving, and settle() would wait its whole 60 s.
-        server = [*tool("cometd"), "--port", str(self.port), "--mode", a.mode, "--db", str(db),
-                  "--admin-port", str(self.admin_port), "--history-size", "1000",
+        server = [sys.executable, os.path.join(a.root, "bin", "cometd"), "--port",
+                  str(self.port), "--mode", a.mode, "--db", str(db), "--admin-port",
+                  str(self.admin_port), "--history-size", "1000",
                   "--replay-max", "10000", "--keepalive", "3600"]
         if a.workers:
             redis_port = free_port()
@@ -232,9 +238,13 @@ class Round:
             reader = sock.makefile("rb")
             while not reader.peek(8).startswith(b"cometd> ") and reader.read(1):
                 pass
-            sock.sendall(b"".join(b"kick %d\n" % u for u in range(1, self.a.users + 1)))
+            users, batch = self.a.users, self.a.kick_batch
+            commands = [b"kick " + b" ".join(b"%d" % u for u in range(first, min(first + batch,
+                                                                             users + 1)))
+                        + b"\n" for first in range(1, users + 1, batch)]
+            sock.sendall(b"".join(commands))
             replies = 0
-            while replies < self.a.users:
+            while replies < len(commands):
                 line = reader.readline()
                 if not line:
                     raise SystemExit("the admin console closed during the kicks")
@@ -319,11 +329,18 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", help="write every run's figures and the medians here")
     p.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs)")
+    p.add_argument("--kick-batch", type=int, default=2000,
+                   help="users a kick command names (1: a command each, as servers before "
+                        "multi-id kicks need; each line stays under the console's 64 KiB)")
+    p.add_argument("--root", default=ROOT, metavar="DIR",
+                   help="the checkout whose bin/cometd serves (default: this one)")
     a = p.parse_args()
     if a.publish <= 2:
         p.error("--publish must be over 2 s: the storm comes 2 s in")
     if a.scenario == "kill" and a.workers < 2:
         p.error("--scenario kill needs --workers >= 2")
+    if not 1 <= a.kick_batch <= 5000:
+        p.error("--kick-batch must be from 1 to 5000")
     raise_nofile()
     runs = []
     for i in range(a.runs):

@@ -19,7 +19,8 @@ def test_a_tiny_kick_storm_comes_back_with_nothing_lost(tmp_path):
     out = tmp_path / "storm.json"
     done = subprocess.run(
         [sys.executable, SCRIPT, "--users", "150", "--friends", "3", "--rate", "100",
-         "--publish", "3", "--storm-budget", "10", "--runs", "1", "--json", str(out)],
+         "--publish", "3", "--storm-budget", "10", "--runs", "1", "--json", str(out),
+         "--kick-batch", "100"],  # two kick commands, one of 100 ids and one of 50
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
