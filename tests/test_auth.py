@@ -415,6 +415,12 @@ def test_a_stream_takes_its_token_from_header_query_or_cookie(srv, split):
                          split) == (200, welcome)
     status, welcome = stream_answer(srv, f"/events/{user}?token={tok}", None, split)
     assert status == 200 and welcome.startswith(b": Welcome")
+    # Resumes, checked the same way.
+    status, welcome = stream_answer(srv, f"/events/{user}?token={tok}", {"Last-Event-ID": "1-1"},
+                                    split)
+    assert status == 200 and welcome.startswith(b": Welcome")
+    assert stream_answer(srv, f"/test/{user}?since=1-1", {"Authorization": f"Bearer {tok}"},
+                         split) == (200, f"Welcome, Url: '/test/{user}' Id: {user}\n".encode())
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["accept-callback", "pywsgi"])
@@ -432,6 +438,12 @@ def test_a_stream_without_a_good_token_is_refused_with_the_reason(srv, split):
             (f"/test/{user}?token={none}", None, (401, "algorithm not allowed")),
             (f"/events/{user}?token={token('someone-else')}", None,
              (403, "the token is for another user")),
+            # resumes, refused alike
+            (f"/events/{user}?token={token('someone-else')}", {"Last-Event-ID": "1-1"},
+             (403, "the token is for another user")),
+            (f"/test/{user}?since=1-1&token={token(user, ttl=-LEEWAY - 1)}", None,
+             (401, "token expired")),
+            (f"/events/{user}?last_event_id=1-1", None, (401, "missing token")),
             (f"/test/{user}", {"Authorization": f"Bearer {KEY}"}, (401, "malformed token")),
             (f"/test/{user}", {"Authorization": "Basic Zm9v"},
              (401, "the Authorization header is not 'Bearer <token>'"))):
