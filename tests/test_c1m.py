@@ -137,6 +137,12 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     assert all(cpu[g] > 0 for g in ("edges", "router", "redis", "floodtest", "msggen")), cpu
     parts = sum(cpu[g] for g in ("edges", "router", "redis", "floodtest", "msggen", "rest"))
     assert parts == pytest.approx(cpu["machine_busy"], abs=0.1), cpu
+    # The ramp's too, with the hypervisor's steal beside it (not our machine's work).
+    ramp = res["ramp_cpu_us_per_conn"]
+    parts = sum(ramp[g] for g in ("edges", "router", "redis", "floodtest", "rest"))
+    assert ramp["edges"] > 0 and ramp["floodtest"] > 0, ramp
+    assert parts == pytest.approx(ramp["machine_busy"], abs=0.5), ramp
+    assert ramp["machine_steal"] >= 0 and cpu["machine_steal"] >= 0, (ramp, cpu)
     # The report does not pass the missing count off as zero deliveries.
     report = (out / "README.md").read_text()
     assert "| deliveries | not reported by the server (published by XADD" in report
