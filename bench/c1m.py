@@ -338,6 +338,30 @@ def machine_cpu() -> dict[str, float]:
     return {k: int(v) / hz for k, v in zip(names, fields, strict=False)}
 
 
+def clock_cost() -> dict:
+    """The kernel's clocksource and what one time.monotonic() costs here, user and system.
+
+    Every event loop of the run reads the clock several times per connection and
+    per delivery. Through the vDSO that is ~50-350 ns of user time; a clocksource
+    the vDSO cannot read (or an unstable one) makes each read a system call, which
+    would show as the user time of a ramp turning into system time.
+    """
+    path = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+    try:
+        with open(path) as f:
+            source = f.read().strip()
+    except OSError:
+        source = None
+    n = 200_000
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(n):
+        time.monotonic()
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    return {"clocksource": source, "monotonic_ns": round((t1 - t0) / n * 1e9),
+            "user_ns": round((r1.ru_utime - r0.ru_utime) / n * 1e9),
+            "system_ns": round((r1.ru_stime - r0.ru_stime) / n * 1e9)}
+
+
 def rss(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -382,6 +406,7 @@ class Run:
         self.old_ns: int | None = None  # the network namespace to go back to (--netns)
         self.msggen_nice: int | None = None
         self.ehash: str | None = None
+        self.clock: dict = {}
 
     # -- processes ---------------------------------------------------------------------
     def spawn(self, args: list[str], logname: str) -> subprocess.Popen:
@@ -613,6 +638,7 @@ class Run:
         time.sleep(2)
         self.flood = None
         self.base = self.sample("idle")
+        self.clock = clock_cost()
         log(f"server up on :{port} ({a.edges} edges, mode {a.mode}); baseline server RSS "
             f"{self.base['server_rss'] / 2**20:,.0f} MiB")
 
@@ -804,6 +830,7 @@ class Run:
             "sysctls": self.applied,
             "netns": a.netns,
             "tcp_ehash_entries": int(self.ehash) if self.ehash else None,
+            "clock": self.clock,
             "sysctls_previous": dict(self.saved),
             "floodtest": flood,
             "msggen": mg,
@@ -938,6 +965,9 @@ def write_report(out: str, res: dict, samples: list[dict], argv: list[str]) -> N
         "| network namespace | " + ("its own (--netns)" if res["netns"] else "the caller's")
         + f", TCP established hash {res['tcp_ehash_entries']} buckets (negative: shared with "
         "the host's) |",
+        f"| clock (before the ramp) | {res['clock']['clocksource']}: time.monotonic() "
+        f"{res['clock']['monotonic_ns']} ns (user {res['clock']['user_ns']}, system "
+        f"{res['clock']['system_ns']}) |",
         f"| edges / client processes | {res['edges']} ({res['mode']} mode, keep-alive "
         f"{res['keepalive_s']:g} s; router, Redis and msggen at nice {res['router_nice']}, "
         f"{AUTOGROUP} {res['autogroup']}) / "

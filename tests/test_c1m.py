@@ -146,4 +146,10 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     # The report does not pass the missing count off as zero deliveries.
     report = (out / "README.md").read_text()
     assert "| deliveries | not reported by the server (published by XADD" in report
+    # The clock every loop reads, as the kernel had it before the ramp.
+    clock = res["clock"]
+    with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+        assert clock["clocksource"] == f.read().strip(), clock
+    assert clock["monotonic_ns"] > 0 and {"user_ns", "system_ns"} <= clock.keys(), clock
+    assert f"| clock (before the ramp) | {clock['clocksource']}: " in report
     assert "| CPU per delivery received, end of the hold" in report
