@@ -17,7 +17,7 @@ unless it is a recipient. :func:`online_subscribers` walks the smaller side:
 - **probe** (few online, many subscribers): each online id is looked up in
   the sorted subscriber array by binary search (~0.6 us each);
 - **scan** (many online, few subscribers, the usual case): each subscriber is
-  looked up in the index (~27 ns each, in C via ``filter``).
+  looked up in the index (~27 ns each, in C via ``map``).
 
 The walk goes in batches of roughly a millisecond and yields to the hub
 between them, so even a set both huge and mostly offline delays other
@@ -33,7 +33,7 @@ break it.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -120,21 +120,29 @@ def _online(subscribers: SetView, index: OnlineIndex, pause, skip: str | None) -
     # No Python code of ours runs per recipient: each level of generators
     # between the batches and the delivery loop costs every recipient a
     # resume (four levels took about a fifth of the fan-out's Python time in
-    # the profile in BENCHMARKS.md). So each batch of hits is mapped and
-    # filtered lazily, in C: a hit is looked up again only when the consumer
-    # takes it, and since the consumer (a delivery loop) yields too, a user
-    # who logged out meanwhile is dropped (``ints.get`` gives None; the
-    # names filter leaves it out).
+    # the profile in BENCHMARKS.md). So each batch is mapped and filtered
+    # lazily, in C: an id is looked up in the index only when the consumer
+    # takes it, once, and since the consumer (a delivery loop) yields too, a
+    # user who logged out meanwhile is dropped (``ints.get`` gives None; the
+    # names filter leaves it out). A set of integer ids that one scan batch
+    # covers (a friends feed's, the usual send) is one ``map`` over the
+    # stored array: no generator, no list of hits.
     online, names = index.ints, index.names
-    found = filter(None, chain.from_iterable(chain(
-        (map(online.get, hits) for hits in _online_ints(subscribers.ints, online, pause)),
-        (filter(names.__contains__, hits) for hits in _online_names(subscribers, names, pause)),
-    )))
+    ints = subscribers.ints
+    if (not subscribers.names_text and len(ints) <= SCAN_BATCH
+            and len(online) * PROBE_COST >= len(ints)):
+        found = filter(None, map(online.get, ints))
+    else:
+        found = filter(None, chain.from_iterable(chain(
+            (map(online.get, part) for part in _online_ints(ints, online, pause)),
+            (filter(names.__contains__, hits)
+             for hits in _online_names(subscribers, names, pause)),
+        )))
     return found if skip is None else filter(skip.__ne__, found)
 
 
-def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterator[list[int]]:
-    """Batches of the ids in *followers* that are keys of *online*."""
+def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterator[Sequence[int]]:
+    """Batches of ids in *followers* to look up in *online*: probed hits, or scanned slices."""
     n = len(followers)
     if not n or not online:
         return
@@ -153,7 +161,7 @@ def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterat
         for start in range(0, n, SCAN_BATCH):
             if start:
                 pause()
-            yield list(filter(online.__contains__, followers[start : start + SCAN_BATCH]))
+            yield followers[start : start + SCAN_BATCH]
 
 
 def _online_names(subscribers: SetView, online: set[str], pause) -> Iterator[list[str]]:

@@ -136,3 +136,20 @@ def test_index_splits_ids_as_the_store_does():
     index.discard("007")
     index.discard("never-there")
     assert index.ints == {0: "0"} and index.names == {"4294967296", "a:b"}
+
+
+def test_a_small_set_of_ids_is_looked_up_as_it_is_taken():
+    # At the default thresholds a feed's set (integer ids, within one scan
+    # batch) is walked in one lazy pass: each id is looked up when the
+    # delivery loop takes it, so who logs out meanwhile is not handed out.
+    subscribers = {str(n) for n in range(1, 31)}
+    index = index_of({str(n) for n in range(1, 31, 2)} | {"99", "x"})
+    assert sorted(online_subscribers(view(subscribers), index), key=int) == [
+        str(n) for n in range(1, 31, 2)]
+    got = []
+    for user in recipients("99", view(subscribers), index):
+        got.append(user)
+        if len(got) == 3:
+            for other in subscribers - set(got):
+                index.discard(other)
+    assert got[0] == "99" and len(got) == 3
