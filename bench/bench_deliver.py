@@ -3,6 +3,7 @@
 
     bench/bench_deliver.py                         # both parts, --runs 5
     bench/bench_deliver.py --part python --server-root /tmp/old   # another tree's fan-out code
+    bench/bench_deliver.py --part router --server-root /tmp/old   # a whole Router.send
 
 - ``python``: the fan-out's own Python, in-process, with no system call: a
   pool-mode ConnectionTable of 6,000 streams whose sockets' ``send`` is the
@@ -11,6 +12,15 @@
   3,000 feed messages from random subjects to 30 random users each (µs per
   message). CPU time of the process, the minimum of --runs (what the code
   costs when nothing else is running).
+- ``router``: a whole ``Router.send`` of the feed, in-process, with the same
+  free sends: the subject's line, its history write, its subscriber read
+  (the bench's 6,000-user m=15 database, copied from ``cometd-bench
+  fanout``'s cache), the intersection with who is online (everyone) and
+  the deliveries. Warm: 3,000 sends back to back, CPU µs per message, the
+  minimum of 7 passes. Cold: 1,000 sends, each after writing over 32 MB so
+  that no cache holds the server's state (the bench's sends are 2 ms
+  apart, with the publish and other processes in between), the median
+  thread CPU µs of one send.
 - ``kernel``: loopback ``send()`` from this process (pinned to CPU 0) to
   streams read by a child asleep in ``epoll`` (pinned to CPU 1), CPU per
   send: the feed's pattern (30 of 6,000 sockets per message, 500 messages a
@@ -97,6 +107,63 @@ for c, s in zip(conns, real):
     c.sock = s
 print(min(one), min(per_message))
 """
+
+
+ROUTER = """
+import gc, random, shutil, statistics, sys, tempfile, time
+sys.path[:0] = [{root!r}, {bench!r}]
+from cometd.connections import ConnectionTable
+from cometd.history import History
+from cometd.router import Router
+from cometd.store import SubscriptionStore
+from cometd.streamhttp import CHUNKED
+from bench_deliver import BODY, _pairs
+
+class FreeSocket:
+    __slots__ = ("send",)
+
+tmp = tempfile.mkdtemp()
+try:
+    shutil.copytree({db!r}, tmp + "/db")
+    store = SubscriptionStore(tmp + "/db")
+    N = 6000
+    clients, servers = _pairs(N)
+    table = ConnectionTable("pool")
+    conns = [table.adopt(s, str(u), CHUNKED) for s, u in zip(servers, range(1, N + 1))]
+    free = FreeSocket()
+    free.send = len
+    for c in conns:
+        c.sock = free
+    router = Router(store, table, History(store.db))
+    rng = random.Random(1)
+    subjects = [str(rng.randint(1, N)) for _ in range(3000)]
+    gc.disable()
+    warm = []
+    for _ in range(8):  # the first pass reads every set once
+        t = time.process_time()
+        for subject in subjects:
+            router.send(subject, BODY)
+        warm.append((time.process_time() - t) / len(subjects) * 1e6)
+    junk = bytearray(32 * 1024 * 1024)
+    cold = []
+    for subject in subjects[:1000]:
+        junk[::64] = bytes(len(junk) // 64)
+        t = time.thread_time_ns()
+        router.send(subject, BODY)
+        cold.append(time.thread_time_ns() - t)
+    print(min(warm[1:]), statistics.median(cold) / 1000)
+finally:
+    shutil.rmtree(tmp)
+"""
+
+
+def router_costs(root: str, db: str) -> tuple[float, float]:
+    """(warm, cold) CPU µs per feed message through *root*'s ``Router.send``."""
+    code = ROUTER.format(root=root, bench=os.path.join(ROOT, "bench"), db=db)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=600)
+    warm, cold = out.stdout.split()
+    return float(warm), float(cold)
 
 
 def python_costs(root: str) -> tuple[float, float]:
@@ -198,11 +265,31 @@ def kernel_cost(pattern: str, knob: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("python", "kernel", "both"), default="both")
+    ap.add_argument("--part", choices=("python", "router", "kernel", "both"), default="both",
+                    help="both: python and kernel")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--server-root", default=ROOT,
                     help="the tree whose cometd package the python part measures")
+    ap.add_argument("--db", default=os.path.join(ROOT, "data", "bench", "db-U6000-m15-s1"),
+                    help="the router part's feed database (cometd-bench fanout's cache)")
     args = ap.parse_args()
+    if args.part == "router":
+        if not os.path.isdir(args.db):
+            sys.exit(f"{args.db} is missing: run bin/cometd-bench fanout once first")
+        warm, cold = [], []
+        for r in range(args.runs):
+            a, b = router_costs(args.server_root, args.db)
+            warm.append(a)
+            cold.append(b)
+            print(f"router round {r + 1}: warm {a:.2f} µs, cold {b:.1f} µs", file=sys.stderr)
+        print(f"| Router.send of a feed message ({args.server_root}) | median (min–max) of "
+              f"{args.runs} |")
+        print("|---|---:|")
+        print(f"| warm, CPU µs per message | {statistics.median(warm):.2f} "
+              f"({min(warm):.2f}–{max(warm):.2f}) |")
+        print(f"| cold, CPU µs per message | {statistics.median(cold):.1f} "
+              f"({min(cold):.1f}–{max(cold):.1f}) |")
+        return
     if args.part in ("python", "both"):
         one, feed = [], []
         for r in range(args.runs):
