@@ -92,16 +92,17 @@ def view(ids):
 star = view(range(2, 4002))
 rng = random.Random(1)
 feed = [(str(rng.randint(1, N)), view(rng.sample(range(1, N + 1), 30))) for _ in range(3000)]
+deliver = getattr(table, "deliver_online", table.deliver)  # given the index's values
 gc.disable()
 one, per_message = [], []
 for _ in range(5):
     t = time.process_time()
     for _ in range(20):
-        table.deliver(recipients("1", star, table.index), Message("1", BODY))
+        deliver(recipients("1", star, table.index), Message("1", BODY))
     one.append((time.process_time() - t) / (20 * 4001) * 1e9)
     t = time.process_time()
     for subject, subscribers in feed:
-        table.deliver(recipients(subject, subscribers, table.index), Message(subject, BODY))
+        deliver(recipients(subject, subscribers, table.index), Message(subject, BODY))
     per_message.append((time.process_time() - t) / len(feed) * 1e6)
 for c, s in zip(conns, real):
     c.sock = s

@@ -383,8 +383,8 @@ class ConnectionTable:
         """
         if self._index is None:
             self._index = OnlineIndex()
-            for user in self.users:
-                self._index.add(user)
+            for user, conns in self.users.items():
+                self._index.add(user, conns)
         return self._index
 
     @property
@@ -421,9 +421,9 @@ class ConnectionTable:
         self._epoll.register(conn.fd, _EPOLL_FLAGS)
         conns = self.users.get(user)
         if conns is None:
-            self.users[user] = [conn]
+            self.users[user] = conns = [conn]
             if self._index is not None:
-                self._index.add(user)
+                self._index.add(user, conns)
         else:
             conns.append(conn)
         if self.on_presence is not None:
@@ -460,6 +460,15 @@ class ConnectionTable:
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
         """Write *message* to every connection of *users*; return how many."""
+        return self.deliver_online(filter(None, map(self.users.get, users)), message)
+
+    def deliver_online(self, recipients: Iterable[list[Connection]], message: Message) -> int:
+        """Write *message* to every connection in *recipients*; return how many.
+
+        *recipients* are lists of ``users``, as :attr:`index` maps its users
+        (the router's walk, :func:`cometd.online.recipients`): no lookup per
+        recipient. A list emptied meanwhile (its user left) is passed over.
+        """
         delivered = 0
         left = _YIELD_EVERY
         key = message.key
@@ -467,12 +476,8 @@ class ConnectionTable:
             self.newest = key
         # A smaller key is still on its way: it must reach each stream first.
         hold = self.low and key > self.low
-        get = self.users.get
         frames = message.frames  # each kind's bytes, once built
-        for user in users:
-            conns = get(user)
-            if conns is None:
-                continue
+        for conns in recipients:
             for conn in tuple(conns) if len(conns) > 1 else conns:
                 kind = conn.kind
                 data = frames[kind] or message.frame(kind)
