@@ -3,9 +3,10 @@
 Once the web app has answered ``GET /test/<id>`` or ``GET /events/<id>`` with
 headers and a welcome chunk, the socket leaves pywsgi and becomes a
 :class:`Connection` in the process's :class:`ConnectionTable`. The router hands
-the table a :class:`Message` and the user ids it goes to (found through the
-table's :class:`~cometd.online.OnlineIndex`); the table writes the message to
-every connection of those users.
+the table a :class:`Message` and its recipients as the table's
+:class:`~cometd.online.OnlineIndex` maps them, each user's list of
+connections (``deliver_online``; an edge hands user ids to ``deliver``); the
+table writes the message to every connection in those lists.
 
 Theory of operation
 -------------------
