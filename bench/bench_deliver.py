@@ -30,6 +30,12 @@
   descriptor instead of ``send``. And the feed's sockets at ten times its
   rate (5,000 messages a second, plain sends): the cost of the pause between
   messages. Also how often the reader woke per send.
+- ``rates``: the feed's sockets at 500, 1,000, 2,000 and 5,000 messages a
+  second (a socket's gap between messages 400 down to 40 ms), plain sends:
+  CPU per send, and per send the TCP counters' deltas (segments out, ACKs
+  delayed; ``/proc/net/netstat`` and ``snmp``, so run it in a network
+  namespace of its own, ``unshare -n sh -c 'ip link set lo up; ...'``, or
+  other traffic counts too).
 
 Every loop is bounded; loopback only. Each part's variants run interleaved,
 --runs rounds; the table gives the median (min–max).
@@ -206,11 +212,30 @@ def _woken(pid: int) -> int:
                     if line.startswith("voluntary_ctxt_switches"))
 
 
-def kernel_cost(pattern: str, knob: str) -> tuple[float, float]:
-    """(CPU µs per send, reader wake-ups per send) for *pattern* with the sending *knob*."""
-    socks, per, rate, messages = {"feed": (6000, 30, 500.0, 2000),
-                                  "feed x10": (6000, 30, 5000.0, 10_000),
-                                  "one": (4000, 4000, 20.0, 60)}[pattern]
+PATTERNS = {"feed": (6000, 30, 500.0, 2000), "feed x2": (6000, 30, 1000.0, 3000),
+            "feed x4": (6000, 30, 2000.0, 6000), "feed x10": (6000, 30, 5000.0, 10_000),
+            "one": (4000, 4000, 20.0, 60)}
+#: the TCP counters the rates part reports, per send
+COUNTERS = ("Tcp:OutSegs", "TcpExt:DelayedACKs")
+
+
+def tcp_counters() -> dict[str, int]:
+    """This network namespace's TCP and TcpExt counters."""
+    found = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        for names, values in zip(lines[::2], lines[1::2], strict=True):
+            prefix = names.split()[0]
+            found.update({prefix + k: int(v) for k, v in zip(names.split()[1:],
+                                                             values.split()[1:], strict=True)})
+    return found
+
+
+def kernel_cost(pattern: str, knob: str) -> tuple[float, float, dict[str, float]]:
+    """(CPU µs per send, reader wake-ups per send, COUNTERS per send) for *pattern* with
+    the sending *knob*."""
+    socks, per, rate, messages = PATTERNS[pattern]
     clients, servers = _pairs(socks)
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -241,6 +266,7 @@ def kernel_cost(pattern: str, knob: str) -> tuple[float, float]:
         else:
             sends = [[(servers[k].send, None) for k in targets] for targets in plan]
         time.sleep(0.5)
+        counted = tcp_counters()
         woken, cpu, t0 = _woken(pid), time.process_time(), time.monotonic()
         for i, batch in enumerate(sends):
             delay = t0 + i / rate - time.monotonic()
@@ -253,8 +279,10 @@ def kernel_cost(pattern: str, knob: str) -> tuple[float, float]:
                     fn(fd, frame)
         cpu = time.process_time() - cpu
         woken = _woken(pid) - woken
+        time.sleep(0.3)  # the last ACKs
+        after = tcp_counters()
         n = messages * per
-        return 1e6 * cpu / n, woken / n
+        return 1e6 * cpu / n, woken / n, {k: (after[k] - counted[k]) / n for k in COUNTERS}
     finally:
         for s in servers:
             s.close()
@@ -266,7 +294,8 @@ def kernel_cost(pattern: str, knob: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("python", "router", "kernel", "both"), default="both",
+    ap.add_argument("--part", choices=("python", "router", "kernel", "rates", "both"),
+                    default="both",
                     help="both: python and kernel")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--server-root", default=ROOT,
@@ -290,6 +319,23 @@ def main() -> None:
               f"({min(warm):.2f}–{max(warm):.2f}) |")
         print(f"| cold, CPU µs per message | {statistics.median(cold):.1f} "
               f"({min(cold):.1f}–{max(cold):.1f}) |")
+        return
+    if args.part == "rates":
+        rates: dict[str, list[tuple[float, float, dict[str, float]]]] = {}
+        for r in range(args.runs):
+            for pattern in ("feed", "feed x2", "feed x4", "feed x10"):
+                rates.setdefault(pattern, []).append(kernel_cost(pattern, "plain"))
+            print(f"rates round {r + 1} done", file=sys.stderr)
+        print(f"| messages a second (a socket's gap) | CPU µs per send, median (min–max) of "
+              f"{args.runs} | " + " | ".join(f"{c} per send" for c in COUNTERS) + " |")
+        print("|---|---:|" + "---:|" * len(COUNTERS))
+        for pattern, values in rates.items():
+            socks, per, rate, _ = PATTERNS[pattern]
+            us = [v[0] for v in values]
+            print(f"| {rate:,.0f} ({socks / per / rate * 1000:.0f} ms) | "
+                  f"{statistics.median(us):.2f} ({min(us):.2f}–{max(us):.2f}) | " + " | ".join(
+                      f"{statistics.median(v[2][c] for v in values):.3f}" for c in COUNTERS)
+                  + " |")
         return
     if args.part in ("python", "both"):
         one, feed = [], []
