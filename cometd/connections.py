@@ -621,7 +621,8 @@ class ConnectionTable:
     def kick_many(self, users: Iterable[str]) -> int:
         """End every stream of each of *users*, all in one go; return how many."""
         table = self.users
-        conns = [c for user in users for c in table.get(user, ()) if c not in self._expiring]
+        conns = [c for user in dict.fromkeys(users) for c in table.get(user, ())
+                 if c not in self._expiring]
         for conn in conns:
             self._forget(conn)  # nothing more is routed to it; the user logs out
         if conns:

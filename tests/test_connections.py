@@ -407,6 +407,19 @@ def test_kick_drain_and_shutdown_count_their_own_reason(table):
         "kicked": 2, "drain": 3, "shutdown": 1}
 
 
+def test_a_kick_of_many_users_ends_each_ones_streams_once(table):
+    kicked = [Peer(table, "a", CHUNKED), Peer(table, "a", SSE_RAW), Peer(table, "b", RAW)]
+    stays = Peer(table, "c", CHUNKED)
+    # A repeated id counts once; an id with no stream counts none.
+    assert table.kick_many(["a", "b", "a", "nobody"]) == 3
+    assert table.kick_many(["a"]) == 0 and table.online("a") == table.online("b") == 0
+    for peer in kicked:
+        peer.rest()
+    assert table.disconnects["kicked"] == 3 and table.online("c") == 1
+    assert table.deliver(["c"], Message("s", b"still")) == 1
+    stays.sock.close()
+
+
 def test_a_reader_that_stops_is_dropped_and_others_keep_up(table):
     stalled = Peer(table, "slow", CHUNKED, rcvbuf=4096)
     healthy = Peer(table, "fast", RAW)
