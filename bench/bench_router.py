@@ -78,6 +78,9 @@ class Sink:
     def send(self, data: bytes) -> int:
         return len(data)
 
+    def close(self) -> None:
+        pass
+
 
 def friends_graph(n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR adjacency of genfriends' graph: node k's friends are nbr[ptr[k]:ptr[k+1]]."""
@@ -127,10 +130,12 @@ def deliver(payloads: list[bytes]) -> tuple[float, int]:
     table = ConnectionTable()
     link = EdgeLink("redis://127.0.0.1:1/0", table, "edge0")  # its Redis is never used
     users = {u for payload in payloads for _, us in decode_batch(payload) for u in us}
-    pairs = [socket.socketpair() for _ in users]
+    # One fd per stream, never readable (a UDP socket, unbound): the table
+    # watches it as it would a stream's, and its sends go to the Sink.
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in users]
     try:
-        for user, (ours, _) in zip(sorted(users), pairs, strict=True):
-            table.adopt(ours, user, CHUNKED).sock = Sink()
+        for user, sock in zip(sorted(users), socks, strict=True):
+            table.adopt(sock, user, CHUNKED).sock = Sink()
         before = table.deliveries
         start = time.process_time()
         for payload in payloads:
@@ -138,9 +143,9 @@ def deliver(payloads: list[bytes]) -> tuple[float, int]:
         return time.process_time() - start, table.deliveries - before
     finally:
         table.on_presence = None
-        for a, b in pairs:
-            a.close()
-            b.close()
+        table.close()
+        for sock in socks:
+            sock.close()
 
 
 def main() -> None:
