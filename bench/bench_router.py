@@ -15,9 +15,10 @@ the flush, recipients walk, grouping by edge and each edge's payload
 encoding included, Redis replaced by a client that keeps what is published.
 Edge: one edge's payloads from those flushes, decoded and delivered by
 :meth:`cometd.backplane.EdgeLink._deliver` into a real
-:class:`cometd.connections.ConnectionTable` whose streams' sockets take
-every byte at once (the kernel's send is not measured: it is most of an
-edge's time, and the same whatever the router does).
+:class:`cometd.connections.ConnectionTable` of SSE streams (``/events``, as
+c1m's ``floodtest --events``) whose sockets take every byte at once (the
+kernel's send is not measured: it is most of an edge's time, and the same
+whatever the router does).
 
 CPU time of this process (``time.process_time``), per delivery: the router
 per connection reached, the edge per delivery it made. The median of
@@ -47,7 +48,7 @@ from cometd.connections import ConnectionTable  # noqa: E402
 from cometd.graphgen import generate_edges  # noqa: E402
 from cometd.online import recipients  # noqa: E402
 from cometd.store import SetView, encode_set  # noqa: E402
-from cometd.streamhttp import CHUNKED, Message  # noqa: E402
+from cometd.streamhttp import SSE_CHUNKED, Message  # noqa: E402
 
 EPOCH = 1 << 64  # message keys as the router's history makes them (epoch 1)
 
@@ -135,7 +136,7 @@ def deliver(payloads: list[bytes]) -> tuple[float, int]:
     socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in users]
     try:
         for user, sock in zip(sorted(users), socks, strict=True):
-            table.adopt(sock, user, CHUNKED).sock = Sink()
+            table.adopt(sock, user, SSE_CHUNKED).sock = Sink()
         before = table.deliveries
         start = time.process_time()
         for payload in payloads:

@@ -110,7 +110,7 @@ from cometd.metrics import (
 )
 from cometd.online import OnlineIndex, online_subscribers, yield_to_hub
 from cometd.store import SetView
-from cometd.streamhttp import Message
+from cometd.streamhttp import SSE_CHUNKED, Message
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
 
 __all__ = ["Presence", "Recipients", "RouterLink", "EdgeLink", "EdgeBackend",
@@ -172,11 +172,16 @@ def flush_pause(payloads: int) -> float:
 # edge, not per entry, and for the edge to read with a few slices:
 #   head: entries n, subjects' bytes, names' bytes        (3 x uint32)
 #   keys (96 bits, see cometd.history) as n x uint64 low parts and n x uint32
-#   high parts, int users per entry n x uint32, body sizes n x uint32,
-#   the int users (uint32, entry after entry), the subjects joined by spaces
-#   (ids hold none), the other users as JSON [[entry, [user, ...]], ...] or
-#   nothing, then the bodies back to back.
-# An entry's users are its int ids, then its other ids.
+#   high parts, int users per entry n x uint32, body sizes n x uint32, SSE
+#   frame sizes n x uint32, the int users (uint32, entry after entry), the
+#   subjects joined by spaces (ids hold none), the other users as JSON
+#   [[entry, [user, ...]], ...] or nothing, the bodies back to back, then
+#   each message's SSE frame as an HTTP/1.1 stream carries it.
+# An entry's users are its int ids, then its other ids. The SSE frame (a
+# JSON dump and the id's text, ~3 us) is built once, by the router, rather
+# than on each of the ~25 edges a message reaches: SSE streams are the
+# usual kind, and at 53 edges building it was ~60% of an edge's own work
+# per delivery (bench/bench_router.py).
 _HEAD = struct.Struct("<III")
 
 
@@ -189,9 +194,9 @@ def _key_parts(keys: list[int]) -> bytes:
 
 
 def _assemble(keys: bytes, counts: bytes, sizes: bytes, users: bytes, subjects: bytes,
-              names: bytes, bodies: bytes, n: int) -> bytes:
+              names: bytes, bodies: bytes, frames: bytes, n: int) -> bytes:
     return b"".join((_HEAD.pack(n, len(subjects), len(names)), keys, counts, sizes, users,
-                     subjects, names, bodies))
+                     subjects, names, bodies, frames))
 
 
 def encode_batch(entries: list[tuple[Message, list[str]]]) -> bytes:
@@ -207,14 +212,16 @@ def encode_batch(entries: list[tuple[Message, list[str]]]) -> bytes:
         others = [u for u, n in zip(users, numbers, strict=True) if n is None]
         if others:
             names.append([i, others])
+    frames = [m.frame(SSE_CHUNKED) for m, _ in entries]
     return _assemble(
         _key_parts([m.key for m, _ in entries]),
         np.array(counts, np.uint32).tobytes(),
-        np.array([len(m.body) for m, _ in entries], np.uint32).tobytes(),
+        np.array([len(m.body) for m, _ in entries] + list(map(len, frames)),
+                 np.uint32).tobytes(),
         np.array(ints, np.uint32).tobytes(),
         " ".join(m.subject for m, _ in entries).encode(),
         json.dumps(names).encode() if names else b"",
-        b"".join(m.body for m, _ in entries), len(entries))
+        b"".join(m.body for m, _ in entries), b"".join(frames), len(entries))
 
 
 def decode_batch(data: bytes) -> list[tuple[Message, list[str]]]:
@@ -232,6 +239,8 @@ def decode_batch(data: bytes) -> list[tuple[Message, list[str]]]:
     at += 4 * n
     sizes = view[at : at + 4 * n].cast("I").tolist()
     at += 4 * n
+    frame_sizes = view[at : at + 4 * n].cast("I").tolist()
+    at += 4 * n
     total = sum(counts)
     users = list(map(str, view[at : at + 4 * total].cast("I").tolist()))
     at += 4 * total
@@ -241,14 +250,18 @@ def decode_batch(data: bytes) -> list[tuple[Message, list[str]]]:
     at += names_size
     entries = []
     taken = 0
+    framed = at + sum(sizes)  # where the SSE frames start
     for i in range(n):
-        count, size = counts[i], sizes[i]
+        count, size, frame = counts[i], sizes[i], frame_sizes[i]
         mine = users[taken : taken + count]
         taken += count
         if others:
             mine += others.get(i, ())
-        entries.append((Message(subjects[i], data[at : at + size], keys[i]), mine))
+        message = Message(subjects[i], data[at : at + size], keys[i])
+        message.frames[SSE_CHUNKED] = data[framed : framed + frame]
+        entries.append((message, mine))
         at += size
+        framed += frame
     return entries
 
 
@@ -711,6 +724,8 @@ class Presence:
         low = np.array([m.key & _LOW for m, _ in sends], np.uint64)
         high = np.array([m.key >> 64 for m, _ in sends], np.uint32)
         sizes = np.array([len(m.body) for m, _ in sends], np.uint32)
+        frames = [m.frame(SSE_CHUNKED) for m, _ in sends]  # see encode_batch
+        frame_sizes = np.fromiter(map(len, frames), np.uint32, n)
         subjects = [m.subject.encode() for m, _ in sends]
         bodies = [m.body for m, _ in sends]
         payloads, runs = {}, {}
@@ -733,9 +748,10 @@ class Presence:
                 theirs = theirs[~named]
             payloads[edge] = _assemble(
                 low[mine].tobytes() + high[mine].tobytes(), counts.astype(np.uint32).tobytes(),
-                sizes[mine].tobytes(),
+                sizes[mine].tobytes() + frame_sizes[mine].tobytes(),
                 theirs.astype(np.uint32).tobytes(), b" ".join([subjects[i] for i in at]),
-                others, b"".join([bodies[i] for i in at]), r1 - r0)
+                others, b"".join([bodies[i] for i in at]), b"".join([frames[i] for i in at]),
+                r1 - r0)
             runs[edge] = (r0, r1)
         return _Flush(payloads, delivered, runs, run_msg, run_conns)
 

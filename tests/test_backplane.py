@@ -63,7 +63,7 @@ from cometd.history import parse_id
 from cometd.loadtest.chunked import Chunk, ChunkedDecoder
 from cometd.online import recipients
 from cometd.store import SetView, SubscriptionStore, encode_set
-from cometd.streamhttp import CHUNKED, Message
+from cometd.streamhttp import CHUNKED, SSE_CHUNKED, Message
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
 EDGE_READY = r"cometd edge (\S+): listening on http://([\d.]+):(\d+)/"
@@ -364,14 +364,17 @@ def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
 
 
 def test_a_batch_carries_several_messages_with_their_recipients():
-    first, second = Message("rj", b"one\nline"), Message("user:7", b"")
-    third = Message("rj", "h\u00e9llo".encode())
+    first, second = Message("rj", b"one\nline", 3 << 64 | 5), Message("user:7", b"")
+    third = Message("rj", "h\u00e9llo".encode(), 7)
     fourth = Message("9", b'\xff\n[{"size": 1}]\n\x00')  # any bytes, even the head's own
     entries = [(first, ["alice", "bob"]), (second, ["carol"]), (third, ["alice"]),
                (fourth, ["1", "2"])]
     decoded = decode_batch(encode_batch(entries))
     assert [(m.key, m.subject, m.body, users) for m, users in decoded] == [
         (m.key, m.subject, m.body, users) for m, users in entries]
+    # Each message's SSE frame comes built, as the edge would build it.
+    assert [m.frames[SSE_CHUNKED] for m, _ in decoded] == [
+        Message(m.subject, m.body, m.key).frame(SSE_CHUNKED) for m, _ in entries]
     assert decode_batch(encode_batch([])) == []
 
 
