@@ -365,6 +365,11 @@ class _Flush:
         self.delivered = delivered
         self._runs, self._run_msg, self._run_conns = runs, run_msg, run_conns
 
+    def entries(self, edge: str) -> int:
+        """How many messages *edge*'s payload carries."""
+        start, end = self._runs[edge]
+        return end - start
+
     def lost(self, edge: str) -> int:
         """Nobody heard *edge*'s payload: take its connections off; how many entries."""
         start, end = self._runs[edge]
@@ -836,8 +841,7 @@ class Presence:
             pipe = self.client.pipeline(transaction=False)
             for edge, payload in flush.payloads.items():
                 pipe.publish(EDGE.format(edge), payload)
-                start, end = flush._runs[edge]
-                BACKPLANE_BATCH.labels("delivery").observe(end - start)
+                BACKPLANE_BATCH.labels("delivery").observe(flush.entries(edge))
             start = time.perf_counter()
             try:
                 listeners = pipe.execute()
