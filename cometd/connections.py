@@ -3,9 +3,10 @@
 Once the web app has answered ``GET /test/<id>`` or ``GET /events/<id>`` with
 headers and a welcome chunk, the socket leaves pywsgi and becomes a
 :class:`Connection` in the process's :class:`ConnectionTable`. The router hands
-the table a :class:`Message` and the user ids it goes to (found through the
-table's :class:`~cometd.online.OnlineIndex`); the table writes the message to
-every connection of those users.
+the table a :class:`Message` and its recipients as the table's
+:class:`~cometd.online.OnlineIndex` maps them, each user's list of
+connections (``deliver_online``; an edge hands user ids to ``deliver``); the
+table writes the message to every connection in those lists.
 
 Theory of operation
 -------------------
@@ -383,8 +384,8 @@ class ConnectionTable:
         """
         if self._index is None:
             self._index = OnlineIndex()
-            for user in self.users:
-                self._index.add(user)
+            for user, conns in self.users.items():
+                self._index.add(user, conns)
         return self._index
 
     @property
@@ -421,9 +422,9 @@ class ConnectionTable:
         self._epoll.register(conn.fd, _EPOLL_FLAGS)
         conns = self.users.get(user)
         if conns is None:
-            self.users[user] = [conn]
+            self.users[user] = conns = [conn]
             if self._index is not None:
-                self._index.add(user)
+                self._index.add(user, conns)
         else:
             conns.append(conn)
         if self.on_presence is not None:
@@ -460,6 +461,15 @@ class ConnectionTable:
 
     def deliver(self, users: Iterable[str], message: Message) -> int:
         """Write *message* to every connection of *users*; return how many."""
+        return self.deliver_online(filter(None, map(self.users.get, users)), message)
+
+    def deliver_online(self, recipients: Iterable[list[Connection]], message: Message) -> int:
+        """Write *message* to every connection in *recipients*; return how many.
+
+        *recipients* are lists of ``users``, as :attr:`index` maps its users
+        (the router's walk, :func:`cometd.online.recipients`): no lookup per
+        recipient. A list emptied meanwhile (its user left) is passed over.
+        """
         delivered = 0
         left = _YIELD_EVERY
         key = message.key
@@ -467,12 +477,8 @@ class ConnectionTable:
             self.newest = key
         # A smaller key is still on its way: it must reach each stream first.
         hold = self.low and key > self.low
-        get = self.users.get
         frames = message.frames  # each kind's bytes, once built
-        for user in users:
-            conns = get(user)
-            if conns is None:
-                continue
+        for conns in recipients:
             for conn in tuple(conns) if len(conns) > 1 else conns:
                 kind = conn.kind
                 data = frames[kind] or message.frame(kind)

@@ -10,20 +10,22 @@ process and the router's :class:`~cometd.backplane.Presence`.
 
 Theory of operation
 -------------------
-The index holds integer ids as ``int`` keys (mapping to the id string) and
-names as a set, as the store splits them, so no id is converted to a string
-unless it is a recipient. :func:`online_subscribers` walks the smaller side:
+The index holds integer ids as ``int`` keys and names as ``str`` keys, as the
+store splits them, so no stored id is converted to a string; each maps to
+what its target delivers to (the connection table's: the user's list of
+connections), and the walks hand out those values. :func:`online_subscribers`
+walks the smaller side:
 
 - **probe** (few online, many subscribers): each online id is looked up in
   the sorted subscriber array by binary search (~0.6 us each);
 - **scan** (many online, few subscribers, the usual case): each subscriber is
-  looked up in the index (~27 ns each, in C via ``filter``).
+  looked up in the index (~27 ns each, in C via ``map``).
 
 The walk goes in batches of roughly a millisecond and yields to the hub
 between them, so even a set both huge and mostly offline delays other
-requests by about one batch. A batch finds its hits first and re-checks each
-hit against the index when handing it out, since the consumer (a delivery
-loop) yields too and a user may have logged out meanwhile. The batches
+requests by about one batch. Each id is looked up in the index when it is
+handed out (a probe's hits again), since the consumer (a delivery loop)
+yields too and a user may have logged out meanwhile. The batches
 reach the delivery loop through C iterators (``chain``, ``map``, ``filter``):
 a generator of ours resumes once per batch, never once per recipient. The
 probe walks a copy of the index's keys: logins during the walk must not
@@ -33,7 +35,7 @@ break it.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -68,27 +70,35 @@ def yield_to_hub() -> None:
 
 
 class OnlineIndex:
-    """The ids of the users online, split into integers and names as the store does."""
+    """The users online, split into integer ids and names as the store does.
+
+    Each maps to what its fan-out target delivers to: the user id itself
+    unless the target says (the connection table: the user's list of
+    connections, so a delivery costs no second lookup).
+    """
 
     __slots__ = ("ints", "names")
 
     def __init__(self) -> None:
-        #: integer id -> its id string
-        self.ints: dict[int, str] = {}
-        #: the other ids
-        self.names: set[str] = set()
+        #: integer id -> its value
+        self.ints: dict[int, object] = {}
+        #: the other ids -> their values
+        self.names: dict[str, object] = {}
 
-    def add(self, user: str) -> None:
+    def add(self, user: str, value: object = None) -> None:
+        """*user* is online; the walks hand out *value* for it (None: *user*)."""
+        if value is None:
+            value = user
         number = int_value(user)
         if number is None:
-            self.names.add(user)
+            self.names[user] = value
         else:
-            self.ints[number] = user
+            self.ints[number] = value
 
     def discard(self, user: str) -> None:
         number = int_value(user)
         if number is None:
-            self.names.discard(user)
+            self.names.pop(user, None)
         else:
             self.ints.pop(number, None)
 
@@ -98,43 +108,57 @@ class OnlineIndex:
 
 def online_subscribers(
     subscribers: SetView, index: OnlineIndex, pause: Callable[[], None] = yield_to_hub
-) -> Iterator[str]:
-    """The ids of *subscribers* that are in *index*, each once; *pause* between batches."""
+) -> Iterator:
+    """The values in *index* of *subscribers* who are online, each once; *pause* between
+    batches."""
     return _online(subscribers, index, pause, None)
 
 
 def recipients(
     subject: str, subscribers: SetView, index: OnlineIndex,
     pause: Callable[[], None] = yield_to_hub,
-) -> Iterator[str]:
-    """Who gets a send: *subject* itself ("always subscribed to ourselves"), then its
-    online subscribers, each once (a stored self-subscription is not a second path)."""
+) -> Iterator:
+    """Who gets a send, as *index*'s values: *subject* itself if online ("always
+    subscribed to ourselves"), then its online subscribers, each once (a stored
+    self-subscription is not a second path)."""
     # Filtering the subject out costs every recipient (~25 ns, a third of the
     # walk's share), so only a set that holds its own subject gets the filter.
     number = int_value(subject)
-    stored = subscribers.has_name(subject) if number is None else subscribers.has_int(number)
-    return chain((subject,), _online(subscribers, index, pause, subject if stored else None))
+    if number is None:
+        me, stored = index.names.get(subject), subscribers.has_name(subject)
+    else:
+        me, stored = index.ints.get(number), subscribers.has_int(number)
+    found = _online(subscribers, index, pause, me if stored else None)
+    return found if me is None else chain((me,), found)
 
 
-def _online(subscribers: SetView, index: OnlineIndex, pause, skip: str | None) -> Iterator[str]:
+def _online(subscribers: SetView, index: OnlineIndex, pause, skip: object) -> Iterator:
     # No Python code of ours runs per recipient: each level of generators
     # between the batches and the delivery loop costs every recipient a
     # resume (four levels took about a fifth of the fan-out's Python time in
-    # the profile in BENCHMARKS.md). So each batch of hits is mapped and
-    # filtered lazily, in C: a hit is looked up again only when the consumer
-    # takes it, and since the consumer (a delivery loop) yields too, a user
-    # who logged out meanwhile is dropped (``ints.get`` gives None; the
-    # names filter leaves it out).
+    # the profile in BENCHMARKS.md). So each batch is mapped and filtered
+    # lazily, in C: an id is looked up in the index only when the consumer
+    # takes it, once, and since the consumer (a delivery loop) yields too, a
+    # user who logged out meanwhile is dropped (``get`` gives None). A set
+    # of integer ids that one scan batch covers (a friends feed's, the usual
+    # send) is one ``map`` over the stored array: no generator, no list of
+    # hits.
     online, names = index.ints, index.names
-    found = filter(None, chain.from_iterable(chain(
-        (map(online.get, hits) for hits in _online_ints(subscribers.ints, online, pause)),
-        (filter(names.__contains__, hits) for hits in _online_names(subscribers, names, pause)),
-    )))
+    ints = subscribers.ints
+    if (not subscribers.names_text and len(ints) <= SCAN_BATCH
+            and len(online) * PROBE_COST >= len(ints)):
+        found = filter(None, map(online.get, ints))
+    else:
+        found = filter(None, chain.from_iterable(chain(
+            (map(online.get, part) for part in _online_ints(ints, online, pause)),
+            (map(names.get, hits) for hits in _online_names(subscribers, names, pause)),
+        )))
     return found if skip is None else filter(skip.__ne__, found)
 
 
-def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterator[list[int]]:
-    """Batches of the ids in *followers* that are keys of *online*."""
+def _online_ints(followers: memoryview, online: dict[int, object], pause
+                 ) -> Iterator[Sequence[int]]:
+    """Batches of ids in *followers* to look up in *online*: probed hits, or scanned slices."""
     n = len(followers)
     if not n or not online:
         return
@@ -153,10 +177,11 @@ def _online_ints(followers: memoryview, online: dict[int, str], pause) -> Iterat
         for start in range(0, n, SCAN_BATCH):
             if start:
                 pause()
-            yield list(filter(online.__contains__, followers[start : start + SCAN_BATCH]))
+            yield followers[start : start + SCAN_BATCH]
 
 
-def _online_names(subscribers: SetView, online: set[str], pause) -> Iterator[list[str]]:
+def _online_names(subscribers: SetView, online: dict[str, object], pause
+                  ) -> Iterator[list[str]]:
     """Batches of the names in *subscribers* that are in *online*."""
     text = subscribers.names_text
     if not text or not online:

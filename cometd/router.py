@@ -70,7 +70,12 @@ LARGE_VALUE = 256 * 1024  # bytes of subscriber set (64K integer ids) worth a yi
 
 
 class Fanout(Protocol):
-    """Where a routed message goes: delivers to every connection of *users*."""
+    """Where a routed message goes: delivers to every connection of *users*.
+
+    A target whose index maps users to something else than their ids (the
+    connection table: their connections) has ``deliver_online``, which the
+    router hands the walk's values instead (see :mod:`cometd.online`).
+    """
 
     #: who is online, kept up to date by the target
     index: OnlineIndex
@@ -222,7 +227,7 @@ class Router:
                     FANOUT_SIZE.observe(n)
                 return delivered
             delivered = []
-            deliver, last = fanout.deliver, keys[-1]
+            deliver, last = getattr(fanout, "deliver_online", fanout.deliver), keys[-1]
             idle = 0  # messages for nobody: their metrics go in once
             for key, (subject, body) in zip(keys, messages, strict=True):
                 message = Message(subject, body, key)

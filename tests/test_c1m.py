@@ -137,7 +137,34 @@ def test_small_run_applies_and_restores_sysctls_and_reads_floodtest(tmp_path):
     assert all(cpu[g] > 0 for g in ("edges", "router", "redis", "floodtest", "msggen")), cpu
     parts = sum(cpu[g] for g in ("edges", "router", "redis", "floodtest", "msggen", "rest"))
     assert parts == pytest.approx(cpu["machine_busy"], abs=0.1), cpu
+    # The ramp's too, with the hypervisor's steal beside it (not our machine's work).
+    ramp = res["ramp_cpu_us_per_conn"]
+    parts = sum(ramp[g] for g in ("edges", "router", "redis", "floodtest", "rest"))
+    assert ramp["edges"] > 0 and ramp["floodtest"] > 0, ramp
+    assert parts == pytest.approx(ramp["machine_busy"], abs=0.5), ramp
+    assert ramp["machine_steal"] >= 0 and cpu["machine_steal"] >= 0, (ramp, cpu)
     # The report does not pass the missing count off as zero deliveries.
     report = (out / "README.md").read_text()
     assert "| deliveries | not reported by the server (published by XADD" in report
+    # The clock every loop reads, as the kernel had it before the ramp.
+    clock = res["clock"]
+    with open("/sys/devices/system/clocksource/clocksource0/current_clocksource") as f:
+        assert clock["clocksource"] == f.read().strip(), clock
+    assert clock["monotonic_ns"] > 0 and {"user_ns", "system_ns"} <= clock.keys(), clock
+    assert f"| clock (before the ramp) | {clock['clocksource']}: " in report
     assert "| CPU per delivery received, end of the hold" in report
+
+
+def test_the_ramp_is_done_when_every_connect_is_resolved_not_when_none_is_pending():
+    """floodtest's progress lines (as it prints them): a late ramp has nothing pending
+    while it still has connects to start, so only open + closed + failed >= n ends it."""
+    line = ("[  96.1s] Open={} Closed={} Chunks=1168468 (5059/s) Bytes=1 ConnectErrors={} "
+            "Pending={} NoResponse=0 latency -\n")
+    n = 1_000_000
+    assert not c1m.ramp_resolved(line.format(978_431, 0, 0, 0), n)  # attempt 15's early end
+    assert not c1m.ramp_resolved(line.format(999_000, 0, 990, 10), n)  # 10 still connecting
+    assert c1m.ramp_resolved(line.format(n, 0, 0, 0), n)
+    assert c1m.ramp_resolved(line.format(999_000, 10, 990, 0), n)  # every one resolved
+    # Only the last line counts; nothing printed yet is not done.
+    assert not c1m.ramp_resolved(line.format(n, 0, 0, 0) + line.format(5, 0, 0, 0), n)
+    assert not c1m.ramp_resolved("floodtest: 53 processes\n", n)

@@ -30,6 +30,8 @@ from gevent import socket as gsocket
 from greenlet import greenlet
 
 from cometd.connections import MODES, ConnectionTable
+from cometd.online import recipients
+from cometd.store import SetView, encode_set
 from cometd.streamhttp import CHUNKED, KEEPALIVE, LAST_CHUNK, RAW, SSE_CHUNKED, SSE_RAW, Message
 
 MAX_PENDING = 64 * 1024  # --max-pending, well under the 256 KiB default
@@ -438,6 +440,28 @@ def test_a_reader_that_pauses_gets_everything_in_order_when_it_reads_again(table
     late = Message("s", b"after the backlog")
     assert table.deliver(["p"], late) == 1
     assert paused.read(len(late.body)) == late.body
+
+
+def test_the_index_hands_the_router_each_users_connections(table):
+    first = Peer(table, "1", CHUNKED)
+    index = table.index  # built from who is online, then kept as they come and go
+    two = [Peer(table, "2", CHUNKED), Peer(table, "2", RAW)]
+    bob = Peer(table, "bob", CHUNKED)
+    assert index.ints[1] is table.users["1"] and index.ints[2] is table.users["2"]
+    assert index.names["bob"] is table.users["bob"]
+    message = Message("2", b"hi", 1)
+    walk = recipients("2", SetView(encode_set({1, 2, 3}, {"bob", "eve"})), index)
+    assert table.deliver_online(walk, message) == 4
+    for peer in (first, *two, bob):
+        assert peer.read(len(message.frame(peer.conn.kind))) == message.frame(peer.conn.kind)
+    bob.conn.close()
+    assert "bob" not in index.names and len(index) == 2
+    # A list handed out before its user left is passed over.
+    left = table.users["1"]
+    first.conn.close()
+    assert 1 not in index.ints
+    assert table.deliver_online([left, table.users["2"]], Message("2", b"x", 2)) == 2
+    assert table.deliveries == 6
 
 
 def test_a_stream_whose_send_fails_is_closed_uncounted_and_the_fan_out_goes_on(table):

@@ -123,16 +123,46 @@ def test_recipients_are_the_subject_then_its_online_subscribers_once(walk):
     got = list(recipients("bob", view({"bob", "1", "zed"}), index_of({"bob", "1", "zed"}),
                           Pauses()))
     assert got[0] == "bob" and sorted(got[1:]) == ["1", "zed"]
-    # An offline subject is still handed out: the fan-out skips who has no connection.
-    assert list(recipients("bob", view({"1"}), index_of({"1"}), Pauses())) == ["bob", "1"]
+    # An offline subject is not handed out, nor an offline self-subscription.
+    assert list(recipients("bob", view({"1"}), index_of({"1"}), Pauses())) == ["1"]
+    assert list(recipients("42", view({"1", "42"}), index_of({"1"}), Pauses())) == ["1"]
+
+
+def test_the_walks_hand_out_the_index_values(walk):
+    # The connection table maps each user to its connections: a recipient
+    # costs no second lookup. Each value comes once, the subject's first.
+    index = OnlineIndex()
+    values = {u: [u.upper()] for u in ("1", "2", "3", "bob", "eve")}
+    for user, value in values.items():
+        index.add(user, value)
+    got = list(recipients("bob", view({"1", "3", "eve", "bob", "9"}), index, Pauses()))
+    assert got[0] is values["bob"]
+    assert sorted(map(id, got[1:])) == sorted(id(values[u]) for u in ("1", "3", "eve"))
 
 
 def test_index_splits_ids_as_the_store_does():
     index = index_of(["1", "007", "4294967296", "a:b", "0"])
     assert index.ints == {1: "1", 0: "0"}
-    assert index.names == {"007", "4294967296", "a:b"}
+    assert set(index.names) == {"007", "4294967296", "a:b"}
     assert len(index) == 5
     index.discard("1")
     index.discard("007")
     index.discard("never-there")
-    assert index.ints == {0: "0"} and index.names == {"4294967296", "a:b"}
+    assert index.ints == {0: "0"} and set(index.names) == {"4294967296", "a:b"}
+
+
+def test_a_small_set_of_ids_is_looked_up_as_it_is_taken():
+    # At the default thresholds a feed's set (integer ids, within one scan
+    # batch) is walked in one lazy pass: each id is looked up when the
+    # delivery loop takes it, so who logs out meanwhile is not handed out.
+    subscribers = {str(n) for n in range(1, 31)}
+    index = index_of({str(n) for n in range(1, 31, 2)} | {"99", "x"})
+    assert sorted(online_subscribers(view(subscribers), index), key=int) == [
+        str(n) for n in range(1, 31, 2)]
+    got = []
+    for user in recipients("99", view(subscribers), index):
+        got.append(user)
+        if len(got) == 3:
+            for other in subscribers - set(got):
+                index.discard(other)
+    assert got[0] == "99" and len(got) == 3

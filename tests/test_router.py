@@ -398,9 +398,9 @@ def test_a_send_is_handed_the_subject_and_its_online_subscribers_once(store):
     assert users[0] == "s" and sorted(users) == ["7", "a", "s"]  # the subject first, each once
     assert router.online("7") == 3
 
-    # An offline subject that nobody follows is handed itself only.
+    # An offline subject that nobody follows is handed no one.
     assert router.send("off", b"x").delivered == 0
-    assert fanout.handed[1][2] == ["off"]
+    assert fanout.handed[1][2] == []
     assert router.messages_sent == 2
 
 
@@ -549,6 +549,6 @@ def test_with_nobody_online_a_batch_walks_no_subscribers_and_each_message_counts
     fanout.login("s", 2)
     sent = router.send_batch([("s", b"4"), ("x", b"5")])
     assert [n for n, _ in sent] == [3, 0]
-    assert fanout.handed[1:] == [("s", b"4", ["s", "a"]), ("x", b"5", ["x"])]
+    assert fanout.handed[1:] == [("s", b"4", ["s", "a"]), ("x", b"5", [])]  # x is offline: no one
     assert _count_and_sum(FANOUT_SIZE) == (sizes[0] + 5, sizes[1] + 3)
     assert _count_and_sum(PUBLISH_TO_WRITE)[0] == times[0] + 5

@@ -143,8 +143,9 @@ def test_large_sets_are_kept_and_every_write_shows(store, small_threshold):
     assert len(store.subscriber_view("star")) == 0
 
 
-def test_a_value_read_before_a_write_is_not_kept(store, small_threshold):
-    store.add_subscriptions([(u, "star") for u in BIG])
+@pytest.mark.parametrize("members", [BIG, ["1", "2"]], ids=["large", "small"])
+def test_a_value_read_before_a_write_is_not_kept(store, small_threshold, members):
+    store.add_subscriptions([(u, "star") for u in members])
     real = store._subscribers
 
     class WriteDuringGet:  # another thread's write lands between the get and the keep
@@ -317,3 +318,28 @@ def test_db_on_a_regular_file_says_not_a_directory(tmp_path, under):
     assert "not a directory" in str(info.value)
     assert "already open" not in str(info.value)
     assert plain.read_text() == "not a database\n"  # and nothing was created or changed
+
+
+def test_small_sets_are_kept_and_every_write_shows(store):
+    store.add_subscriptions([("1", "friend"), ("2", "friend")])
+    first = store.subscriber_view("friend")
+    assert store.subscriber_view("friend").ints.obj is first.ints.obj  # kept, not re-read
+    assert len(store.subscriber_view("lonely")) == 0  # nobody: kept as empty
+    store.add_subscriptions([("3", "friend"), ("lonely", "x"), ("9", "lonely")])
+    assert sorted(map(int, store.subscriber_view("friend").ints)) == [1, 2, 3]
+    assert "9" in store.subscriber_view("lonely")
+    store.remove_subscriptions([("1", "friend")])
+    assert "1" not in store.subscriber_view("friend")
+    extra = (1).to_bytes(4, "little") + (77).to_bytes(4, "little")
+    store.bulk_merge("subscribers", [(b"\x02friend", extra)])
+    assert "77" in store.subscriber_view("friend")
+
+
+def test_kept_small_sets_are_bounded(store, monkeypatch):
+    monkeypatch.setattr("cometd.store.SMALL_CACHE_BYTES", 1000)
+    store.add_subscriptions([(str(n), f"s{k}") for k in range(40) for n in range(1, 11)])
+    for k in range(40):
+        assert len(store.subscriber_view(f"s{k}")) == 10
+        assert store._small_bytes == sum(len(v) + 120 for v in store._small.values())
+        assert store._small_bytes <= 1000 + 44 + 120
+    assert 0 < len(store._small) < 40
