@@ -114,7 +114,8 @@ from cometd.streamhttp import SSE_CHUNKED, Message
 from cometd.webapp import BackendUnavailable as BackplaneUnavailable
 
 __all__ = ["Presence", "Recipients", "RouterLink", "EdgeLink", "EdgeBackend",
-           "BackplaneUnavailable", "flush_pause", "encode_batch", "decode_batch"]
+           "BackplaneUnavailable", "PayloadError", "PAYLOAD_FORMAT", "flush_pause",
+           "encode_batch", "decode_batch"]
 
 REQUESTS = "cometd:requests"
 REPLY = "cometd:reply:{}"
@@ -170,7 +171,8 @@ def flush_pause(payloads: int) -> float:
 # Theory: at 1M an entry is mostly one user, so the payload is made for the
 # router to build from its arrays (see Presence.batches) with a few calls per
 # edge, not per entry, and for the edge to read with a few slices:
-#   head: entries n, subjects' bytes, names' bytes        (3 x uint32)
+#   head: the format's tag PAYLOAD_FORMAT, entries n, subjects' bytes,
+#   names' bytes (4 bytes, 3 x uint32)
 #   keys (96 bits, see cometd.history) as n x uint64 low parts and n x uint32
 #   high parts, int users per entry n x uint32, body sizes n x uint32, SSE
 #   frame sizes n x uint32, the int users (uint32, entry after entry), the
@@ -182,7 +184,19 @@ def flush_pause(payloads: int) -> float:
 # than on each of the ~25 edges a message reaches: SSE streams are the
 # usual kind, and at 53 edges building it was ~60% of an edge's own work
 # per delivery (bench/bench_router.py).
-_HEAD = struct.Struct("<III")
+_HEAD = struct.Struct("<4sIII")
+#: the first bytes of every delivery payload: a router and an edge of cometd
+#: versions that frame payloads differently must not misread each other's
+PAYLOAD_FORMAT = b"cb2\n"
+
+
+_UNREADABLE = log.Burst(
+    "payload_unreadable", "delivery payload(s) this edge cannot read, dropped (the router "
+    "and the edges must run the same cometd version)", logging.ERROR)
+
+
+class PayloadError(ValueError):
+    """A delivery payload this edge cannot read: not in :data:`PAYLOAD_FORMAT`, or cut short."""
 
 
 _LOW = (1 << 64) - 1
@@ -195,8 +209,8 @@ def _key_parts(keys: list[int]) -> bytes:
 
 def _assemble(keys: bytes, counts: bytes, sizes: bytes, users: bytes, subjects: bytes,
               names: bytes, bodies: bytes, frames: bytes, n: int) -> bytes:
-    return b"".join((_HEAD.pack(n, len(subjects), len(names)), keys, counts, sizes, users,
-                     subjects, names, bodies, frames))
+    return b"".join((_HEAD.pack(PAYLOAD_FORMAT, n, len(subjects), len(names)), keys, counts,
+                     sizes, users, subjects, names, bodies, frames))
 
 
 def encode_batch(entries: list[tuple[Message, list[str]]]) -> bytes:
@@ -225,7 +239,24 @@ def encode_batch(entries: list[tuple[Message, list[str]]]) -> bytes:
 
 
 def decode_batch(data: bytes) -> list[tuple[Message, list[str]]]:
-    n, subjects_size, names_size = _HEAD.unpack_from(data)
+    """The entries of a payload :func:`encode_batch` (or the router) built.
+
+    Raises :class:`PayloadError` for a payload in another format (a router of
+    another cometd version) or one cut short.
+    """
+    if data[:4] != PAYLOAD_FORMAT or len(data) < _HEAD.size:
+        raise PayloadError(f"a delivery payload not in this edge's format (it starts "
+                           f"{bytes(data[:4])!r}, not {PAYLOAD_FORMAT!r}): the router and "
+                           f"the edges must run the same cometd version")
+    try:
+        return _decode(data)
+    except (ValueError, TypeError, IndexError) as error:
+        raise PayloadError(f"a delivery payload cut short or malformed ({len(data)} "
+                           f"bytes): {error}") from None
+
+
+def _decode(data: bytes) -> list[tuple[Message, list[str]]]:
+    _, n, subjects_size, names_size = _HEAD.unpack_from(data)
     if not n:
         return []
     view = memoryview(data)
@@ -248,9 +279,11 @@ def decode_batch(data: bytes) -> list[tuple[Message, list[str]]]:
     at += subjects_size
     others = dict(json.loads(data[at : at + names_size])) if names_size else {}
     at += names_size
+    framed = at + sum(sizes)  # where the SSE frames start
+    if framed + sum(frame_sizes) != len(data) or len(subjects) != n:
+        raise ValueError(f"its sizes add up to {framed + sum(frame_sizes)} bytes")
     entries = []
     taken = 0
-    framed = at + sum(sizes)  # where the SSE frames start
     for i in range(n):
         count, size, frame = counts[i], sizes[i], frame_sizes[i]
         mine = users[taken : taken + count]
@@ -1169,7 +1202,13 @@ class EdgeLink:
                     if waiter is not None:
                         waiter.set(reply)
                 else:
-                    self._deliver(decode_batch(data))
+                    try:
+                        entries = decode_batch(data)
+                    except PayloadError:
+                        # Nothing here can deliver it: said, not lost silently.
+                        _UNREADABLE.note()
+                        continue
+                    self._deliver(entries)
         finally:
             self._listening.clear()
 

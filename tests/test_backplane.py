@@ -54,6 +54,7 @@ from cometd.backplane import (
     BackplaneUnavailable,
     EdgeBackend,
     EdgeLink,
+    PayloadError,
     Presence,
     decode_batch,
     encode_batch,
@@ -376,6 +377,32 @@ def test_a_batch_carries_several_messages_with_their_recipients():
     assert [m.frames[SSE_CHUNKED] for m, _ in decoded] == [
         Message(m.subject, m.body, m.key).frame(SSE_CHUNKED) for m, _ in entries]
     assert decode_batch(encode_batch([])) == []
+
+
+def test_a_payload_in_another_format_or_cut_short_is_refused_by_name():
+    payload = encode_batch([(Message("rj", b"hello", 5), ["alice"])])
+    # A router of an older version sent JSON; a newer one, another tag.
+    for other in (b'[[{"id": 5}, ["alice"]]]', b"cb3\n" + payload[4:], b""):
+        with pytest.raises(PayloadError, match="same cometd version"):
+            decode_batch(other)
+    with pytest.raises(PayloadError, match="cut short"):
+        decode_batch(payload[:-len(b"hello") - 30])
+
+
+def test_an_edge_drops_an_unreadable_payload_says_so_and_delivers_the_next(cluster,
+                                                                           redis_server):
+    a, _ = cluster.edges
+    stream = cluster.stream(a, "alice")
+    cluster.subscribe(a, [["alice", "rj"]])
+    assert wait_until(lambda: cluster.online("alice") == 1, BACK_WITHIN)
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.publish(EDGE.format(a.id), b'[[{"id": 1}, ["alice"]]]') == 1
+    assert a.send("rj", b"after") == (200, {"delivered": 1})
+    assert stream.wait_messages(1) == [b"after"]
+    said = "1 delivery payload(s) this edge cannot read, dropped (the router and the edges " \
+        "must run the same cometd version)"
+    assert wait_until(lambda: said in "".join(a.process.output), 5), a.process.output
+    cluster.assert_healthy()
 
 
 def test_concurrent_sends_all_arrive_in_subject_order(cluster):
