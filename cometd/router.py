@@ -299,7 +299,10 @@ class Router:
             # lock hands over by callback) and hold every other request for
             # all of them.
             yield_to_hub()
-        return recipients(message.subject, subscribers, index)
+        # The backplane's presence looks recipients up its own way (see
+        # cometd.backplane.Presence.recipients); the connection table walks them.
+        walk = getattr(self.fanout, "recipients", recipients)
+        return walk(message.subject, subscribers, index)
 
     def online(self, user: str) -> int:
         return self.fanout.online(user)

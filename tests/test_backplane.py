@@ -33,16 +33,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import gevent
+import numpy as np
 import psutil
 import pytest
 import redis
 from conftest import CometdProcess, StreamClient, start_cometd
 from prometheus_client.parser import text_string_to_metric_families
 
+from cometd import backplane
 from cometd.backplane import (
     CALL_TIMEOUT,
     CONTROL,
     DELIVERY_FLUSH_MAX,
+    DENSE_LIMIT,
     EDGE,
     EDGE_TIMEOUT,
     HEARTBEAT,
@@ -52,6 +55,7 @@ from cometd.backplane import (
     BackplaneUnavailable,
     EdgeBackend,
     EdgeLink,
+    PayloadError,
     Presence,
     decode_batch,
     encode_batch,
@@ -59,8 +63,9 @@ from cometd.backplane import (
 from cometd.connections import ConnectionTable
 from cometd.history import parse_id
 from cometd.loadtest.chunked import Chunk, ChunkedDecoder
-from cometd.store import SubscriptionStore
-from cometd.streamhttp import CHUNKED, Message
+from cometd.online import recipients
+from cometd.store import SetView, SubscriptionStore, encode_set
+from cometd.streamhttp import CHUNKED, SSE_CHUNKED, Message
 
 ROUTER_READY = r"cometd router: redis \S+ db=\S+(?: admin ([\d.]+):(\d+))?"
 EDGE_READY = r"cometd edge (\S+): listening on http://([\d.]+):(\d+)/"
@@ -361,15 +366,44 @@ def test_subject_order_and_one_batch_per_edge(cluster, redis_server):
 
 
 def test_a_batch_carries_several_messages_with_their_recipients():
-    first, second = Message("rj", b"one\nline"), Message("user:7", b"")
-    third = Message("rj", "h\u00e9llo".encode())
+    first, second = Message("rj", b"one\nline", 3 << 64 | 5), Message("user:7", b"")
+    third = Message("rj", "h\u00e9llo".encode(), 7)
     fourth = Message("9", b'\xff\n[{"size": 1}]\n\x00')  # any bytes, even the head's own
     entries = [(first, ["alice", "bob"]), (second, ["carol"]), (third, ["alice"]),
                (fourth, ["1", "2"])]
     decoded = decode_batch(encode_batch(entries))
     assert [(m.key, m.subject, m.body, users) for m, users in decoded] == [
         (m.key, m.subject, m.body, users) for m, users in entries]
+    # Each message's SSE frame comes built, as the edge would build it.
+    assert [m.frames[SSE_CHUNKED] for m, _ in decoded] == [
+        Message(m.subject, m.body, m.key).frame(SSE_CHUNKED) for m, _ in entries]
     assert decode_batch(encode_batch([])) == []
+
+
+def test_a_payload_in_another_format_or_cut_short_is_refused_by_name():
+    payload = encode_batch([(Message("rj", b"hello", 5), ["alice"])])
+    # A router of an older version sent JSON; a newer one, another tag.
+    for other in (b'[[{"id": 5}, ["alice"]]]', b"cb3\n" + payload[4:], b""):
+        with pytest.raises(PayloadError, match="same cometd version"):
+            decode_batch(other)
+    with pytest.raises(PayloadError, match="cut short"):
+        decode_batch(payload[:-len(b"hello") - 30])
+
+
+def test_an_edge_drops_an_unreadable_payload_says_so_and_delivers_the_next(cluster,
+                                                                           redis_server):
+    a, _ = cluster.edges
+    stream = cluster.stream(a, "alice")
+    cluster.subscribe(a, [["alice", "rj"]])
+    assert wait_until(lambda: cluster.online("alice") == 1, BACK_WITHIN)
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.publish(EDGE.format(a.id), b'[[{"id": 1}, ["alice"]]]') == 1
+    assert a.send("rj", b"after") == (200, {"delivered": 1})
+    assert stream.wait_messages(1) == [b"after"]
+    said = "1 delivery payload(s) this edge cannot read, dropped (the router and the edges " \
+        "must run the same cometd version)"
+    assert wait_until(lambda: said in "".join(a.process.output), 5), a.process.output
+    cluster.assert_healthy()
 
 
 def test_concurrent_sends_all_arrive_in_subject_order(cluster):
@@ -1388,6 +1422,11 @@ def test_a_router_behind_on_presence_takes_no_edge_for_dead(presence):
     assert p.expire() == ["e1"]
 
 
+def _published_entries(client: PublishOnly) -> list[list[tuple[Message, list[str]]]]:
+    return [entries for r in client.rounds for _, payload in r
+            for entries in [decode_batch(payload)]]
+
+
 def _published(client: PublishOnly) -> list[dict[str, list[tuple[bytes, list[str]]]]]:
     """Per pipeline round: channel -> the (body, users) of its decoded batch."""
     return [{ch: [(m.body, users) for m, users in decode_batch(payload)] for ch, payload in r}
@@ -1576,3 +1615,89 @@ def test_ids_grouped_in_any_order_leave_sorted_once_the_smallest_is_grouped(pres
     assert all(g.value == 1 for g in waiting)
     bodies = [body for r in _published(client) for body, _ in r[EDGE.format("e1")]]
     assert bodies == [str(i).encode() for i in range(1, 302)]
+
+
+def test_a_flush_looks_up_ints_names_and_users_on_several_edges_alike(presence):
+    """The router's array path gives what a walk of presence.users gives, encoded canonically."""
+    client = PublishOnly()
+    p = presence(client)
+    big, far = str(DENSE_LIMIT + 5), str(DENSE_LIMIT + 6)  # beyond the lookup table
+    p.update("e1", {"1": 1, "2": 2, "alice": 1, "7": 1})
+    p.update("e2", {"3": 1, "7": 2, "bob": 1, big: 1})  # 7: on two edges
+    p.update("e3", {"4": 1, "007": 3})  # "007" is a name, not 7
+    base = 1 << 64
+    p.settle(base + 1)
+    sends = [
+        (["1", "2", "3", "7", "alice", "5", "carol"], Message("rj", b"one", base + 1)),
+        ([far, big, "4", "007"], Message("9", b"two\n", base + 2)),
+        (["bob"], Message("user:7", b"", base + 3)),
+        (["5", far], Message("rj", b"to nobody", base + 4)),
+        (["2", "3", "4"], Message("rj", b"\xff three", base + 5)),
+    ]
+    assert p.deliver_many(sends) == [8, 5, 1, 0, 4]
+    assert p.deliveries == 18
+    [published] = client.rounds
+    got = {ch: decode_batch(payload) for ch, payload in published}
+    for ch, payload in published:
+        assert encode_batch(got[ch]) == payload  # the router's bytes are encode_batch's
+    expected = {}
+    for edge in ("e1", "e2", "e3"):
+        expected[EDGE.format(edge)] = [
+            (m.key, m.subject, m.body, sorted(u for u in users if edge in p.users.get(u, {})))
+            for users, m in sends if any(edge in p.users.get(u, {}) for u in users)]
+    assert {ch: [(m.key, m.subject, m.body, sorted(users)) for m, users in entries]
+            for ch, entries in got.items()} == expected
+
+
+def test_the_lookup_table_follows_every_presence_change(presence):
+    import random
+
+    rng = random.Random(3)
+    p = presence()
+    edges = [f"e{i}" for i in range(5)]
+    ids = np.arange(300, dtype=np.uint32)
+    for step in range(400):
+        edge, users = rng.choice(edges), [str(rng.randrange(300)) for _ in range(5)]
+        action = rng.random()
+        if action < 0.6:
+            p.update(edge, {u: rng.choice((0, 1, 2, 1 << 16)) for u in users})
+        elif action < 0.8:
+            p.update(edge, dict.fromkeys(users, 1), snapshot=True)
+        elif action < 0.95:
+            p.resumed(edge, users[0], step)
+        else:
+            p.forget_edge(edge)
+        values = p._lookup(ids).tolist()
+        for number, value in enumerate(values):
+            where = p.users.get(str(number), {})
+            if not where:
+                assert value == 0, (step, number)
+            elif value == backplane._ELSEWHERE:
+                assert len(where) > 1 or max(where.values()) > backplane._MAX_COUNT
+            else:
+                edge_of = p._slot_edge[value & backplane._SLOT_MASK]
+                assert where == {edge_of: value >> backplane._SLOT_BITS}, (step, number)
+    assert len(p._slot_edge) <= len(edges)  # a forgotten edge's slot is used again
+
+
+def test_the_routers_recipients_are_the_walks_each_once(presence, monkeypatch):
+    monkeypatch.setattr(backplane, "GROUP_BATCH", 4)  # the large-set steps, on a small set
+    client = PublishOnly()
+    p = presence(client)
+    p.update("e1", {str(i): 1 for i in range(0, 40, 3)} | {"alice": 1, "rj": 1})
+    online = p.index
+    cases = [
+        ("6", range(1, 3), ()),  # the subject, online, not in its own set
+        ("6", range(0, 12), ()),  # the subject in its own set
+        ("rj", range(0, 30), ("alice", "bob", "rj")),  # a name, also in its own set
+        ("5", range(0, 40), ("alice",)),  # a set larger than a step
+        ("41", (), ()),  # nobody
+    ]
+    # All in one flush: each message's senders are checked against its own set.
+    views = [SetView(encode_set(ints, names)) for _, ints, names in cases]
+    p.deliver_many([(p.recipients(subject, view, online), Message(subject, b"", k))
+                    for k, ((subject, _, _), view) in enumerate(zip(cases, views, strict=True), 1)])
+    got = {m.key: users for r in _published_entries(client) for m, users in r}
+    for k, ((subject, _, _), view) in enumerate(zip(cases, views, strict=True), 1):
+        walked = sorted(u for u in recipients(subject, view, online) if p.online(u))
+        assert sorted(got.get(k, [])) == walked, subject  # each once, as the walk
