@@ -53,6 +53,7 @@ import _socket
 import errno
 import io
 import json
+import logging
 import math
 import resource
 import socket
@@ -67,6 +68,7 @@ from gevent import socket as gsocket
 from gevent.pywsgi import OldMessage, WSGIHandler, WSGIServer
 from greenlet import greenlet
 
+from cometd import log
 from cometd.auth import Authenticator, AuthError
 from cometd.config import AuthConfig, HttpConfig
 from cometd.connections import ConnectionTable
@@ -519,9 +521,17 @@ class CometServer(WSGIServer):
 
         The stream holds what is routed to it from before the replay is
         read until it is written (see the module docstring). Both ways in
-        (the accept callback's and pywsgi's) end here.
+        (the accept callback's and pywsgi's) end here. A replay that fails
+        closes the stream, so its client reconnects rather than waits on a
+        stream held for good.
         """
-        replay = self.replay(user, since)
+        try:
+            replay = self.replay(user, since)
+        except Exception as exc:  # noqa: BLE001 - said in the log; the client retries
+            conn.close("error")
+            log.event("resume_failed", f"a resume's replay failed ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); the stream was closed", logging.ERROR)
+            return
         # Counted here, so a single server's and an edge's resumes alike.
         if replay.recovered:
             COUNTS.replays_recovered += 1

@@ -694,3 +694,25 @@ def test_a_resume_is_answered_in_the_accept_callback_byte_for_byte_as_pywsgi_wou
     assert b"event: gap" in replays[2] and b"malformed id" in replays[2]
     assert b"Cometd-Recovered: true" in replays[4] and b"\r\n2\r\nf1\r\n" in replays[4]
     assert b"Cometd-Recovered: false" in replays[5]
+
+
+def test_a_resume_whose_replay_fails_is_closed_and_said_both_ways_in(local, caplog):
+    server, backend = local
+    me = unique_id("me")
+
+    def failing(user: str, since: str):
+        raise RuntimeError("the store went away")
+
+    server._replay = failing  # the fault: the history read raises
+    host, port = server.address[:2]
+    for via in ("", f"http://{host}:{port}"):  # the accept callback's way, then pywsgi's
+        sock = gsocket.create_connection((host, port), timeout=5)
+        sock.sendall(f"GET {via}/events/{me} HTTP/1.1\r\nHost: {host}\r\n"
+                     "Last-Event-ID: 1-1\r\n\r\n".encode())
+        with gevent.Timeout(5):
+            assert sock.recv(65536) == b""  # closed, not held for good
+        sock.close()
+    assert backend.table.online(me) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert said == ["a resume's replay failed (RuntimeError: the store went away); "
+                    "the stream was closed"] * 2, said
